@@ -1,0 +1,132 @@
+"""The agent contract: the Task an agent receives, the error it raises, the registry naming agents.
+
+An agent is a pure, deterministic function of a :class:`Task` (no database, Dagster, network,
+randomness or clock).  It returns a JSON object that contains ``"summary"``, a one-line human
+string shorter than 120 characters, or raises :class:`AgentError` when its work fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class AgentError(Exception):
+    """A failure of the agent's work (bad input, failed check), as opposed to a bug.
+
+    ``code`` is a short snake_case error code (``"bad_input"``, ``"missing_upstream"``,
+    ``"integrity_failed"``, ...); ``message`` is for people and equals ``str(error)``.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Task:
+    """One attempt (1-based) of one stage of one execution.
+
+    ``context`` is the execution context (the customer profile).  ``upstream`` holds the outputs
+    of ALL ancestor stages: ``{stage_id: {"capability": str, "output": {...}}}``.
+    """
+
+    execution_id: str
+    stage_id: str
+    capability: str
+    attempt: int
+    context: Mapping[str, Any]
+    upstream: Mapping[str, Mapping[str, Any]]
+
+    def output_of(self, capability: str) -> Mapping[str, Any]:
+        """The output of the ancestor stage with ``capability`` (the first by stage id if several).
+
+        Raises ``AgentError(code="missing_upstream")`` naming the capability and this stage.
+        """
+        for _, entry in sorted(self.upstream.items()):
+            if entry.get("capability") == capability and isinstance(entry.get("output"), Mapping):
+                output: Mapping[str, Any] = entry["output"]
+                return output
+        have = ", ".join(
+            f"{sid} ({e.get('capability')})" for sid, e in sorted(self.upstream.items())
+        )
+        raise AgentError(
+            "missing_upstream",
+            f"stage {self.stage_id!r} needs the output of an upstream {capability!r} stage, "
+            f"but its upstream stages are: {have or 'none'}",
+        )
+
+    @classmethod
+    def from_input_data(
+        cls,
+        *,
+        execution_id: str,
+        stage_id: str,
+        capability: str,
+        attempt: int,
+        input_data: Mapping[str, Any],
+    ) -> Task:
+        """Build a Task from a stage's stored ``{"context": {...}, "upstream": {...}}``.
+
+        A missing or null ``upstream`` means no ancestors.  Malformed data raises
+        ``AgentError(code="bad_input")`` naming the field path.
+        """
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+            raise AgentError("bad_input", f"attempt must be an integer >= 1, got {attempt!r}")
+        if not isinstance(input_data, Mapping) or not isinstance(
+            input_data.get("context"), Mapping
+        ):
+            raise AgentError("bad_input", "input_data.context must be an object")
+        raw = {} if input_data.get("upstream") is None else input_data["upstream"]
+        if not isinstance(raw, Mapping):
+            raise AgentError("bad_input", "input_data.upstream must be an object")
+        upstream: dict[str, Mapping[str, Any]] = {}
+        for sid, entry in raw.items():
+            path = f"input_data.upstream.{sid}"
+            if not isinstance(entry, Mapping) or not isinstance(entry.get("capability"), str):
+                raise AgentError("bad_input", f"{path}.capability must be a string")
+            if not isinstance(entry.get("output"), Mapping):
+                raise AgentError("bad_input", f"{path}.output must be an object")
+            upstream[str(sid)] = {
+                "capability": entry["capability"],
+                "output": dict(entry["output"]),
+            }
+        return cls(
+            execution_id, stage_id, capability, attempt, dict(input_data["context"]), upstream
+        )
+
+
+class Agent(Protocol):
+    """Anything with a unique ``name`` and a deterministic ``run(task) -> JSON object``."""
+
+    name: str
+
+    def run(self, task: Task) -> dict[str, Any]: ...
+
+
+class AgentRegistry:
+    """The agents available in this code location, by name."""
+
+    def __init__(self, agents: Iterable[Agent] = ()) -> None:
+        self._agents: dict[str, Agent] = {}
+        for agent in agents:
+            self.register(agent)
+
+    def register(self, agent: Agent) -> None:
+        if agent.name in self._agents:
+            raise ValueError(f"agent {agent.name!r} is already registered")
+        self._agents[agent.name] = agent
+
+    def get(self, name: str) -> Agent:
+        try:
+            return self._agents[name]
+        except KeyError:
+            registered = ", ".join(self.names()) or "(none)"
+            raise KeyError(
+                f"agent {name!r} is not registered in this code location; registered: {registered}"
+            ) from None
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(sorted(self._agents))

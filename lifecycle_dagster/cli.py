@@ -1,0 +1,248 @@
+"""The ``lifecycle-dagster`` command line.
+
+Database: ``DATABASE_URL`` or the embedded server (see :mod:`lifecycle_dagster.settings`).
+Exit codes: 0 success; 1 the work failed (an execution that did not complete, an invalid DAG);
+2 usage errors (click's own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lifecycle_dagster import migrate
+from lifecycle_dagster.db import connect, resolve_dsn
+from lifecycle_dagster.settings import Settings
+from lifecycle_dagster.sqlfiles import query, seed_sql
+
+
+def _dsn() -> str:
+    try:
+        return resolve_dsn()
+    except Exception as exc:  # the server could not be reached or started
+        raise click.ClickException(f"cannot reach the database: {exc}") from exc
+
+
+def _upgrade_and_seed(dsn: str) -> None:
+    try:
+        migrate.upgrade(dsn)
+    except migrate.MigrationError as exc:
+        raise click.ClickException(str(exc)) from exc
+    with connect(dsn) as conn:
+        conn.execute(seed_sql())
+
+
+@click.group()
+def main() -> None:
+    """Multi-stage agent workflows kept in Postgres, run as Dagster jobs."""
+
+
+# --------------------------------------------------------------------------------------------
+@main.group()
+def db() -> None:
+    """The orchestration database: migrations, seed, the embedded server."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply pending migrations (safe to re-run and to run concurrently)."""
+    try:
+        done = migrate.upgrade(_dsn())
+    except migrate.MigrationError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if done:
+        for m in done:
+            click.echo(f"applied {m.version:04d}_{m.name}")
+    else:
+        click.echo("database is up to date")
+
+
+@db.command("seed")
+def db_seed() -> None:
+    """Install the runbook's lifecycle_v1, its agents and their capabilities where absent."""
+    dsn = _dsn()
+    _upgrade_and_seed(dsn)
+    click.echo("seeded (only what was absent)")
+
+
+@db.command("start")
+def db_start() -> None:
+    """Start the embedded server and leave it running; print its URL."""
+    settings = Settings.from_env()
+    if not settings.embedded:
+        raise click.ClickException("DATABASE_URL is set: there is no embedded server to start")
+    from lifecycle_dagster.embedded import ensure_server
+
+    click.echo(ensure_server(settings.pgdata, keep_running=True))
+
+
+@db.command("stop")
+def db_stop() -> None:
+    """Stop the embedded server."""
+    from lifecycle_dagster.embedded import stop_server
+
+    stopped = stop_server(Settings.from_env().pgdata)
+    click.echo("stopped" if stopped else "not running")
+
+
+@db.command("url")
+def db_url() -> None:
+    """Print the database URL in use (starting the embedded server for this command only)."""
+    click.echo(_dsn())
+
+
+# --------------------------------------------------------------------------------------------
+@main.command("home")
+def home_cmd() -> None:
+    """Prepare DAGSTER_HOME (dagster.yaml with Postgres storage) and print its path."""
+    from lifecycle_dagster.instance import prepare_home
+
+    dsn = _dsn()
+    click.echo(str(prepare_home(Settings.from_env().dagster_home, dsn)))
+
+
+@main.command("run")
+@click.argument("workflow")
+@click.option(
+    "--context",
+    "context_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="JSON file holding the execution context (a JSON object).",
+)
+def run_cmd(workflow: str, context_file: Path) -> None:
+    """Run the active version of WORKFLOW end to end in this process (no daemon needed).
+
+    Prints the execution id, each stage's status and output summary, and the final status.
+    Exits 0 only when the execution completed.
+    """
+    try:
+        context = json.loads(context_file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise click.ClickException(f"{context_file}: not valid JSON: {exc}") from exc
+    if not isinstance(context, dict):
+        raise click.ClickException(f"{context_file}: the context must be a JSON object")
+
+    settings = Settings.from_env()
+    dsn = _dsn()
+    _upgrade_and_seed(dsn)
+    from dagster import DagsterInstance
+    from psycopg.types.json import Jsonb
+
+    from lifecycle_dagster.dag import DagValidationError
+    from lifecycle_dagster.instance import prepare_home
+    from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, build_job
+
+    with connect(dsn) as conn:
+        row = conn.execute(query("active_definition_by_name"), {"name": workflow}).fetchone()
+        if row is None:
+            raise click.ClickException(f"no active version of workflow '{workflow}'")
+        try:
+            job = build_job(row)
+        except DagValidationError as exc:
+            raise click.ClickException(f"{workflow} v{row['version']}: {exc}") from exc
+        created = conn.execute(
+            query("create_execution"),
+            {"definition_id": row["id"], "context": Jsonb(context), "created_by": None},
+        ).fetchone()
+    assert created is not None
+    execution_id = str(created["id"])
+    click.echo(f"execution {execution_id}  ({workflow} v{row['version']}, job {job.name})")
+
+    home = prepare_home(settings.dagster_home, dsn)
+    os.environ.setdefault("DAGSTER_HOME", str(home))
+    instance = DagsterInstance.from_config(str(home))
+    try:
+        result = job.execute_in_process(
+            instance=instance,
+            tags={EXECUTION_ID_TAG: execution_id},
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            raise_on_error=False,
+        )
+    finally:
+        instance.dispose()
+    status = print_execution(dsn, execution_id)
+    click.echo(f"dagster run {result.run_id}: {'success' if result.success else 'failure'}")
+    sys.exit(0 if status == "completed" else 1)
+
+
+def print_execution(dsn: str, execution_id: str) -> str:
+    """Print each stage's status and output summary; return the execution's status."""
+    with connect(dsn) as conn:
+        execution = conn.execute(query("execution"), {"execution_id": execution_id}).fetchone()
+        logs = conn.execute(query("stage_logs"), {"execution_id": execution_id}).fetchall()
+    assert execution is not None
+    for log in logs:
+        out: Any = log["output_data"] or {}
+        detail = out.get("summary") if isinstance(out, dict) else None
+        detail = detail or log["error_message"] or ""
+        click.echo(f"  {log['stage_id']:<20} {log['status']:<12} {detail}")
+    line = f"status: {execution['status']}"
+    if execution["error_message"]:
+        line += f"  ({execution['error_message']})"
+    click.echo(line)
+    return str(execution["status"])
+
+
+@main.command("validate")
+@click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--all", "check_all", is_flag=True, help="Validate every active definition in the database.")
+def validate_cmd(file: Path | None, check_all: bool) -> None:
+    """Validate a definition FILE (JSON or YAML: name, description, stages, edges) or, with
+    --all, every active definition in the database. Exits 1 when any is invalid.
+    """
+    import yaml
+
+    from lifecycle_dagster.dag import DagValidationError, parse_dag
+    from lifecycle_dagster.job_factory import build_jobs
+
+    if file is None and not check_all:
+        raise click.UsageError("give a FILE or --all")
+    bad = 0
+    if file is not None:
+        try:
+            doc = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise click.ClickException(f"{file}: not JSON or YAML: {exc}") from exc
+        dag = doc.get("dag_schema", doc) if isinstance(doc, dict) else doc
+        if isinstance(dag, dict):
+            dag = {k: v for k, v in dag.items() if k not in ("name", "description")}
+        try:
+            parsed = parse_dag(dag)
+            click.echo(f"{file}: valid ({len(parsed.stages)} stages: {' -> '.join(parsed.topological_order())})")
+        except DagValidationError as exc:
+            click.echo(f"{file}: {exc}")
+            bad += 1
+    if check_all:
+        with connect(_dsn()) as conn:
+            rows = conn.execute(query("active_definitions")).fetchall()
+        jobs, skipped = build_jobs(rows)
+        for j in jobs:
+            click.echo(f"{j.name}: valid")
+        for s in skipped:
+            click.echo(f"{s.name} v{s.version}: SKIPPED by the code location: {s.error}")
+        bad += len(skipped)
+    sys.exit(1 if bad else 0)
+
+
+@main.command("dev", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def dev_cmd(ctx: click.Context) -> None:
+    """Run ``dagster dev -w workspace.yaml`` on this database and Dagster home (extra arguments
+    are passed on). The embedded server stays up while it runs.
+    """
+    from lifecycle_dagster.instance import prepare_home
+
+    dsn = _dsn()
+    _upgrade_and_seed(dsn)
+    home = prepare_home(Settings.from_env().dagster_home, dsn)
+    target = ["-w", "workspace.yaml"] if Path("workspace.yaml").exists() else ["-m", "lifecycle_dagster"]
+    env = {**os.environ, "DATABASE_URL": dsn, "DAGSTER_HOME": str(home)}
+    args = [sys.executable, "-m", "dagster", "dev", *target, *ctx.args]
+    sys.exit(subprocess.call(args, env=env))

@@ -1,0 +1,187 @@
+"""``build_job(definition) -> JobDefinition``: one Dagster job per workflow definition version.
+
+A pure, deterministic function of one ``workflow_definitions`` row (no database, no clock): the
+job is ``<name>__v<version>``, each stage an op ``<name>__v<version>__<stage>`` (unique across the
+code location, since names cannot contain ``__``), each edge a dependency through a ``Nothing``
+input named ``upstream`` (a fan-in stage waits for all its parents). Data does not flow through
+Dagster: each op reads its ancestors' outputs from Postgres.
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+
+from lifecycle_dagster.dag import Dag, DagValidationError, parse_dag
+from lifecycle_dagster.db import connect
+from lifecycle_dagster.resources import ExecutionRequest, LifecycleDatabase, default_resources
+from lifecycle_dagster.runtime import StageFailed, StageSpec, run_stage
+
+#: run tag naming the workflow_executions row a run executes
+EXECUTION_ID_TAG = "lifecycle/execution_id"
+
+
+@dataclass(frozen=True)
+class DefinitionRow:
+    """The columns of ``workflow_definitions`` a job is built from."""
+
+    id: str
+    name: str
+    version: int
+    description: str | None
+    dag_schema: Any
+
+    @classmethod
+    def from_mapping(cls, row: Mapping[str, Any]) -> "DefinitionRow":
+        """Read a row given as a mapping (a query row or a JSON fixture).
+
+        Raises:
+            ValueError: a column is missing or has the wrong type.
+        """
+        try:
+            return cls(
+                id=str(row["id"]),
+                name=str(row["name"]),
+                version=int(row["version"]),
+                description=row.get("description"),
+                dag_schema=row["dag_schema"],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a workflow_definitions row: {exc!r}") from exc
+
+    @property
+    def label(self) -> str:
+        """``name v<version>`` for messages."""
+        return f"{self.name} v{self.version}"
+
+
+def job_name(name: str, version: int) -> str:
+    """The job of a definition version: ``<name>__v<version>``."""
+    return f"{name}__v{version}"
+
+
+def op_name(job: str, stage_id: str) -> str:
+    """The op of a stage: ``<job>__<stage_id>``."""
+    return f"{job}__{stage_id}"
+
+
+def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
+    stage = dag.stage(stage_id)
+    spec = StageSpec(
+        definition_id=row.id,
+        stage_id=stage.id,
+        capability=stage.capability,
+        ancestors={a: dag.stage(a).capability for a in dag.ancestors(stage.id)},
+    )
+    has_parents = bool(dag.parents(stage.id))
+
+    def compute(context: dg.OpExecutionContext) -> None:
+        db: LifecycleDatabase = context.resources.lifecycle_db
+        request: ExecutionRequest = context.resources.lifecycle_request
+        execution_id = context.run.tags.get(EXECUTION_ID_TAG) or request.execution_id or None
+        ctx = {} if execution_id else request.resolved_context()
+        with connect(db.resolved_dsn()) as conn:
+            try:
+                outcome = run_stage(
+                    conn,
+                    spec,
+                    run_id=context.run_id,
+                    attempt=context.retry_number + 1,
+                    registry=context.resources.lifecycle_agents,
+                    execution_id=execution_id,
+                    context=ctx,
+                )
+            except StageFailed as exc:
+                raise dg.Failure(
+                    description=f"stage '{exc.stage_id}' failed: {exc}",
+                    metadata={"execution_id": exc.execution_id, "error_code": exc.code},
+                    allow_retries=False,
+                ) from exc
+        summary = outcome.output.get("summary")
+        context.add_output_metadata(
+            {
+                "execution_id": outcome.execution_id,
+                "agent": outcome.agent_name,
+                "task_id": outcome.task_id or "",
+                "attempt": outcome.attempt,
+                "duration_ms": dg.MetadataValue.float(round(outcome.duration_ms, 3)),
+                "summary": str(summary) if summary is not None else "",
+                "execution_status": outcome.execution_status,
+            }
+        )
+
+    return dg.op(
+        name=op_name(job_name(row.name, row.version), stage.id),
+        ins={"upstream": dg.In(dg.Nothing)} if has_parents else {},
+        out=dg.Out(dg.Nothing),
+        description=stage.description or f"stage '{stage.id}' (capability '{stage.capability}')",
+        tags={"lifecycle/stage": stage.id, "lifecycle/capability": stage.capability},
+        required_resource_keys={"lifecycle_db", "lifecycle_request", "lifecycle_agents"},
+    )(compute)
+
+
+def build_job(definition: Mapping[str, Any]) -> dg.JobDefinition:
+    """Build the job of one ``workflow_definitions`` row.
+
+    ``definition``: ``{"id", "name", "version", "description", "dag_schema"}``.
+
+    Raises:
+        ValueError: the row lacks a column.
+        lifecycle_dagster.dag.DagValidationError: the DAG is invalid (every problem listed).
+    """
+    row = DefinitionRow.from_mapping(definition)
+    dag = parse_dag(row.dag_schema)
+    name = job_name(row.name, row.version)
+    order = dag.topological_order()
+    ops = {stage_id: _stage_op(row, dag, stage_id) for stage_id in order}
+    deps: dict[str, dict[str, dg.IDependencyDefinition]] = {}
+    for stage_id in order:
+        parents = dag.parents(stage_id)
+        if parents:
+            deps[ops[stage_id].name] = {
+                "upstream": dg.MultiDependencyDefinition(
+                    [dg.DependencyDefinition(ops[p].name) for p in parents]
+                )
+            }
+    graph = dg.GraphDefinition(
+        name=name,
+        node_defs=[ops[s] for s in order],
+        dependencies=deps,  # type: ignore[arg-type]
+        description=row.description or f"workflow {row.label}",
+    )
+    return graph.to_job(
+        name=name,
+        tags={
+            "lifecycle/workflow": row.name,
+            "lifecycle/version": str(row.version),
+            "lifecycle/definition_id": row.id,
+        },
+        metadata={"stages": len(order), "topological_order": ", ".join(order)},
+        resource_defs=default_resources(),
+    )
+
+
+@dataclass(frozen=True)
+class SkippedDefinition:
+    """A definition the code location could not build, with why."""
+
+    name: str
+    version: int
+    error: str
+
+
+def build_jobs(
+    rows: Sequence[Mapping[str, Any]],
+) -> tuple[list[dg.JobDefinition], list[SkippedDefinition]]:
+    """Build every row; an invalid one is skipped and reported, never fatal."""
+    jobs: list[dg.JobDefinition] = []
+    skipped: list[SkippedDefinition] = []
+    for raw in rows:
+        try:
+            jobs.append(build_job(raw))
+        except (DagValidationError, ValueError) as exc:
+            skipped.append(
+                SkippedDefinition(str(raw.get("name")), int(raw.get("version") or 0), str(exc))
+            )
+    return jobs, skipped

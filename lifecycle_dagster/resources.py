@@ -1,0 +1,81 @@
+"""Dagster resources of the code location.
+
+``lifecycle_db``       :class:`LifecycleDatabase` — where the orchestration schema lives.
+``lifecycle_request``  :class:`ExecutionRequest` — per-run input (context, execution id), set in
+                       the run config under ``resources.lifecycle_request.config``.
+``lifecycle_agents``   the :class:`~lifecycle_dagster.agents.AgentRegistry` stage ops call.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from lifecycle_dagster.agents import AgentRegistry, default_registry
+from lifecycle_dagster.db import resolve_dsn
+
+
+class LifecycleDatabase(dg.ConfigurableResource):  # type: ignore[type-arg]
+    """The orchestration database.
+
+    ``dsn``: libpq URI; empty (the default) means ``DATABASE_URL``, or the embedded server when
+    that is unset (:func:`lifecycle_dagster.db.resolve_dsn`).
+    """
+
+    dsn: str = ""
+
+    def resolved_dsn(self) -> str:
+        """The URI to connect to."""
+        return self.dsn or resolve_dsn()
+
+
+class ExecutionRequest(dg.ConfigurableResource):  # type: ignore[type-arg]
+    """What one run executes.
+
+    ``context``: the execution context (a JSON object, e.g. a customer profile) for a run that
+    creates its execution; ``context_file``: a JSON file to read it from instead (path relative to
+    the working directory); ``execution_id``: an existing ``workflow_executions`` row to adopt
+    (the ``lifecycle/execution_id`` run tag takes precedence). When an execution is adopted, the
+    row's own context is used.
+    """
+
+    context: dict[str, Any] = {}
+    context_file: str = ""
+    execution_id: str = ""
+
+    def resolved_context(self) -> dict[str, Any]:
+        """``context`` merged over the content of ``context_file``.
+
+        Raises:
+            dagster.Failure: the file is missing, not JSON, or not a JSON object.
+        """
+        base: dict[str, Any] = {}
+        if self.context_file:
+            path = Path(self.context_file)
+            try:
+                loaded = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise dg.Failure(f"context_file {str(path)!r} could not be read as JSON: {exc}") from exc
+            if not isinstance(loaded, dict):
+                raise dg.Failure(f"context_file {str(path)!r} must hold a JSON object")
+            base = loaded
+        return {**base, **self.context}
+
+
+def agents_resource(registry: AgentRegistry | None = None) -> dg.ResourceDefinition:
+    """A resource that hands stage ops ``registry`` (default: the five built-in agents)."""
+    return dg.ResourceDefinition.hardcoded_resource(
+        registry if registry is not None else default_registry(), "the agent registry"
+    )
+
+
+def default_resources() -> dict[str, Any]:
+    """The resources every generated job is bound to."""
+    return {
+        "lifecycle_db": LifecycleDatabase(),
+        "lifecycle_request": ExecutionRequest.configure_at_launch(),
+        "lifecycle_agents": agents_resource(),
+    }

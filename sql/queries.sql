@@ -1,0 +1,54 @@
+-- Named queries run by the Python side. Each starts with a `-- name: <name>` line; parameters
+-- are psycopg placeholders (%(name)s). Nothing here is assembled from user input.
+
+-- name: active_definitions
+-- The snapshot the code location builds its jobs from: every active version, in a stable order.
+SELECT id::text AS id, name, description, version, dag_schema
+FROM workflow_definitions
+WHERE is_active
+ORDER BY name, version;
+
+-- name: active_definition_by_name
+SELECT id::text AS id, name, description, version, dag_schema
+FROM workflow_definitions
+WHERE name = %(name)s AND is_active;
+
+-- name: create_execution
+-- A pending execution of a definition, as the runbook's section 8 would insert it.
+INSERT INTO workflow_executions (workflow_definition_id, status, context, created_by)
+VALUES (%(definition_id)s, 'pending', %(context)s, %(created_by)s)
+RETURNING id::text AS id;
+
+-- name: execution
+SELECT e.id::text AS id, e.status, e.current_stage, e.error_message, e.dagster_run_id,
+       e.context, d.name AS workflow_name, d.version
+FROM workflow_executions e
+JOIN workflow_definitions d ON d.id = e.workflow_definition_id
+WHERE e.id = %(execution_id)s;
+
+-- name: execution_by_run
+SELECT e.id::text AS id, e.status
+FROM workflow_executions e
+WHERE e.dagster_run_id = %(run_id)s;
+
+-- name: stage_logs
+SELECT l.stage_id, l.status, l.attempt_number, l.started_at, l.completed_at,
+       l.output_data, l.error_message
+FROM workflow_execution_logs l
+WHERE l.execution_id = %(execution_id)s
+ORDER BY l.started_at NULLS LAST, l.stage_id;
+
+-- name: ensure_execution
+SELECT id::text AS id, status, context
+FROM lifecycle_ensure_execution(%(definition_id)s, %(run_id)s, %(execution_id)s, %(context)s);
+
+-- name: start_stage
+SELECT log_id::text AS log_id, task_id::text AS task_id, agent_id::text AS agent_id,
+       agent_name, agent_kind, input_data
+FROM lifecycle_start_stage(%(execution_id)s, %(stage_id)s, %(capability)s, %(ancestors)s, %(attempt)s);
+
+-- name: complete_stage
+SELECT lifecycle_complete_stage(%(log_id)s, %(task_id)s, %(output)s) AS execution_status;
+
+-- name: fail_stage
+SELECT lifecycle_fail_stage(%(log_id)s, %(task_id)s, %(error)s, %(error_code)s) AS execution_status;
