@@ -104,7 +104,8 @@ def home_cmd() -> None:
     from lifecycle_dagster.instance import prepare_home
 
     dsn = _dsn()
-    click.echo(str(prepare_home(Settings.from_env().dagster_home, dsn)))
+    settings = Settings.from_env()
+    click.echo(str(prepare_home(settings.dagster_home, dsn, managed=settings.dagster_home_managed)))
 
 
 @main.command("run")
@@ -155,14 +156,14 @@ def run_cmd(workflow: str, context_file: Path) -> None:
     execution_id = str(created["id"])
     click.echo(f"execution {execution_id}  ({workflow} v{row['version']}, job {job.name})")
 
-    home = prepare_home(settings.dagster_home, dsn)
+    home = prepare_home(settings.dagster_home, dsn, managed=settings.dagster_home_managed)
     os.environ.setdefault("DAGSTER_HOME", str(home))
     instance = DagsterInstance.from_config(str(home))
     try:
         result = job.execute_in_process(
             instance=instance,
             tags={EXECUTION_ID_TAG: execution_id},
-            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
             raise_on_error=False,
         )
     finally:
@@ -241,7 +242,8 @@ def dev_cmd(ctx: click.Context) -> None:
 
     dsn = _dsn()
     _upgrade_and_seed(dsn)
-    home = prepare_home(Settings.from_env().dagster_home, dsn)
+    settings = Settings.from_env()
+    home = prepare_home(settings.dagster_home, dsn, managed=settings.dagster_home_managed)
     target = ["-w", "workspace.yaml"] if Path("workspace.yaml").exists() else ["-m", "lifecycle_dagster"]
     env = {**os.environ, "DATABASE_URL": dsn, "DAGSTER_HOME": str(home)}
     args = [sys.executable, "-m", "dagster", "dev", *target, *ctx.args]

@@ -152,10 +152,14 @@ class Dag:
 
     def ancestors(self, stage_id: str) -> tuple[str, ...]:
         """Ids of every stage ``stage_id`` transitively depends on, in topological order."""
+        self.stage(stage_id)
+        parents: dict[str, list[str]] = {}
+        for a, b in self.edges:
+            parents.setdefault(b, []).append(a)
         seen: set[str] = set()
         todo = [stage_id]
         while todo:
-            for parent in self.parents(todo.pop()):
+            for parent in parents.get(todo.pop(), ()):
                 if parent not in seen:
                     seen.add(parent)
                     todo.append(parent)
@@ -170,7 +174,7 @@ class Dag:
         for a, b in self.edges:
             indegree[index[b]] += 1
             children[index[a]].append(index[b])
-        ready = [i for i, d in enumerate(indegree) if d == 0]
+        ready = [i for i, d in enumerate(indegree) if d == 0]  # ascending, hence already a heap
         order: list[str] = []
         while ready:
             i = heapq.heappop(ready)
@@ -185,7 +189,8 @@ class Dag:
 
 
 def _q(text: str) -> str:
-    return f"'{text}'"
+    """``text`` in single quotes, control characters escaped (a message stays one line)."""
+    return "'" + re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m[0])[1:-1], text) + "'"
 
 
 def _kind(value: object) -> str:
@@ -199,6 +204,14 @@ def _finite(value: float) -> bool:
         return math.isfinite(float(value))
     except OverflowError:  # an int too large for a double
         return False
+
+
+def _show(value: float) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an int with more digits than Python will print
+        return "a huge number"
+    return text if len(text) <= 24 else text[:20] + "..."
 
 
 @dataclass(frozen=True)
@@ -249,7 +262,7 @@ class _Validator:
             ok = ok and float(value).is_integer() and value <= 1000
         if not ok:
             rule = "an integer from 1 to 1000" if integral else f"{'>' if positive else '>='} {minimum:g}"
-            self.add("bad_value", where, key, f"{name} must be {rule}, got {value!r}")
+            self.add("bad_value", where, key, f"{name} must be {rule}, got {_show(value)}")
             return None
         return value
 
@@ -286,7 +299,7 @@ class _Validator:
             return []
         if not _ID_RE.fullmatch(label):
             shown = _q(label) if isinstance(sid, str) else _kind(sid)
-            self.add("bad_stage_id", where, "id", f"stage id must match {STAGE_ID_PATTERN}, got {shown}")
+            self.add("bad_stage_id", where, "id", f"id must match {STAGE_ID_PATTERN}, got {shown}")
         self.keys(raw, _STAGE_KEYS, where)
         capability = raw.get("capability", _MISSING)
         if capability is _MISSING or capability == "":
@@ -325,7 +338,8 @@ class _Validator:
         ends = [raw.get(e, _MISSING) if isinstance(raw, dict) else _MISSING for e in ("from", "to")]
         shown = [_q(e) if isinstance(e, str) else _kind(e) for e in ends]
         known = tuple(e for e in ends if isinstance(e, str) and e in declared)
-        where = _Where(f"edges[{k}]", f"edges[{k}] (from {shown[0]} to {shown[1]})", known)
+        label = f"edges[{k}] (from {shown[0]} to {shown[1]})" if isinstance(raw, dict) else f"edges[{k}]"
+        where = _Where(f"edges[{k}]", label, known)
         if not isinstance(raw, dict):
             self.add("wrong_type", where, "", f"an edge must be an object, got {_kind(raw)}")
             return

@@ -58,11 +58,16 @@ def dagster_yaml(dsn: str) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def prepare_home(home: Path, dsn: str) -> Path:
+def prepare_home(home: Path, dsn: str, *, managed: bool = True) -> Path:
     """Create ``home`` with its ``dagster.yaml`` (owner-only: it holds the connection URL) and the
     ``dagster`` schema; return ``home``. Safe to call on every start.
+
+    ``managed=False`` (DAGSTER_HOME chosen by the user): an existing ``dagster.yaml`` is left
+    exactly as it is; only a missing one is written.
     """
     home.mkdir(parents=True, exist_ok=True)
+    if not managed and (home / "dagster.yaml").exists():
+        return home
     with connect(dsn) as conn, contextlib.suppress(psycopg.errors.UniqueViolation):
         # IF NOT EXISTS still races with a concurrent creator: the loser's error is harmless
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(DAGSTER_SCHEMA)))

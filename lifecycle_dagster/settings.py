@@ -31,6 +31,8 @@ class Settings:
     database_url: str | None
     data_dir: Path
     dagster_home: Path
+    #: True when DAGSTER_HOME was not set: the tool owns the home and rewrites its dagster.yaml
+    dagster_home_managed: bool = True
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -44,6 +46,7 @@ class Settings:
             database_url=os.environ.get("DATABASE_URL") or None,
             data_dir=data_dir,
             dagster_home=Path(home).expanduser().resolve() if home else data_dir / "dagster_home",
+            dagster_home_managed=not home,
         )
 
     @property
