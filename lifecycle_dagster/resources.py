@@ -42,7 +42,7 @@ class ExecutionRequest(dg.ConfigurableResource):  # type: ignore[type-arg]
     row's own context is used.
     """
 
-    context: dict[str, Any] = {}
+    context: dict[str, Any] = {}  # noqa: RUF012  (pydantic copies field defaults)
     context_file: str = ""
     execution_id: str = ""
 

@@ -37,10 +37,14 @@ class Settings:
     @classmethod
     def from_env(cls) -> Settings:
         """Read the environment (see the module docstring)."""
-        data_dir = Path(
-            os.environ.get("LIFECYCLE_DAGSTER_DATA_DIR")
-            or platformdirs.user_data_dir("lifecycle-dagster", appauthor=False)
-        ).expanduser().resolve()
+        data_dir = (
+            Path(
+                os.environ.get("LIFECYCLE_DAGSTER_DATA_DIR")
+                or platformdirs.user_data_dir("lifecycle-dagster", appauthor=False)
+            )
+            .expanduser()
+            .resolve()
+        )
         home = os.environ.get("DAGSTER_HOME")
         return cls(
             database_url=os.environ.get("DATABASE_URL") or None,

@@ -67,4 +67,4 @@ def query(name: str) -> LiteralString:
 
 def seed_sql() -> LiteralString:
     """The text of ``seed.sql``."""
-    return cast(LiteralString, (sql_dir() / "seed.sql").read_text(encoding="utf-8"))
+    return (sql_dir() / "seed.sql").read_text(encoding="utf-8")

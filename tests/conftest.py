@@ -40,7 +40,7 @@ def server_dsn() -> Iterator[str]:
 
     data = Path(tempfile.mkdtemp(prefix="ld-embedded-"))
     os.chmod(data, 0o755)
-    dsn = ensure_server(data / "pgdata")
+    dsn = ensure_server(data / "pgdata", keep_running=True)  # stopped below, once
     yield _with_db(dsn, "postgres")
     stop_server(data / "pgdata")
 
@@ -49,9 +49,7 @@ def _create_db(admin: str, name: str, template: str | None = None) -> None:
     with psycopg.connect(admin, autocommit=True) as conn:
         stmt = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
         if template:
-            stmt = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(template)
-            )
+            stmt = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template))
         conn.execute(stmt)
 
 

@@ -48,9 +48,22 @@ FIVE = [
 
 def test_dagster_job_execute_in_process(seeded_db: str, dagster_home: Path) -> None:
     proc = subprocess.run(
-        [str(BIN / "dagster"), "job", "execute", "-m", "lifecycle_dagster", "-j", "lifecycle_v1__v1",
-         "-c", "examples/acme_run.yaml"],
-        cwd=REPO, env=_env(seeded_db, dagster_home), capture_output=True, text=True, timeout=300,
+        [
+            str(BIN / "dagster"),
+            "job",
+            "execute",
+            "-m",
+            "lifecycle_dagster",
+            "-j",
+            "lifecycle_v1__v1",
+            "-c",
+            "examples/acme_run.yaml",
+        ],
+        cwd=REPO,
+        env=_env(seeded_db, dagster_home),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     [ex] = _executions(seeded_db)
@@ -66,9 +79,12 @@ def test_dagster_job_execute_exits_1_when_integrity_fails(seeded_db: str, dagste
         "execution: {config: {in_process: {}}}\n"
     )
     proc = subprocess.run(
-        [str(BIN / "dagster"), "job", "execute", "-m", "lifecycle_dagster", "-j", "lifecycle_v1__v1",
-         "-c", str(cfg)],
-        cwd=REPO, env=_env(seeded_db, dagster_home), capture_output=True, text=True, timeout=300,
+        [str(BIN / "dagster"), "job", "execute", "-m", "lifecycle_dagster", "-j", "lifecycle_v1__v1", "-c", str(cfg)],
+        cwd=REPO,
+        env=_env(seeded_db, dagster_home),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 1
     [ex] = _executions(seeded_db)
@@ -79,7 +95,11 @@ def test_dagster_job_execute_exits_1_when_integrity_fails(seeded_db: str, dagste
 def test_cli_run_prints_stages_and_exit_codes(seeded_db: str, dagster_home: Path) -> None:
     ok = subprocess.run(
         [str(BIN / "lifecycle-dagster"), "run", "lifecycle_v1", "--context", "examples/acme.json"],
-        cwd=REPO, env=_env(seeded_db, dagster_home), capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=_env(seeded_db, dagster_home),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert ok.returncode == 0, ok.stderr[-3000:]
     lines = ok.stdout.splitlines()
@@ -89,7 +109,11 @@ def test_cli_run_prints_stages_and_exit_codes(seeded_db: str, dagster_home: Path
     assert "status: completed" in ok.stdout
     bad = subprocess.run(
         [str(BIN / "lifecycle-dagster"), "run", "lifecycle_v1", "--context", "examples/globex.json"],
-        cwd=REPO, env=_env(seeded_db, dagster_home), capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=_env(seeded_db, dagster_home),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert bad.returncode == 1
     assert "status: failed  (stage integrity failed: Integrity Agent: integrity failed:" in bad.stdout
@@ -111,9 +135,24 @@ def test_run_executes_the_dag_it_was_launched_with(
     # 1. submit: the instance's QueuedRunCoordinator stores the run (and its plan snapshot) as QUEUED
     tag = f"pin-{time.time_ns()}"
     proc = subprocess.run(
-        [str(BIN / "dagster"), "job", "launch", "-w", "workspace.yaml", "-j", "lifecycle_v1__v1",
-         "-c", "examples/acme_run.yaml", "--tags", f'{{"test/pin": "{tag}"}}'],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            str(BIN / "dagster"),
+            "job",
+            "launch",
+            "-w",
+            "workspace.yaml",
+            "-j",
+            "lifecycle_v1__v1",
+            "-c",
+            "examples/acme_run.yaml",
+            "--tags",
+            f'{{"test/pin": "{tag}"}}',
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     instance = DagsterInstance.from_config(str(dagster_home))
@@ -125,15 +164,21 @@ def test_run_executes_the_dag_it_was_launched_with(
             conn.execute(
                 "INSERT INTO workflow_definitions (name, version, dag_schema, is_active) VALUES"
                 " ('lifecycle_v1', 2, %s, true)",
-                (Jsonb({"stages": [{"id": "discover", "capability": "opportunity", "next": ["qualify"]},
-                                   {"id": "qualify", "capability": "assessment"}]}),),
+                (
+                    Jsonb(
+                        {
+                            "stages": [
+                                {"id": "discover", "capability": "opportunity", "next": ["qualify"]},
+                                {"id": "qualify", "capability": "assessment"},
+                            ]
+                        }
+                    ),
+                ),
             )
             conn.execute("UPDATE workflow_definitions SET is_active = false WHERE version = 1")
         # 3. a code server loaded now only knows lifecycle_v1__v2; the run worker it starts
         #    rebuilds the launched job from the run's snapshot
-        with WorkspaceProcessContext(
-            instance, WorkspaceFileTarget(paths=[str(REPO / "workspace.yaml")])
-        ) as wpc:
+        with WorkspaceProcessContext(instance, WorkspaceFileTarget(paths=[str(REPO / "workspace.yaml")])) as wpc:
             ctx = wpc.create_request_context()
             repo = ctx.get_code_location("lifecycle_dagster").get_repository("__repository__")
             assert repo.has_job("lifecycle_v1__v2") and not repo.has_job("lifecycle_v1__v1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ def test_acme_completes_all_five_stages(seeded_db: str, instance: Any) -> None:
     assert [r["stage_id"] for r in logs] == LIFECYCLE_ORDER
     assert {r["status"] for r in logs} == {"completed"}
     assert {r["attempt_number"] for r in logs} == {1}
-    for earlier, later in zip(logs, logs[1:], strict=False):
+    for earlier, later in itertools.pairwise(logs):
         assert earlier["completed_at"] <= later["started_at"]
     # upstream outputs come from Postgres: integrity saw all four ancestors' outputs
     integrity = logs[-1]
@@ -147,9 +148,7 @@ def test_run_without_execution_id_creates_one_from_config(seeded_db: str, instan
         job = build_job(_active(conn, "lifecycle_v1"))
     result = job.execute_in_process(
         instance=instance,
-        run_config={
-            "resources": {"lifecycle_request": {"config": {"context_file": str(REPO / "examples/acme.json")}}}
-        },
+        run_config={"resources": {"lifecycle_request": {"config": {"context_file": str(REPO / "examples/acme.json")}}}},
     )
     assert result.success
     ex = _rows(seeded_db, "SELECT status, context, dagster_run_id FROM workflow_executions")
@@ -177,9 +176,7 @@ def test_diamond_join_runs_once_after_both_parents(db: str, instance: Any) -> No
             (Jsonb(dag["dag_schema"]),),
         )
         for cap in ("opportunity", "assessment", "design", "governance"):
-            aid = conn.execute(
-                "INSERT INTO agents (name) VALUES (%s) RETURNING id", (f"{cap} recorder",)
-            ).fetchone()
+            aid = conn.execute("INSERT INTO agents (name) VALUES (%s) RETURNING id", (f"{cap} recorder",)).fetchone()
             assert aid is not None
             conn.execute(
                 "INSERT INTO agent_ontologies (agent_id, domain, knowledge) VALUES (%s, 'orchestration', %s)",
@@ -250,7 +247,9 @@ def test_agent_crash_or_unstorable_output_is_recorded(
 ) -> None:
     registry = default_registry()
     reg = AgentRegistry([registry.get(n) for n in registry.names() if n != "Assessment Agent"] + [agent])
-    result, eid = _run(seeded_db, instance, "lifecycle_v1", _profile("acme"), resources={"lifecycle_agents": agents_resource(reg)})
+    result, eid = _run(
+        seeded_db, instance, "lifecycle_v1", _profile("acme"), resources={"lifecycle_agents": agents_resource(reg)}
+    )
     assert not result.success
     log = _rows(
         seeded_db,

@@ -49,9 +49,7 @@ class Task:
             if entry.get("capability") == capability and isinstance(entry.get("output"), Mapping):
                 output: Mapping[str, Any] = entry["output"]
                 return output
-        have = ", ".join(
-            f"{sid} ({e.get('capability')})" for sid, e in sorted(self.upstream.items())
-        )
+        have = ", ".join(f"{sid} ({e.get('capability')})" for sid, e in sorted(self.upstream.items()))
         raise AgentError(
             "missing_upstream",
             f"stage {self.stage_id!r} needs the output of an upstream {capability!r} stage, "
@@ -75,9 +73,7 @@ class Task:
         """
         if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
             raise AgentError("bad_input", f"attempt must be an integer >= 1, got {attempt!r}")
-        if not isinstance(input_data, Mapping) or not isinstance(
-            input_data.get("context"), Mapping
-        ):
+        if not isinstance(input_data, Mapping) or not isinstance(input_data.get("context"), Mapping):
             raise AgentError("bad_input", "input_data.context must be an object")
         raw = {} if input_data.get("upstream") is None else input_data["upstream"]
         if not isinstance(raw, Mapping):
@@ -93,9 +89,7 @@ class Task:
                 "capability": entry["capability"],
                 "output": dict(entry["output"]),
             }
-        return cls(
-            execution_id, stage_id, capability, attempt, dict(input_data["context"]), upstream
-        )
+        return cls(execution_id, stage_id, capability, attempt, dict(input_data["context"]), upstream)
 
 
 class Agent(Protocol):

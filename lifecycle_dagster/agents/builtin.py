@@ -84,9 +84,7 @@ def _bad(message: str) -> AgentError:
     return AgentError("bad_input", message)
 
 
-def _num(
-    value: Any, path: str, what: str = "a non-negative number", high: float = math.inf
-) -> float:
+def _num(value: Any, path: str, what: str = "a non-negative number", high: float = math.inf) -> float:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not number or not math.isfinite(value) or not 0 <= value <= high:
         raise _bad(f"{path} must be {what}")
@@ -227,12 +225,9 @@ class DesignAgent:
 
     def run(self, task: Task) -> dict[str, Any]:
         p = parse_profile(task.context)
-        qualified = _items(
-            task.output_of("assessment"), "assessment", "qualified", "potential_value"
-        )
+        qualified = _items(task.output_of("assessment"), "assessment", "qualified", "potential_value")
         targets = [
-            _record(q, potential_value=q.amount, target_value=round(q.amount * CONFIDENCE, 2))
-            for q in qualified
+            _record(q, potential_value=q.amount, target_value=round(q.amount * CONFIDENCE, 2)) for q in qualified
         ]
         total = _total(t["target_value"] for t in targets)
         return {
@@ -256,9 +251,7 @@ class RealizationAgent:
         for t in targets:
             realised = round(p.actuals.get(t.segment, 0.0), 2)
             attainment = round(realised / t.amount, 4) if t.amount else None
-            realisations.append(
-                _record(t, target_value=t.amount, realised_value=realised, attainment=attainment)
-            )
+            realisations.append(_record(t, target_value=t.amount, realised_value=realised, attainment=attainment))
         targeted = {t.segment for t in targets}
         untargeted = {s: round(v, 2) for s, v in sorted(p.actuals.items()) if s not in targeted}
         total_realised = _total(r["realised_value"] for r in realisations)
@@ -323,8 +316,7 @@ class IntegrityAgent:
             expected = _total(i.amount for i in items[capability])
             if round(total * 100) != round(expected * 100):
                 problems.append(
-                    f"{capability} {total_key} {p.money(total)} does not equal the sum of its "
-                    f"items {p.money(expected)}"
+                    f"{capability} {total_key} {p.money(total)} does not equal the sum of its items {p.money(expected)}"
                 )
         potentials = {o.id: o.amount for o in items.get("opportunity", [])}
         for r in items.get("execution", []) if "opportunity" in items else []:

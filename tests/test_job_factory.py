@@ -1,0 +1,126 @@
+"""build_job is a pure, deterministic function of one definition row (tested on JSON fixtures),
+and the code location loads every job from a snapshot of the table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+from dagster._core.definitions.definitions_load_context import DefinitionsLoadType
+from dagster._utils.test.definitions import (
+    scoped_definitions_load_context,
+    scoped_reconstruction_metadata,
+)
+from psycopg.types.json import Jsonb
+
+from lifecycle_dagster.dag import DagValidationError
+from lifecycle_dagster.db import connect
+from lifecycle_dagster.definitions import SNAPSHOT_KEY, definitions_from_snapshot, defs, fetch_snapshot
+from lifecycle_dagster.job_factory import build_job, build_jobs
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def _fixture(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((FIXTURES / f"{name}.json").read_text())
+    return data
+
+
+def _upstreams(job: dg.JobDefinition) -> dict[str, list[str]]:
+    deps = job.graph.dependency_structure
+    return {
+        node.name: sorted(o.node_name for o in deps.all_upstream_outputs_from_node(node.name))
+        for node in job.graph.nodes
+    }
+
+
+def test_lifecycle_job_shape() -> None:
+    job = build_job(_fixture("lifecycle_v1"))
+    assert job.name == "lifecycle_v1__v1"
+    p = "lifecycle_v1__v1__"
+    assert _upstreams(job) == {
+        f"{p}discover": [],
+        f"{p}qualify": [f"{p}discover"],
+        f"{p}target_design": [f"{p}qualify"],
+        f"{p}value_realization": [f"{p}target_design"],
+        f"{p}integrity": [f"{p}value_realization"],
+    }
+    assert job.tags["lifecycle/definition_id"] == "00000000-0000-0000-0000-0000000000a1"
+    assert job.tags["lifecycle/version"] == "1"
+    op = job.graph.node_named(f"{p}qualify").definition
+    assert op.tags["lifecycle/capability"] == "assessment"
+
+
+def test_diamond_fans_out_and_in() -> None:
+    job = build_job(_fixture("diamond"))
+    assert _upstreams(job) == {
+        "diamond__v1__a": [],
+        "diamond__v1__b": ["diamond__v1__a"],
+        "diamond__v1__c": ["diamond__v1__a"],
+        "diamond__v1__d": ["diamond__v1__b", "diamond__v1__c"],
+    }
+
+
+def test_build_is_deterministic() -> None:
+    a = build_job(_fixture("diamond"))
+    b = build_job(json.loads(json.dumps(_fixture("diamond"))))
+    assert a.get_job_snapshot_id() == b.get_job_snapshot_id()
+
+
+def test_invalid_definition_raises_every_problem() -> None:
+    row = {**_fixture("diamond"), "dag_schema": {"stages": [{"id": "a", "capability": "x", "next": ["a", "zz"]}]}}
+    with pytest.raises(DagValidationError) as err:
+        build_job(row)
+    text = str(err.value)
+    assert "self" in text and "'zz'" in text
+
+
+def test_invalid_definition_is_skipped_not_fatal() -> None:
+    bad = {**_fixture("diamond"), "name": "broken", "dag_schema": {"stages": []}}
+    jobs, skipped = build_jobs([_fixture("lifecycle_v1"), bad, _fixture("diamond")])
+    assert [j.name for j in jobs] == ["lifecycle_v1__v1", "diamond__v1"]
+    assert [(s.name, s.version) for s in skipped] == [("broken", 1)]
+    assert "no stages" in skipped[0].error or "empty" in skipped[0].error
+
+
+def test_two_versions_coexist_in_one_code_location() -> None:
+    v1 = _fixture("lifecycle_v1")
+    v2 = {**v1, "id": "00000000-0000-0000-0000-0000000000a2", "version": 2}
+    snapshot = json.dumps([v1, v2])
+    d = definitions_from_snapshot(snapshot)
+    repo = d.get_repository_def()
+    assert sorted(j.name for j in repo.get_all_jobs()) == ["lifecycle_v1__v1", "lifecycle_v1__v2"]
+
+
+def test_code_location_loads_every_active_job_and_skips_invalid(seeded_db: str) -> None:
+    with connect(seeded_db) as conn:
+        conn.execute(
+            "INSERT INTO workflow_definitions (name, version, dag_schema, is_active) VALUES ('diamond', 1, %s, true),"
+            " ('broken', 1, %s, true), ('inactive', 1, %s, false)",
+            (
+                Jsonb(_fixture("diamond")["dag_schema"]),
+                Jsonb({"stages": [{"id": "a", "capability": "x", "next": ["a"]}]}),
+                Jsonb(_fixture("diamond")["dag_schema"]),
+            ),
+        )
+    with scoped_definitions_load_context(DefinitionsLoadType.INITIALIZATION):
+        repo = defs().get_repository_def()
+    names = sorted(j.name for j in repo.get_all_jobs())
+    assert names == ["diamond__v1", "lifecycle_v1__v1"]
+    for name in names:  # each job resolves with its ops (project_fully_featured's test_defs)
+        job = repo.get_job(name)
+        assert len(job.graph.nodes) in (4, 5)
+
+
+def test_reconstruction_uses_the_snapshot_not_the_table(seeded_db: str) -> None:
+    snapshot = fetch_snapshot(seeded_db)
+    with connect(seeded_db) as conn:  # the table changes: v1 is gone
+        conn.execute("UPDATE workflow_definitions SET is_active = false")
+    with scoped_reconstruction_metadata({SNAPSHOT_KEY: snapshot}):
+        repo = defs().get_repository_def()
+    assert [j.name for j in repo.get_all_jobs()] == ["lifecycle_v1__v1"]
+    with scoped_definitions_load_context(DefinitionsLoadType.INITIALIZATION):
+        assert defs().get_repository_def().get_all_jobs() == []
