@@ -191,6 +191,62 @@ def print_execution(dsn: str, execution_id: str) -> str:
     return str(execution["status"])
 
 
+@main.command("cancel")
+@click.argument("execution_id")
+@click.option("--reason", default="cancelled by operator", show_default=True, help="Recorded with the event.")
+@click.option(
+    "--no-compensate", is_flag=True, help="Leave the completed stages as they are (no compensation)."
+)
+def cancel_cmd(execution_id: str, reason: str, no_compensate: bool) -> None:
+    """Cancel an execution: no stage starts or completes after this, and its Dagster run is
+    terminated where the instance can (runs launched through it; runs of `run` or `dagster job
+    execute` stop at their next check). Says which side won; exits 1 when the execution had
+    already finished.
+    """
+    import psycopg
+
+    dsn = _dsn()
+    try:
+        with connect(dsn) as conn:
+            row = conn.execute(
+                query("cancel_execution"),
+                {"execution_id": execution_id, "reason": reason, "compensate": not no_compensate},
+            ).fetchone()
+    except (psycopg.errors.NoDataFound, psycopg.errors.InvalidTextRepresentation) as exc:
+        raise click.ClickException(exc.diag.message_primary or str(exc)) from exc
+    assert row is not None
+    if not row["cancelled"]:
+        click.echo(f"not cancelled: execution {execution_id} is already {row['status']}")
+        sys.exit(1)
+    click.echo(f"cancelled execution {execution_id} (was {row['previous_status']})")
+    run_id = row["dagster_run_id"]
+    if run_id:
+        click.echo(f"dagster run {run_id}: {_terminate_run(run_id)}")
+
+
+def _terminate_run(run_id: str) -> str:
+    """Ask the Dagster instance to cancel or terminate a run; say what happened."""
+    from dagster import DagsterInstance
+
+    settings = Settings.from_env()
+    if not (settings.dagster_home / "dagster.yaml").exists():
+        return "no Dagster home here; its stage ops stop at their next check"
+    instance = DagsterInstance.from_config(str(settings.dagster_home))
+    try:
+        run = instance.get_run_by_id(run_id)
+        if run is None:
+            return "not in this Dagster instance; its stage ops stop at their next check"
+        if run.is_finished:
+            return f"already {run.status.value}"
+        try:
+            done = instance.run_coordinator.cancel_run(run_id)
+        except Exception as exc:  # the launcher cannot reach the run (launched elsewhere)
+            return f"could not be terminated ({type(exc).__name__}: {exc}); its stage ops stop at their next check"
+        return "termination requested" if done else "could not be terminated; its stage ops stop at their next check"
+    finally:
+        instance.dispose()
+
+
 @main.command("validate")
 @click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--all", "check_all", is_flag=True, help="Validate every active definition in the database.")

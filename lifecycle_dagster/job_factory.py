@@ -16,7 +16,8 @@ import dagster as dg
 from lifecycle_dagster.dag import Dag, DagValidationError, parse_dag
 from lifecycle_dagster.db import connect
 from lifecycle_dagster.resources import ExecutionRequest, LifecycleDatabase, default_resources
-from lifecycle_dagster.runtime import StageFailed, StageSpec, run_stage
+from lifecycle_dagster.retry import resolve_policy
+from lifecycle_dagster.runtime import StageError, StageRetry, StageSpec, run_stage
 
 #: run tag naming the workflow_executions row a run executes
 EXECUTION_ID_TAG = "lifecycle/execution_id"
@@ -73,6 +74,8 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
         stage_id=stage.id,
         capability=stage.capability,
         ancestors={a: dag.stage(a).capability for a in dag.ancestors(stage.id)},
+        policy=resolve_policy(dag, stage.id),
+        timeout_s=stage.timeout_s if stage.timeout_s is not None else dag.default_timeout_s,
     )
     has_parents = bool(dag.parents(stage.id))
 
@@ -92,10 +95,13 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
                     execution_id=execution_id,
                     context=ctx,
                 )
-            except StageFailed as exc:
+            except StageRetry as exc:
+                context.log.warning(f"stage '{exc.stage_id}': {exc}")
+                raise dg.RetryRequested(max_retries=exc.max_attempts, seconds_to_wait=exc.delay_s) from exc
+            except StageError as exc:
                 raise dg.Failure(
-                    description=f"stage '{exc.stage_id}' failed: {exc}",
-                    metadata={"execution_id": exc.execution_id, "error_code": exc.code},
+                    description=f"stage '{exc.stage_id}' {type(exc).__name__[5:].lower()}: {exc}",
+                    metadata={"execution_id": exc.execution_id, "error_code": exc.code, "attempt": exc.attempt},
                     allow_retries=False,
                 ) from exc
         summary = outcome.output.get("summary")

@@ -1,46 +1,59 @@
-"""The runtime of one stage: what a stage op does, with no Dagster in it.
+"""The runtime of one stage attempt: what a stage op does, with no Dagster in it.
 
-:func:`run_stage` makes four transitions, each one SQL function call (one transaction):
+One attempt makes these transitions, each one SQL function call (one transaction):
 ``lifecycle_ensure_execution`` (create or adopt the execution), ``lifecycle_start_stage`` (stage
-log in_progress, stage_started, routing, the task_queue dispatch row), then the agent call, then
-``lifecycle_complete_stage`` or ``lifecycle_fail_stage``. Upstream outputs come from Postgres
-(``output_data`` of the ancestors' logs), never from Dagster's IO managers.
+log in_progress, stage_started, routing, the task_queue dispatch row), the agent call, then one of
+``lifecycle_complete_stage``, ``lifecycle_schedule_retry`` (a retryable error with attempts left:
+the log goes back to pending with its not-before time) or ``lifecycle_fail_stage`` (for good).
+Every result is fenced by the database: a result for a stale attempt, after the attempt's
+deadline or after the execution stopped being in progress is refused and recorded
+(``stage_result_refused``), never applied. Upstream outputs come from Postgres (the ancestors'
+``output_data``), never from Dagster's IO managers.
+
+Error classes (see :class:`lifecycle_dagster.agents.AgentError`): an agent's ``AgentError`` is
+retryable or not by its class; a crash, a timeout and an unstorable output are retryable; no agent
+for the capability and an unregistered agent are not. Codes in the stage's ``non_retryable`` list
+are never retried.
 """
 
 from __future__ import annotations
 
-import json
+import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.agents import AgentError, AgentRegistry, Task
 from lifecycle_dagster.db import Connection
+from lifecycle_dagster.invoke import AgentCrashed, AttemptStopped, call_agent
+from lifecycle_dagster.payload import check_output, safe_text
+from lifecycle_dagster.retry import RetryPolicy
 from lifecycle_dagster.sqlfiles import query
-
-#: the largest agent output stored, in bytes of JSON (larger outputs fail the stage)
-MAX_OUTPUT_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class StageSpec:
     """One stage of one definition version, as a job was built with it.
 
-    ``ancestors``: ``{stage_id: capability}`` of every transitive upstream stage.
+    ``ancestors``: ``{stage_id: capability}`` of every transitive upstream stage;
+    ``timeout_s``: seconds an attempt may run (None: no limit).
     """
 
     definition_id: str
     stage_id: str
     capability: str
     ancestors: Mapping[str, str] = field(default_factory=dict)
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
 class StageOutcome:
-    """What a stage did: the ids, the agent, and ``output`` (the agent's JSON object)."""
+    """A completed attempt: the ids, the agent, and ``output`` (the agent's JSON object)."""
 
     execution_id: str
     log_id: str
@@ -52,33 +65,57 @@ class StageOutcome:
     execution_status: str
 
 
-class StageFailed(Exception):
-    """The stage failed and that was recorded (stage log, task, events, execution).
+class StageError(Exception):
+    """Base of what a stage attempt can end in besides success; str() is the message."""
 
-    ``code``: short error code (``no_agent``, ``agent_not_registered``, an agent's own code,
-    ``agent_crashed``, ``bad_output``); ``execution_id``, ``stage_id``; str() is the message.
-    """
-
-    def __init__(self, message: str, *, code: str, execution_id: str, stage_id: str) -> None:
+    def __init__(self, message: str, *, code: str, execution_id: str, stage_id: str, attempt: int) -> None:
         super().__init__(message)
         self.code = code
         self.execution_id = execution_id
         self.stage_id = stage_id
+        self.attempt = attempt
 
 
-def _check_output(output: object) -> tuple[dict[str, Any] | None, str | None]:
-    """Return (output, None) when storable, else (None, reason)."""
-    if not isinstance(output, dict):
-        return None, f"agent returned {type(output).__name__}, not a JSON object"
-    try:
-        text = json.dumps(output, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        return None, f"agent output is not JSON: {exc}"
-    if "\\u0000" in text:
-        return None, "agent output contains a NUL character, which Postgres jsonb cannot store"
-    if len(text.encode()) > MAX_OUTPUT_BYTES:
-        return None, f"agent output is {len(text.encode())} bytes, over the {MAX_OUTPUT_BYTES}-byte limit"
-    return output, None
+class StageFailed(StageError):
+    """The stage failed for good; recorded (stage log, task, events, execution failed)."""
+
+
+class StageRetry(StageError):
+    """The attempt failed and a retry was recorded; wait ``delay_s`` seconds, then run attempt + 1."""
+
+    def __init__(self, message: str, *, delay_s: float, max_attempts: int, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.delay_s = delay_s
+        self.max_attempts = max_attempts
+
+
+class StageStopped(StageError):
+    """The attempt may not go on: the execution is not in progress (cancelled, failed by a sibling)
+    or the database refused the result as stale. Never retried."""
+
+
+@dataclass(frozen=True)
+class _AttemptError:
+    code: str
+    message: str
+    retryable: bool
+    error_class: str
+    retry_after_s: float | None = None
+
+
+def classify(exc: BaseException) -> _AttemptError:
+    """Map what an agent call raised to (code, message, retryable, error class)."""
+    if isinstance(exc, AgentError):
+        return _AttemptError(exc.code, safe_text(exc), exc.retryable, type(exc).__name__, exc.retry_after_s)
+    if isinstance(exc, AgentCrashed):
+        return _AttemptError("agent_crashed", safe_text(f"agent crashed: {exc}"), True, "AgentCrashed")
+    return _AttemptError("agent_crashed", safe_text(f"{type(exc).__name__}: {exc}"), True, type(exc).__name__)
+
+
+def _one(conn: Connection, name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    row = conn.execute(query(name), params).fetchone()
+    assert row is not None, name
+    return dict(row)
 
 
 def run_stage(
@@ -90,57 +127,125 @@ def run_stage(
     registry: AgentRegistry,
     execution_id: str | None = None,
     context: Mapping[str, Any] | None = None,
+    draw: Callable[[], float] = random.random,
 ) -> StageOutcome:
-    """Run one attempt (1-based) of a stage inside Dagster run ``run_id``.
+    """Run one attempt (1-based; the database may raise it, see ``lifecycle_start_stage``).
 
-    ``conn`` must be in autocommit mode: each call below is its own transaction.
+    ``conn`` must be in autocommit mode: each call is its own transaction. ``draw`` gives the
+    uniform [0, 1) value for the backoff jitter.
 
     Raises:
-        StageFailed: the stage failed; the failure is recorded in Postgres.
-        psycopg.Error: a transition was refused (e.g. the execution is no longer in_progress, an
-            upstream stage has not completed); nothing was written by the refused call.
+        StageRetry: a retry was recorded; the caller waits ``delay_s`` and runs the next attempt.
+        StageFailed: the stage failed for good (recorded).
+        StageStopped: the execution is not in progress or the result was refused (recorded).
+        psycopg.Error: the database could not be reached or refused an argument.
     """
-    execution = conn.execute(
-        query("ensure_execution"),
-        {
-            "definition_id": spec.definition_id,
-            "run_id": run_id,
-            "execution_id": execution_id or None,
-            "context": Jsonb(dict(context or {})),
-        },
-    ).fetchone()
-    assert execution is not None
-    exec_id = str(execution["id"])
-    started = conn.execute(
-        query("start_stage"),
-        {
-            "execution_id": exec_id,
-            "stage_id": spec.stage_id,
-            "capability": spec.capability,
-            "ancestors": Jsonb(dict(spec.ancestors)),
-            "attempt": attempt,
-        },
-    ).fetchone()
-    assert started is not None
-    log_id, task_id = str(started["log_id"]), started["task_id"]
-
-    def fail(message: str, code: str) -> StageFailed:
-        conn.execute(
-            query("fail_stage"),
-            {"log_id": log_id, "task_id": task_id, "error": message, "error_code": code},
+    try:
+        execution = _one(
+            conn,
+            "ensure_execution",
+            {
+                "definition_id": spec.definition_id,
+                "run_id": run_id,
+                "execution_id": execution_id or None,
+                "context": Jsonb(dict(context or {})),
+            },
         )
-        return StageFailed(message, code=code, execution_id=exec_id, stage_id=spec.stage_id)
+        exec_id = str(execution["id"])
+        started = _one(
+            conn,
+            "start_stage",
+            {
+                "execution_id": exec_id,
+                "stage_id": spec.stage_id,
+                "capability": spec.capability,
+                "ancestors": Jsonb(dict(spec.ancestors)),
+                "attempt": attempt,
+                "timeout_s": spec.timeout_s,
+            },
+        )
+    except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+        raise StageStopped(
+            safe_text(exc.diag.message_primary or exc),
+            code="not_runnable",
+            execution_id=str(execution_id or ""),
+            stage_id=spec.stage_id,
+            attempt=attempt,
+        ) from exc
+    log_id, task_id = str(started["log_id"]), started["task_id"]
+    attempt = int(started["attempt_number"])
+    ids: dict[str, Any] = {"execution_id": exec_id, "stage_id": spec.stage_id, "attempt": attempt}
+
+    def record(err: _AttemptError) -> StageError:
+        """Record a failed attempt: a retry when allowed, else the stage's failure."""
+        retry = err.retryable and err.code not in spec.policy.non_retryable and attempt < spec.policy.max_attempts
+        if retry:
+            delay = spec.policy.delay(attempt, draw())
+            if err.retry_after_s is not None and err.retry_after_s > delay:
+                delay = min(spec.policy.max_delay_s, float(err.retry_after_s))
+            try:
+                status = _one(
+                    conn,
+                    "schedule_retry",
+                    {
+                        "log_id": log_id,
+                        "task_id": task_id,
+                        "attempt": attempt,
+                        "error": err.message,
+                        "error_code": err.code,
+                        "error_class": err.error_class,
+                        "delay_s": delay,
+                    },
+                )["status"]
+            except psycopg.Error as exc:
+                # never loop: this attempt fails visibly, and the run with it
+                return StageFailed(
+                    safe_text(f"could not record the retry of attempt {attempt} ({err.message}): {exc}"),
+                    code="retry_not_recorded",
+                    **ids,
+                )
+            if status == "retrying":
+                return StageRetry(
+                    f"attempt {attempt} of {spec.policy.max_attempts} failed ({err.code}): {err.message}; "
+                    f"retrying in {delay:.3f} s",
+                    delay_s=delay,
+                    max_attempts=spec.policy.max_attempts,
+                    code=err.code,
+                    **ids,
+                )
+            return StageStopped(f"{status} ({err.message})", code="refused", **ids)
+        message = err.message
+        if err.retryable and err.code not in spec.policy.non_retryable:
+            message = f"{err.message} (attempt {attempt} of {spec.policy.max_attempts})"
+        status = _one(
+            conn,
+            "fail_stage",
+            {"log_id": log_id, "task_id": task_id, "error": message, "error_code": err.code, "attempt": attempt},
+        )["status"]
+        if str(status).startswith("refused"):
+            return StageStopped(f"{status} ({err.message})", code="refused", **ids)
+        return StageFailed(message, code=err.code, **ids)
 
     if started["agent_id"] is None:
-        raise fail(
-            f"no active agent serves capability '{spec.capability}' (stage '{spec.stage_id}')",
-            "no_agent",
+        raise record(
+            _AttemptError(
+                "no_agent",
+                f"no active agent serves capability '{spec.capability}' (stage '{spec.stage_id}')",
+                False,
+                "NoAgent",
+            )
         )
     agent_name = str(started["agent_name"])
     try:
         agent = registry.get(agent_name)
     except KeyError as exc:
-        raise fail(str(exc.args[0]) if exc.args else str(exc), "agent_not_registered") from exc
+        raise record(
+            _AttemptError("agent_not_registered", safe_text(exc.args[0] if exc.args else exc), False, "KeyError")
+        ) from exc
+
+    def stopped() -> bool:
+        row = conn.execute(query("execution_status"), {"execution_id": exec_id}).fetchone()
+        return row is None or row["status"] != "in_progress"
 
     t0 = time.perf_counter()
     try:
@@ -151,20 +256,34 @@ def run_stage(
             attempt=attempt,
             input_data=started["input_data"],
         )
-        raw = agent.run(task)
-    except AgentError as exc:
-        raise fail(f"{agent_name}: {exc}", exc.code) from exc
-    except Exception as exc:  # an agent bug must still be recorded as a stage failure
-        raise fail(f"{agent_name} crashed: {type(exc).__name__}: {exc}", "agent_crashed") from exc
+        raw = call_agent(
+            agent, task, timeout_s=spec.timeout_s, should_stop=stopped if spec.timeout_s is not None else None
+        )
+    except AttemptStopped as exc:
+        raise record(_AttemptError("cancelled", str(exc), False, "AttemptStopped")) from exc
+    except Exception as exc:
+        err = classify(exc)
+        raise record(
+            _AttemptError(err.code, f"{agent_name}: {err.message}", err.retryable, err.error_class, err.retry_after_s)
+        ) from exc
     duration_ms = (time.perf_counter() - t0) * 1000.0
-    output, problem = _check_output(raw)
-    if output is None:
-        raise fail(f"{agent_name}: {problem}", "bad_output")
+    problem = check_output(raw)
+    if problem is not None:
+        raise record(_AttemptError("bad_output", f"{agent_name}: {problem}", True, "BadOutput"))
 
-    done = conn.execute(
-        query("complete_stage"), {"log_id": log_id, "task_id": task_id, "output": Jsonb(output)}
-    ).fetchone()
-    assert done is not None
+    status = str(
+        _one(conn, "complete_stage", {"log_id": log_id, "task_id": task_id, "output": Jsonb(raw), "attempt": attempt})[
+            "status"
+        ]
+    )
+    if status.startswith("refused"):
+        if "timed out" in status:
+            raise record(
+                _AttemptError(
+                    "timeout", f"{agent_name}: result arrived after the deadline ({status})", True, "AgentTimeout"
+                )
+            )
+        raise StageStopped(f"result of attempt {attempt} {status}", code="refused", **ids)
     return StageOutcome(
         execution_id=exec_id,
         log_id=log_id,
@@ -172,6 +291,6 @@ def run_stage(
         agent_name=agent_name,
         attempt=attempt,
         duration_ms=duration_ms,
-        output=output,
-        execution_status=str(done["execution_status"]),
+        output=raw,
+        execution_status=status,
     )

@@ -44,11 +44,23 @@ FROM lifecycle_ensure_execution(%(definition_id)s, %(run_id)s, %(execution_id)s,
 
 -- name: start_stage
 SELECT log_id::text AS log_id, task_id::text AS task_id, agent_id::text AS agent_id,
-       agent_name, agent_kind, input_data
-FROM lifecycle_start_stage(%(execution_id)s, %(stage_id)s, %(capability)s, %(ancestors)s, %(attempt)s);
+       agent_name, agent_kind, input_data, attempt_number
+FROM lifecycle_start_stage(%(execution_id)s, %(stage_id)s, %(capability)s, %(ancestors)s,
+                           %(attempt)s, p_timeout_s => %(timeout_s)s);
 
 -- name: complete_stage
-SELECT lifecycle_complete_stage(%(log_id)s, %(task_id)s, %(output)s) AS execution_status;
+SELECT lifecycle_complete_stage(%(log_id)s, %(task_id)s, %(output)s, p_attempt => %(attempt)s) AS status;
 
 -- name: fail_stage
-SELECT lifecycle_fail_stage(%(log_id)s, %(task_id)s, %(error)s, %(error_code)s) AS execution_status;
+SELECT lifecycle_fail_stage(%(log_id)s, %(task_id)s, %(error)s, %(error_code)s, p_attempt => %(attempt)s) AS status;
+
+-- name: schedule_retry
+SELECT lifecycle_schedule_retry(%(log_id)s, %(task_id)s, %(attempt)s, %(error)s, %(error_code)s,
+                                %(error_class)s, %(delay_s)s) AS status;
+
+-- name: execution_status
+SELECT status FROM workflow_executions WHERE id = %(execution_id)s;
+
+-- name: cancel_execution
+SELECT cancelled, status, previous_status, dagster_run_id
+FROM lifecycle_cancel_execution(%(execution_id)s, %(reason)s, %(compensate)s);

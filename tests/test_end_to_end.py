@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from psycopg.types.json import Jsonb
 
-from lifecycle_dagster.agents import AgentError, AgentRegistry, Task, default_registry
+from lifecycle_dagster.agents import AgentRegistry, Task, default_registry
 from lifecycle_dagster.db import connect
 from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, build_job
 from lifecycle_dagster.resources import agents_resource
@@ -238,7 +238,7 @@ class _Garbage:
 @pytest.mark.parametrize(
     ("agent", "code", "fragment"),
     [
-        (_Crashing(), "agent_crashed", "Assessment Agent crashed: ZeroDivisionError: division by zero"),
+        (_Crashing(), "agent_crashed", "Assessment Agent: agent crashed: ZeroDivisionError: division by zero"),
         (_Garbage(), "bad_output", "NUL character"),
     ],
 )
@@ -265,4 +265,11 @@ def test_agent_crash_or_unstorable_output_is_recorded(
         e=eid,
     )
     assert ev[0]["metadata"]["error_code"] == code
-    _ = AgentError  # the contract agents raise; crashes are recorded as agent_crashed
+    # crashes and unstorable outputs are retryable: the default policy's three attempts ran
+    assert fragment in log[0]["error_message"] and log[0]["error_message"].endswith("(attempt 3 of 3)")
+    retried = _rows(
+        seeded_db,
+        "SELECT count(*) AS n FROM workflow_events WHERE execution_id = %(e)s AND event_type = 'stage_retrying'",
+        e=eid,
+    )
+    assert retried == [{"n": 2}]

@@ -1,6 +1,16 @@
 """Pure, deterministic lifecycle agents and the registry that names them."""
 
-from lifecycle_dagster.agents.base import Agent, AgentError, AgentRegistry, Task
+from lifecycle_dagster.agents.base import (
+    Agent,
+    AgentBadRequest,
+    AgentError,
+    AgentOverloaded,
+    AgentRateLimited,
+    AgentRegistry,
+    AgentTimeout,
+    RetryableAgentError,
+    Task,
+)
 from lifecycle_dagster.agents.builtin import (
     BUILTIN_CAPABILITIES,
     AssessmentAgent,
@@ -15,13 +25,18 @@ from lifecycle_dagster.agents.builtin import (
 __all__ = [
     "BUILTIN_CAPABILITIES",
     "Agent",
+    "AgentBadRequest",
     "AgentError",
+    "AgentOverloaded",
+    "AgentRateLimited",
     "AgentRegistry",
+    "AgentTimeout",
     "AssessmentAgent",
     "DesignAgent",
     "IntegrityAgent",
     "OpportunityAgent",
     "RealizationAgent",
+    "RetryableAgentError",
     "Task",
     "default_registry",
     "parse_profile",

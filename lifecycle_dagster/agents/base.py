@@ -17,12 +17,72 @@ class AgentError(Exception):
 
     ``code`` is a short snake_case error code (``"bad_input"``, ``"missing_upstream"``,
     ``"integrity_failed"``, ...); ``message`` is for people and equals ``str(error)``.
+    ``retryable``: whether another attempt may succeed (False for this base class: bad input and
+    failed checks fail the same way again). ``retry_after_s``: the agent's own hint, in seconds,
+    of when to try again (honoured within the stage's ``max_delay_s``).
+
+    Hierarchy::
+
+        AgentError                 retryable=False  (bad_request-like: bad input, failed checks)
+        ├── AgentBadRequest        retryable=False  code "bad_request"
+        └── RetryableAgentError    retryable=True
+            ├── AgentTimeout       code "timeout"
+            ├── AgentOverloaded    code "overloaded"
+            └── AgentRateLimited   code "rate_limited" (usually with retry_after_s)
+
+    Any other exception raised by an agent is a crash (code ``agent_crashed``), retryable.
     """
 
-    def __init__(self, code: str, message: str) -> None:
+    retryable: bool = False
+
+    def __init__(self, code: str, message: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_agent_error, (type(self), self.code, self.message, self.retry_after_s))
+
+
+def _rebuild_agent_error(cls: type[AgentError], code: str, message: str, retry_after_s: float | None) -> AgentError:
+    err = cls.__new__(cls)
+    AgentError.__init__(err, code, message, retry_after_s=retry_after_s)
+    return err
+
+
+class AgentBadRequest(AgentError):
+    """The request itself is wrong; retrying cannot help."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("bad_request", message)
+
+
+class RetryableAgentError(AgentError):
+    """A transient failure: another attempt may succeed."""
+
+    retryable = True
+
+
+class AgentTimeout(RetryableAgentError):
+    """The attempt ran past its timeout."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("timeout", message)
+
+
+class AgentOverloaded(RetryableAgentError):
+    """The agent is overloaded (e.g. HTTP 503)."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__("overloaded", message, retry_after_s=retry_after_s)
+
+
+class AgentRateLimited(RetryableAgentError):
+    """The agent rate-limited the caller (e.g. HTTP 429)."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__("rate_limited", message, retry_after_s=retry_after_s)
 
 
 @dataclass(frozen=True)

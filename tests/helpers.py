@@ -1,0 +1,76 @@
+"""Small helpers shared by tests: install definitions and agents, run an execution in-process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from lifecycle_dagster.agents import AgentRegistry
+from lifecycle_dagster.db import connect
+from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, build_job
+from lifecycle_dagster.resources import agents_resource
+from lifecycle_dagster.sqlfiles import query
+
+
+def install(dsn: str, name: str, dag_schema: dict[str, Any], agents: dict[str, str]) -> None:
+    """An active definition ``name`` v1 and, for each capability, an agent of the given name."""
+    with connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO workflow_definitions (name, version, dag_schema, is_active) VALUES (%s, 1, %s, true)",
+            (name, Jsonb(dag_schema)),
+        )
+        for capability, agent_name in agents.items():
+            row = conn.execute(
+                "INSERT INTO agents (name) VALUES (%s) ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name"
+                " RETURNING id",
+                (agent_name,),
+            ).fetchone()
+            assert row is not None
+            conn.execute(
+                "INSERT INTO agent_ontologies (agent_id, domain, knowledge) VALUES (%s, 'orchestration', %s)",
+                (row["id"], Jsonb({"capability": capability})),
+            )
+
+
+def create_execution(dsn: str, name: str, context: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+    """The active definition row of ``name`` and a new pending execution of it."""
+    with connect(dsn) as conn:
+        row = conn.execute(query("active_definition_by_name"), {"name": name}).fetchone()
+        assert row is not None
+        created = conn.execute(
+            query("create_execution"),
+            {"definition_id": row["id"], "context": Jsonb(context or {}), "created_by": None},
+        ).fetchone()
+    assert created is not None
+    return dict(row), str(created["id"])
+
+
+def run(dsn: str, instance: Any, name: str, registry: AgentRegistry, context: dict[str, Any] | None = None) -> Any:
+    """Run a new execution of ``name`` in-process; return (Dagster result, execution id)."""
+    row, eid = create_execution(dsn, name, context)
+    result = build_job(row).execute_in_process(
+        instance=instance,
+        tags={EXECUTION_ID_TAG: eid},
+        raise_on_error=False,
+        resources={"lifecycle_agents": agents_resource(registry)},
+    )
+    return result, eid
+
+
+def rows(dsn: str, sql: Any, **params: Any) -> list[dict[str, Any]]:
+    """All rows of a query as dicts."""
+    with connect(dsn) as conn:
+        return [dict(r) for r in conn.execute(sql, params).fetchall()]
+
+
+def events(dsn: str, eid: str) -> list[tuple[str, str | None, dict[str, Any]]]:
+    """(event_type, stage_id, metadata) of an execution, in order."""
+    return [
+        (r["event_type"], r["stage_id"], r["metadata"])
+        for r in rows(
+            dsn,
+            "SELECT event_type, stage_id, metadata FROM workflow_events WHERE execution_id = %(e)s ORDER BY id",
+            e=eid,
+        )
+    ]
