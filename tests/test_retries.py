@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from helpers import events, install, rows, run
 from lifecycle_dagster.agents import (
     AgentBadRequest,
     AgentError,
@@ -20,6 +19,8 @@ from lifecycle_dagster.agents import (
 )
 from lifecycle_dagster.db import connect
 from lifecycle_dagster.retry import retry_delay
+
+from helpers import events, install, rows, run
 
 FAST = {"max_attempts": 3, "base_delay_s": 0.05, "max_delay_s": 0.2, "multiplier": 2, "jitter": "none"}
 
@@ -270,7 +271,7 @@ def test_a_failure_to_record_the_retry_fails_the_attempt_once(db: str, instance:
             " FOR EACH ROW EXECUTE FUNCTION refuse_retrying()"
         )
     agent = Flaky(*(AgentOverloaded("busy") for _ in range(10)))
-    result, eid = run(db, instance, "wf", _registry(agent))
+    result, _ = run(db, instance, "wf", _registry(agent))
     assert not result.success
     assert agent.seen == [1]
     failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]

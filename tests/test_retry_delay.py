@@ -57,7 +57,7 @@ def test_grid_within_bounds_and_python_equals_sql(db: str) -> None:
         assert row["d"] == py, args
         cap = args[2]
         assert 0.0 <= py <= cap, args
-        a, b, c, m, j, u = args
+        a, b, c, m, j, _ = args
         raw = min(c, b) if a == 1 or m == 1.0 else None
         if raw is not None and j == "none":
             assert py == (0.0 if b == 0 or c == 0 else raw), args
