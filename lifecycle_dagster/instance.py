@@ -79,3 +79,9 @@ def prepare_home(home: Path, dsn: str, *, managed: bool = True) -> Path:
         os.chmod(tmp, 0o600)
         tmp.replace(target)
     return home
+
+
+def stores_elsewhere(home: Path, dsn: str) -> bool:
+    """True when ``home/dagster.yaml`` differs from what :func:`dagster_yaml` writes for ``dsn``."""
+    target = home / "dagster.yaml"
+    return target.exists() and target.read_text(encoding="utf-8") != dagster_yaml(dsn)

@@ -7,6 +7,7 @@ input named ``upstream`` (a fan-in stage waits for all its parents). Data does n
 Dagster: each op reads its ancestors' outputs from Postgres.
 """
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,10 @@ from lifecycle_dagster.runtime import StageError, StageRetry, StageSpec, run_sta
 
 #: run tag naming the workflow_executions row a run executes
 EXECUTION_ID_TAG = "lifecycle/execution_id"
+#: run tag marking a run that resumes its execution (set by the resume sensor)
+RESUME_TAG = "lifecycle/resume"
+#: Dagster's tag on a re-execution of an earlier run: it resumes that run's execution too
+PARENT_RUN_TAG = "dagster/parent_run_id"
 
 
 @dataclass(frozen=True)
@@ -35,21 +40,29 @@ class DefinitionRow:
 
     @classmethod
     def from_mapping(cls, row: Mapping[str, Any]) -> "DefinitionRow":
-        """Read a row given as a mapping (a query row or a JSON fixture).
+        """Read a row given as a mapping (a query row or a JSON fixture). The DAG is ``dag_schema``
+        (decoded) or ``dag_schema_json`` (its JSON text, as the snapshot carries it).
 
         Raises:
-            ValueError: a column is missing or has the wrong type.
+            ValueError: a column is missing or has the wrong type, or the DAG text cannot be decoded.
         """
         try:
+            if "dag_schema" in row:
+                dag_schema = row["dag_schema"]
+            else:
+                try:
+                    dag_schema = json.loads(row["dag_schema_json"])
+                except RecursionError:
+                    raise ValueError("dag_schema is nested too deeply to decode") from None
             return cls(
                 id=str(row["id"]),
                 name=str(row["name"]),
                 version=int(row["version"]),
                 description=row.get("description"),
-                dag_schema=row["dag_schema"],
+                dag_schema=dag_schema,
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"not a workflow_definitions row: {exc!r}") from exc
+            raise ValueError(f"not a usable workflow_definitions row: {exc}") from exc
 
     @property
     def label(self) -> str:
@@ -82,7 +95,9 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
     def compute(context: dg.OpExecutionContext) -> None:
         db: LifecycleDatabase = context.resources.lifecycle_db
         request: ExecutionRequest = context.resources.lifecycle_request
-        execution_id = context.run.tags.get(EXECUTION_ID_TAG) or request.execution_id or None
+        tags = context.run.tags
+        execution_id = tags.get(EXECUTION_ID_TAG) or request.execution_id or None
+        resume = bool(execution_id) and (RESUME_TAG in tags or PARENT_RUN_TAG in tags)
         ctx = {} if execution_id else request.resolved_context()
         with connect(db.resolved_dsn()) as conn:
             try:
@@ -94,6 +109,7 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
                     registry=context.resources.lifecycle_agents,
                     execution_id=execution_id,
                     context=ctx,
+                    resume=resume,
                 )
             except StageRetry as exc:
                 context.log.warning(f"stage '{exc.stage_id}': {exc}")
@@ -104,6 +120,11 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
                     metadata={"execution_id": exc.execution_id, "error_code": exc.code, "attempt": exc.attempt},
                     allow_retries=False,
                 ) from exc
+        if outcome.already_completed:
+            context.add_output_metadata(
+                {"execution_id": outcome.execution_id, "attempt": outcome.attempt, "already_completed": True}
+            )
+            return
         summary = outcome.output.get("summary")
         context.add_output_metadata(
             {
@@ -130,7 +151,8 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
 def build_job(definition: Mapping[str, Any]) -> dg.JobDefinition:
     """Build the job of one ``workflow_definitions`` row.
 
-    ``definition``: ``{"id", "name", "version", "description", "dag_schema"}``.
+    ``definition``: ``{"id", "name", "version", "description", "dag_schema"}`` (or
+    ``"dag_schema_json"``, the DAG's JSON text).
 
     Raises:
         ValueError: the row lacks a column.
@@ -184,6 +206,6 @@ def build_jobs(
     for raw in rows:
         try:
             jobs.append(build_job(raw))
-        except (DagValidationError, ValueError) as exc:
+        except (DagValidationError, ValueError, RecursionError) as exc:
             skipped.append(SkippedDefinition(str(raw.get("name")), int(raw.get("version") or 0), str(exc)))
     return jobs, skipped

@@ -109,6 +109,11 @@ def upgrade(dsn: str, folder: Path | None = None) -> list[Migration]:
                     f"the database has migration {version:04d}_{name} which this code does not know: "
                     "it was upgraded by a newer lifecycle-dagster"
                 )
+            if mig.name != name:
+                raise MigrationError(
+                    f"migration {version:04d} was applied as {version:04d}_{name}.sql, but the file now is "
+                    f"{mig.path.name}: applied migrations are never renamed or replaced; add a new one"
+                )
             if mig.checksum != checksum:
                 raise MigrationError(
                     f"{mig.path.name} was changed after it was applied (checksum {checksum[:12]}… "

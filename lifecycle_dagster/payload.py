@@ -33,28 +33,30 @@ def max_output_bytes() -> int:
     return value
 
 
-def check_output(output: object, limit: int | None = None) -> str | None:
-    """Why ``output`` cannot be stored as a stage output, or None when it can.
+def check_output(output: object, limit: int | None = None, what: str = "agent output") -> str | None:
+    """Why ``output`` cannot be stored as ``what`` (a stage output, a context), or None when it can.
 
     It must be a JSON object of JSON types (no NaN or infinity), with no NUL character and no lone
     surrogate in any string or key, and at most ``limit`` bytes (default :func:`max_output_bytes`)
     as UTF-8 JSON.
     """
     if not isinstance(output, dict):
-        return f"agent returned {type(output).__name__}, not a JSON object"
+        if what == "agent output":
+            return f"agent returned {type(output).__name__}, not a JSON object"
+        return f"{what} is a {type(output).__name__}, not a JSON object"
     try:
         text = json.dumps(output, allow_nan=False, ensure_ascii=False)
-    except (TypeError, ValueError) as exc:
-        return f"agent output is not JSON: {exc}"
+    except (TypeError, ValueError, RecursionError) as exc:
+        return f"{what} is not JSON: {exc}"
     if "\x00" in text or "\\u0000" in text:
-        return "agent output contains a NUL character, which Postgres cannot store"
+        return f"{what} contains a NUL character, which Postgres cannot store"
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
-        return "agent output contains a lone UTF-16 surrogate, which is not valid Unicode"
+        return f"{what} contains a lone UTF-16 surrogate, which is not valid Unicode"
     limit = limit if limit is not None else max_output_bytes()
     if size > limit:
-        return f"agent output is {size} bytes, over the {limit}-byte limit"
+        return f"{what} is {size} bytes, over the {limit}-byte limit"
     return None
 
 

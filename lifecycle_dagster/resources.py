@@ -9,10 +9,12 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pydantic
 
 from lifecycle_dagster.agents import AgentRegistry, default_registry
 from lifecycle_dagster.db import resolve_dsn
@@ -45,6 +47,16 @@ class ExecutionRequest(dg.ConfigurableResource):  # type: ignore[type-arg]
     context: dict[str, Any] = {}  # noqa: RUF012  (pydantic copies field defaults)
     context_file: str = ""
     execution_id: str = ""
+
+    @pydantic.field_validator("execution_id")
+    @classmethod
+    def _execution_id_is_a_uuid(cls, value: str) -> str:
+        if value:
+            try:
+                uuid.UUID(value)
+            except ValueError:
+                raise ValueError(f"execution_id must be a UUID, got {value!r}") from None
+        return value
 
     def resolved_context(self) -> dict[str, Any]:
         """``context`` merged over the content of ``context_file``.

@@ -63,6 +63,8 @@ class StageOutcome:
     duration_ms: float
     output: dict[str, Any]
     execution_status: str
+    #: True when a resumed run found the stage completed by an earlier run (nothing was run)
+    already_completed: bool = False
 
 
 class StageError(Exception):
@@ -128,11 +130,13 @@ def run_stage(
     execution_id: str | None = None,
     context: Mapping[str, Any] | None = None,
     draw: Callable[[], float] = random.random,
+    resume: bool = False,
 ) -> StageOutcome:
     """Run one attempt (1-based; the database may raise it, see ``lifecycle_start_stage``).
 
     ``conn`` must be in autocommit mode: each call is its own transaction. ``draw`` gives the
-    uniform [0, 1) value for the backoff jitter.
+    uniform [0, 1) value for the backoff jitter. ``resume``: this run resumes the execution (a
+    completed stage is not run again; a failed one is retried as its next attempt).
 
     Raises:
         StageRetry: a retry was recorded; the caller waits ``delay_s`` and runs the next attempt.
@@ -149,6 +153,7 @@ def run_stage(
                 "run_id": run_id,
                 "execution_id": execution_id or None,
                 "context": Jsonb(dict(context or {})),
+                "resume": resume,
             },
         )
         exec_id = str(execution["id"])
@@ -162,9 +167,18 @@ def run_stage(
                 "ancestors": Jsonb(dict(spec.ancestors)),
                 "attempt": attempt,
                 "timeout_s": spec.timeout_s,
+                # an adopted execution may hold stages done by hand or by an earlier run
+                "resume": resume or bool(execution_id),
             },
         )
-    except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+    except (
+        psycopg.errors.ObjectNotInPrerequisiteState,  # the execution is not in progress, an upstream stage is not done
+        psycopg.errors.UniqueViolation,  # the execution is bound to another run
+        psycopg.errors.CheckViolation,  # an illegal transition
+        psycopg.errors.NoDataFound,  # an unknown execution or definition
+        psycopg.errors.InvalidParameterValue,  # the execution belongs to another definition
+        psycopg.errors.InvalidTextRepresentation,  # an execution id that is not a uuid
+    ) as exc:
         raise StageStopped(
             safe_text(exc.diag.message_primary or exc),
             code="not_runnable",
@@ -174,6 +188,18 @@ def run_stage(
         ) from exc
     log_id, task_id = str(started["log_id"]), started["task_id"]
     attempt = int(started["attempt_number"])
+    if started["already_completed"]:
+        return StageOutcome(
+            execution_id=exec_id,
+            log_id=log_id,
+            task_id=None,
+            agent_name="",
+            attempt=attempt,
+            duration_ms=0.0,
+            output=dict(started["output_data"] or {}),
+            execution_status="in_progress",
+            already_completed=True,
+        )
     ids: dict[str, Any] = {"execution_id": exec_id, "stage_id": spec.stage_id, "attempt": attempt}
 
     def record(err: _AttemptError) -> StageError:

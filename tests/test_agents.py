@@ -202,10 +202,7 @@ def test_integrity_reports_missing_stages_and_unreconciled_totals() -> None:
     message = info.value.message
     assert info.value.code == "integrity_failed"
     assert "upstream 'assessment' stage" in message
-    assert (
-        "design total_target 155,400.01 USD does not equal the sum of its items 155,400.00 USD"
-        in message
-    )
+    assert "design total_target 155,400.01 USD does not equal the sum of its items 155,400.00 USD" in message
     assert "the execution stage produced an empty output" in message
 
 
@@ -277,9 +274,7 @@ def test_bad_upstream_output_names_the_field_path() -> None:
 
 def test_task_output_of() -> None:
     output = {"total_potential": 1.0}
-    task = make_task(
-        "qualify", "assessment", {}, {"discover": {"capability": "opportunity", "output": output}}
-    )
+    task = make_task("qualify", "assessment", {}, {"discover": {"capability": "opportunity", "output": output}})
     assert task.output_of("opportunity") == output
     with pytest.raises(AgentError) as info:
         task.output_of("design")
@@ -309,14 +304,10 @@ def test_task_output_of() -> None:
 )
 def test_task_from_input_data_rejects_malformed_data(input_data: Any, expected: str) -> None:
     with pytest.raises(AgentError) as info:
-        Task.from_input_data(
-            execution_id="e", stage_id="s", capability="c", attempt=1, input_data=input_data
-        )
+        Task.from_input_data(execution_id="e", stage_id="s", capability="c", attempt=1, input_data=input_data)
     assert (info.value.code, str(info.value)) == ("bad_input", expected)
     with pytest.raises(AgentError, match="attempt must be an integer >= 1"):
-        Task.from_input_data(
-            execution_id="e", stage_id="s", capability="c", attempt=0, input_data={"context": {}}
-        )
+        Task.from_input_data(execution_id="e", stage_id="s", capability="c", attempt=0, input_data={"context": {}})
 
 
 def test_registry() -> None:
@@ -343,6 +334,5 @@ def test_registry() -> None:
     with pytest.raises(KeyError) as info:
         small.get("Pricing Agent")
     assert info.value.args[0] == (
-        "agent 'Pricing Agent' is not registered in this code location; "
-        "registered: Design Agent, Opportunity Agent"
+        "agent 'Pricing Agent' is not registered in this code location; registered: Design Agent, Opportunity Agent"
     )

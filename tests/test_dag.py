@@ -24,8 +24,18 @@ from lifecycle_dagster.dag import (
 )
 
 CODES = {
-    "not_an_object", "empty_dag", "duplicate_stage", "bad_stage_id", "unknown_stage", "self_loop",
-    "cycle", "missing_capability", "unknown_key", "wrong_type", "bad_value", "next_edges_mismatch",
+    "not_an_object",
+    "empty_dag",
+    "duplicate_stage",
+    "bad_stage_id",
+    "unknown_stage",
+    "self_loop",
+    "cycle",
+    "missing_capability",
+    "unknown_key",
+    "wrong_type",
+    "bad_value",
+    "next_edges_mismatch",
     "duplicate_edge",
 }
 
@@ -121,8 +131,11 @@ def test_several_problems_are_all_listed_in_one_error() -> None:
 
 def test_problem_paths_and_messages() -> None:
     problems = validate_dag(
-        {"stages": [{"id": "a", "capability": "x", "retry": {"max_attempts": 0}}, {"id": "b"}],
-         "edges": _edges("az"), "on_failure": "explode"}
+        {
+            "stages": [{"id": "a", "capability": "x", "retry": {"max_attempts": 0}}, {"id": "b"}],
+            "edges": _edges("az"),
+            "on_failure": "explode",
+        }
     )
     assert [(p.code, p.stages, p.path) for p in problems] == [
         ("bad_value", (), "on_failure"),
@@ -143,12 +156,34 @@ def test_cycle_message_prints_the_cycle() -> None:
 
 @pytest.mark.parametrize(
     "weird",
-    [None, True, 0, 1.5, "", "x", [], [None], {}, {"stages": [None, 1, "a", [], {}]},
-     {"stages": [{"id": ["a"], "capability": {}, "next": [{}], "retry": {"jitter": []}}],
-      "edges": [{"from": ["a"], "to": {"x": 1}}, [], None], "defaults": {"retry": {"non_retryable": [[]]}}},
-     {"stages": [{"id": "a", "capability": "x", "timeout_s": float("nan"),
-                  "retry": {"max_attempts": 10**400, "base_delay_s": float("inf")}}]},
-     {1: 2, "stages": [{"id": "a", "capability": "x", 3: 4}]}],
+    [
+        None,
+        True,
+        0,
+        1.5,
+        "",
+        "x",
+        [],
+        [None],
+        {},
+        {"stages": [None, 1, "a", [], {}]},
+        {
+            "stages": [{"id": ["a"], "capability": {}, "next": [{}], "retry": {"jitter": []}}],
+            "edges": [{"from": ["a"], "to": {"x": 1}}, [], None],
+            "defaults": {"retry": {"non_retryable": [[]]}},
+        },
+        {
+            "stages": [
+                {
+                    "id": "a",
+                    "capability": "x",
+                    "timeout_s": float("nan"),
+                    "retry": {"max_attempts": 10**400, "base_delay_s": float("inf")},
+                }
+            ]
+        },
+        {1: 2, "stages": [{"id": "a", "capability": "x", 3: 4}]},
+    ],
 )
 def test_validate_never_raises(weird: object) -> None:
     problems = validate_dag(weird)
@@ -218,8 +253,14 @@ def test_order_is_stable_across_parses() -> None:
 def test_options_are_parsed() -> None:
     dag = parse_dag(BY_NAME["all_options"]["dag"])
     charge, ship = dag.stages
-    assert charge.retry == RetrySpec(max_attempts=5, base_delay_s=0.5, max_delay_s=30.0, multiplier=2.0,
-                                     jitter="full", non_retryable=("CardDeclined", "Fraud"))
+    assert charge.retry == RetrySpec(
+        max_attempts=5,
+        base_delay_s=0.5,
+        max_delay_s=30.0,
+        multiplier=2.0,
+        jitter="full",
+        non_retryable=("CardDeclined", "Fraud"),
+    )
     assert isinstance(charge.retry.max_delay_s, float)
     assert (charge.timeout_s, charge.compensate, charge.description) == (120.0, "undo_x", "take the money")
     assert (ship.timeout_s, ship.compensate, ship.retry, ship.next) == (0.25, False, None, ())

@@ -232,9 +232,7 @@ def test_a_failing_migration_leaves_nothing_applied(new_db: Any, tmp_path: Path)
     assert version not in [r[0] for r in _recorded(dsn)]
 
 
-def test_a_failing_migration_on_an_empty_database_applies_none_of_the_batch(
-    new_db: Any, tmp_path: Path
-) -> None:
+def test_a_failing_migration_on_an_empty_database_applies_none_of_the_batch(new_db: Any, tmp_path: Path) -> None:
     dsn: str = new_db()
     folder = _copy_migrations(tmp_path)
     version = len(_files()) + 1
@@ -249,3 +247,17 @@ def test_a_failing_migration_on_an_empty_database_applies_none_of_the_batch(
     assert not _table_exists(dsn, "lifecycle_schema_migrations")
     assert not _table_exists(dsn, "broken_marker")
     assert not _table_exists(dsn, "workflow_definitions")
+
+
+def test_upgrade_refuses_an_applied_migration_replaced_by_another_name(new_db: Any, tmp_path: Path) -> None:
+    dsn = new_db()
+    folder = _copy_migrations(tmp_path)
+    n = len(_files()) + 1
+    (folder / f"{n:04d}_extra.sql").write_text("CREATE TABLE extra_one (id int);")
+    migrate.upgrade(dsn, folder)
+    (folder / f"{n:04d}_extra.sql").rename(folder / f"{n:04d}_other.sql")
+    with pytest.raises(migrate.MigrationError) as err:
+        migrate.upgrade(dsn, folder)
+    assert str(err.value).startswith(
+        f"migration {n:04d} was applied as {n:04d}_extra.sql, but the file now is {n:04d}_other.sql"
+    )

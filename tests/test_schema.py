@@ -48,9 +48,7 @@ def _scalar(conn: Conn, query: Any, params: Any = None) -> Any:
     return next(iter(row.values()))
 
 
-def _insert_definition(
-    conn: Conn, name: str, dag: dict[str, Any], version: int = 1, active: bool = True
-) -> str:
+def _insert_definition(conn: Conn, name: str, dag: dict[str, Any], version: int = 1, active: bool = True) -> str:
     return str(
         _scalar(
             conn,
@@ -146,9 +144,7 @@ def sm_dsn(server_dsn: str, template_db: str) -> Iterator[str]:
     name = f"ld_sm_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server_dsn, autocommit=True) as admin:
         admin.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(template_db)
-            )
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template_db))
         )
     params = conninfo.conninfo_to_dict(server_dsn)
     params["dbname"] = name
@@ -180,11 +176,14 @@ def _new_row(conn: Conn, parent: dict[str, str], entity: str, status: str = "pen
         q = "INSERT INTO workflow_executions (workflow_definition_id, status) VALUES (%s, %s) RETURNING id"
         params: tuple[Any, ...] = (parent["definition_id"], status)
     elif entity == "stage":
-        q = (
-            "INSERT INTO workflow_execution_logs (execution_id, stage_id, status) VALUES (%s, %s, %s)"
-            " RETURNING id"
+        # one log per (execution, stage), and the stage must be in the DAG: a fresh execution each
+        execution_id = _scalar(
+            conn,
+            "INSERT INTO workflow_executions (workflow_definition_id) VALUES (%s) RETURNING id",
+            (parent["definition_id"],),
         )
-        params = (parent["execution_id"], f"s_{uuid.uuid4().hex[:12]}", status)
+        q = "INSERT INTO workflow_execution_logs (execution_id, stage_id, status) VALUES (%s, 'only', %s) RETURNING id"
+        params = (execution_id, status)
     else:
         q = "INSERT INTO task_queue (task_type, status) VALUES ('t', %s) RETURNING id"
         params = (status,)
@@ -192,6 +191,13 @@ def _new_row(conn: Conn, parent: dict[str, str], entity: str, status: str = "pen
 
 
 def _set_status(conn: Conn, entity: str, row_id: str, status: str) -> None:
+    if entity == "execution" and status == "completed":
+        # an execution completes only when every stage of its DAG did (0004_integrity_guards)
+        conn.execute(
+            "INSERT INTO workflow_execution_logs (execution_id, stage_id, status) VALUES (%s, 'only', 'completed')"
+            " ON CONFLICT DO NOTHING",
+            (row_id,),
+        )
     conn.execute(
         sql.SQL("UPDATE {} SET status = %s WHERE id = %s").format(sql.Identifier(TABLE[entity])),
         (status, row_id),
@@ -244,9 +250,7 @@ def test_every_status_pair(sm_conn: Conn, sm_parent: dict[str, str], entity: str
 
 
 @pytest.mark.parametrize("entity", list(TABLE))
-def test_status_outside_the_check_list_is_refused(
-    sm_conn: Conn, sm_parent: dict[str, str], entity: str
-) -> None:
+def test_status_outside_the_check_list_is_refused(sm_conn: Conn, sm_parent: dict[str, str], entity: str) -> None:
     row_id = _new_row(sm_conn, sm_parent, entity)
     # the transition trigger refuses it first ...
     with pytest.raises(psycopg.errors.CheckViolation, match=f"illegal {entity} transition pending -> bogus"):
@@ -254,8 +258,7 @@ def test_status_outside_the_check_list_is_refused(
     # ... and the CHECK constraint would still refuse it if the transition table allowed it
     with pytest.raises(psycopg.errors.CheckViolation) as err, sm_conn.transaction(force_rollback=True):
         sm_conn.execute(
-            "INSERT INTO lifecycle_transitions (entity, from_status, to_status)"
-            " VALUES (%s, 'pending', 'bogus')",
+            "INSERT INTO lifecycle_transitions (entity, from_status, to_status) VALUES (%s, 'pending', 'bogus')",
             (entity,),
         )
         _set_status(sm_conn, entity, row_id, "bogus")
@@ -266,10 +269,17 @@ def test_status_outside_the_check_list_is_refused(
     assert _scalar(sm_conn, "SELECT count(*) AS n FROM lifecycle_transitions WHERE to_status = 'bogus'") == 0
 
 
-def test_task_inserted_with_a_bogus_status_names_the_constraint(sm_conn: Conn) -> None:
-    with pytest.raises(psycopg.errors.CheckViolation) as err:
-        sm_conn.execute("INSERT INTO task_queue (task_type, status) VALUES ('t', 'bogus')")
-    assert err.value.diag.constraint_name == "task_queue_status_valid"
+@pytest.mark.parametrize("status", STATUSES["task"] + ["bogus"])
+def test_task_insert_status(sm_conn: Conn, status: str) -> None:
+    if status in ("pending", "in_progress"):
+        row = sm_conn.execute(
+            "INSERT INTO task_queue (task_type, status) VALUES ('t', %s) RETURNING status", (status,)
+        ).fetchone()
+        assert row is not None and row["status"] == status
+    else:
+        with pytest.raises(psycopg.errors.CheckViolation) as err:
+            sm_conn.execute("INSERT INTO task_queue (task_type, status) VALUES ('t', %s)", (status,))
+        assert f"a task must be inserted as pending or in_progress, not {status}" in str(err.value)
 
 
 @pytest.mark.parametrize("status", STATUSES["execution"] + ["bogus"])
@@ -324,9 +334,7 @@ def test_two_active_versions_are_refused_at_commit(db: str) -> None:
         # an active and an inactive row of one name too
         _insert_definition(conn, "first_name", SIMPLE_DAG, 2, active=False)
         with pytest.raises(psycopg.errors.ExclusionViolation):
-            conn.execute(
-                "UPDATE workflow_definitions SET is_active = true WHERE name = 'first_name' AND version = 2"
-            )
+            conn.execute("UPDATE workflow_definitions SET is_active = true WHERE name = 'first_name' AND version = 2")
 
 
 def test_new_active_version_and_deactivation_in_one_statement(db: str) -> None:
@@ -344,8 +352,7 @@ def test_new_active_version_and_deactivation_in_one_statement(db: str) -> None:
             (Jsonb(SIMPLE_DAG),),
         )
         rows = conn.execute(
-            "SELECT id::text AS id, version, is_active FROM workflow_definitions"
-            " WHERE name = 'swap' ORDER BY version"
+            "SELECT id::text AS id, version, is_active FROM workflow_definitions WHERE name = 'swap' ORDER BY version"
         ).fetchall()
         assert [(r["version"], r["is_active"]) for r in rows] == [(1, False), (2, True)]
         assert rows[0]["id"] == old
@@ -356,9 +363,7 @@ def test_dag_schema_is_immutable(db: str) -> None:
         def_id = _insert_definition(conn, "frozen", SIMPLE_DAG)
         other = {"stages": [{"id": "other", "next": [], "capability": "x"}], "edges": []}
         with pytest.raises(psycopg.errors.CheckViolation, match="immutable"):
-            conn.execute(
-                "UPDATE workflow_definitions SET dag_schema = %s WHERE id = %s", (Jsonb(other), def_id)
-            )
+            conn.execute("UPDATE workflow_definitions SET dag_schema = %s WHERE id = %s", (Jsonb(other), def_id))
         # the same document (even written with other key order / spacing) is not a change
         reordered = '{"edges": [], "stages": [{"capability": "design", "next": [], "id": "only"}]}'
         conn.execute(
@@ -429,9 +434,7 @@ def _runbook_sections() -> dict[int, list[str]]:
     parts = _SECTION.split(text)
     sections = {int(num): _HEREDOC.findall(body) for num, body in zip(parts[1::2], parts[2::2], strict=True)}
     for wanted, count in ((1, 1), (6, 1), (7, 1), (8, 2)):
-        assert len(sections.get(wanted, [])) == count, (
-            f"runbook section {wanted}: expected {count} heredoc(s)"
-        )
+        assert len(sections.get(wanted, [])) == count, f"runbook section {wanted}: expected {count} heredoc(s)"
     return sections
 
 
@@ -556,9 +559,7 @@ def test_runbook_section1_after_section6_cannot_reactivate_v1(db: str, runbook: 
         assert _definitions(conn) == before
 
 
-def test_runbook_sections_1_and_7_on_the_seeded_database(
-    seeded_db: str, runbook: dict[int, list[str]]
-) -> None:
+def test_runbook_sections_1_and_7_on_the_seeded_database(seeded_db: str, runbook: dict[int, list[str]]) -> None:
     with _connect(seeded_db) as conn:
         before = _definitions(conn)
         conn.execute(runbook[1][0])
@@ -628,9 +629,7 @@ def _snapshot(conn: Conn) -> dict[str, list[Any]]:
     return {
         "definitions": _definitions(conn),
         "agents": [dict(r) for r in conn.execute("SELECT * FROM agents ORDER BY name").fetchall()],
-        "ontologies": [
-            dict(r) for r in conn.execute("SELECT * FROM agent_ontologies ORDER BY id").fetchall()
-        ],
+        "ontologies": [dict(r) for r in conn.execute("SELECT * FROM agent_ontologies ORDER BY id").fetchall()],
     }
 
 
@@ -649,8 +648,7 @@ def test_seed_installs_the_runbook_lifecycle(db: str) -> None:
             (name, "python", True) for name in sorted(SEED_AGENTS.values())
         ]
         onto = conn.execute(
-            "SELECT o.knowledge, o.domain, o.version, a.name"
-            " FROM agent_ontologies o JOIN agents a ON a.id = o.agent_id"
+            "SELECT o.knowledge, o.domain, o.version, a.name FROM agent_ontologies o JOIN agents a ON a.id = o.agent_id"
         ).fetchall()
         assert len(onto) == 5
         assert {o["knowledge"]["capability"]: o["name"] for o in onto} == SEED_AGENTS
@@ -703,12 +701,9 @@ def _route(conn: Conn, capability: str) -> str | None:
 
 
 def _add_agent(conn: Conn, name: str, capability: str, *, active: bool = True, version: int = 1) -> str:
-    agent_id = str(
-        _scalar(conn, "INSERT INTO agents (name, is_active) VALUES (%s, %s) RETURNING id", (name, active))
-    )
+    agent_id = str(_scalar(conn, "INSERT INTO agents (name, is_active) VALUES (%s, %s) RETURNING id", (name, active)))
     conn.execute(
-        "INSERT INTO agent_ontologies (agent_id, domain, knowledge, version)"
-        " VALUES (%s, 'orchestration', %s, %s)",
+        "INSERT INTO agent_ontologies (agent_id, domain, knowledge, version) VALUES (%s, 'orchestration', %s, %s)",
         (agent_id, Jsonb({"capability": capability}), version),
     )
     return agent_id
@@ -830,9 +825,7 @@ def test_ensure_execution_adopts_a_row_then_refuses_another_run(seeded_db: str) 
         row = _one(conn, "SELECT dagster_run_id, status FROM workflow_executions WHERE id = %s", (exec_id,))
         assert row == {"dagster_run_id": "run-a", "status": "in_progress"}
         assert len(_events(conn, exec_id, "workflow_started")) == 1
-        assert (
-            _scalar(conn, "SELECT count(*) AS n FROM workflow_executions WHERE dagster_run_id = 'run-b'") == 0
-        )
+        assert _scalar(conn, "SELECT count(*) AS n FROM workflow_executions WHERE dagster_run_id = 'run-b'") == 0
 
 
 def _start(
@@ -880,31 +873,21 @@ def test_start_stage_checks_ancestors_and_never_restarts_a_completed_stage(seede
         assert _complete(conn, discover, {"found": 3}, NOW + timedelta(seconds=2)) == "in_progress"
 
         qualify = _start(conn, exec_id, "qualify", "assessment", {"discover": "opportunity"})
-        assert qualify["input_data"]["upstream"] == {
-            "discover": {"capability": "opportunity", "output": {"found": 3}}
-        }
-        assert (
-            _scalar(conn, "SELECT current_stage FROM workflow_executions WHERE id = %s", (exec_id,))
-            == "qualify"
-        )
+        assert qualify["input_data"]["upstream"] == {"discover": {"capability": "opportunity", "output": {"found": 3}}}
+        assert _scalar(conn, "SELECT current_stage FROM workflow_executions WHERE id = %s", (exec_id,)) == "qualify"
 
-        with pytest.raises(
-            psycopg.errors.CheckViolation, match="illegal stage transition completed -> in_progress"
-        ):
+        with pytest.raises(psycopg.errors.CheckViolation, match="illegal stage transition completed -> in_progress"):
             _start(conn, exec_id, "discover", "opportunity")
         log = _one(
             conn,
-            "SELECT status, output_data FROM workflow_execution_logs"
-            " WHERE execution_id = %s AND stage_id = 'discover'",
+            "SELECT status, output_data FROM workflow_execution_logs WHERE execution_id = %s AND stage_id = 'discover'",
             (exec_id,),
         )
         assert log == {"status": "completed", "output_data": {"found": 3}}
         assert _scalar(conn, "SELECT count(*) AS n FROM task_queue WHERE task_type = 'discover'") == 1
 
         # two missing ancestors are both named
-        with pytest.raises(
-            psycopg.errors.ObjectNotInPrerequisiteState, match="qualify, target_design not completed"
-        ):
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="qualify, target_design not completed"):
             _start(
                 conn,
                 exec_id,
@@ -960,9 +943,7 @@ def _join_worker(rnd: _JoinRound, i: int, started: dict[str, Any]) -> None:
         rnd.start.wait()
         rnd.results[i] = _complete(conn, started, {"stage": i})  # inside the worker's open transaction
         rnd.done[i].set()
-        rnd.observed[i] = _wait_for_overlap(
-            rnd.monitors[i], other_pid, rnd.done[1 - i], time.monotonic() + 10
-        )
+        rnd.observed[i] = _wait_for_overlap(rnd.monitors[i], other_pid, rnd.done[1 - i], time.monotonic() + 10)
         conn.commit()
     except BaseException as exc:  # reported by the main thread
         rnd.errors.append(exc)
@@ -1010,8 +991,7 @@ def test_concurrent_sibling_completions_complete_the_execution_once(seeded_db: s
                 assert len(_events(check, exec_id, "workflow_completed")) == 1
                 assert len(_events(check, exec_id, "stage_completed")) == 2
                 logs = check.execute(
-                    "SELECT stage_id, status FROM workflow_execution_logs WHERE execution_id = %s"
-                    " ORDER BY stage_id",
+                    "SELECT stage_id, status FROM workflow_execution_logs WHERE execution_id = %s ORDER BY stage_id",
                     (exec_id,),
                 ).fetchall()
                 assert [(r["stage_id"], r["status"]) for r in logs] == [
@@ -1025,3 +1005,65 @@ def test_concurrent_sibling_completions_complete_the_execution_once(seeded_db: s
     finally:
         for c in workers + monitors:
             c.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# 0004_integrity_guards
+
+
+def test_a_stage_log_names_a_stage_of_the_dag_and_keeps_it(seeded_db: str) -> None:
+    with _connect(seeded_db) as conn:
+        exec_id = _scalar(
+            conn,
+            "INSERT INTO workflow_executions (workflow_definition_id, status)"
+            " SELECT id, 'in_progress' FROM workflow_definitions WHERE name = 'lifecycle_v1' RETURNING id",
+        )
+        with pytest.raises(psycopg.errors.CheckViolation, match="stage nope is not a stage of the DAG"):
+            conn.execute(
+                "INSERT INTO workflow_execution_logs (execution_id, stage_id, status) VALUES (%s, 'nope', 'completed')",
+                (exec_id,),
+            )
+        conn.execute(
+            "INSERT INTO workflow_execution_logs (execution_id, stage_id, status) VALUES (%s, 'discover', 'completed')",
+            (exec_id,),
+        )
+        with pytest.raises(psycopg.errors.CheckViolation, match="keeps its execution and stage"):
+            conn.execute("UPDATE workflow_execution_logs SET stage_id = 'qualify' WHERE execution_id = %s", (exec_id,))
+
+
+def test_current_stage_is_a_stage_of_the_dag(seeded_db: str) -> None:
+    with _connect(seeded_db) as conn:
+        exec_id = _scalar(
+            conn,
+            "INSERT INTO workflow_executions (workflow_definition_id, status, current_stage)"
+            " SELECT id, 'in_progress', 'discover' FROM workflow_definitions WHERE name = 'lifecycle_v1' RETURNING id",
+        )
+        conn.execute("UPDATE workflow_executions SET current_stage = 'qualify' WHERE id = %s", (exec_id,))
+        with pytest.raises(psycopg.errors.CheckViolation, match="current_stage nonexistent is not a stage"):
+            conn.execute("UPDATE workflow_executions SET current_stage = 'nonexistent' WHERE id = %s", (exec_id,))
+
+
+def test_an_execution_completes_only_with_every_stage_completed(seeded_db: str) -> None:
+    with _connect(seeded_db) as conn:
+        exec_id = _scalar(
+            conn,
+            "INSERT INTO workflow_executions (workflow_definition_id, status)"
+            " SELECT id, 'in_progress' FROM workflow_definitions WHERE name = 'lifecycle_v1' RETURNING id",
+        )
+        for stage in ("discover", "qualify"):
+            conn.execute(
+                "INSERT INTO workflow_execution_logs (execution_id, stage_id, status) VALUES (%s, %s, 'completed')",
+                (exec_id, stage),
+            )
+        with pytest.raises(
+            psycopg.errors.CheckViolation,
+            match="cannot complete: stage\\(s\\) integrity, target_design, value_realization not completed",
+        ):
+            conn.execute("UPDATE workflow_executions SET status = 'completed' WHERE id = %s", (exec_id,))
+        for stage in ("target_design", "value_realization", "integrity"):
+            conn.execute(
+                "INSERT INTO workflow_execution_logs (execution_id, stage_id, status) VALUES (%s, %s, 'completed')",
+                (exec_id, stage),
+            )
+        conn.execute("UPDATE workflow_executions SET status = 'completed' WHERE id = %s", (exec_id,))
+        assert _scalar(conn, "SELECT status FROM workflow_executions WHERE id = %s", (exec_id,)) == "completed"

@@ -88,6 +88,97 @@ AS $$
 $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- As in 0002, plus p_resume: a run that resumes an execution (a re-execution from Dagster, or a
+-- run the resume sensor launched for a stage set back to pending) may take over an execution bound
+-- to an earlier run, and resumes a failed one (failed -> in_progress, the explicit retry of the
+-- state machine, refused once compensation began). Writes workflow_resumed.
+DROP FUNCTION lifecycle_ensure_execution(uuid, text, uuid, jsonb, timestamptz);
+
+CREATE FUNCTION lifecycle_ensure_execution(
+  p_definition_id uuid,
+  p_run_id        text,
+  p_execution_id  uuid  DEFAULT NULL,
+  p_context       jsonb DEFAULT '{}'::jsonb,
+  p_now           timestamptz DEFAULT now(),
+  p_resume        boolean DEFAULT false
+) RETURNS workflow_executions
+LANGUAGE plpgsql
+AS $$
+DECLARE
+  v workflow_executions;
+  v_previous_run text;
+BEGIN
+  -- GUARD: arguments
+  IF p_run_id IS NULL OR p_run_id = '' THEN
+    RAISE EXCEPTION 'lifecycle_ensure_execution: a Dagster run id is required'
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM workflow_definitions d WHERE d.id = p_definition_id) THEN
+    RAISE EXCEPTION 'unknown workflow definition %', p_definition_id
+      USING ERRCODE = 'no_data_found';
+  END IF;
+  IF p_resume AND p_execution_id IS NULL THEN
+    RAISE EXCEPTION 'lifecycle_ensure_execution: resuming needs an execution id'
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+
+  -- LOCK: the execution row
+  IF p_execution_id IS NOT NULL THEN
+    SELECT * INTO v FROM workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
+    IF NOT FOUND THEN
+      RAISE EXCEPTION 'unknown workflow execution %', p_execution_id
+        USING ERRCODE = 'no_data_found';
+    END IF;
+    IF v.workflow_definition_id <> p_definition_id THEN
+      RAISE EXCEPTION 'execution % belongs to definition %, but the run executes definition %',
+        v.id, v.workflow_definition_id, p_definition_id
+        USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v.dagster_run_id IS NOT NULL AND v.dagster_run_id <> p_run_id AND NOT p_resume THEN
+      RAISE EXCEPTION 'execution % is already bound to Dagster run %', v.id, v.dagster_run_id
+        USING ERRCODE = 'unique_violation';
+    END IF;
+  ELSE
+    INSERT INTO workflow_executions AS e (workflow_definition_id, status, context, dagster_run_id,
+                                          created_at, updated_at)
+    VALUES (p_definition_id, 'pending', coalesce(p_context, '{}'::jsonb), p_run_id, p_now, p_now)
+    ON CONFLICT (dagster_run_id) DO NOTHING;
+    SELECT * INTO v FROM workflow_executions e WHERE e.dagster_run_id = p_run_id FOR UPDATE;
+    IF v.workflow_definition_id <> p_definition_id THEN
+      RAISE EXCEPTION 'Dagster run % already executes definition %, not %',
+        p_run_id, v.workflow_definition_id, p_definition_id
+        USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+  END IF;
+
+  -- TRANSITION
+  IF p_resume AND v.dagster_run_id IS DISTINCT FROM p_run_id AND v.status IN ('in_progress', 'failed') THEN
+    v_previous_run := v.dagster_run_id;
+    UPDATE workflow_executions e
+       SET status = 'in_progress', dagster_run_id = p_run_id, updated_at = p_now,
+           error_message = CASE WHEN v.status = 'failed' THEN NULL ELSE e.error_message END
+     WHERE e.id = v.id
+    RETURNING * INTO v;
+    INSERT INTO workflow_events (execution_id, event_type, metadata, "timestamp")
+    VALUES (v.id, 'workflow_resumed',
+            jsonb_build_object('dagster_run_id', p_run_id, 'previous_dagster_run_id', v_previous_run),
+            p_now);
+  ELSIF v.status = 'pending' OR (v.status = 'in_progress' AND v.dagster_run_id IS NULL) THEN
+    UPDATE workflow_executions e
+       SET status = 'in_progress', dagster_run_id = p_run_id, updated_at = p_now
+     WHERE e.id = v.id
+    RETURNING * INTO v;
+    INSERT INTO workflow_events (execution_id, event_type, metadata, "timestamp")
+    VALUES (v.id, 'workflow_started', jsonb_build_object('dagster_run_id', p_run_id), p_now);
+  ELSIF v.status <> 'in_progress' THEN
+    RAISE EXCEPTION 'execution % is % and runs no more stages', v.id, v.status
+      USING ERRCODE = 'object_not_in_prerequisite_state';
+  END IF;
+  RETURN v;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
 -- Stage transitions, replaced with attempt fencing. The old calls keep working: every new
 -- parameter is trailing and defaulted.
 DROP FUNCTION lifecycle_start_stage(uuid, text, text, jsonb, integer, timestamptz);
@@ -97,6 +188,8 @@ DROP FUNCTION lifecycle_fail_stage(uuid, uuid, text, text, timestamptz);
 -- As in 0002, plus: p_timeout_s sets the task's deadline_at; a stage cannot start again once it
 -- completed, was skipped or was compensated; a pending stage set back by retry_stage keeps its
 -- attempt count (the attempt started is the larger of p_attempt and the log's, and is returned).
+-- p_resume (a run resuming the execution): a completed stage is not run again (already_completed,
+-- with its output), and a failed stage is retried as its next attempt.
 CREATE FUNCTION lifecycle_start_stage(
   p_execution_id uuid,
   p_stage_id     text,
@@ -104,9 +197,11 @@ CREATE FUNCTION lifecycle_start_stage(
   p_ancestors    jsonb DEFAULT '{}'::jsonb,
   p_attempt      integer DEFAULT 1,
   p_now          timestamptz DEFAULT now(),
-  p_timeout_s    double precision DEFAULT NULL
+  p_timeout_s    double precision DEFAULT NULL,
+  p_resume       boolean DEFAULT false
 ) RETURNS TABLE (log_id uuid, task_id uuid, agent_id uuid, agent_name text, agent_kind text,
-                 input_data jsonb, attempt_number integer)
+                 input_data jsonb, attempt_number integer, already_completed boolean,
+                 output_data jsonb)
 LANGUAGE plpgsql
 AS $$
 DECLARE
@@ -118,6 +213,7 @@ DECLARE
   v_attempt  integer;
   v_agent    record;
   v_task_id  uuid;
+  v_existing workflow_execution_logs;
 BEGIN
   -- GUARD: arguments
   IF p_attempt IS NULL OR p_attempt < 1 THEN
@@ -163,6 +259,21 @@ BEGIN
   JOIN workflow_execution_logs l ON l.execution_id = p_execution_id AND l.stage_id = a.key;
   v_input := jsonb_build_object('context', v_exec.context, 'upstream', v_upstream);
 
+  -- RESUME: a completed stage is kept; a failed one becomes pending for its next attempt
+  IF p_resume THEN
+    SELECT * INTO v_existing FROM workflow_execution_logs l
+     WHERE l.execution_id = p_execution_id AND l.stage_id = p_stage_id FOR UPDATE;
+    IF v_existing.status = 'completed' THEN
+      RETURN QUERY SELECT v_existing.id, NULL::uuid, NULL::uuid, NULL::text, NULL::text,
+                          v_existing.input_data, v_existing.attempt_number, true, v_existing.output_data;
+      RETURN;
+    ELSIF v_existing.status = 'failed' THEN
+      UPDATE workflow_execution_logs l
+         SET status = 'pending', attempt_number = l.attempt_number + 1
+       WHERE l.id = v_existing.id;
+    END IF;
+  END IF;
+
   -- TRANSITION: stage log -> in_progress (the transition guard refuses a completed stage)
   INSERT INTO workflow_execution_logs AS l (execution_id, stage_id, status, attempt_number,
                                             started_at, input_data)
@@ -199,7 +310,7 @@ BEGIN
           p_now);
 
   RETURN QUERY SELECT v_log_id, v_task_id, v_agent.agent_id, v_agent.agent_name,
-                      v_agent.agent_kind, v_input, v_attempt;
+                      v_agent.agent_kind, v_input, v_attempt, false, NULL::jsonb;
 END
 $$;
 
