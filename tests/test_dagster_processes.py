@@ -20,6 +20,23 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
+def _wait_for_code_servers(timeout_s: float) -> None:
+    """Wait until no `dagster api grpc` child of this process is alive."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = [
+            p
+            for p in psutil.Process().children(recursive=True)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and "grpc" in " ".join(p.cmdline())
+        ]
+        if not alive:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"code servers still running after {timeout_s} s: {[p.pid for p in alive]}")
+
+
 def _env(dsn: str, home: Path) -> dict[str, str]:
     return {**os.environ, "DATABASE_URL": dsn, "DAGSTER_HOME": str(home)}
 
@@ -189,6 +206,9 @@ def test_run_executes_the_dag_it_was_launched_with(
                 if status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE):
                     break
                 time.sleep(0.5)
+        # the code server exits once it has cleared its finished run; wait for it while the
+        # Dagster database still exists (it needs it to do so)
+        _wait_for_code_servers(timeout_s=60)
         assert status == DagsterRunStatus.SUCCESS
     finally:
         instance.dispose()
