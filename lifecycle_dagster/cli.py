@@ -295,6 +295,43 @@ def _terminate_run(run_id: str) -> str:
         instance.dispose()
 
 
+@main.command("compensate")
+@click.argument("execution_id")
+@click.option("--reason", default="compensation requested by operator", show_default=True)
+@click.option("--no-wait", is_flag=True, help="Only start compensation; the daemon's reconciler runs it.")
+def compensate_cmd(execution_id: str, reason: str, no_wait: bool) -> None:
+    """Compensate a failed or cancelled execution (the runbook's perform_workflow_compensation),
+    then run its compensation job in this process: completed stages are undone in reverse order.
+    Exits 0 when the execution ends rolled_back.
+    """
+    from dagster import DagsterInstance
+
+    from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, build_compensation_job
+
+    dsn = _dsn()
+    with connect(dsn) as conn:
+        conn.execute(query("perform_compensation"), {"execution_id": execution_id, "reason": reason})
+        execution = conn.execute(query("execution"), {"execution_id": execution_id}).fetchone()
+        assert execution is not None
+        row = conn.execute(query("definition_of_execution"), {"execution_id": execution_id}).fetchone()
+    assert row is not None
+    if execution["status"] == "compensating" and not no_wait:
+        home = _home(Settings.from_env(), dsn)
+        instance = DagsterInstance.from_config(str(home))
+        try:
+            result = build_compensation_job(row).execute_in_process(
+                instance=instance,
+                tags={EXECUTION_ID_TAG: execution_id},
+                run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
+                raise_on_error=False,
+            )
+        finally:
+            instance.dispose()
+        click.echo(f"dagster run {result.run_id}: {'success' if result.success else 'failure'}")
+    status = print_execution(dsn, execution_id)
+    sys.exit(0 if status == "rolled_back" or (no_wait and status == "compensating") else 1)
+
+
 @main.command("validate")
 @click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--all", "check_all", is_flag=True, help="Validate every active definition in the database.")

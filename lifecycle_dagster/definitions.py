@@ -21,7 +21,7 @@ from dagster._core.definitions.definitions_load_context import (
 
 from lifecycle_dagster.db import connect, resolve_dsn
 from lifecycle_dagster.job_factory import build_jobs
-from lifecycle_dagster.sensors import resume_sensor
+from lifecycle_dagster.sensors import failure_sensor, reconciler, resume_sensor
 from lifecycle_dagster.sqlfiles import query
 
 #: reconstruction-metadata key of the snapshot
@@ -55,7 +55,10 @@ def definitions_from_snapshot(snapshot: str) -> dg.Definitions:
     jobs, skipped = build_jobs(rows)
     for s in skipped:
         log.warning("workflow %s v%s skipped: %s", s.name, s.version, s.error)
-    return dg.Definitions(jobs=jobs, sensors=[resume_sensor(jobs)] if jobs else [])
+    forward = [j for j in jobs if not j.name.endswith("__compensate")]
+    compensation = [j for j in jobs if j.name.endswith("__compensate")]
+    sensors = [resume_sensor(forward), failure_sensor(forward), reconciler(compensation)] if jobs else []
+    return dg.Definitions(jobs=jobs, sensors=sensors)
 
 
 @dg.definitions

@@ -53,6 +53,9 @@ def dagster_yaml(dsn: str) -> str:
             "class": "QueuedRunCoordinator",
         },
         "concurrency": {"runs": {"max_concurrent_runs": 4}},
+        # runs stuck starting or cancelling are failed by the daemon; a killed run worker is caught
+        # by the execution heartbeat (the default launcher cannot health-check run workers)
+        "run_monitoring": {"enabled": True, "start_timeout_seconds": 180, "cancel_timeout_seconds": 180},
         "telemetry": {"enabled": False},
     }
     return str(yaml.safe_dump(config, sort_keys=False))

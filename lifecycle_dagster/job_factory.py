@@ -14,8 +14,18 @@ from typing import Any
 
 import dagster as dg
 
+from lifecycle_dagster.compensation import (
+    TAKEOVER_TAG,
+    UndoFailed,
+    UndoRetry,
+    UndoSpec,
+    compensation_job_name,
+    run_undo,
+    undo_op_name,
+)
 from lifecycle_dagster.dag import Dag, DagValidationError, parse_dag
 from lifecycle_dagster.db import connect
+from lifecycle_dagster.heartbeat import Heartbeat
 from lifecycle_dagster.resources import ExecutionRequest, LifecycleDatabase, default_resources
 from lifecycle_dagster.retry import resolve_policy
 from lifecycle_dagster.runtime import StageError, StageRetry, StageSpec, run_stage
@@ -99,7 +109,8 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
         execution_id = tags.get(EXECUTION_ID_TAG) or request.execution_id or None
         resume = bool(execution_id) and (RESUME_TAG in tags or PARENT_RUN_TAG in tags)
         ctx = {} if execution_id else request.resolved_context()
-        with connect(db.resolved_dsn()) as conn:
+        dsn = db.resolved_dsn()
+        with connect(dsn) as conn, Heartbeat(dsn, context.run_id):
             try:
                 outcome = run_stage(
                     conn,
@@ -200,12 +211,121 @@ class SkippedDefinition:
 def build_jobs(
     rows: Sequence[Mapping[str, Any]],
 ) -> tuple[list[dg.JobDefinition], list[SkippedDefinition]]:
-    """Build every row; an invalid one is skipped and reported, never fatal."""
+    """Build every row's job and compensation job; an invalid row is skipped and reported, never fatal."""
     jobs: list[dg.JobDefinition] = []
     skipped: list[SkippedDefinition] = []
     for raw in rows:
         try:
             jobs.append(build_job(raw))
+            jobs.append(build_compensation_job(raw))
         except (DagValidationError, ValueError, RecursionError) as exc:
             skipped.append(SkippedDefinition(str(raw.get("name")), int(raw.get("version") or 0), str(exc)))
     return jobs, skipped
+
+
+def _undo_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
+    stage = dag.stage(stage_id)
+    spec = UndoSpec(
+        stage_id=stage.id,
+        capability=stage.capability,
+        compensate=stage.compensate,
+        dependents=_descendants(dag, stage.id),
+        policy=resolve_policy(dag, stage.id),
+    )
+    has_dependents = bool(dag.children(stage.id))
+
+    def compute(context: dg.OpExecutionContext) -> None:
+        db: LifecycleDatabase = context.resources.lifecycle_db
+        tags = context.run.tags
+        execution_id = tags.get(EXECUTION_ID_TAG)
+        if not execution_id:
+            raise dg.Failure(f"a compensation run needs the {EXECUTION_ID_TAG} tag", allow_retries=False)
+        with connect(db.resolved_dsn()) as conn:
+            try:
+                outcome = run_undo(
+                    conn,
+                    spec,
+                    execution_id=execution_id,
+                    run_id=context.run_id,
+                    attempt=context.retry_number + 1,
+                    registry=context.resources.lifecycle_agents,
+                    takeover=TAKEOVER_TAG in tags,
+                )
+            except UndoRetry as exc:
+                context.log.warning(str(exc))
+                raise dg.RetryRequested(max_retries=exc.max_attempts, seconds_to_wait=exc.delay_s) from exc
+            except UndoFailed as exc:
+                raise dg.Failure(str(exc), metadata={"execution_id": execution_id}, allow_retries=False) from exc
+        context.add_output_metadata(
+            {
+                "execution_id": execution_id,
+                "action": outcome.action,
+                "voided": outcome.voided,
+                "summary": outcome.summary,
+                "execution_status": outcome.execution_status,
+            }
+        )
+
+    return dg.op(
+        name=undo_op_name(job_name(row.name, row.version), stage.id),
+        ins={"after_dependents": dg.In(dg.Nothing)} if has_dependents else {},
+        out=dg.Out(dg.Nothing),
+        description=f"undo stage '{stage.id}' once every stage that depended on it is undone",
+        tags={"lifecycle/stage": stage.id, "lifecycle/compensation": "true"},
+        required_resource_keys={"lifecycle_db", "lifecycle_agents"},
+    )(compute)
+
+
+def _descendants(dag: Dag, stage_id: str) -> tuple[str, ...]:
+    seen: list[str] = []
+    frontier = list(dag.children(stage_id))
+    while frontier:
+        s = frontier.pop(0)
+        if s not in seen:
+            seen.append(s)
+            frontier.extend(dag.children(s))
+    order = dag.topological_order()
+    return tuple(sorted(seen, key=order.index))
+
+
+def build_compensation_job(definition: Mapping[str, Any]) -> dg.JobDefinition:
+    """The compensation job of one ``workflow_definitions`` row: ``<job>__compensate``, one undo op
+    per stage, each waiting for the undo ops of the stages that depended on it (the forward edges
+    reversed). Runs carry the ``lifecycle/execution_id`` tag.
+
+    Raises:
+        ValueError / DagValidationError: as :func:`build_job`.
+    """
+    row = DefinitionRow.from_mapping(definition)
+    dag = parse_dag(row.dag_schema)
+    forward = job_name(row.name, row.version)
+    order = tuple(reversed(dag.topological_order()))
+    ops = {stage_id: _undo_op(row, dag, stage_id) for stage_id in order}
+    deps: dict[str, dict[str, dg.IDependencyDefinition]] = {}
+    for stage_id in order:
+        children = dag.children(stage_id)
+        if children:
+            deps[ops[stage_id].name] = {
+                "after_dependents": dg.MultiDependencyDefinition(
+                    [dg.DependencyDefinition(ops[c].name) for c in children]
+                )
+            }
+    name = compensation_job_name(forward)
+    graph = dg.GraphDefinition(
+        name=name,
+        node_defs=[ops[s] for s in order],
+        dependencies=deps,
+        description=f"compensation of workflow {row.label}: undo completed stages in reverse order",
+    )
+    return graph.to_job(
+        name=name,
+        tags={
+            "lifecycle/workflow": row.name,
+            "lifecycle/version": str(row.version),
+            "lifecycle/definition_id": row.id,
+            "lifecycle/compensation": "true",
+        },
+        metadata={"stages": len(order), "undo_order": ", ".join(order)},
+        resource_defs=default_resources(),
+        executor_def=dg.in_process_executor,
+    )

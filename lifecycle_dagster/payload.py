@@ -57,6 +57,12 @@ def check_output(output: object, limit: int | None = None, what: str = "agent ou
     limit = limit if limit is not None else max_output_bytes()
     if size > limit:
         return f"{what} is {size} bytes, over the {limit}-byte limit"
+    found = output.get("artifacts")
+    if found is not None and not (
+        isinstance(found, list)
+        and all(isinstance(a, dict) and isinstance(a.get("kind"), str) and isinstance(a.get("key"), str) for a in found)
+    ):
+        return f'{what}: "artifacts" must be a list of {{"kind": string, "key": string, "data": ...}}'
     return None
 
 

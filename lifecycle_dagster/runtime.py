@@ -14,6 +14,11 @@ Error classes (see :class:`lifecycle_dagster.agents.AgentError`): an agent's ``A
 retryable or not by its class; a crash, a timeout and an unstorable output are retryable; no agent
 for the capability and an unregistered agent are not. Codes in the stage's ``non_retryable`` list
 are never retried.
+
+Circuit breakers (``sql/migrations/0006_breakers.sql``): routing skips agents whose breaker is open;
+when no agent may be called the attempt fails at once with the non-retryable ``breaker_open``
+(no task, no call). The database records each call's outcome against the agent's and the
+capability's breakers inside the transition that ends the attempt.
 """
 
 from __future__ import annotations
@@ -112,6 +117,32 @@ def classify(exc: BaseException) -> _AttemptError:
     if isinstance(exc, AgentCrashed):
         return _AttemptError("agent_crashed", safe_text(f"agent crashed: {exc}"), True, "AgentCrashed")
     return _AttemptError("agent_crashed", safe_text(f"{type(exc).__name__}: {exc}"), True, type(exc).__name__)
+
+
+def _unrouted(conn: Connection, spec: StageSpec) -> _AttemptError:
+    """Why routing gave no agent: none serves the capability (``no_agent``), or the circuit breakers
+    in the way are open (``breaker_open``, naming them). Neither is retried."""
+    breakers = [dict(r) for r in conn.execute(query("capability_breakers"), {"capability": spec.capability})]
+    if not any(b["scope"] == "agent" for b in breakers):
+        return _AttemptError(
+            "no_agent",
+            f"no active agent serves capability '{spec.capability}' (stage '{spec.stage_id}')",
+            False,
+            "NoAgent",
+        )
+    blocking = [
+        f"{b['scope']} '{b['name']}' "
+        + (f"open since {b['opened_at'].isoformat()}" if b["state"] == "open" else "half_open with no probe left")
+        for b in breakers
+        if b["state"] != "closed"
+    ]
+    return _AttemptError(
+        "breaker_open",
+        f"circuit breaker open: no agent may be called for capability '{spec.capability}' "
+        f"(stage '{spec.stage_id}'); open breakers: {', '.join(blocking) or 'none any more (closed meanwhile)'}",
+        False,
+        "BreakerOpen",
+    )
 
 
 def _one(conn: Connection, name: str, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -253,14 +284,7 @@ def run_stage(
         return StageFailed(message, code=err.code, **ids)
 
     if started["agent_id"] is None:
-        raise record(
-            _AttemptError(
-                "no_agent",
-                f"no active agent serves capability '{spec.capability}' (stage '{spec.stage_id}')",
-                False,
-                "NoAgent",
-            )
-        )
+        raise record(_unrouted(conn, spec))
     agent_name = str(started["agent_name"])
     try:
         agent = registry.get(agent_name)

@@ -1,5 +1,19 @@
 """Sensors of the code location.
 
+``lifecycle_run_failure_sensor``: a failed forward run is mirrored into Postgres: its execution
+fails (if it was still in progress under that run) and, when its DAG says ``on_failure:
+compensate`` (the default), compensation starts (``perform_workflow_compensation``). Keyed on the
+execution id and idempotent: a failure delivered twice, or a run retried and failed again, changes
+nothing the second time.
+
+``lifecycle_reconciler``: finds what the failure sensor cannot see or missed, every tick: in_progress
+executions whose Dagster run has failed or was canceled (runs of ``lifecycle-dagster run`` and
+``dagster job execute`` have no code-location origin; the sensor may have raised or the daemon been
+down), in_progress executions whose heartbeat is older than ``LIFECYCLE_DAGSTER_HEARTBEAT_TIMEOUT_S``
+(default 120; a killed run worker), failed or cancelled executions whose compensation is due; and it
+launches the compensation run of every ``compensating`` execution (run key
+``compensate:<execution>``; a compensation run that died is taken over by a new one).
+
 ``lifecycle_resume_sensor``: a stage set back to ``pending`` after its run ended (the runbook's
 ``retry_stage``, or a run that died while waiting to retry) is dispatched again once its
 not-before time has passed: the sensor launches a run of the execution's job tagged with the
@@ -10,13 +24,15 @@ often the sensor ticks or however many daemons run it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
 
-from lifecycle_dagster.db import connect, resolve_dsn
+from lifecycle_dagster.compensation import TAKEOVER_TAG, compensation_job_name
+from lifecycle_dagster.db import Connection, connect, resolve_dsn
 from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, RESUME_TAG, job_name
 from lifecycle_dagster.sqlfiles import query
 
@@ -67,6 +83,122 @@ def resume_sensor(jobs: Sequence[dg.JobDefinition]) -> dg.SensorDefinition:
     def _sensor(context: dg.SensorEvaluationContext) -> Iterator[dg.RunRequest | dg.SkipReason]:
         requests = list(resume_requests(context.instance, names, resolve_dsn()))
         for req in requests:
+            if isinstance(req, dg.SkipReason):
+                context.log.info(req.skip_message or "")
+            else:
+                yield req
+
+    return _sensor
+
+
+#: executions looked at per reconciler step and tick
+RECONCILE_BATCH = 100
+_FAILED = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+
+
+def heartbeat_timeout_s() -> float:
+    """``LIFECYCLE_DAGSTER_HEARTBEAT_TIMEOUT_S`` (default 120 s)."""
+    return float(os.environ.get("LIFECYCLE_DAGSTER_HEARTBEAT_TIMEOUT_S") or 120.0)
+
+
+def compensate_if_due(conn: Connection, execution_id: str) -> bool:
+    """Start compensation when it is due for this execution (see lifecycle_compensation_due)."""
+    due = conn.execute(query("compensation_due_for"), {"execution_id": execution_id}).fetchone()
+    if due is None:
+        return False
+    conn.execute(query("perform_compensation"), {"execution_id": execution_id, "reason": due["reason"]})
+    return True
+
+
+def mirror_run_failure(conn: Connection, run_id: str, execution_id: str | None, reason: str) -> str | None:
+    """Mirror a failed Dagster run into its execution; return the execution id (None if the run
+    carried none and created none). Idempotent."""
+    if not execution_id:
+        row = conn.execute(query("execution_by_run"), {"run_id": run_id}).fetchone()
+        if row is None:
+            return None
+        execution_id = str(row["id"])
+    conn.execute(query("fail_execution"), {"execution_id": execution_id, "reason": reason, "run_id": run_id})
+    compensate_if_due(conn, execution_id)
+    return execution_id
+
+
+def failure_sensor(jobs: Sequence[dg.JobDefinition]) -> dg.SensorDefinition:
+    """The run failure sensor over the forward ``jobs``."""
+
+    @dg.run_failure_sensor(
+        name="lifecycle_run_failure_sensor",
+        monitored_jobs=list(jobs),
+        minimum_interval_seconds=5,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Mirrors failed workflow runs into Postgres and starts their compensation.",
+    )
+    def _sensor(context: dg.RunFailureSensorContext) -> None:
+        run = context.dagster_run
+        message = context.failure_event.message or "run failed"
+        with connect(resolve_dsn()) as conn:
+            eid = mirror_run_failure(
+                conn, run.run_id, run.tags.get(EXECUTION_ID_TAG), f"Dagster run {run.run_id} failed: {message}"
+            )
+        context.log.info(f"run {run.run_id}: execution {eid} mirrored")
+
+    return _sensor
+
+
+def reconcile(
+    instance: dg.DagsterInstance,
+    compensation_jobs: Sequence[str],
+    dsn: str,
+    timeout_s: float | None = None,
+) -> Iterator[dg.RunRequest | dg.SkipReason]:
+    """One reconciler tick (see the module docstring): act on Postgres, yield compensation runs."""
+    timeout_s = heartbeat_timeout_s() if timeout_s is None else timeout_s
+    known = set(compensation_jobs)
+    with connect(dsn) as conn:
+        for r in conn.execute(query("running_executions"), {"limit": RECONCILE_BATCH}).fetchall():
+            run = instance.get_run_by_id(r["dagster_run_id"])
+            if run is not None and run.status in _FAILED:
+                mirror_run_failure(
+                    conn, run.run_id, r["execution_id"], f"Dagster run {run.run_id} ended {run.status.value}"
+                )
+        for r in conn.execute(query("stale_executions"), {"timeout_s": timeout_s}).fetchall():
+            reason = f"no heartbeat from Dagster run {r['dagster_run_id']} for over {timeout_s:g} s"
+            mirror_run_failure(conn, r["dagster_run_id"], r["execution_id"], reason)
+        for r in conn.execute(query("compensation_due"), {}).fetchall():
+            conn.execute(query("perform_compensation"), {"execution_id": r["execution_id"], "reason": r["reason"]})
+        rows = conn.execute(query("compensating_executions"), {"limit": RECONCILE_BATCH}).fetchall()
+    for r in rows:
+        job = compensation_job_name(job_name(r["name"], r["version"]))
+        if job not in known:
+            yield dg.SkipReason(f"execution {r['execution_id']}: job {job} is not loaded (reload the code location)")
+            continue
+        tags = {EXECUTION_ID_TAG: r["execution_id"]}
+        owner = r["compensation_run_id"]
+        if owner is None:
+            yield dg.RunRequest(run_key=f"compensate:{r['execution_id']}", job_name=job, tags=tags)
+            continue
+        run = instance.get_run_by_id(owner)
+        if run is not None and run.status in _FAILED:
+            yield dg.RunRequest(
+                run_key=f"compensate:{r['execution_id']}:after:{owner}",
+                job_name=job,
+                tags={**tags, TAKEOVER_TAG: owner},
+            )
+
+
+def reconciler(compensation_jobs: Sequence[dg.JobDefinition]) -> dg.SensorDefinition:
+    """The reconciler sensor; it launches the ``compensation_jobs``."""
+    names = [j.name for j in compensation_jobs]
+
+    @dg.sensor(
+        name="lifecycle_reconciler",
+        jobs=list(compensation_jobs),
+        minimum_interval_seconds=10,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Fails lost executions, starts due compensations and launches compensation runs.",
+    )
+    def _sensor(context: dg.SensorEvaluationContext) -> Iterator[dg.RunRequest]:
+        for req in list(reconcile(context.instance, names, resolve_dsn())):
             if isinstance(req, dg.SkipReason):
                 context.log.info(req.skip_message or "")
             else:

@@ -80,3 +80,89 @@ SELECT status FROM workflow_executions WHERE id = %(execution_id)s;
 -- name: cancel_execution
 SELECT cancelled, status, previous_status, dagster_run_id
 FROM lifecycle_cancel_execution(%(execution_id)s, %(reason)s, %(compensate)s);
+
+-- name: heartbeat
+SELECT lifecycle_heartbeat(%(run_id)s) AS alive;
+
+-- name: start_compensation
+SELECT action, log_id::text AS log_id, output_data, context, agent_name
+FROM lifecycle_start_compensation(%(execution_id)s, %(stage_id)s, %(run_id)s, %(dependents)s,
+                                  %(attempt)s, %(takeover)s);
+
+-- name: complete_compensation
+SELECT lifecycle_complete_compensation(%(log_id)s, %(void)s, %(result)s, %(attempt)s) AS status;
+
+-- name: fail_compensation
+SELECT lifecycle_fail_compensation(%(log_id)s, %(error)s, %(final)s, %(attempt)s, %(delay_s)s) AS status;
+
+-- name: route_capability
+-- The agent that undoes a stage through its `compensate` capability. Undo calls do not consult the
+-- circuit breakers (an undo must be attempted; its own retries apply): the active agent whose
+-- latest orchestration ontology declares the capability, by name.
+SELECT a.name AS agent_name
+FROM agents a
+JOIN LATERAL (
+  SELECT o.knowledge FROM agent_ontologies o
+  WHERE o.agent_id = a.id AND o.domain = 'orchestration'
+  ORDER BY o.version DESC LIMIT 1
+) latest ON true
+WHERE a.is_active AND latest.knowledge ->> 'capability' = %(capability)s
+ORDER BY a.name
+LIMIT 1;
+
+-- name: perform_compensation
+SELECT perform_workflow_compensation(%(execution_id)s, %(reason)s);
+
+-- name: fail_execution
+SELECT lifecycle_fail_execution(%(execution_id)s, %(reason)s, %(run_id)s) AS failed;
+
+-- name: stale_executions
+SELECT execution_id::text AS execution_id, dagster_run_id, last_seen
+FROM lifecycle_stale_executions(%(timeout_s)s);
+
+-- name: compensation_due
+SELECT execution_id::text AS execution_id, reason FROM lifecycle_compensation_due();
+
+-- name: running_executions
+-- Executions in progress under a Dagster run: the reconciler checks each run's status.
+SELECT e.id::text AS execution_id, e.dagster_run_id
+FROM workflow_executions e
+WHERE e.status = 'in_progress' AND e.dagster_run_id IS NOT NULL
+ORDER BY e.updated_at
+LIMIT %(limit)s;
+
+-- name: compensating_executions
+SELECT e.id::text AS execution_id, e.compensation_run_id, d.name, d.version
+FROM workflow_executions e JOIN workflow_definitions d ON d.id = e.workflow_definition_id
+WHERE e.status = 'compensating'
+ORDER BY e.updated_at
+LIMIT %(limit)s;
+
+-- name: execution_on_failure
+SELECT e.id::text AS execution_id, e.status, coalesce(d.dag_schema ->> 'on_failure', 'compensate') AS on_failure
+FROM workflow_executions e JOIN workflow_definitions d ON d.id = e.workflow_definition_id
+WHERE e.id = %(execution_id)s OR e.dagster_run_id = %(run_id)s
+LIMIT 1;
+
+-- name: compensation_due_for
+SELECT execution_id::text AS execution_id, reason FROM lifecycle_compensation_due()
+WHERE execution_id = %(execution_id)s;
+
+-- name: definition_of_execution
+SELECT d.id::text AS id, d.name, d.description, d.version, d.dag_schema::text AS dag_schema_json
+FROM workflow_executions e JOIN workflow_definitions d ON d.id = e.workflow_definition_id
+WHERE e.id = %(execution_id)s;
+
+-- name: capability_breakers
+-- Why routing gave no agent: the capability's breaker and one row per agent serving it (none: no
+-- agent serves the capability).
+SELECT scope, key, name, state, opened_at, probes_left
+FROM lifecycle_capability_breakers(%(capability)s)
+ORDER BY scope DESC, name;
+
+-- name: breakers
+-- For operators: every circuit breaker, its state and its current window.
+SELECT scope, key, name, state, state_since, opened_at, half_open_at, probes_left, calls, failures,
+       rate, p95_ms, config
+FROM lifecycle_breaker_status
+ORDER BY scope, name;

@@ -81,7 +81,12 @@ def test_invalid_definition_raises_every_problem() -> None:
 def test_invalid_definition_is_skipped_not_fatal() -> None:
     bad = {**_fixture("diamond"), "name": "broken", "dag_schema": {"stages": []}}
     jobs, skipped = build_jobs([_fixture("lifecycle_v1"), bad, _fixture("diamond")])
-    assert [j.name for j in jobs] == ["lifecycle_v1__v1", "diamond__v1"]
+    assert [j.name for j in jobs] == [
+        "lifecycle_v1__v1",
+        "lifecycle_v1__v1__compensate",
+        "diamond__v1",
+        "diamond__v1__compensate",
+    ]
     assert [(s.name, s.version) for s in skipped] == [("broken", 1)]
     assert "no stages" in skipped[0].error or "empty" in skipped[0].error
 
@@ -92,7 +97,12 @@ def test_two_versions_coexist_in_one_code_location() -> None:
     snapshot = json.dumps([v1, v2])
     d = definitions_from_snapshot(snapshot)
     repo = d.get_repository_def()
-    assert sorted(j.name for j in repo.get_all_jobs()) == ["lifecycle_v1__v1", "lifecycle_v1__v2"]
+    assert sorted(j.name for j in repo.get_all_jobs()) == [
+        "lifecycle_v1__v1",
+        "lifecycle_v1__v1__compensate",
+        "lifecycle_v1__v2",
+        "lifecycle_v1__v2__compensate",
+    ]
 
 
 def test_code_location_loads_every_active_job_and_skips_invalid(seeded_db: str) -> None:
@@ -109,10 +119,16 @@ def test_code_location_loads_every_active_job_and_skips_invalid(seeded_db: str) 
     with scoped_definitions_load_context(DefinitionsLoadType.INITIALIZATION):
         repo = defs().get_repository_def()
     names = sorted(j.name for j in repo.get_all_jobs())
-    assert names == ["diamond__v1", "lifecycle_v1__v1"]
+    assert names == ["diamond__v1", "diamond__v1__compensate", "lifecycle_v1__v1", "lifecycle_v1__v1__compensate"]
     for name in names:  # each job resolves with its ops (project_fully_featured's test_defs)
         job = repo.get_job(name)
-        assert len(job.graph.nodes) in (4, 5)
+        assert len(job.graph.nodes) == (4 if name.startswith("diamond") else 5)
+    # and every sensor loads
+    assert sorted(s.name for s in repo.sensor_defs) == [
+        "lifecycle_reconciler",
+        "lifecycle_resume_sensor",
+        "lifecycle_run_failure_sensor",
+    ]
 
 
 def test_reconstruction_uses_the_snapshot_not_the_table(seeded_db: str) -> None:
@@ -121,6 +137,22 @@ def test_reconstruction_uses_the_snapshot_not_the_table(seeded_db: str) -> None:
         conn.execute("UPDATE workflow_definitions SET is_active = false")
     with scoped_reconstruction_metadata({SNAPSHOT_KEY: snapshot}):
         repo = defs().get_repository_def()
-    assert [j.name for j in repo.get_all_jobs()] == ["lifecycle_v1__v1"]
+    assert [j.name for j in repo.get_all_jobs()] == ["lifecycle_v1__v1", "lifecycle_v1__v1__compensate"]
     with scoped_definitions_load_context(DefinitionsLoadType.INITIALIZATION):
         assert defs().get_repository_def().get_all_jobs() == []
+
+
+def test_compensation_job_reverses_the_edges() -> None:
+    from lifecycle_dagster.job_factory import build_compensation_job
+
+    job = build_compensation_job(_fixture("diamond"))
+    assert job.name == "diamond__v1__compensate"
+    u = "diamond__v1__UNDO__"
+    assert _upstreams(job) == {
+        f"{u}d": [],
+        f"{u}b": [f"{u}d"],
+        f"{u}c": [f"{u}d"],
+        f"{u}a": [f"{u}b", f"{u}c"],
+    }
+    chain = build_compensation_job(_fixture("lifecycle_v1"))
+    assert chain.metadata["undo_order"].text == "integrity, value_realization, target_design, qualify, discover"

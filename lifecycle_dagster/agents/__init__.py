@@ -8,8 +8,11 @@ from lifecycle_dagster.agents.base import (
     AgentRateLimited,
     AgentRegistry,
     AgentTimeout,
+    CompensationTask,
     RetryableAgentError,
     Task,
+    artifacts,
+    can_compensate,
 )
 from lifecycle_dagster.agents.builtin import (
     BUILTIN_CAPABILITIES,
@@ -32,12 +35,15 @@ __all__ = [
     "AgentRegistry",
     "AgentTimeout",
     "AssessmentAgent",
+    "CompensationTask",
     "DesignAgent",
     "IntegrityAgent",
     "OpportunityAgent",
     "RealizationAgent",
     "RetryableAgentError",
     "Task",
+    "artifacts",
+    "can_compensate",
     "default_registry",
     "parse_profile",
 ]

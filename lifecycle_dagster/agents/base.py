@@ -153,11 +153,45 @@ class Task:
 
 
 class Agent(Protocol):
-    """Anything with a unique ``name`` and a deterministic ``run(task) -> JSON object``."""
+    """Anything with a unique ``name`` and a deterministic ``run(task) -> JSON object``.
+
+    Effects: an output may carry ``"artifacts": [{"kind": str, "key": str, "data": {...}}]``; the
+    engine stores them (table ``lifecycle_artifacts``) in the transaction that completes the stage.
+    An agent that can undo its work also has ``compensate(task: CompensationTask) -> JSON object``
+    returning ``{"summary": str, "void": [{"kind": str, "key": str}, ...]}``: the artifacts to void.
+    """
 
     name: str
 
     def run(self, task: Task) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class CompensationTask:
+    """Undo one completed stage: its ``output`` (with its ``artifacts``), the execution
+    ``context``, and the 1-based compensation ``attempt``."""
+
+    execution_id: str
+    stage_id: str
+    capability: str
+    attempt: int
+    context: Mapping[str, Any]
+    output: Mapping[str, Any]
+
+    def artifacts(self) -> list[dict[str, str]]:
+        """``[{"kind", "key"}]`` of every artifact the stage's output declared."""
+        found = self.output.get("artifacts") or []
+        return [{"kind": str(a["kind"]), "key": str(a["key"])} for a in found if isinstance(a, Mapping)]
+
+
+def can_compensate(agent: object) -> bool:
+    """Whether ``agent`` implements an undo (a callable ``compensate``)."""
+    return callable(getattr(agent, "compensate", None))
+
+
+def artifacts(kind: str, items: Iterable[Mapping[str, Any]], key: str = "id") -> list[dict[str, Any]]:
+    """One artifact per item: ``{"kind": kind, "key": item[key], "data": item}``."""
+    return [{"kind": kind, "key": str(item[key]), "data": dict(item)} for item in items]
 
 
 class AgentRegistry:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from lifecycle_dagster.agents.base import AgentError, AgentRegistry, Task
+from lifecycle_dagster.agents.base import AgentError, AgentRegistry, CompensationTask, Task, artifacts
 
 SAVINGS_FACTOR = 0.35  # share of the non-automated process cost an initiative can save
 MIN_OPPORTUNITY = 10_000.0  # potentials below this are not worth pursuing
@@ -184,8 +184,13 @@ class OpportunityAgent:
             "opportunities": found,
             "dropped": dropped,
             "total_potential": total,
+            "artifacts": artifacts("opportunity", found),
             "summary": _summary(f"{p.customer}: {text}"),
         }
+
+    def compensate(self, task: CompensationTask) -> dict[str, Any]:
+        """Undo: void exactly the artifacts this stage wrote."""
+        return _undo(task)
 
 
 class AssessmentAgent:
@@ -214,8 +219,13 @@ class AssessmentAgent:
             "qualified": qualified,
             "rejected": rejected,
             "total_qualified": total,
+            "artifacts": artifacts("score", qualified + rejected),
             "summary": _summary(f"{p.customer}: {text}, worth {p.money(total)}"),
         }
+
+    def compensate(self, task: CompensationTask) -> dict[str, Any]:
+        """Undo: void exactly the artifacts this stage wrote."""
+        return _undo(task)
 
 
 class DesignAgent:
@@ -233,8 +243,13 @@ class DesignAgent:
         return {
             "targets": targets,
             "total_target": total,
+            "artifacts": artifacts("target", targets),
             "summary": _summary(f"{p.customer}: {len(targets)} targets totalling {p.money(total)}"),
         }
+
+    def compensate(self, task: CompensationTask) -> dict[str, Any]:
+        """Undo: void exactly the artifacts this stage wrote."""
+        return _undo(task)
 
 
 class RealizationAgent:
@@ -261,9 +276,14 @@ class RealizationAgent:
             "realisations": realisations,
             "untargeted_actuals": untargeted,
             "total_realised": total_realised,
+            "artifacts": artifacts("realised_value", realisations),
             "attainment": round(total_realised / total_target, 4) if total_target else None,
             "summary": _summary(f"{p.customer}: {text}"),
         }
+
+    def compensate(self, task: CompensationTask) -> dict[str, Any]:
+        """Undo: void exactly the artifacts this stage wrote."""
+        return _undo(task)
 
 
 _RECONCILED = (  # capability, item list, item amount, reported total
@@ -340,6 +360,12 @@ class IntegrityAgent:
             "passed": True,
             "summary": _summary(f"{p.customer}: all {len(CHECKS)} integrity checks passed"),
         }
+
+
+def _undo(task: CompensationTask) -> dict[str, Any]:
+    void = task.artifacts()
+    kinds = sorted({a["kind"] for a in void})
+    return {"void": void, "summary": _summary(f"voided {len(void)} {'/'.join(kinds) or 'artifacts'}")}
 
 
 def default_registry() -> AgentRegistry:

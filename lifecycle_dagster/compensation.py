@@ -1,0 +1,214 @@
+"""Saga compensation: undoing the completed stages of a failed or cancelled execution.
+
+The compensation job of a definition (``<name>__v<version>__compensate``) has one op per stage
+(``<job>__UNDO__<stage>``; stage ids are lower-case, so these never collide with stage ops). The
+op of a stage waits for the ops of every stage that depended on it, so compensations run in strict
+reverse topological order; the database refuses any other order too
+(``lifecycle_start_compensation``). Each op:
+
+1. ``lifecycle_start_compensation``: ``skip`` (the stage never completed, or says
+   ``compensate: false``), ``done`` (already compensated) or ``compensate``;
+2. the undo: the stage's ``compensate`` capability routed to an agent (given the stage's output),
+   else the stage's own agent's ``compensate()``, else nothing to undo;
+3. ``lifecycle_complete_compensation`` voids the artifacts the undo names and marks the stage
+   ``compensated``; the last one rolls the execution back. A failed undo is retried by the
+   compensation policy (the stage's delays, at least :data:`MIN_UNDO_ATTEMPTS` attempts, every
+   error retryable); when attempts run out the stage and the execution are
+   ``compensation_failed``, naming the stage.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from lifecycle_dagster.agents import AgentRegistry, CompensationTask, Task, can_compensate
+from lifecycle_dagster.db import Connection
+from lifecycle_dagster.payload import check_output, safe_text
+from lifecycle_dagster.retry import RetryPolicy
+from lifecycle_dagster.runtime import classify
+from lifecycle_dagster.sqlfiles import query
+
+#: run tag of a compensation run that takes over from a finished compensation run
+TAKEOVER_TAG = "lifecycle/takeover"
+#: an undo is tried at least this many times
+MIN_UNDO_ATTEMPTS = 3
+
+
+def compensation_job_name(job: str) -> str:
+    """``<job>__compensate``."""
+    return f"{job}__compensate"
+
+
+def undo_op_name(job: str, stage_id: str) -> str:
+    """``<job>__UNDO__<stage>``."""
+    return f"{job}__UNDO__{stage_id}"
+
+
+def undo_policy(policy: RetryPolicy) -> RetryPolicy:
+    """The compensation policy of a stage: its delays, at least MIN_UNDO_ATTEMPTS attempts, and
+    no error code exempt from retrying."""
+    return replace(policy, max_attempts=max(policy.max_attempts, MIN_UNDO_ATTEMPTS), non_retryable=())
+
+
+@dataclass(frozen=True)
+class UndoSpec:
+    """One stage's compensation: its capability, its DAG ``compensate`` entry and the stages that
+    depended on it (``dependents``: its descendants)."""
+
+    stage_id: str
+    capability: str
+    compensate: str | bool | None = None
+    dependents: tuple[str, ...] = ()
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+@dataclass(frozen=True)
+class UndoOutcome:
+    """What an undo op did: ``action`` is skip, done or compensated."""
+
+    action: str
+    execution_status: str = ""
+    voided: int = 0
+    summary: str = ""
+
+
+class UndoRetry(Exception):
+    """The undo failed and a retry was recorded: wait ``delay_s`` seconds."""
+
+    def __init__(self, message: str, delay_s: float, max_attempts: int) -> None:
+        super().__init__(message)
+        self.delay_s = delay_s
+        self.max_attempts = max_attempts
+
+
+class UndoFailed(Exception):
+    """The undo failed for good: the stage and the execution are compensation_failed."""
+
+
+def run_undo(
+    conn: Connection,
+    spec: UndoSpec,
+    *,
+    execution_id: str,
+    run_id: str,
+    attempt: int,
+    registry: AgentRegistry,
+    takeover: bool = False,
+    draw: Callable[[], float] = random.random,
+) -> UndoOutcome:
+    """Compensate one stage of an execution (see the module docstring).
+
+    Raises:
+        UndoRetry: a retry was recorded. UndoFailed: the undo failed for good (recorded).
+        psycopg.Error: the database refused (not compensating, order violated, another run owns
+            the compensation).
+    """
+    started = conn.execute(
+        query("start_compensation"),
+        {
+            "execution_id": execution_id,
+            "stage_id": spec.stage_id,
+            "run_id": run_id,
+            "dependents": list(spec.dependents),
+            "attempt": attempt,
+            "takeover": takeover,
+        },
+    ).fetchone()
+    assert started is not None
+    if started["action"] != "compensate":
+        return UndoOutcome(action=str(started["action"]))
+    log_id = str(started["log_id"])
+    output: dict[str, Any] = dict(started["output_data"] or {})
+    context: dict[str, Any] = dict(started["context"] or {})
+    policy = undo_policy(spec.policy)
+    try:
+        result = _undo(conn, spec, registry, execution_id, attempt, context, output, started["agent_name"])
+        problem = check_output(result, what="the undo's result")
+        void = result.get("void", [])
+        if problem is None and not (
+            isinstance(void, list) and all(isinstance(v, dict) and {"kind", "key"} <= v.keys() for v in void)
+        ):
+            problem = 'the undo\'s result: "void" must be a list of {"kind", "key"}'
+        if problem is not None:
+            raise ValueError(problem)
+    except Exception as exc:
+        message = safe_text(classify(exc).message)
+        if attempt < policy.max_attempts:
+            delay = policy.delay(attempt, draw())
+            conn.execute(
+                query("fail_compensation"),
+                {"log_id": log_id, "error": message, "final": False, "attempt": attempt, "delay_s": delay},
+            )
+            raise UndoRetry(
+                f"undo of stage '{spec.stage_id}' failed ({message}); retrying", delay, policy.max_attempts
+            ) from exc
+        final = f"{message} (attempt {attempt} of {policy.max_attempts})"
+        conn.execute(
+            query("fail_compensation"),
+            {"log_id": log_id, "error": final, "final": True, "attempt": attempt, "delay_s": None},
+        )
+        raise UndoFailed(f"compensation of stage '{spec.stage_id}' failed: {final}") from exc
+    row = conn.execute(
+        query("complete_compensation"),
+        {"log_id": log_id, "void": Jsonb(void), "result": Jsonb(result), "attempt": attempt},
+    ).fetchone()
+    assert row is not None
+    return UndoOutcome(
+        action="compensated",
+        execution_status=str(row["status"]),
+        voided=len(void),
+        summary=str(result.get("summary", "")),
+    )
+
+
+def _undo(
+    conn: Connection,
+    spec: UndoSpec,
+    registry: AgentRegistry,
+    execution_id: str,
+    attempt: int,
+    context: dict[str, Any],
+    output: dict[str, Any],
+    agent_name: str | None,
+) -> dict[str, Any]:
+    """Call the undo of a stage; return its JSON result (``void``: the artifacts to void)."""
+    if isinstance(spec.compensate, str):
+        row = conn.execute(query("route_capability"), {"capability": spec.compensate}).fetchone()
+        if row is None or row["agent_name"] is None:
+            raise RuntimeError(f"no active agent serves the compensate capability '{spec.compensate}'")
+        agent = registry.get(str(row["agent_name"]))
+        task = Task(
+            execution_id,
+            spec.stage_id,
+            spec.compensate,
+            attempt,
+            context,
+            {spec.stage_id: {"capability": spec.capability, "output": output}},
+        )
+        result: dict[str, Any] = agent.run(task)
+        result.setdefault("undo", f"capability {spec.compensate} ({agent.name})")
+        if "void" not in result:
+            result["void"] = CompensationTask(
+                execution_id, spec.stage_id, spec.capability, attempt, context, output
+            ).artifacts()
+        return result
+    stage_agent = registry.get(agent_name) if agent_name else None
+    if stage_agent is not None and can_compensate(stage_agent):
+        result = stage_agent.compensate(  # type: ignore[attr-defined]
+            CompensationTask(execution_id, spec.stage_id, spec.capability, attempt, context, output)
+        )
+        if isinstance(result, dict):
+            result.setdefault("undo", f"{stage_agent.name}.compensate")
+        return result
+    who = agent_name or "no agent"
+    return {"summary": f"nothing to undo ({who} has no undo)", "undo": "none", "void": []}
+
+
+def perform_compensation(conn: Connection, execution_id: str, reason: str) -> None:
+    """The runbook's ``perform_workflow_compensation``: idempotent (see the SQL)."""
+    conn.execute(query("perform_compensation"), {"execution_id": execution_id, "reason": reason})
