@@ -191,6 +191,10 @@ def run_cmd(workflow: str, context_file: Path) -> None:
         instance.dispose()
     status = print_execution(dsn, execution_id)
     click.echo(f"dagster run {result.run_id}: {'success' if result.success else 'failure'}")
+    if not result.success and status == "in_progress":  # the engine could not record why: show Dagster's
+        for event in result.all_events:
+            if event.event_type_value == "STEP_FAILURE" and event.step_failure_data.error:
+                click.echo(f"  {event.step_key}: {event.step_failure_data.error.message.strip()[:500]}", err=True)
     sys.exit(0 if status == "completed" else 1)
 
 
@@ -267,6 +271,11 @@ def cancel_cmd(execution_id: str, reason: str, no_compensate: bool) -> None:
         click.echo(f"not cancelled: execution {execution_id} is already {row['status']}")
         sys.exit(1)
     click.echo(f"cancelled execution {execution_id} (was {row['previous_status']})")
+    if not no_compensate:
+        click.echo(
+            "its completed stages are undone by the reconciler (dagster-daemon) or by: "
+            f"lifecycle-dagster compensate {execution_id}"
+        )
     run_id = row["dagster_run_id"]
     if run_id:
         click.echo(f"dagster run {run_id}: {_terminate_run(run_id)}")
@@ -332,53 +341,6 @@ def compensate_cmd(execution_id: str, reason: str, no_wait: bool) -> None:
     sys.exit(0 if status == "rolled_back" or (no_wait and status == "compensating") else 1)
 
 
-@main.command("validate")
-@click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--all", "check_all", is_flag=True, help="Validate every active definition in the database.")
-def validate_cmd(file: Path | None, check_all: bool) -> None:
-    """Validate a definition FILE (JSON or YAML: name, description, stages, edges) or, with
-    --all, every active definition in the database. Exits 1 when any is invalid.
-    """
-    import yaml
-
-    from lifecycle_dagster.dag import DagValidationError, parse_dag
-    from lifecycle_dagster.job_factory import build_jobs
-
-    if file is None and not check_all:
-        raise click.UsageError("give a FILE or --all")
-    bad = 0
-    if file is not None:
-        text = file.read_text(encoding="utf-8")
-        try:
-            # JSON by JSON's own rules (1e3 is a number, NaN is not JSON); YAML for the rest
-            doc = (
-                _strict_json(text)
-                if file.suffix.lower() == ".json" or text.lstrip().startswith(("{", "["))
-                else yaml.safe_load(text)
-            )
-        except (ValueError, RecursionError, yaml.YAMLError) as exc:
-            raise click.ClickException(f"{file}: not valid JSON or YAML: {exc}") from exc
-        dag = doc.get("dag_schema", doc) if isinstance(doc, dict) else doc
-        if isinstance(dag, dict):
-            dag = {k: v for k, v in dag.items() if k not in ("name", "description")}
-        try:
-            parsed = parse_dag(dag)
-            click.echo(f"{file}: valid ({len(parsed.stages)} stages: {' -> '.join(parsed.topological_order())})")
-        except DagValidationError as exc:
-            click.echo(f"{file}: {exc}")
-            bad += 1
-    if check_all:
-        with connect(_dsn()) as conn:
-            rows = conn.execute(query("active_definitions")).fetchall()
-        jobs, skipped = build_jobs(rows)
-        for j in jobs:
-            click.echo(f"{j.name}: valid")
-        for s in skipped:
-            click.echo(f"{s.name} v{s.version}: SKIPPED by the code location: {s.error}")
-        bad += len(skipped)
-    sys.exit(1 if bad else 0)
-
-
 @main.command("dev", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
 def dev_cmd(ctx: click.Context) -> None:
@@ -418,3 +380,7 @@ def _run_process_group(args: list[str], env: dict[str, str], grace_s: float = 20
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     return proc.wait()
+
+
+from lifecycle_dagster import cli_agent as _cli_agent  # noqa: E402,F401
+from lifecycle_dagster import cli_versions as _cli_versions  # noqa: E402,F401

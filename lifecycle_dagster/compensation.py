@@ -29,7 +29,7 @@ from psycopg.types.json import Jsonb
 from lifecycle_dagster.agents import AgentRegistry, CompensationTask, Task, can_compensate
 from lifecycle_dagster.db import Connection
 from lifecycle_dagster.payload import check_output, safe_text
-from lifecycle_dagster.retry import RetryPolicy
+from lifecycle_dagster.retry import MAX_WAIT_S, RetryPolicy
 from lifecycle_dagster.runtime import classify
 from lifecycle_dagster.sqlfiles import query
 
@@ -90,6 +90,10 @@ class UndoFailed(Exception):
     """The undo failed for good: the stage and the execution are compensation_failed."""
 
 
+class NoUndoAgent(Exception):
+    """No agent serves the stage's compensate capability: retrying cannot help."""
+
+
 def run_undo(
     conn: Connection,
     spec: UndoSpec,
@@ -138,8 +142,8 @@ def run_undo(
             raise ValueError(problem)
     except Exception as exc:
         message = safe_text(classify(exc).message)
-        if attempt < policy.max_attempts:
-            delay = policy.delay(attempt, draw())
+        if attempt < policy.max_attempts and not isinstance(exc, NoUndoAgent):
+            delay = min(policy.delay(attempt, draw()), MAX_WAIT_S)
             conn.execute(
                 query("fail_compensation"),
                 {"log_id": log_id, "error": message, "final": False, "attempt": attempt, "delay_s": delay},
@@ -180,7 +184,7 @@ def _undo(
     if isinstance(spec.compensate, str):
         row = conn.execute(query("route_capability"), {"capability": spec.compensate}).fetchone()
         if row is None or row["agent_name"] is None:
-            raise RuntimeError(f"no active agent serves the compensate capability '{spec.compensate}'")
+            raise NoUndoAgent(f"no active agent serves the compensate capability '{spec.compensate}'")
         agent = registry.get(str(row["agent_name"]))
         task = Task(
             execution_id,

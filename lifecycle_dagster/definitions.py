@@ -1,4 +1,6 @@
-"""The code location: one job per active ``workflow_definitions`` row.
+"""The code location: one job per ``workflow_definitions`` row that is active or that an
+unfinished execution (status not completed, rolled_back or compensation_failed) still runs on, so
+a run started on v1 finishes on v1 after v2 is activated (named query ``active_definitions``).
 
 The table is read ONCE, when the code server loads (Dagster's INITIALIZATION load), into a JSON
 snapshot that Dagster stores with every run's execution plan (reconstruction metadata). Run and
@@ -31,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 def fetch_snapshot(dsn: str) -> str:
-    """The active definitions as canonical JSON text (sorted keys, stable row order)."""
+    """The loaded definitions (active, or pinned by an unfinished execution) as canonical JSON text
+    (sorted keys, stable row order)."""
     with connect(dsn) as conn:
         rows = conn.execute(query("active_definitions")).fetchall()
     return json.dumps([dict(r) for r in rows], sort_keys=True, separators=(",", ":"))

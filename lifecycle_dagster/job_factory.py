@@ -27,7 +27,7 @@ from lifecycle_dagster.dag import Dag, DagValidationError, parse_dag
 from lifecycle_dagster.db import connect
 from lifecycle_dagster.heartbeat import Heartbeat
 from lifecycle_dagster.resources import ExecutionRequest, LifecycleDatabase, default_resources
-from lifecycle_dagster.retry import resolve_policy
+from lifecycle_dagster.retry import MAX_WAIT_S, resolve_policy
 from lifecycle_dagster.runtime import StageError, StageRetry, StageSpec, run_stage
 
 #: run tag naming the workflow_executions row a run executes
@@ -90,6 +90,10 @@ def op_name(job: str, stage_id: str) -> str:
     return f"{job}__{stage_id}"
 
 
+def _bounded(timeout_s: float | None) -> float | None:
+    return None if timeout_s is None else min(timeout_s, MAX_WAIT_S)
+
+
 def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
     stage = dag.stage(stage_id)
     spec = StageSpec(
@@ -98,7 +102,7 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
         capability=stage.capability,
         ancestors={a: dag.stage(a).capability for a in dag.ancestors(stage.id)},
         policy=resolve_policy(dag, stage.id),
-        timeout_s=stage.timeout_s if stage.timeout_s is not None else dag.default_timeout_s,
+        timeout_s=_bounded(stage.timeout_s if stage.timeout_s is not None else dag.default_timeout_s),
     )
     has_parents = bool(dag.parents(stage.id))
 
@@ -121,6 +125,7 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
                     execution_id=execution_id,
                     context=ctx,
                     resume=resume,
+                    dsn=dsn,
                 )
             except StageRetry as exc:
                 context.log.warning(f"stage '{exc.stage_id}': {exc}")

@@ -28,6 +28,9 @@ DEFAULT_BASE_DELAY_S = 1.0
 DEFAULT_MAX_DELAY_S = 60.0
 DEFAULT_MULTIPLIER = 2.0
 DEFAULT_JITTER = "full"
+#: no wait or timeout is applied for longer than a year, whatever a policy says (a policy's cap may
+#: be huge, but a not-before time must stay a timestamp and a sleep a valid length)
+MAX_WAIT_S = 31_536_000.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def retry_delay(
         raise ValueError(f"delays must be finite and >= 0, got base {base_delay_s}, cap {max_delay_s}")
     if not multiplier >= 1 or not math.isfinite(multiplier):
         raise ValueError(f"multiplier must be a finite number >= 1, got {multiplier}")
-    if not 0.0 <= u < 1.0:
+    if not 0.0 <= u < 1.0:  # also refuses NaN
         raise ValueError(f"u must be in [0, 1), got {u}")
     exponent = float(attempt - 1)
     if base_delay_s == 0.0 or max_delay_s == 0.0:

@@ -32,11 +32,12 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from lifecycle_dagster.agents import AgentError, AgentRegistry, Task
+from lifecycle_dagster.agents import AgentError, AgentRegistry, AgentTimeout, Task
 from lifecycle_dagster.db import Connection
 from lifecycle_dagster.invoke import AgentCrashed, AttemptStopped, call_agent
 from lifecycle_dagster.payload import check_output, safe_text
-from lifecycle_dagster.retry import RetryPolicy
+from lifecycle_dagster.queue import http_agent, queue_wait_s, wait_for_task
+from lifecycle_dagster.retry import MAX_WAIT_S, RetryPolicy
 from lifecycle_dagster.sqlfiles import query
 
 
@@ -162,6 +163,7 @@ def run_stage(
     context: Mapping[str, Any] | None = None,
     draw: Callable[[], float] = random.random,
     resume: bool = False,
+    dsn: str | None = None,
 ) -> StageOutcome:
     """Run one attempt (1-based; the database may raise it, see ``lifecycle_start_stage``).
 
@@ -198,6 +200,7 @@ def run_stage(
                 "ancestors": Jsonb(dict(spec.ancestors)),
                 "attempt": attempt,
                 "timeout_s": spec.timeout_s,
+                "max_attempts": spec.policy.max_attempts,
                 # an adopted execution may hold stages done by hand or by an earlier run
                 "resume": resume or bool(execution_id),
             },
@@ -235,11 +238,13 @@ def run_stage(
 
     def record(err: _AttemptError) -> StageError:
         """Record a failed attempt: a retry when allowed, else the stage's failure."""
+        attempt = int(ids["attempt"])  # a queue task's attempt may have moved on (reaped leases)
         retry = err.retryable and err.code not in spec.policy.non_retryable and attempt < spec.policy.max_attempts
         if retry:
             delay = spec.policy.delay(attempt, draw())
             if err.retry_after_s is not None and err.retry_after_s > delay:
                 delay = min(spec.policy.max_delay_s, float(err.retry_after_s))
+            delay = min(delay, MAX_WAIT_S)
             try:
                 status = _one(
                     conn,
@@ -286,16 +291,26 @@ def run_stage(
     if started["agent_id"] is None:
         raise record(_unrouted(conn, spec))
     agent_name = str(started["agent_name"])
-    try:
-        agent = registry.get(agent_name)
-    except KeyError as exc:
-        raise record(
-            _AttemptError("agent_not_registered", safe_text(exc.args[0] if exc.args else exc), False, "KeyError")
-        ) from exc
 
     def stopped() -> bool:
         row = conn.execute(query("execution_status"), {"execution_id": exec_id}).fetchone()
         return row is None or row["status"] != "in_progress"
+
+    if started["agent_kind"] == "queue":
+        return _await_queue_task(
+            conn, spec, record, stopped, dsn=dsn, agent_name=agent_name, log_id=log_id, task_id=str(task_id), ids=ids
+        )
+    try:
+        if started["agent_kind"] == "http":
+            agent: Any = http_agent(conn, str(started["agent_id"]), str(task_id) if task_id else None)
+        else:
+            agent = registry.get(agent_name)
+    except KeyError as exc:
+        raise record(
+            _AttemptError("agent_not_registered", safe_text(exc.args[0] if exc.args else exc), False, "KeyError")
+        ) from exc
+    except AgentError as exc:
+        raise record(_AttemptError(exc.code, safe_text(exc), False, type(exc).__name__)) from exc
 
     t0 = time.perf_counter()
     try:
@@ -343,4 +358,52 @@ def run_stage(
         duration_ms=duration_ms,
         output=raw,
         execution_status=status,
+    )
+
+
+def _await_queue_task(
+    conn: Connection,
+    spec: StageSpec,
+    record: Callable[[_AttemptError], StageError],
+    stopped: Callable[[], bool],
+    *,
+    dsn: str | None,
+    agent_name: str,
+    log_id: str,
+    task_id: str,
+    ids: dict[str, Any],
+) -> StageOutcome:
+    """A queue agent's attempt: wait for an external worker (claim, complete or fail with its lease
+    token); its completion already completed the stage in the database."""
+    t0 = time.perf_counter()
+    try:
+        task = wait_for_task(conn, task_id, timeout_s=spec.timeout_s or queue_wait_s(), dsn=dsn, should_stop=stopped)
+    except (AgentTimeout, AttemptStopped) as exc:
+        conn.execute(query("task_abandon"), {"task_id": task_id, "reason": str(exc)})
+        if isinstance(exc, AttemptStopped):
+            raise record(_AttemptError("cancelled", str(exc), False, "AttemptStopped")) from exc
+        raise record(_AttemptError("timeout", f"{agent_name}: {exc}", True, "AgentTimeout")) from exc
+    ids["attempt"] = int(task["attempt"])
+    if task["status"] == "completed":
+        done = _one(conn, "stage_log_output", {"log_id": log_id})
+        return StageOutcome(
+            execution_id=ids["execution_id"],
+            log_id=log_id,
+            task_id=task_id,
+            agent_name=agent_name,
+            attempt=int(task["attempt"]),
+            duration_ms=(time.perf_counter() - t0) * 1000.0,
+            output=dict(done["output_data"] or {}),
+            execution_status=str(done["execution_status"]),
+        )
+    if task["status"] == "cancelled":
+        raise StageStopped(f"task {task_id} was cancelled: {task['error_message']}", code="refused", **ids)
+    raise record(
+        _AttemptError(
+            str(task["error_code"] or "agent_error"),
+            safe_text(f"{agent_name}: {task['error_message']}"),
+            bool(task["retryable"]),
+            "QueueTaskFailed",
+            task["retry_after_s"],
+        )
     )

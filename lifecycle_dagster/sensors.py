@@ -155,6 +155,7 @@ def reconcile(
     timeout_s = heartbeat_timeout_s() if timeout_s is None else timeout_s
     known = set(compensation_jobs)
     with connect(dsn) as conn:
+        conn.execute(query("task_reap"))  # expired leases back to the queue, with or without workers
         for r in conn.execute(query("running_executions"), {"limit": RECONCILE_BATCH}).fetchall():
             run = instance.get_run_by_id(r["dagster_run_id"])
             if run is not None and run.status in _FAILED:
@@ -164,6 +165,9 @@ def reconcile(
         for r in conn.execute(query("stale_executions"), {"timeout_s": timeout_s}).fetchall():
             reason = f"no heartbeat from Dagster run {r['dagster_run_id']} for over {timeout_s:g} s"
             mirror_run_failure(conn, r["dagster_run_id"], r["execution_id"], reason)
+            lost = instance.get_run_by_id(r["dagster_run_id"])
+            if lost is not None and not lost.is_finished:  # its worker is gone: say so in Dagster too
+                instance.report_run_failed(lost, reason)
         for r in conn.execute(query("compensation_due"), {}).fetchall():
             conn.execute(query("perform_compensation"), {"execution_id": r["execution_id"], "reason": r["reason"]})
         rows = conn.execute(query("compensating_executions"), {"limit": RECONCILE_BATCH}).fetchall()

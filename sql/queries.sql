@@ -2,13 +2,19 @@
 -- are psycopg placeholders (%(name)s). Nothing here is assembled from user input.
 
 -- name: active_definitions
--- The snapshot the code location builds its jobs from: every active version, in a stable order.
--- dag_schema comes as text and is decoded row by row, so one pathological row (nested thousands of
--- levels deep, say) is skipped instead of failing the whole snapshot.
-SELECT id::text AS id, name, description, version, dag_schema::text AS dag_schema_json
-FROM workflow_definitions
-WHERE is_active
-ORDER BY name, version;
+-- The snapshot the code location builds its jobs from: every active version AND every version an
+-- execution that is not final still runs on (final: completed, rolled_back, compensation_failed;
+-- so pending, in_progress, failed, cancelled and compensating executions pin their version), so
+-- a run started on v1 finishes on v1 and its compensation job exists after v2 is activated. By
+-- name, version. dag_schema comes as text and is decoded row by row, so one pathological row
+-- (nested thousands of levels deep, say) is skipped instead of failing the whole snapshot.
+SELECT d.id::text AS id, d.name, d.description, d.version, d.dag_schema::text AS dag_schema_json
+FROM workflow_definitions d
+WHERE d.is_active
+   OR EXISTS (SELECT 1 FROM workflow_executions e
+              WHERE e.workflow_definition_id = d.id
+                AND e.status NOT IN ('completed', 'rolled_back', 'compensation_failed'))
+ORDER BY d.name, d.version;
 
 -- name: active_definition_by_name
 SELECT id::text AS id, name, description, version, dag_schema::text AS dag_schema_json
@@ -49,7 +55,8 @@ FROM lifecycle_ensure_execution(%(definition_id)s, %(run_id)s, %(execution_id)s,
 SELECT log_id::text AS log_id, task_id::text AS task_id, agent_id::text AS agent_id,
        agent_name, agent_kind, input_data, attempt_number, already_completed, output_data
 FROM lifecycle_start_stage(%(execution_id)s, %(stage_id)s, %(capability)s, %(ancestors)s,
-                           %(attempt)s, p_timeout_s => %(timeout_s)s, p_resume => %(resume)s);
+                           %(attempt)s, p_timeout_s => %(timeout_s)s, p_resume => %(resume)s,
+                           p_max_attempts => %(max_attempts)s);
 
 -- name: resumable_executions
 -- In-progress executions with a stage set back to pending (retry_stage) whose not-before time has
@@ -166,3 +173,78 @@ SELECT scope, key, name, state, state_since, opened_at, half_open_at, probes_lef
        rate, p95_ms, config
 FROM lifecycle_breaker_status
 ORDER BY scope, name;
+
+-- name: task_claim
+SELECT task_id::text AS task_id, lease_token, execution_id::text AS execution_id, stage_id, capability,
+       attempt, input_data, lease_expires_at
+FROM lifecycle_task_claim(%(worker)s, %(agent)s, %(limit)s, %(lease_s)s);
+
+-- name: task_heartbeat
+SELECT lifecycle_task_heartbeat(%(task_id)s, %(token)s, %(lease_s)s) AS extended;
+
+-- name: task_complete
+SELECT lifecycle_task_complete(%(task_id)s, %(token)s, %(output)s) AS status;
+
+-- name: task_fail
+SELECT lifecycle_task_fail(%(task_id)s, %(token)s, %(error)s, %(error_code)s, %(retryable)s,
+                           %(retry_after_s)s) AS status;
+
+-- name: task_release
+SELECT lifecycle_task_release(%(task_id)s, %(token)s) AS released;
+
+-- name: task_reap
+SELECT lifecycle_task_reap() AS reaped;
+
+-- name: task_abandon
+SELECT lifecycle_task_abandon(%(task_id)s, %(reason)s) AS previous_status;
+
+-- name: task_state
+SELECT t.id::text AS id, t.status, t.attempt, t.error_message, t.error_code, t.retryable, t.retry_after_s,
+       t.output_data, t.lease_token
+FROM task_queue t WHERE t.id = %(task_id)s;
+
+-- name: agent_row
+SELECT a.id::text AS id, a.name, a.kind, a.config FROM agents a WHERE a.id = %(agent_id)s;
+
+-- name: stage_log_output
+SELECT l.status, l.output_data, e.status AS execution_status
+FROM workflow_execution_logs l JOIN workflow_executions e ON e.id = l.execution_id
+WHERE l.id = %(log_id)s;
+
+-- name: publish_definition
+-- Publish a version (validated; nothing stored when identical to the latest version), optionally
+-- activating it: one transaction under the name's advisory lock (0007_versions).
+SELECT version, created, active, activated, definition_id::text AS definition_id, previous_version
+FROM lifecycle_publish_definition(%(name)s, %(description)s, %(dag)s, %(activate)s, %(created_by)s);
+
+-- name: activate_definition
+SELECT definition_id::text AS definition_id, version, activated, previous_version
+FROM lifecycle_activate_definition(%(name)s, %(version)s);
+
+-- name: definition_versions
+-- Every version of a workflow: whether it is active, its stage count and how many of its
+-- executions are not final (they pin the version in the code location).
+SELECT d.version, d.is_active AS active, d.created_at, d.description,
+       CASE WHEN jsonb_typeof(d.dag_schema -> 'stages') = 'array'
+            THEN jsonb_array_length(d.dag_schema -> 'stages') END AS stage_count,
+       count(e.id) FILTER (WHERE e.status NOT IN ('completed', 'rolled_back', 'compensation_failed')) AS unfinished
+FROM workflow_definitions d
+LEFT JOIN workflow_executions e ON e.workflow_definition_id = d.id
+WHERE d.name = %(name)s
+GROUP BY d.id
+ORDER BY d.version;
+
+-- name: served_capabilities
+-- Which of the given capabilities an active agent serves (its latest orchestration ontology).
+SELECT DISTINCT latest.knowledge ->> 'capability' AS capability
+FROM agents a
+JOIN LATERAL (
+  SELECT o.knowledge FROM agent_ontologies o
+  WHERE o.agent_id = a.id AND o.domain = 'orchestration'
+  ORDER BY o.version DESC LIMIT 1
+) latest ON true
+WHERE a.is_active AND latest.knowledge ->> 'capability' = ANY (%(capabilities)s::text[]);
+
+-- name: validate_dag
+-- The database's own verdict on a DAG (the trigger's rules): one row per problem.
+SELECT code, stages, path, message FROM lifecycle_validate_dag(%(dag)s);

@@ -320,6 +320,8 @@ def test_retry_stage_refuses_unknown_and_completed(db: str) -> None:
 
 
 def test_retry_stage_concurrent_calls_serialise(db: str) -> None:
+    """Two operators retry the same failed stage at once: one retry is scheduled, the other is told
+    the stage is already waiting to retry (and a repeat afterwards says the same)."""
     eid, log_id = _failed_stage(db)
     barrier = threading.Barrier(2)
     errors: list[BaseException] = []
@@ -337,7 +339,26 @@ def test_retry_stage_concurrent_calls_serialise(db: str) -> None:
         t.start()
     for t in threads:
         t.join(30)
-    assert errors == []
+    assert len(errors) == 1 and isinstance(errors[0], psycopg.errors.ObjectNotInPrerequisiteState)
+    assert "is already waiting to retry (attempt 3 not before" in str(errors[0])
     [log] = rows(db, "SELECT attempt_number, status FROM workflow_execution_logs WHERE id = %(l)s", l=log_id)
-    assert log == {"attempt_number": 3, "status": "pending"}
-    assert sorted(m["attempt"] for t, _, m in events(db, eid) if t == "stage_retrying") == [2, 3]
+    assert log == {"attempt_number": 2, "status": "pending"}
+    assert [m["attempt"] for t, _, m in events(db, eid) if t == "stage_retrying"] == [2]
+
+
+def test_retry_stage_with_a_huge_policy_waits_at_most_a_year(db: str) -> None:
+    dag = {
+        "stages": [
+            {"id": "a", "capability": "a", "retry": {"base_delay_s": 1e300, "max_delay_s": 1e308, "jitter": "none"}}
+        ],
+    }
+    install(db, "huge", dag, {"a": "A"})
+    row, eid = create_execution(db, "huge")
+    with connect(db) as conn:
+        conn.execute("SELECT lifecycle_ensure_execution(%s, 'run-h', %s)", (row["id"], eid))
+        log = conn.execute("SELECT log_id FROM lifecycle_start_stage(%s, 'a', 'a')", (eid,)).fetchone()
+        assert log is not None
+        conn.execute("SELECT lifecycle_fail_stage(%s, NULL, 'boom', 'x')", (log["log_id"],))
+        conn.execute("SELECT retry_stage(%s, 3, %s)", (log["log_id"], NOW))
+    [r] = rows(db, "SELECT not_before FROM workflow_execution_logs WHERE execution_id = %(e)s", e=eid)
+    assert r["not_before"] == NOW + timedelta(days=365)

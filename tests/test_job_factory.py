@@ -107,6 +107,8 @@ def test_two_versions_coexist_in_one_code_location() -> None:
 
 def test_code_location_loads_every_active_job_and_skips_invalid(seeded_db: str) -> None:
     with connect(seeded_db) as conn:
+        # 'broken' stands for a row stored before the database validated DAGs (0007)
+        conn.execute("ALTER TABLE workflow_definitions DISABLE TRIGGER workflow_definitions_valid_dag")
         conn.execute(
             "INSERT INTO workflow_definitions (name, version, dag_schema, is_active) VALUES ('diamond', 1, %s, true),"
             " ('broken', 1, %s, true), ('inactive', 1, %s, false)",

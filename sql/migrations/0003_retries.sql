@@ -19,22 +19,23 @@ CREATE FUNCTION lifecycle_retry_delay(
 LANGUAGE plpgsql IMMUTABLE STRICT
 AS $$
 DECLARE
-  v_exponent double precision := (p_attempt - 1)::double precision;
+  v_exponent double precision;
   v_raw      double precision;
 BEGIN
   -- GUARD: arguments
   IF p_attempt < 1 THEN
     RAISE EXCEPTION 'attempt must be >= 1, got %', p_attempt USING ERRCODE = 'invalid_parameter_value';
   END IF;
+  v_exponent := p_attempt::double precision - 1;
   IF p_base < 0 OR p_cap < 0 OR p_base = 'Infinity' OR p_cap = 'Infinity' OR p_base = 'NaN' OR p_cap = 'NaN' THEN
     RAISE EXCEPTION 'delays must be finite and >= 0, got base %, cap %', p_base, p_cap
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  IF NOT p_multiplier >= 1 OR p_multiplier = 'Infinity' THEN
+  IF NOT p_multiplier >= 1 OR p_multiplier = 'Infinity' OR p_multiplier = 'NaN' THEN  -- NaN sorts above all
     RAISE EXCEPTION 'multiplier must be a finite number >= 1, got %', p_multiplier
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  IF NOT (p_u >= 0 AND p_u < 1) THEN
+  IF NOT (p_u >= 0 AND p_u < 1) OR p_u = 'NaN' THEN
     RAISE EXCEPTION 'u must be in [0, 1), got %', p_u USING ERRCODE = 'invalid_parameter_value';
   END IF;
 
@@ -657,12 +658,20 @@ BEGIN
       v_log.stage_id, v_log.execution_id, v_log.status
       USING ERRCODE = 'object_not_in_prerequisite_state';
   END IF;
+  IF v_log.status = 'pending' AND v_log.not_before IS NOT NULL THEN
+    RAISE EXCEPTION 'retry_stage: stage % of execution % is already waiting to retry (attempt % not before %)',
+      v_log.stage_id, v_log.execution_id, v_log.attempt_number + 1, v_log.not_before
+      USING ERRCODE = 'object_not_in_prerequisite_state';
+  END IF;
   IF v_exec.status NOT IN ('in_progress', 'failed') THEN
     RAISE EXCEPTION 'retry_stage: execution % is %; its stages cannot be retried', v_exec.id, v_exec.status
       USING ERRCODE = 'object_not_in_prerequisite_state';
   END IF;
 
   IF v_log.attempt_number >= p_max_attempts THEN
+    IF v_log.status = 'failed' AND v_exec.status = 'failed' THEN
+      RETURN;  -- already failed for good: a repeated call changes nothing and writes nothing
+    END IF;
     IF v_log.status <> 'failed' THEN
       IF v_log.status = 'pending' THEN
         UPDATE workflow_execution_logs l SET status = 'in_progress' WHERE l.id = p_log_id;
@@ -693,11 +702,12 @@ BEGIN
   END IF;
 
   v_policy := lifecycle_stage_retry_policy(v_exec.workflow_definition_id, v_log.stage_id);
-  v_delay := lifecycle_retry_delay(v_log.attempt_number,
+  -- no wait is longer than a year (lifecycle_dagster.retry.MAX_WAIT_S), whatever the policy's cap
+  v_delay := least(31536000, lifecycle_retry_delay(v_log.attempt_number,
                                    (v_policy ->> 'base_delay_s')::float8,
                                    (v_policy ->> 'max_delay_s')::float8,
                                    (v_policy ->> 'multiplier')::float8,
-                                   v_policy ->> 'jitter', random());
+                                   v_policy ->> 'jitter', random()));
   UPDATE workflow_execution_logs l
      SET status = 'pending', attempt_number = v_log.attempt_number + 1, error_message = NULL,
          completed_at = NULL,

@@ -54,11 +54,14 @@ BEGIN
     END IF;
     IF (v_key IN ('window_s', 'latency_sla_ms') AND NOT (v_value::numeric > 0))
        OR (v_key = 'cooldown_s' AND NOT (v_value::numeric >= 0))
+       -- bounded so that now() +/- the interval stays a timestamp: at most a year
+       OR (v_key IN ('window_s', 'cooldown_s') AND v_value::numeric > 31536000)
        OR (v_key = 'error_budget' AND NOT (v_value::numeric BETWEEN 0 AND 1))
        OR (v_key IN ('failure_threshold', 'half_open_probes')
            AND NOT (v_value::numeric >= 1 AND v_value::numeric = trunc(v_value::numeric)
                     AND v_value::numeric <= 2147483647)) THEN
       RETURN format('%s: %s is out of range (window_s, latency_sla_ms > 0; cooldown_s >= 0; '
+                    'window_s, cooldown_s at most 31536000 s; '
                     'error_budget in [0, 1]; failure_threshold, half_open_probes integers >= 1)',
                     v_key, v_value);
     END IF;

@@ -1,0 +1,57 @@
+"""``lifecycle-dagster agent serve``: run an external worker for a queue agent."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+import threading
+from typing import Any
+
+import click
+
+from lifecycle_dagster.cli import _dsn, main
+
+
+@main.group("agent")
+def agent_group() -> None:
+    """External agents that take their work from task_queue."""
+
+
+@agent_group.command("serve")
+@click.option("--agent", "agent_name", required=True, help="The agents.name this worker serves.")
+@click.option("--concurrency", default=1, show_default=True, type=click.IntRange(1, 256))
+@click.option("--lease-s", default=30.0, show_default=True, type=click.FloatRange(0.1), help="Lease length, seconds.")
+@click.option(
+    "--poll-s", default=1.0, show_default=True, type=click.FloatRange(0.05), help="Polling fallback, seconds."
+)
+@click.option("--grace-s", default=30.0, show_default=True, type=click.FloatRange(0), help="Shutdown grace, seconds.")
+@click.option(
+    "--registry",
+    "registry_ref",
+    default="lifecycle_dagster.agents:default_registry",
+    show_default=True,
+    help="MODULE:FUNCTION returning the AgentRegistry that holds the agent's code.",
+)
+def serve_cmd(
+    agent_name: str, concurrency: int, lease_s: float, poll_s: float, grace_s: float, registry_ref: str
+) -> None:
+    """Claim and run the agent's tasks until SIGTERM or SIGINT (running tasks finish first)."""
+    from lifecycle_dagster.worker import Worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    module_name, _, attr = registry_ref.partition(":")
+    try:
+        factory: Any = getattr(importlib.import_module(module_name), attr or "default_registry")
+        registry = factory()
+        worker = Worker(
+            _dsn(), agent_name, registry, concurrency=concurrency, lease_s=lease_s, poll_s=poll_s, grace_s=grace_s
+        )
+    except (ImportError, AttributeError, KeyError) as exc:
+        raise click.ClickException(str(exc.args[0] if exc.args else exc)) from exc
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    click.echo(f"serving {agent_name} as {worker.worker_id} (concurrency {concurrency})")
+    worker.run(stop)
+    click.echo(f"stopped after {worker.completed} completed task(s)")

@@ -1,0 +1,404 @@
+"""Versioned publishing: definition files, publish, activate, the list of versions, the warnings
+``validate`` prints, and asking a running Dagster webserver to reload the code location.
+
+A workflow changes only by publishing a new version (``lifecycle_publish_definition``, one SQL
+function, one transaction under a per-name advisory lock): the DAG is validated (in Python first,
+for a readable list of problems, and again by the database, whose BEFORE INSERT trigger refuses
+an invalid ``dag_schema`` from any client), the new row gets version = highest + 1 and, when asked,
+becomes the only active version. Content identical to the latest version (same ``dag_schema``
+jsonb and same description) stores nothing.
+
+Pinning: the code location builds a job for every active version and for every version that an
+execution whose status is not final (:data:`FINAL_STATUSES`) still runs on, so a run started on
+v1 finishes on v1, and its compensation job exists, after v2 is activated (named query
+``active_definitions``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, cast
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from lifecycle_dagster.dag import Dag, DagValidationError, parse_dag
+from lifecycle_dagster.db import Connection
+from lifecycle_dagster.payload import check_output
+from lifecycle_dagster.sqlfiles import query
+
+#: execution statuses with no way out (lifecycle_transitions); any other status pins its version
+FINAL_STATUSES = ("completed", "rolled_back", "compensation_failed")
+#: the code location's name (pyproject's [tool.dagster] and workspace.yaml)
+CODE_LOCATION = "lifecycle_dagster"
+#: environment variable naming a running Dagster webserver, e.g. http://127.0.0.1:3000
+WEBSERVER_URL_ENV = "LIFECYCLE_DAGSTER_WEBSERVER_URL"
+
+
+class DefinitionFileError(ValueError):
+    """A definition file cannot be read, is not JSON or YAML, or lacks what publishing needs."""
+
+
+class PublishError(ValueError):
+    """The database refused to publish or activate (its message names the workflow and version)."""
+
+
+@dataclass(frozen=True)
+class DefinitionFile:
+    """A definition file's content: ``name`` and ``description`` (``None`` when absent) and the
+    DAG (the document without ``name`` and ``description``, or its ``dag_schema`` key)."""
+
+    path: Path
+    name: Any
+    description: Any
+    dag: Any
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """What :func:`publish` did. ``created``: a new version was stored; otherwise ``version`` is
+    the identical latest one. ``active``: ``version`` is the active version now. ``activated``:
+    this call made it the active one. ``previous_version``: the version that was active before
+    when this call activated another (``None`` otherwise, or when none was)."""
+
+    name: str
+    version: int
+    created: bool
+    active: bool
+    activated: bool
+    definition_id: str
+    previous_version: int | None
+
+
+@dataclass(frozen=True)
+class ActivationResult:
+    """What :func:`activate` did. ``activated``: False when ``version`` was already active.
+    ``previous_version``: the version that was active before (``None`` when none was)."""
+
+    name: str
+    version: int
+    activated: bool
+    definition_id: str
+    previous_version: int | None
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One row of :func:`list_versions`. ``stage_count`` is ``None`` for a (pre-0007) row whose
+    ``stages`` is not an array; ``unfinished`` counts executions whose status is not final."""
+
+    version: int
+    active: bool
+    created_at: datetime
+    description: str | None
+    stage_count: int | None
+    unfinished: int
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """The answer of :func:`reload_code_location`: ``ok``, a one-line ``message``, and the job
+    names the reloaded location now has (empty when it failed)."""
+
+    ok: bool
+    message: str
+    jobs: tuple[str, ...] = field(default=())
+
+
+# ---------------------------------------------------------------------------------------------
+def strict_json(text: str) -> Any:
+    """``json.loads`` by JSON's rules: NaN and Infinity are refused.
+
+    Raises:
+        ValueError: not JSON. RecursionError: nested too deeply to decode.
+    """
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def read_definition_file(path: Path) -> DefinitionFile:
+    """Read a definition file: JSON (by JSON's rules, when the name ends in ``.json`` or the text
+    starts with ``{`` or ``[``) or YAML, shaped like a definition row: ``name``, ``description``
+    and the DAG's keys (``stages``, ``edges``, ``defaults``, ``on_failure``) at top level, or the
+    DAG under ``dag_schema``. Nothing is validated here but the syntax.
+
+    Raises:
+        DefinitionFileError: unreadable, or not valid JSON or YAML (the message names the file).
+    """
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DefinitionFileError(f"{path}: cannot read it: {exc}") from exc
+    try:
+        # JSON by JSON's own rules (1e3 is a number, NaN is not JSON); YAML for the rest
+        doc = (
+            strict_json(text)
+            if path.suffix.lower() == ".json" or text.lstrip().startswith(("{", "["))
+            else yaml.safe_load(text)
+        )
+    except (ValueError, RecursionError, yaml.YAMLError) as exc:
+        raise DefinitionFileError(f"{path}: not valid JSON or YAML: {exc}") from exc
+    if not isinstance(doc, dict):
+        return DefinitionFile(path, None, None, doc)
+    dag = doc.get("dag_schema", doc)
+    if isinstance(dag, dict):
+        dag = {k: v for k, v in dag.items() if k not in ("name", "description")}
+    return DefinitionFile(path, doc.get("name"), doc.get("description"), dag)
+
+
+def checked_for_publishing(found: DefinitionFile) -> tuple[str, str | None, dict[str, Any], Dag]:
+    """``(name, description, dag_schema, parsed DAG)`` of a file about to be published.
+
+    Raises:
+        DefinitionFileError: no ``name`` string, a ``description`` that is not a string, or content
+            Postgres cannot store (NUL characters, lone surrogates, values that are not JSON).
+        DagValidationError: the DAG is invalid (every problem listed).
+    """
+    where = found.path
+    if not isinstance(found.name, str) or not found.name:
+        raise DefinitionFileError(f"{where}: a definition file to publish needs a 'name' (a string)")
+    if found.description is not None and not isinstance(found.description, str):
+        raise DefinitionFileError(f"{where}: 'description' must be a string")
+    dag = parse_dag(found.dag)
+    problem = check_output(
+        {"name": found.name, "description": found.description, "dag": found.dag}, what="the definition"
+    )
+    if problem:
+        raise DefinitionFileError(f"{where}: {problem}")
+    return found.name, found.description, cast(dict[str, Any], found.dag), dag
+
+
+# ---------------------------------------------------------------------------------------------
+def _refusal(exc: psycopg.Error) -> str:
+    if isinstance(exc, psycopg.errors.UndefinedFunction):
+        return "this database has no versioned publishing yet: run `lifecycle-dagster db upgrade` first"
+    diag = getattr(exc, "diag", None)
+    return (diag.message_primary if diag is not None else None) or str(exc).strip()
+
+
+def publish(
+    conn: Connection,
+    name: str,
+    description: str | None,
+    dag_schema: Mapping[str, Any],
+    *,
+    activate: bool = False,
+    created_by: str | None = None,
+) -> PublishResult:
+    """Publish ``dag_schema`` as the next version of workflow ``name`` (SQL:
+    ``lifecycle_publish_definition``): validated; nothing stored when it and ``description`` equal
+    the latest version's; with ``activate`` the version becomes the only active one (an identical
+    latest version that is inactive is activated). One transaction: the connection's own when it
+    is in autocommit mode (:func:`~lifecycle_dagster.db.connect`'s default), else the caller's.
+
+    Raises:
+        DagValidationError: the DAG is invalid (checked before the database is asked).
+        PublishError: the database refused (an invalid name, say), its message naming what, or it
+            is not migrated to 0007.
+    """
+    parse_dag(dict(dag_schema))
+    try:
+        row = conn.execute(
+            query("publish_definition"),
+            {
+                "name": name,
+                "description": description,
+                "dag": Jsonb(dict(dag_schema)),
+                "activate": activate,
+                "created_by": created_by,
+            },
+        ).fetchone()
+    except (
+        psycopg.errors.CheckViolation,
+        psycopg.errors.InvalidTransactionState,
+        psycopg.errors.UndefinedFunction,
+    ) as exc:
+        raise PublishError(_refusal(exc)) from exc
+    assert row is not None
+    return PublishResult(
+        name=name,
+        version=int(row["version"]),
+        created=bool(row["created"]),
+        active=bool(row["active"]),
+        activated=bool(row["activated"]),
+        definition_id=str(row["definition_id"]),
+        previous_version=row["previous_version"],
+    )
+
+
+def activate(conn: Connection, name: str, version: int) -> ActivationResult:
+    """Make ``version`` the active version of ``name`` and deactivate the others, in one
+    transaction (SQL: ``lifecycle_activate_definition``); already active: nothing changes.
+
+    Raises:
+        PublishError: no workflow ``name``, or it has no ``version`` (the message lists its
+            versions), or the database is not migrated to 0007.
+    """
+    try:
+        row = conn.execute(query("activate_definition"), {"name": name, "version": version}).fetchone()
+    except (psycopg.errors.NoDataFound, psycopg.errors.UndefinedFunction) as exc:
+        raise PublishError(_refusal(exc)) from exc
+    assert row is not None
+    return ActivationResult(
+        name=name,
+        version=int(row["version"]),
+        activated=bool(row["activated"]),
+        definition_id=str(row["definition_id"]),
+        previous_version=row["previous_version"],
+    )
+
+
+def list_versions(conn: Connection, name: str) -> list[VersionInfo]:
+    """Every version of workflow ``name``, oldest first (empty when there is no such workflow)."""
+    return [
+        VersionInfo(
+            version=int(r["version"]),
+            active=bool(r["active"]),
+            created_at=r["created_at"],
+            description=r["description"],
+            stage_count=r["stage_count"],
+            unfinished=int(r["unfinished"]),
+        )
+        for r in conn.execute(query("definition_versions"), {"name": name}).fetchall()
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+def isolated_stages(dag: Dag) -> tuple[str, ...]:
+    """Stages connected to nothing (no edge in or out) in a DAG of 2+ stages, in declaration order.
+    Valid (the runbook's v2 adds one), but often a forgotten edge."""
+    if len(dag.stages) < 2:
+        return ()
+    linked = {end for edge in dag.edges for end in edge}
+    return tuple(s.id for s in dag.stages if s.id not in linked)
+
+
+def unserved_capabilities(conn: Connection, dag: Dag) -> tuple[str, ...]:
+    """The stage capabilities no active agent serves (by its latest orchestration ontology), in
+    declaration order: such a stage fails with ``no_agent`` until an agent is registered."""
+    wanted = list(dict.fromkeys(s.capability for s in dag.stages))
+    rows = conn.execute(query("served_capabilities"), {"capabilities": wanted}).fetchall()
+    served = {r["capability"] for r in rows}
+    return tuple(c for c in wanted if c not in served)
+
+
+def dag_warnings(dag: Dag) -> list[str]:
+    """Warnings about a valid DAG that need no database: each stage connected to nothing."""
+    return [
+        f"stage '{sid}' is connected to nothing (no edge in or out): it runs on its own, in parallel with the rest"
+        for sid in isolated_stages(dag)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+RELOAD_MUTATION = """
+mutation LifecycleReload($name: String!) {
+  reloadRepositoryLocation(repositoryLocationName: $name) {
+    __typename
+    ... on WorkspaceLocationEntry {
+      name
+      loadStatus
+      locationOrLoadError {
+        __typename
+        ... on RepositoryLocation { repositories { name jobs { name } } }
+        ... on PythonError { message }
+      }
+    }
+    ... on ReloadNotSupported { message }
+    ... on RepositoryLocationNotFound { message }
+    ... on UnauthorizedError { message }
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+def reload_code_location(url: str, location: str = CODE_LOCATION, timeout_s: float = 120.0) -> ReloadOutcome:
+    """Ask the Dagster webserver at ``url`` (e.g. ``http://127.0.0.1:3000``) to reload
+    ``location``: POST ``/graphql`` with the ``reloadRepositoryLocation`` mutation, which answers
+    once the location has loaded. Never raises: an unreachable server, an HTTP or GraphQL error or
+    a location that failed to load is an outcome with ``ok=False`` and a message saying why.
+    """
+    import httpx
+
+    endpoint = url.rstrip("/") + "/graphql"
+    try:
+        response = httpx.post(
+            endpoint,
+            json={"query": RELOAD_MUTATION, "variables": {"name": location}},
+            timeout=timeout_s,
+        )
+        response.raise_for_status()
+        body = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        return ReloadOutcome(False, f"could not ask the Dagster webserver at {url} to reload: {exc}")
+    errors = body.get("errors") if isinstance(body, dict) else None
+    data = body.get("data") if isinstance(body, dict) else None
+    if errors or not isinstance(data, dict) or not isinstance(data.get("reloadRepositoryLocation"), dict):
+        detail = "; ".join(str(e.get("message", e)) for e in errors) if isinstance(errors, list) else str(body)[:300]
+        return ReloadOutcome(False, f"the Dagster webserver at {url} refused the reload: {detail}")
+    result: dict[str, Any] = data["reloadRepositoryLocation"]
+    kind = result.get("__typename")
+    if kind != "WorkspaceLocationEntry":
+        return ReloadOutcome(
+            False, f"code location '{location}' was not reloaded on {url}: {kind}: {result.get('message')}"
+        )
+    loaded = result.get("locationOrLoadError") or {}
+    if loaded.get("__typename") != "RepositoryLocation":
+        message = str(loaded.get("message", "no location")).strip().splitlines()
+        return ReloadOutcome(
+            False, f"code location '{location}' reloaded on {url} but failed to load: {message[0] if message else ''}"
+        )
+    jobs = tuple(sorted(j["name"] for repo in loaded.get("repositories", []) for j in repo.get("jobs", [])))
+    return ReloadOutcome(True, f"code location '{location}' reloaded on {url} ({len(jobs)} jobs)", jobs)
+
+
+def reload_hint() -> str:
+    """How to make a running Dagster see new versions when :data:`WEBSERVER_URL_ENV` is unset."""
+    return (
+        "new versions appear in Dagster when the code location reloads: press Reload on the UI's"
+        f" code locations page, or set {WEBSERVER_URL_ENV}=http://HOST:PORT (the dagster-webserver /"
+        " `lifecycle-dagster dev` address) and publish or activate again to have it reloaded"
+    )
+
+
+def webserver_url() -> str | None:
+    """:data:`WEBSERVER_URL_ENV`'s value, or ``None`` when unset or empty."""
+    return os.environ.get(WEBSERVER_URL_ENV) or None
+
+
+__all__ = [
+    "CODE_LOCATION",
+    "FINAL_STATUSES",
+    "WEBSERVER_URL_ENV",
+    "ActivationResult",
+    "DagValidationError",
+    "DefinitionFile",
+    "DefinitionFileError",
+    "PublishError",
+    "PublishResult",
+    "ReloadOutcome",
+    "VersionInfo",
+    "activate",
+    "checked_for_publishing",
+    "dag_warnings",
+    "isolated_stages",
+    "list_versions",
+    "publish",
+    "read_definition_file",
+    "reload_code_location",
+    "reload_hint",
+    "strict_json",
+    "unserved_capabilities",
+    "webserver_url",
+]

@@ -1,0 +1,26 @@
+"""Agents for queue tests, importable by `agent serve --registry queue_agents:registry`."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from lifecycle_dagster.agents import AgentRegistry, Task, default_registry
+
+
+class SlowDesign:
+    """The built-in Design Agent, taking QUEUE_AGENT_SLEEP_S seconds first."""
+
+    name = "Design Agent"
+
+    def run(self, task: Task) -> dict[str, Any]:
+        time.sleep(float(os.environ.get("QUEUE_AGENT_SLEEP_S", "0")))
+        out: dict[str, Any] = default_registry().get("Design Agent").run(task)
+        out["worker_pid"] = os.getpid()
+        return out
+
+
+def registry() -> AgentRegistry:
+    base = default_registry()
+    return AgentRegistry([*(base.get(n) for n in base.names() if n != "Design Agent"), SlowDesign()])
