@@ -198,6 +198,69 @@ def run_cmd(workflow: str, context_file: Path) -> None:
     sys.exit(0 if status == "completed" else 1)
 
 
+@main.command("start")
+@click.argument("workflow")
+@click.option(
+    "--context",
+    "context_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="JSON file holding the execution context (a JSON object).",
+)
+@click.option("--wait", is_flag=True, help="Follow the execution until it ends, with a progress bar.")
+@click.option("--timeout", "timeout_s", default=600.0, show_default=True, help="Seconds to wait with --wait.")
+def start_cmd(workflow: str, context_file: Path, wait: bool, timeout_s: float) -> None:
+    """Start WORKFLOW by inserting a pending execution; the daemon's launch sensor runs it
+    (`lifecycle-dagster run` executes in this process instead; both leave the same rows).
+    Prints the execution id. With --wait, exits 0 only when it completed.
+    """
+    import time
+
+    from psycopg.types.json import Jsonb
+
+    context = _read_context(context_file)
+    dsn = _dsn()
+    with connect(dsn) as conn:
+        row = conn.execute(query("active_definition_by_name"), {"name": workflow}).fetchone()
+        if row is None:
+            raise click.ClickException(f"no active version of workflow '{workflow}'")
+        created = conn.execute(
+            query("create_execution"), {"definition_id": row["id"], "context": Jsonb(context), "created_by": None}
+        ).fetchone()
+    assert created is not None
+    execution_id = str(created["id"])
+    click.echo(execution_id)
+    if not wait:
+        return
+    deadline = time.monotonic() + timeout_s
+    hinted = False
+    last = ""
+    with connect(dsn) as conn:
+        while True:
+            p = conn.execute(query("execution_progress"), {"execution_id": execution_id}).fetchone()
+            assert p is not None
+            total, done = int(p["stages"]), int(p["done"])
+            bar = "#" * done + "-" * max(total - done, 0)
+            line = f"[{bar}] {done}/{total} {p['status']}" + (f" {p['current_stage']}" if p["current_stage"] else "")
+            if p["pending_reason"]:
+                line += f" ({p['pending_reason']})"
+            if line != last:
+                click.echo(line, err=True)
+                last = line
+            if p["status"] not in ("pending", "in_progress", "compensating"):
+                break
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"still {p['status']} after {timeout_s:g} s")
+            if not hinted and p["status"] == "pending" and time.monotonic() > deadline - timeout_s + 30:
+                click.echo(
+                    "still pending after 30 s: is dagster-daemon running? (lifecycle-dagster dev starts one)", err=True
+                )
+                hinted = True
+            time.sleep(0.5)
+    status = print_execution(dsn, execution_id)
+    sys.exit(0 if status == "completed" else 1)
+
+
 def _strict_json(text: str) -> Any:
     """``json.loads`` by JSON's rules: NaN and Infinity are refused.
 
@@ -383,4 +446,6 @@ def _run_process_group(args: list[str], env: dict[str, str], grace_s: float = 20
 
 
 from lifecycle_dagster import cli_agent as _cli_agent  # noqa: E402,F401
+from lifecycle_dagster import cli_audit as _cli_audit  # noqa: E402,F401
+from lifecycle_dagster import cli_ops as _cli_ops  # noqa: E402,F401
 from lifecycle_dagster import cli_versions as _cli_versions  # noqa: E402,F401

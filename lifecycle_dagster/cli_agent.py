@@ -55,3 +55,33 @@ def serve_cmd(
     click.echo(f"serving {agent_name} as {worker.worker_id} (concurrency {concurrency})")
     worker.run(stop)
     click.echo(f"stopped after {worker.completed} completed task(s)")
+
+
+@agent_group.command("limits")
+def limits_cmd() -> None:
+    """Set each capability's Dagster pool (``lifecycle_<capability>``, the pool of its stage ops) to
+    the sum of the concurrency limits (agents.config ->> 'concurrency') of the active agents serving
+    it; a capability with an agent that has no limit is left unlimited. Prints what it set.
+    """
+    from dagster import DagsterInstance
+
+    from lifecycle_dagster.cli import _home
+    from lifecycle_dagster.db import connect
+    from lifecycle_dagster.job_factory import capability_pool
+    from lifecycle_dagster.settings import Settings
+    from lifecycle_dagster.sqlfiles import query
+
+    dsn = _dsn()
+    with connect(dsn) as conn:
+        rows = conn.execute(query("capability_limits")).fetchall()
+    instance = DagsterInstance.from_config(str(_home(Settings.from_env(), dsn)))
+    try:
+        for r in rows:
+            pool = capability_pool(str(r["capability"]))
+            if r["slots"] is None:
+                click.echo(f"{pool}: unlimited (an agent of it has no concurrency limit)")
+                continue
+            instance.event_log_storage.set_concurrency_slots(pool, int(r["slots"]))
+            click.echo(f"{pool}: {int(r['slots'])}")
+    finally:
+        instance.dispose()

@@ -23,7 +23,7 @@ from dagster._core.definitions.definitions_load_context import (
 
 from lifecycle_dagster.db import connect, resolve_dsn
 from lifecycle_dagster.job_factory import build_jobs
-from lifecycle_dagster.sensors import failure_sensor, reconciler, resume_sensor
+from lifecycle_dagster.sensors import failure_sensor, launch_sensor, reconciler, resume_sensor
 from lifecycle_dagster.sqlfiles import query
 
 #: reconstruction-metadata key of the snapshot
@@ -60,7 +60,11 @@ def definitions_from_snapshot(snapshot: str) -> dg.Definitions:
         log.warning("workflow %s v%s skipped: %s", s.name, s.version, s.error)
     forward = [j for j in jobs if not j.name.endswith("__compensate")]
     compensation = [j for j in jobs if j.name.endswith("__compensate")]
-    sensors = [resume_sensor(forward), failure_sensor(forward), reconciler(compensation)] if jobs else []
+    sensors = (
+        [launch_sensor(forward), resume_sensor(forward), failure_sensor(forward), reconciler(compensation)]
+        if jobs
+        else []
+    )
     return dg.Definitions(jobs=jobs, sensors=sensors)
 
 

@@ -80,6 +80,11 @@ class DefinitionRow:
         return f"{self.name} v{self.version}"
 
 
+def capability_pool(capability: str) -> str:
+    """The Dagster pool of the stage ops of a capability: ``lifecycle_<capability>``."""
+    return f"lifecycle_{capability}"
+
+
 def job_name(name: str, version: int) -> str:
     """The job of a definition version: ``<name>__v<version>``."""
     return f"{name}__v{version}"
@@ -161,6 +166,9 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
         description=stage.description or f"stage '{stage.id}' (capability '{stage.capability}')",
         tags={"lifecycle/stage": stage.id, "lifecycle/capability": stage.capability},
         required_resource_keys={"lifecycle_db", "lifecycle_request", "lifecycle_agents"},
+        # a Dagster pool per capability: `lifecycle-dagster agent limits` sets it from the agents'
+        # concurrency limits (no limit set: unlimited)
+        pool=capability_pool(stage.capability),
     )(compute)
 
 

@@ -1,5 +1,12 @@
 """Sensors of the code location.
 
+``lifecycle_launch_sensor``: an execution inserted as ``pending`` (``lifecycle-dagster start``, a
+Supabase client, the runbook's section 8 statement with status pending) is launched as a run of its
+version's job with run key = execution id, so one execution never gets two runs however often the
+sensor sees it; the run's first op binds its run id to the row. A row whose job is not loaded
+(published since the last reload) stays pending with ``pending_reason`` saying so. Rows inserted as
+``in_progress`` with no run (driven by hand) are never launched.
+
 ``lifecycle_run_failure_sensor``: a failed forward run is mirrored into Postgres: its execution
 fails (if it was still in progress under that run) and, when its DAG says ``on_failure:
 compensate`` (the default), compensation starts (``perform_workflow_compensation``). Keyed on the
@@ -207,5 +214,54 @@ def reconciler(compensation_jobs: Sequence[dg.JobDefinition]) -> dg.SensorDefini
                 context.log.info(req.skip_message or "")
             else:
                 yield req
+
+    return _sensor
+
+
+#: pending executions launched per tick
+LAUNCH_BATCH = 100
+
+
+def launch_requests(jobs: Sequence[str], dsn: str) -> Iterator[dg.RunRequest]:
+    """The run requests of one launch tick (see the module docstring)."""
+    known = set(jobs)
+    with connect(dsn) as conn:
+        rows = conn.execute(query("launchable_executions"), {"limit": LAUNCH_BATCH}).fetchall()
+        for r in rows:
+            job = job_name(r["workflow_name"], r["version"])
+            if job not in known:
+                conn.execute(
+                    query("set_pending_reason"),
+                    {
+                        "execution_id": r["execution_id"],
+                        "reason": f"job {job} is not loaded: reload the code location to pick up this version",
+                    },
+                )
+                continue
+            yield dg.RunRequest(
+                run_key=r["execution_id"],
+                job_name=job,
+                run_config=IN_PROCESS,
+                tags={
+                    EXECUTION_ID_TAG: r["execution_id"],
+                    "lifecycle/workflow": r["workflow_name"],
+                    "lifecycle/version": str(r["version"]),
+                },
+            )
+
+
+def launch_sensor(jobs: Sequence[dg.JobDefinition]) -> dg.SensorDefinition:
+    """The launch sensor over the forward ``jobs``."""
+    names = [j.name for j in jobs]
+
+    @dg.sensor(
+        name="lifecycle_launch_sensor",
+        jobs=list(jobs),
+        minimum_interval_seconds=5,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Launches executions inserted as pending (run key = execution id).",
+    )
+    def _sensor(context: dg.SensorEvaluationContext) -> Iterator[dg.RunRequest]:
+        yield from list(launch_requests(names, resolve_dsn()))
 
     return _sensor

@@ -248,3 +248,161 @@ WHERE a.is_active AND latest.knowledge ->> 'capability' = ANY (%(capabilities)s:
 -- name: validate_dag
 -- The database's own verdict on a DAG (the trigger's rules): one row per problem.
 SELECT code, stages, path, message FROM lifecycle_validate_dag(%(dag)s);
+
+-- name: launchable_executions
+SELECT execution_id::text AS execution_id, workflow_name, version, created_at, pending_reason
+FROM lifecycle_launchable_executions(%(limit)s);
+
+-- name: set_pending_reason
+SELECT lifecycle_set_pending_reason(%(execution_id)s, %(reason)s) AS changed;
+
+-- name: execution_progress
+SELECT e.status, e.current_stage, e.pending_reason, e.error_message, e.dagster_run_id,
+       jsonb_array_length(d.dag_schema -> 'stages') AS stages,
+       (SELECT count(*) FROM workflow_execution_logs l WHERE l.execution_id = e.id AND l.status = 'completed') AS done
+FROM workflow_executions e JOIN workflow_definitions d ON d.id = e.workflow_definition_id
+WHERE e.id = %(execution_id)s;
+
+-- name: audit_feed
+-- The audit feed of one execution (0009_audit's workflow_audit_feed: one row per event, newest first).
+SELECT execution_id::text AS execution_id, workflow_name, version, stage_id, stage_status, attempt_number,
+       started_at, completed_at, error_message, workflow_status, circuit_breaker_state, context,
+       event_type, metadata, event_timestamp
+FROM workflow_audit_feed
+WHERE execution_id = %(execution_id)s;
+
+-- name: audit_latest
+-- The newest events of every execution, newest first (workflow_events_timestamp_idx).
+SELECT execution_id::text AS execution_id, workflow_name, version, stage_id, stage_status, event_type,
+       metadata, event_timestamp
+FROM workflow_audit_feed
+LIMIT %(limit)s;
+
+-- name: audit_execution_exists
+SELECT EXISTS (SELECT 1 FROM workflow_executions WHERE id = %(execution_id)s) AS found;
+
+-- name: audit_events_all
+-- Every event of every stream, stream by stream (execution_id order, the global stream last), in
+-- chain order; metadata as jsonb prints it (numbers exact).
+SELECT id, execution_id::text AS execution_id, event_type, stage_id, metadata::text AS metadata,
+       "timestamp", prev_hash, hash
+FROM workflow_events
+ORDER BY execution_id, id;
+
+-- name: audit_events_of_execution
+SELECT id, execution_id::text AS execution_id, event_type, stage_id, metadata::text AS metadata,
+       "timestamp", prev_hash, hash
+FROM workflow_events
+WHERE execution_id = %(execution_id)s
+ORDER BY id;
+
+-- name: audit_checkpoints
+-- The newest retention checkpoint of each stream (NULL execution_id: the global stream).
+SELECT DISTINCT ON (execution_id) execution_id::text AS execution_id, last_event_id, last_hash
+FROM lifecycle_audit_checkpoints
+ORDER BY execution_id, id DESC;
+
+-- name: audit_canonical_event
+-- The database's canonical form and hash of one stored event (to compare with Python's).
+SELECT lifecycle_audit_canonical_event(id, execution_id, event_type, stage_id, metadata, "timestamp") AS canonical,
+       lifecycle_audit_hash(prev_hash, lifecycle_audit_canonical_event(id, execution_id, event_type, stage_id,
+                                                                       metadata, "timestamp")) AS hash
+FROM workflow_events
+WHERE id = %(id)s;
+
+-- name: audit_prune
+SELECT executions, events, global_events FROM lifecycle_audit_prune(%(before)s, %(max_streams)s);
+
+-- name: ops_executions
+-- `lifecycle-dagster list`: executions newest first, optionally by workflow, status and creation
+-- time. manual: driven by hand (inserted as in_progress, the runbook's section 8): no Dagster run,
+-- not waiting to be launched, and not a pending row cancelled before any stage ran.
+SELECT e.id::text AS id, d.name AS workflow, d.version, e.status, e.current_stage, e.created_at,
+       e.updated_at, e.dagster_run_id,
+       (e.dagster_run_id IS NULL AND e.status <> 'pending'
+        AND (e.status NOT IN ('cancelled', 'compensating', 'rolled_back', 'compensation_failed')
+             OR EXISTS (SELECT 1 FROM workflow_execution_logs l WHERE l.execution_id = e.id))) AS manual
+FROM workflow_executions e
+JOIN workflow_definitions d ON d.id = e.workflow_definition_id
+WHERE (%(workflow)s::text IS NULL OR d.name = %(workflow)s::text)
+  AND (%(status)s::text IS NULL OR e.status = %(status)s::text)
+  AND (%(since)s::timestamptz IS NULL OR e.created_at >= %(since)s::timestamptz)
+ORDER BY e.created_at DESC, e.id
+LIMIT %(limit)s;
+
+-- name: ops_execution
+-- `lifecycle-dagster status`: one execution (pending_reason read through to_jsonb, so that it is
+-- NULL where the column does not exist).
+SELECT e.id::text AS id, d.name AS workflow, d.version, e.status, e.current_stage, e.created_at,
+       e.updated_at, e.dagster_run_id, e.compensation_run_id, e.error_message,
+       e.created_by::text AS created_by, to_jsonb(e) ->> 'pending_reason' AS pending_reason,
+       (e.dagster_run_id IS NULL AND e.status <> 'pending'
+        AND (e.status NOT IN ('cancelled', 'compensating', 'rolled_back', 'compensation_failed')
+             OR EXISTS (SELECT 1 FROM workflow_execution_logs l WHERE l.execution_id = e.id))) AS manual
+FROM workflow_executions e
+JOIN workflow_definitions d ON d.id = e.workflow_definition_id
+WHERE e.id = %(execution_id)s;
+
+-- name: ops_execution_stages
+-- Every stage of the execution's DAG in DAG order, with its log (NULL: not started), the agent of
+-- its latest task and the duration of its latest attempt (completed_at - started_at).
+SELECT s.stage ->> 'id' AS stage, s.stage ->> 'capability' AS capability, l.status,
+       l.attempt_number AS attempts, l.started_at, l.completed_at,
+       round(extract(epoch FROM (l.completed_at - l.started_at))::numeric, 3)::float8 AS duration_s,
+       t.agent, l.error_message AS error
+FROM workflow_executions e
+JOIN workflow_definitions d ON d.id = e.workflow_definition_id
+CROSS JOIN LATERAL jsonb_array_elements(
+  CASE WHEN jsonb_typeof(d.dag_schema -> 'stages') = 'array' THEN d.dag_schema -> 'stages' ELSE '[]'::jsonb END
+) WITH ORDINALITY AS s(stage, ord)
+LEFT JOIN workflow_execution_logs l ON l.execution_id = e.id AND l.stage_id = s.stage ->> 'id'
+LEFT JOIN LATERAL (
+  SELECT a.name AS agent FROM task_queue tq LEFT JOIN agents a ON a.id = tq.agent_id
+  WHERE tq.workflow_execution_id = e.id AND tq.task_type = s.stage ->> 'id'
+  ORDER BY tq.attempt DESC, tq.created_at DESC LIMIT 1
+) t ON true
+WHERE e.id = %(execution_id)s
+ORDER BY s.ord;
+
+-- name: ops_breakers
+-- `lifecycle-dagster breakers`: every agent and every capability an active agent serves (or that
+-- has a breaker row), closed with no history when it has no row; the rest from
+-- lifecycle_breaker_status (window at now()).
+WITH targets AS (
+  SELECT 'agent'::text AS scope, a.name, a.id::text AS key,
+         array_to_string(lifecycle_agent_capabilities(a.id), ', ') AS serves, a.is_active
+  FROM agents a
+  UNION ALL
+  SELECT 'capability', c.name, c.name, NULL, true
+  FROM (SELECT DISTINCT cap AS name FROM agents a, unnest(lifecycle_agent_capabilities(a.id)) cap WHERE a.is_active
+        UNION
+        SELECT b.key FROM lifecycle_breakers b WHERE b.scope = 'capability') c
+)
+SELECT r.scope, r.name, r.serves, r.is_active AS active, coalesce(s.state, 'closed') AS state, s.state_since,
+       s.opened_at, s.half_open_at, coalesce(s.calls, 0) AS calls, coalesce(s.failures, 0) AS failures,
+       s.rate, s.p95_ms
+FROM targets r
+LEFT JOIN lifecycle_breaker_status s ON s.scope = r.scope AND s.key = r.key
+ORDER BY r.scope, r.name;
+
+-- name: breaker_reset
+SELECT lifecycle_breaker_reset(%(agent)s) AS previous_state;
+
+-- name: schema_fingerprints_present
+SELECT to_regclass('lifecycle_schema_fingerprints') IS NOT NULL AS present;
+
+-- name: schema_fingerprints_recorded
+-- The schema as shipped: recorded at the end of the last migration (0011_security).
+SELECT kind, object, md5 FROM lifecycle_schema_fingerprints ORDER BY kind, object;
+
+-- name: schema_fingerprints_now
+SELECT kind, object, md5 FROM lifecycle_schema_catalog() ORDER BY kind, object;
+
+-- name: capability_limits
+-- Per capability: the sum of its active agents' concurrency limits, NULL when one has none.
+SELECT c AS capability,
+       CASE WHEN bool_and(a.config ? 'concurrency') THEN sum((a.config ->> 'concurrency')::int) END AS slots
+FROM agents a, unnest(lifecycle_agent_capabilities(a.id)) c
+WHERE a.is_active
+GROUP BY c
+ORDER BY c;

@@ -127,6 +127,7 @@ def test_code_location_loads_every_active_job_and_skips_invalid(seeded_db: str) 
         assert len(job.graph.nodes) == (4 if name.startswith("diamond") else 5)
     # and every sensor loads
     assert sorted(s.name for s in repo.sensor_defs) == [
+        "lifecycle_launch_sensor",
         "lifecycle_reconciler",
         "lifecycle_resume_sensor",
         "lifecycle_run_failure_sensor",

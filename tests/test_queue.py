@@ -485,3 +485,46 @@ def test_lifecycle_survives_its_design_worker_being_killed(seeded_db: str, insta
     kinds = [(k, s) for k, s, _ in events(seeded_db, eid)]
     assert kinds.count(("task_reaped", "target_design")) == 1
     assert kinds.count(("stage_completed", "target_design")) == 1
+
+
+def test_stage_ops_use_their_capability_pool_and_agent_limits_set_it(seeded_db: str, dagster_home: Path) -> None:
+    from click.testing import CliRunner
+
+    from lifecycle_dagster.cli import main
+    from lifecycle_dagster.job_factory import build_job
+
+    with connect(seeded_db) as conn:
+        row = conn.execute(
+            "SELECT id::text AS id, name, version, description, dag_schema FROM workflow_definitions"
+        ).fetchone()
+        conn.execute("UPDATE agents SET config = '{\"concurrency\": 2}' WHERE name <> 'Integrity Agent'")
+        # a second design agent with its own limit: the design pool gets their sum
+        a = conn.execute(
+            "INSERT INTO agents (name, config) VALUES ('Design Agent 2', '{\"concurrency\": 3}') RETURNING id"
+        ).fetchone()
+        assert a is not None
+        conn.execute(
+            "INSERT INTO agent_ontologies (agent_id, domain, knowledge) VALUES (%s, 'orchestration',"
+            ' \'{"capabilities": ["design"]}\')',
+            (a["id"],),
+        )
+    assert row is not None
+    job = build_job(dict(row))
+    pools = {n.name.split("__")[-1]: n.definition.pool for n in job.graph.nodes}
+    assert pools["target_design"] == "lifecycle_design" and pools["integrity"] == "lifecycle_governance"
+    out = CliRunner().invoke(main, ["agent", "limits"], env={"DAGSTER_HOME": str(dagster_home)})
+    assert out.exit_code == 0, out.output
+    assert out.stdout.splitlines() == [
+        "lifecycle_assessment: 2",
+        "lifecycle_design: 5",
+        "lifecycle_execution: 2",
+        "lifecycle_governance: unlimited (an agent of it has no concurrency limit)",
+        "lifecycle_opportunity: 2",
+    ]
+    from dagster import DagsterInstance
+
+    instance = DagsterInstance.from_config(str(dagster_home))
+    try:
+        assert instance.event_log_storage.get_concurrency_info("lifecycle_design").slot_count == 5
+    finally:
+        instance.dispose()

@@ -1,0 +1,476 @@
+"""``lifecycle-dagster list | status | breakers | doctor``: what an operator looks at.
+
+Registered on :data:`lifecycle_dagster.cli.main` (cli.py imports this module last). Each command
+prints a readable table, or with ``--json`` ONE JSON document on stdout (an object; times are ISO
+8601 with their UTC offset, durations in seconds, absent values null) for scripts. Exit codes as in
+:mod:`lifecycle_dagster.cli`: 0 success; 1 an unknown execution or agent, or (``doctor``) anything
+wrong with the database's schema; 2 usage errors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import click
+
+from lifecycle_dagster import migrate
+from lifecycle_dagster.cli import _dsn, main
+from lifecycle_dagster.db import Connection, connect
+from lifecycle_dagster.sqlfiles import query
+
+EXECUTION_STATUSES = (
+    "pending",
+    "in_progress",
+    "completed",
+    "failed",
+    "cancelled",
+    "compensating",
+    "rolled_back",
+    "compensation_failed",
+)
+_RELATIVE = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+# --------------------------------------------------------------------------------------------
+# output
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _emit_json(document: dict[str, Any]) -> None:
+    click.echo(json.dumps(document, default=_json_value, ensure_ascii=False))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Columns left-aligned, two spaces apart; None as '-'."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    for line in [list(headers), *cells]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _since(value: str | None) -> datetime | None:
+    """``1h``, ``30m``, ``2d``, ``45s`` ago, or an ISO 8601 time (UTC when it has no offset)."""
+    if value is None:
+        return None
+    m = _RELATIVE.match(value.strip())
+    if m:
+        return datetime.now(UTC) - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r}: expected an ISO 8601 time (2026-01-31T12:00:00Z) or an age like 30m, 1h, 2d, 45s",
+            param_hint="--since",
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _execution_id(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise click.ClickException(f"not an execution id: {value!r} (expected a UUID)") from None
+
+
+# --------------------------------------------------------------------------------------------
+# list
+
+
+@main.command("list")
+@click.option("--workflow", help="Only executions of this workflow (any version).")
+@click.option("--status", type=click.Choice(EXECUTION_STATUSES), help="Only executions in this status.")
+@click.option("--since", "since", help="Only executions created since: ISO 8601, or an age (30m, 1h, 2d).")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="At most this many.")
+@click.option("--json", "as_json", is_flag=True, help='One JSON document: {"executions": [...]}.')
+def list_cmd(workflow: str | None, status: str | None, since: str | None, limit: int, as_json: bool) -> None:
+    """Executions, newest first: workflow, version, status, current stage, created, updated and the
+    Dagster run (``manual``: driven by hand, inserted as in_progress with no run)."""
+    params = {"workflow": workflow, "status": status, "since": _since(since), "limit": limit}
+    with connect(_dsn()) as conn:
+        rows = [dict(r) for r in conn.execute(query("ops_executions"), params).fetchall()]
+    if as_json:
+        _emit_json({"executions": rows})
+        return
+    if not rows:
+        click.echo("no executions")
+        return
+    _table(
+        ("ID", "WORKFLOW", "VERSION", "STATUS", "STAGE", "CREATED", "UPDATED", "RUN"),
+        [
+            (
+                r["id"],
+                r["workflow"],
+                r["version"],
+                r["status"],
+                r["current_stage"],
+                r["created_at"],
+                r["updated_at"],
+                "manual" if r["manual"] else r["dagster_run_id"],
+            )
+            for r in rows
+        ],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# status
+
+
+@main.command("status")
+@click.argument("execution_id")
+@click.option("--json", "as_json", is_flag=True, help='One JSON document: {"execution": {...}, "stages": [...]}.')
+def status_cmd(execution_id: str, as_json: bool) -> None:
+    """An execution and each stage of its DAG: status, attempts, duration, agent, error. Exits 1
+    when no execution has this id."""
+    eid = _execution_id(execution_id)
+    with connect(_dsn()) as conn:
+        execution = conn.execute(query("ops_execution"), {"execution_id": eid}).fetchone()
+        if execution is None:
+            raise click.ClickException(f"no execution {eid} (lifecycle-dagster list shows the executions)")
+        stages = [dict(r) for r in conn.execute(query("ops_execution_stages"), {"execution_id": eid}).fetchall()]
+    if as_json:
+        _emit_json({"execution": dict(execution), "stages": stages})
+        return
+    e = execution
+    click.echo(f"execution {e['id']}  {e['workflow']} v{e['version']}")
+    click.echo(f"  status:   {e['status']}" + (f"  ({e['error_message']})" if e["error_message"] else ""))
+    if e["pending_reason"]:
+        click.echo(f"  waiting:  {e['pending_reason']}")
+    click.echo(f"  stage:    {_cell(e['current_stage'])}")
+    click.echo(f"  created:  {_cell(e['created_at'])}  updated: {_cell(e['updated_at'])}")
+    click.echo(f"  run:      {'manual' if e['manual'] else _cell(e['dagster_run_id'])}")
+    if e["compensation_run_id"]:
+        click.echo(f"  undo run: {e['compensation_run_id']}")
+    click.echo("")
+    _table(
+        ("STAGE", "STATUS", "ATTEMPTS", "DURATION", "AGENT", "ERROR"),
+        [
+            (
+                s["stage"],
+                s["status"] or "not_started",
+                s["attempts"],
+                None if s["duration_s"] is None else f"{s['duration_s']:.3f}s",
+                s["agent"],
+                s["error"],
+            )
+            for s in stages
+        ],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# breakers
+
+
+@main.command("breakers")
+@click.option("--reset", "reset_agent", metavar="AGENT", help="Close this agent's breaker now (reason 'reset').")
+@click.option("--json", "as_json", is_flag=True, help='One JSON document: {"reset": ..., "breakers": [...]}.')
+def breakers_cmd(reset_agent: str | None, as_json: bool) -> None:
+    """Circuit breakers per agent and per capability: state, since when, when an open one
+    half-opens, and the current window's calls, failures, failure rate and p95 latency. With
+    ``--reset AGENT``, the agent's open or half-open breaker closes first (lifecycle_breaker_reset,
+    a breaker_closed event with reason 'reset'); an unknown agent exits 1."""
+    import psycopg
+
+    reset: dict[str, Any] | None = None
+    with connect(_dsn()) as conn:
+        if reset_agent is not None:
+            try:
+                row = conn.execute(query("breaker_reset"), {"agent": reset_agent}).fetchone()
+            except psycopg.errors.NoDataFound as exc:
+                raise click.ClickException(
+                    f"unknown agent {reset_agent!r} (lifecycle-dagster breakers lists them)"
+                ) from exc
+            assert row is not None
+            previous = str(row["previous_state"])
+            reset = {"agent": reset_agent, "previous_state": previous, "closed": previous != "closed"}
+        rows = [dict(r) for r in conn.execute(query("ops_breakers")).fetchall()]
+    if as_json:
+        _emit_json({"reset": reset, "breakers": rows})
+        return
+    if reset is not None:
+        if reset["closed"]:
+            click.echo(f"reset: the breaker of agent '{reset_agent}' is closed (it was {reset['previous_state']})")
+        else:
+            click.echo(f"reset: the breaker of agent '{reset_agent}' was already closed: nothing to do")
+    if not rows:
+        click.echo("no agents")
+        return
+    _table(
+        ("SCOPE", "NAME", "STATE", "SINCE", "HALF-OPENS AT", "CALLS", "FAILURES", "RATE", "P95 MS", "SERVES"),
+        [
+            (
+                r["scope"],
+                r["name"] if r["active"] else f"{r['name']} (inactive)",
+                r["state"],
+                r["state_since"],
+                r["half_open_at"],
+                r["calls"],
+                r["failures"],
+                None if r["rate"] is None else round(float(r["rate"]), 4),
+                r["p95_ms"],
+                r["serves"],
+            )
+            for r in rows
+        ],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# doctor
+
+#: the runbook's section that, re-applied after migrating, leaves this object behind
+_RUNBOOK_SECTIONS = {
+    "perform_workflow_compensation": 2,
+    "retry_stage": 3,
+    "trip_circuit_breaker": 4,
+    "workflow_audit_feed": 5,
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing ``doctor`` found wrong: what, about which object, and what to do."""
+
+    kind: str  # migration | function | view | table | trigger | policy | privileges | fingerprints
+    object: str
+    problem: str  # missing | changed | extra | pending | unknown
+    message: str
+    fix: str
+
+
+def _defined_in(kind: str, name: str) -> str | None:
+    """The last migration file whose SQL creates ``name`` (a function, view or trigger)."""
+    what = {"function": "FUNCTION", "view": "VIEW", "trigger": "TRIGGER"}.get(kind)
+    if what is None:
+        return None
+    pattern = re.compile(rf"CREATE\s+(?:OR\s+REPLACE\s+)?{what}\s+(?:public\.)?{re.escape(name)}\b", re.IGNORECASE)
+    found = None
+    for mig in migrate.discover():
+        if pattern.search(mig.sql):
+            found = mig.path.name
+    return found
+
+
+def _runbook_note(name: str) -> str:
+    section = _RUNBOOK_SECTIONS.get(name)
+    return f" (the runbook's section {section} re-applied?)" if section else ""
+
+
+def migration_problems(done: dict[int, tuple[str, str]]) -> list[Problem]:
+    """Every migration applied (``done``: :func:`lifecycle_dagster.migrate.applied`), with the
+    checksum of the file shipped now."""
+    problems: list[Problem] = []
+    shipped = migrate.discover()
+    by_version = {m.version: m for m in shipped}
+    for version, (name, checksum) in sorted(done.items()):
+        mig = by_version.get(version)
+        label = f"{version:04d}_{name}"
+        if mig is None:
+            problems.append(
+                Problem(
+                    "migration",
+                    label,
+                    "unknown",
+                    f"migration {label} is applied but not shipped with this code",
+                    "the database was upgraded by a newer lifecycle-dagster: use that version",
+                )
+            )
+        elif mig.name != name or mig.checksum != checksum:
+            problems.append(
+                Problem(
+                    "migration",
+                    label,
+                    "changed",
+                    f"migration {label} was applied with checksum {checksum[:12]}…, the file shipped now "
+                    f"({mig.path.name}) has {mig.checksum[:12]}…",
+                    "applied migrations never change: restore the file as released and add a new migration",
+                )
+            )
+    for mig in shipped:
+        if mig.version not in done:
+            label = f"{mig.version:04d}_{mig.name}"
+            problems.append(
+                Problem(
+                    "migration", label, "pending", f"migration {label} is not applied", "lifecycle-dagster db upgrade"
+                )
+            )
+    return problems
+
+
+def schema_problems(conn: Connection) -> tuple[int, list[Problem]]:
+    """(objects checked, problems): the catalog now against the fingerprints recorded when migrating."""
+    present = conn.execute(query("schema_fingerprints_present")).fetchone()
+    if present is None or not present["present"]:
+        return 0, [
+            Problem(
+                "fingerprints",
+                "lifecycle_schema_fingerprints",
+                "missing",
+                "no schema fingerprints recorded (0011_security is not applied)",
+                "lifecycle-dagster db upgrade",
+            )
+        ]
+    recorded = {(r["kind"], r["object"]): r["md5"] for r in conn.execute(query("schema_fingerprints_recorded"))}
+    now = {(r["kind"], r["object"]): r["md5"] for r in conn.execute(query("schema_fingerprints_now"))}
+    problems: list[Problem] = []
+    extra_objects = {obj for (kind, obj) in now.keys() - recorded.keys() if kind in ("function", "view", "table")}
+    for key in sorted(recorded.keys() | now.keys()):
+        kind, obj = key
+        name = obj.split("(", 1)[0].split(" ", 1)[-1]
+        if key in recorded and key in now:
+            if recorded[key] == now[key]:
+                continue
+            problems.append(_changed(kind, obj, name))
+        elif key in recorded:
+            problems.append(_missing(kind, obj, name))
+        elif not (kind == "privileges" and obj.split(" ", 1)[1] in extra_objects):
+            problems.append(_extra(kind, obj, name))
+    return len(recorded), problems
+
+
+def _shipped_in(kind: str, name: str) -> str:
+    found = _defined_in(kind, name)
+    return f"sql/migrations/{found}" if found else "sql/migrations"
+
+
+def _changed(kind: str, obj: str, name: str) -> Problem:
+    note = _runbook_note(name)
+    if kind == "function":
+        return Problem(
+            kind,
+            obj,
+            "changed",
+            f"function {obj}: the installed definition is not the shipped one{note}",
+            f"re-run its CREATE OR REPLACE FUNCTION from {_shipped_in(kind, name)}, then, if it changes "
+            "state, its ALTER FUNCTION ... SECURITY DEFINER SET search_path = public, pg_temp, REVOKE "
+            "and GRANT as 0011_security.sql does",
+        )
+    if kind == "view":
+        return Problem(
+            kind,
+            obj,
+            "changed",
+            f"view {obj}: the installed definition is not the shipped one{note}",
+            f"re-run its CREATE OR REPLACE VIEW from {_shipped_in(kind, name)}, then "
+            f"ALTER VIEW {obj} SET (security_invoker = true)",
+        )
+    if kind == "table":
+        return Problem(
+            kind,
+            obj,
+            "changed",
+            f"table {obj}: row-level security is not as shipped (enabled, not forced)",
+            f"ALTER TABLE {obj} ENABLE ROW LEVEL SECURITY; ALTER TABLE {obj} NO FORCE ROW LEVEL SECURITY",
+        )
+    if kind == "privileges":
+        return Problem(
+            kind,
+            obj,
+            "changed",
+            f"{obj}: privileges differ from the shipped ones",
+            "re-apply the REVOKE and GRANT statements of sql/migrations/0011_security.sql for it",
+        )
+    return Problem(
+        kind,
+        obj,
+        "changed",
+        f"{kind} {obj}: not the shipped definition",
+        f"re-create it from {_shipped_in(kind, name)}",
+    )
+
+
+def _missing(kind: str, obj: str, name: str) -> Problem:
+    if kind == "privileges":
+        return Problem(kind, obj, "missing", f"{obj}: gone", "re-create it (see the other problems)")
+    return Problem(kind, obj, "missing", f"{kind} {obj} is missing", f"re-create it from {_shipped_in(kind, name)}")
+
+
+def _extra(kind: str, obj: str, name: str) -> Problem:
+    note = _runbook_note(name)
+    if kind == "function":
+        overload = " another overload of a shipped function" if _defined_in(kind, name) else ""
+        return Problem(
+            kind,
+            obj,
+            "extra",
+            f"function {obj} is not shipped:{overload or ' not ours'}{note}",
+            f"DROP FUNCTION public.{obj};",
+        )
+    if kind == "view":
+        return Problem(
+            kind, obj, "extra", f"view {obj} is not shipped{note}", f"DROP VIEW public.{obj}; (if it is not yours)"
+        )
+    if kind == "table":
+        return Problem(
+            kind,
+            obj,
+            "extra",
+            f"table {obj} is not covered by 0011_security (row-level security, grants)",
+            "a migration that adds a table must enable RLS, grant as 0011_security.sql does, and end "
+            "with SELECT lifecycle_record_schema_fingerprints()",
+        )
+    return Problem(kind, obj, "extra", f"{kind} {obj} is not shipped", "drop it if it is not yours")
+
+
+@main.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help='One JSON document: {"ok": ..., "problems": [...]}.')
+def doctor_cmd(as_json: bool) -> None:
+    """Check the database against the shipped schema: every migration applied with its checksum,
+    and every function, view, trigger, policy, RLS setting and privilege of ours still as the
+    migrations left it (fingerprints recorded by 0011_security). Lists each difference (a function
+    body replaced, an extra overload, a view redefined) with what to do; exits 1 when anything is
+    wrong."""
+    import psycopg
+
+    dsn = _dsn()
+    with psycopg.connect(dsn, autocommit=True) as plain:
+        done = migrate.applied(plain)
+    problems = migration_problems(done)
+    with connect(dsn) as conn:
+        checked, found = schema_problems(conn)
+    problems += found
+    applied = len(done)
+    if as_json:
+        _emit_json(
+            {
+                "ok": not problems,
+                "migrations_applied": applied,
+                "objects_checked": checked,
+                "problems": [asdict(p) for p in problems],
+            }
+        )
+    else:
+        for p in problems:
+            click.echo(f"PROBLEM {p.message}")
+            click.echo(f"  fix: {p.fix}")
+        if problems:
+            click.echo(f"doctor: {len(problems)} problem{'s' if len(problems) != 1 else ''}")
+        else:
+            click.echo(f"doctor: ok ({applied} migrations applied as shipped, {checked} schema objects as shipped)")
+    sys.exit(1 if problems else 0)

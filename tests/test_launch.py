@@ -1,0 +1,141 @@
+"""Launching by inserting a row: the launch sensor (run key = execution id), pending reasons,
+manual executions left alone, and `lifecycle-dagster start` with the daemon running."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+from psycopg.types.json import Jsonb
+
+from lifecycle_dagster.db import connect
+from lifecycle_dagster.definitions import definitions_from_snapshot, fetch_snapshot
+from lifecycle_dagster.job_factory import EXECUTION_ID_TAG
+from lifecycle_dagster.sensors import launch_requests
+
+from helpers import events, rows
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+ACME = json.loads((REPO / "examples/acme.json").read_text())
+
+
+def _insert(db: str, status: str = "pending", version: int = 1) -> str:
+    with connect(db) as conn:
+        row = conn.execute(
+            "INSERT INTO workflow_executions (workflow_definition_id, status, context)"
+            " SELECT id, %s, %s FROM workflow_definitions WHERE name = 'lifecycle_v1' AND version = %s"
+            " RETURNING id::text",
+            (status, Jsonb(ACME), version),
+        ).fetchone()
+    assert row is not None
+    return str(row["id"])
+
+
+def test_pending_rows_become_run_requests_keyed_by_execution(seeded_db: str, instance: Any) -> None:
+    pending = _insert(seeded_db)
+    _insert(seeded_db, status="in_progress")  # driven by hand: never launched
+    defs = definitions_from_snapshot(fetch_snapshot(seeded_db))
+    repo = defs.get_repository_def()
+    sensor = repo.get_sensor_def("lifecycle_launch_sensor")
+    data = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, repository_def=repo))
+    assert [(r.run_key, r.job_name, r.tags[EXECUTION_ID_TAG]) for r in data.run_requests] == [
+        (pending, "lifecycle_v1__v1", pending)
+    ]
+    # the run it asks for executes the pending row (the first op binds the run id)
+    [req] = data.run_requests
+    result = repo.get_job("lifecycle_v1__v1").execute_in_process(instance=instance, tags=dict(req.tags))
+    assert result.success
+    [ex] = rows(seeded_db, "SELECT status, dagster_run_id FROM workflow_executions WHERE id = %(e)s", e=pending)
+    assert ex == {"status": "completed", "dagster_run_id": result.run_id}
+    assert list(launch_requests(["lifecycle_v1__v1"], seeded_db)) == []
+
+
+def test_a_version_not_loaded_waits_with_a_visible_reason(seeded_db: str) -> None:
+    with connect(seeded_db) as conn:
+        conn.execute(
+            "SELECT lifecycle_publish_definition('lifecycle_v1', 'v2',"
+            " dag_schema || '{\"on_failure\": \"hold\"}', true) FROM workflow_definitions WHERE version = 1"
+        )
+    eid = _insert(seeded_db, version=2)
+    for _ in range(2):  # the code location still has only v1: the row waits, saying why, once
+        assert list(launch_requests(["lifecycle_v1__v1"], seeded_db)) == []
+    [ex] = rows(seeded_db, "SELECT status, pending_reason FROM workflow_executions WHERE id = %(e)s", e=eid)
+    assert ex["status"] == "pending"
+    assert (
+        ex["pending_reason"] == "job lifecycle_v1__v2 is not loaded: reload the code location to pick up this version"
+    )
+    assert [t for t, _, _ in events(seeded_db, eid)] == ["launch_waiting"]
+    [req] = list(launch_requests(["lifecycle_v1__v1", "lifecycle_v1__v2"], seeded_db))  # after a reload
+    assert req.run_key == eid
+
+
+@pytest.mark.slow
+def test_daemon_launches_every_pending_row_once(seeded_db: str, dagster_home: Path, tmp_path: Path) -> None:
+    n = int(os.environ.get("LIFECYCLE_TEST_LAUNCH_N", "12"))
+    ids = [_insert(seeded_db) for _ in range(n)]
+    env = {**os.environ, "DATABASE_URL": seeded_db, "DAGSTER_HOME": str(dagster_home)}
+    log = (tmp_path / "daemon.log").open("w")
+    daemon = subprocess.Popen(
+        [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        started = subprocess.run(
+            [
+                str(BIN / "lifecycle-dagster"),
+                "start",
+                "lifecycle_v1",
+                "--context",
+                "examples/acme.json",
+                "--wait",
+                "--timeout",
+                "240",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert started.returncode == 0, started.stderr[-3000:]
+        ids.append(started.stdout.splitlines()[0].strip())
+        assert "[#####] 5/5 completed" in started.stderr
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            done = rows(seeded_db, "SELECT count(*) AS n FROM workflow_executions WHERE status = 'completed'")[0]["n"]
+            if done == len(ids):
+                break
+            time.sleep(1)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(daemon.pid, sig)
+                daemon.wait(15)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+        log.close()
+    ex = rows(seeded_db, "SELECT id::text AS id, status, dagster_run_id FROM workflow_executions")
+    assert sorted(e["id"] for e in ex) == sorted(ids)
+    assert {e["status"] for e in ex} == {"completed"}, (tmp_path / "daemon.log").read_text()[-3000:]
+    assert len({e["dagster_run_id"] for e in ex}) == len(ids)  # one run each, written back
+    instance = dg.DagsterInstance.from_config(str(dagster_home))
+    try:
+        for e in ex:
+            runs = instance.get_runs(dg.RunsFilter(tags={EXECUTION_ID_TAG: e["id"]}))
+            assert [r.run_id for r in runs] == [e["dagster_run_id"]]
+    finally:
+        instance.dispose()
