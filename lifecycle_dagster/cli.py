@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 the work failed (an execution that did not complete, an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -135,15 +136,19 @@ def _home(settings: Settings, dsn: str) -> Path:
     return home
 
 
-@main.command("run")
-@click.argument("workflow")
-@click.option(
+#: the --context option of run and start
+_context_option = click.option(
     "--context",
     "context_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     required=True,
     help="JSON file holding the execution context (a JSON object).",
 )
+
+
+@main.command("run")
+@click.argument("workflow")
+@_context_option
 def run_cmd(workflow: str, context_file: Path) -> None:
     """Run the active version of WORKFLOW end to end in this process (no daemon needed).
 
@@ -200,13 +205,7 @@ def run_cmd(workflow: str, context_file: Path) -> None:
 
 @main.command("start")
 @click.argument("workflow")
-@click.option(
-    "--context",
-    "context_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    required=True,
-    help="JSON file holding the execution context (a JSON object).",
-)
+@_context_option
 @click.option("--wait", is_flag=True, help="Follow the execution until it ends, with a progress bar.")
 @click.option("--timeout", "timeout_s", default=600.0, show_default=True, help="Seconds to wait with --wait.")
 def start_cmd(workflow: str, context_file: Path, wait: bool, timeout_s: float) -> None:
@@ -420,25 +419,24 @@ def dev_cmd(ctx: click.Context) -> None:
     sys.exit(_run_process_group(args, env))
 
 
-def _run_process_group(args: list[str], env: dict[str, str], grace_s: float = 20.0) -> int:
-    """Run ``args`` in its own process group; SIGINT or SIGTERM to us stops the whole group
-    (dagster dev's webserver, daemon and code servers) and waits for it, so that this process then
-    exits normally and stops the embedded server it holds."""
+def _run_process_group(args: list[str], env: dict[str, str], grace_s: float = 10.0) -> int:
+    """Run ``args`` in its own process group; SIGINT or SIGTERM to us sends SIGTERM to the whole group
+    (dagster dev's webserver, daemon and code servers) and SIGKILL ``grace_s`` seconds later if it
+    is still there, so that this process then exits normally and stops the embedded server it holds."""
     import signal
+    import threading
 
     proc = subprocess.Popen(args, env=env, start_new_session=True)
 
+    def kill_group(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
     def stop(signum: int, _frame: object) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(grace_s)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        kill_group(signal.SIGTERM)
+        timer = threading.Timer(grace_s, kill_group, args=(signal.SIGKILL,))
+        timer.daemon = True
+        timer.start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
