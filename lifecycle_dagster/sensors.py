@@ -32,7 +32,7 @@ often the sensor ticks or however many daemons run it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -78,24 +78,13 @@ def resume_requests(
 
 def resume_sensor(jobs: Sequence[dg.JobDefinition]) -> dg.SensorDefinition:
     """The resume sensor over the code location's ``jobs``."""
-    names = [j.name for j in jobs]
-
-    @dg.sensor(
-        name="lifecycle_resume_sensor",
-        jobs=list(jobs),
-        minimum_interval_seconds=10,
-        default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Dispatches stages set back to pending (retry_stage) once their not-before time passes.",
+    return _tick_sensor(
+        "lifecycle_resume_sensor",
+        jobs,
+        10,
+        "Dispatches stages set back to pending (retry_stage) once their not-before time passes.",
+        resume_requests,
     )
-    def _sensor(context: dg.SensorEvaluationContext) -> Iterator[dg.RunRequest | dg.SkipReason]:
-        requests = list(resume_requests(context.instance, names, resolve_dsn()))
-        for req in requests:
-            if isinstance(req, dg.SkipReason):
-                context.log.info(req.skip_message or "")
-            else:
-                yield req
-
-    return _sensor
 
 
 #: executions looked at per reconciler step and tick
@@ -199,23 +188,13 @@ def reconcile(
 
 def reconciler(compensation_jobs: Sequence[dg.JobDefinition]) -> dg.SensorDefinition:
     """The reconciler sensor; it launches the ``compensation_jobs``."""
-    names = [j.name for j in compensation_jobs]
-
-    @dg.sensor(
-        name="lifecycle_reconciler",
-        jobs=list(compensation_jobs),
-        minimum_interval_seconds=10,
-        default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Fails lost executions, starts due compensations and launches compensation runs.",
+    return _tick_sensor(
+        "lifecycle_reconciler",
+        compensation_jobs,
+        10,
+        "Fails lost executions, starts due compensations and launches compensation runs.",
+        reconcile,
     )
-    def _sensor(context: dg.SensorEvaluationContext) -> Iterator[dg.RunRequest]:
-        for req in list(reconcile(context.instance, names, resolve_dsn())):
-            if isinstance(req, dg.SkipReason):
-                context.log.info(req.skip_message or "")
-            else:
-                yield req
-
-    return _sensor
 
 
 #: pending executions launched per tick
@@ -252,16 +231,38 @@ def launch_requests(jobs: Sequence[str], dsn: str) -> Iterator[dg.RunRequest]:
 
 def launch_sensor(jobs: Sequence[dg.JobDefinition]) -> dg.SensorDefinition:
     """The launch sensor over the forward ``jobs``."""
+    return _tick_sensor(
+        "lifecycle_launch_sensor",
+        jobs,
+        5,
+        "Launches executions inserted as pending (run key = execution id).",
+        lambda _instance, names, dsn: launch_requests(names, dsn),
+    )
+
+
+def _tick_sensor(
+    name: str,
+    jobs: Sequence[dg.JobDefinition],
+    interval_s: int,
+    description: str,
+    tick: Callable[[dg.DagsterInstance, list[str], str], Iterable[dg.RunRequest | dg.SkipReason]],
+) -> dg.SensorDefinition:
+    """A RUNNING-by-default sensor over ``jobs`` whose tick is ``tick(instance, job names, dsn)``:
+    its run requests are yielded, its skip reasons logged."""
     names = [j.name for j in jobs]
 
     @dg.sensor(
-        name="lifecycle_launch_sensor",
+        name=name,
         jobs=list(jobs),
-        minimum_interval_seconds=5,
+        minimum_interval_seconds=interval_s,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Launches executions inserted as pending (run key = execution id).",
+        description=description,
     )
     def _sensor(context: dg.SensorEvaluationContext) -> Iterator[dg.RunRequest]:
-        yield from list(launch_requests(names, resolve_dsn()))
+        for req in list(tick(context.instance, names, resolve_dsn())):
+            if isinstance(req, dg.SkipReason):
+                context.log.info(req.skip_message or "")
+            else:
+                yield req
 
     return _sensor

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -74,3 +81,29 @@ def events(dsn: str, eid: str) -> list[tuple[str, str | None, dict[str, Any]]]:
             e=eid,
         )
     ]
+
+
+@contextlib.contextmanager
+def running_daemon(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`dagster-daemon run -w workspace.yaml` from the repository root, in its own process group,
+    logging to ``log_path``; on exit its whole group gets SIGTERM, then SIGKILL if still there."""
+    repo = Path(__file__).resolve().parent.parent
+    with log_path.open("w") as log:
+        daemon = subprocess.Popen(
+            [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+            cwd=repo,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield daemon
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(daemon.pid, sig)
+                    daemon.wait(15)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue

@@ -4,7 +4,6 @@ compensation run, launched and executed by the daemon, within a bounded time."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import events, rows
+from helpers import events, rows, running_daemon
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -33,31 +32,13 @@ def test_daemon_compensates_a_failed_execution(seeded_db: str, dagster_home: Pat
     [ex] = rows(seeded_db, "SELECT id::text AS id, status FROM workflow_executions")
     assert ex["status"] == "failed"
 
-    log = (tmp_path / "daemon.log").open("w")
-    daemon = subprocess.Popen(
-        [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    t0 = time.monotonic()
-    try:
+    with running_daemon(env, tmp_path / "daemon.log"):
+        t0 = time.monotonic()
         status = ex["status"]
         while time.monotonic() - t0 < 150 and status != "rolled_back":
             time.sleep(1)
             status = rows(seeded_db, "SELECT status FROM workflow_executions")[0]["status"]
         elapsed = time.monotonic() - t0
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(daemon.pid, sig)
-                daemon.wait(15)
-                break
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
-        log.close()
     assert status == "rolled_back", (tmp_path / "daemon.log").read_text()[-4000:]
     assert elapsed < 150
     compensated = [s for t, s, _ in events(seeded_db, ex["id"]) if t == "stage_compensated"]

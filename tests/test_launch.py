@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from lifecycle_dagster.definitions import definitions_from_snapshot, fetch_snaps
 from lifecycle_dagster.job_factory import EXECUTION_ID_TAG
 from lifecycle_dagster.sensors import launch_requests
 
-from helpers import events, rows
+from helpers import events, rows, running_daemon
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -63,7 +62,7 @@ def test_a_version_not_loaded_waits_with_a_visible_reason(seeded_db: str) -> Non
     with connect(seeded_db) as conn:
         conn.execute(
             "SELECT lifecycle_publish_definition('lifecycle_v1', 'v2',"
-            " dag_schema || '{\"on_failure\": \"hold\"}', true) FROM workflow_definitions WHERE version = 1"
+            ' dag_schema || \'{"on_failure": "hold"}\', true) FROM workflow_definitions WHERE version = 1'
         )
     eid = _insert(seeded_db, version=2)
     for _ in range(2):  # the code location still has only v1: the row waits, saying why, once
@@ -83,16 +82,7 @@ def test_daemon_launches_every_pending_row_once(seeded_db: str, dagster_home: Pa
     n = int(os.environ.get("LIFECYCLE_TEST_LAUNCH_N", "12"))
     ids = [_insert(seeded_db) for _ in range(n)]
     env = {**os.environ, "DATABASE_URL": seeded_db, "DAGSTER_HOME": str(dagster_home)}
-    log = (tmp_path / "daemon.log").open("w")
-    daemon = subprocess.Popen(
-        [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
+    with running_daemon(env, tmp_path / "daemon.log"):
         started = subprocess.run(
             [
                 str(BIN / "lifecycle-dagster"),
@@ -119,15 +109,6 @@ def test_daemon_launches_every_pending_row_once(seeded_db: str, dagster_home: Pa
             if done == len(ids):
                 break
             time.sleep(1)
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(daemon.pid, sig)
-                daemon.wait(15)
-                break
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
-        log.close()
     ex = rows(seeded_db, "SELECT id::text AS id, status, dagster_run_id FROM workflow_executions")
     assert sorted(e["id"] for e in ex) == sorted(ids)
     assert {e["status"] for e in ex} == {"completed"}, (tmp_path / "daemon.log").read_text()[-3000:]
