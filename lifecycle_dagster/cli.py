@@ -65,16 +65,61 @@ def db() -> None:
 
 
 @db.command("upgrade")
-def db_upgrade() -> None:
-    """Apply pending migrations (safe to re-run and to run concurrently)."""
+@click.option("--check", is_flag=True, help="Show the plan (migrations, adoption, rejects, repairs); change nothing.")
+@click.option("--repair", is_flag=True, help="First put back the shipped definitions of drifted objects (see doctor).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of lines.")
+def db_upgrade(check: bool, repair: bool, as_json: bool) -> None:
+    """Apply pending migrations (safe to re-run and to run concurrently), in one transaction.
+
+    On a database that already holds the runbook's tables (a Supabase project), the first upgrade
+    adopts them: the originals move to the schema lifecycle_adopted, untouched; their rows are
+    copied into the new tables; a row that breaks a rule is reported (table, id, rule) and kept
+    in lifecycle_adoption_rejects instead of failing the upgrade."""
     try:
-        done = migrate.upgrade(_dsn())
+        report = migrate.run_upgrade(_dsn(), check=check, repair=repair)
     except migrate.MigrationError as exc:
         raise click.ClickException(str(exc)) from exc
-    if done:
-        for m in done:
-            click.echo(f"applied {m.version:04d}_{m.name}")
-    else:
+    if as_json:
+        import json
+
+        click.echo(
+            json.dumps(
+                {
+                    "check": report.check,
+                    "applied": [f"{m.version:04d}_{m.name}" for m in report.applied],
+                    "repaired": [{"kind": k, "object": o, "action": a} for k, o, a in report.repaired],
+                    "adopted": {t: {"copied": c, "rejected": r} for t, (c, r) in report.adopted.items()},
+                    "rejects": [vars(r) for r in report.rejects],
+                    "columns_not_carried": [{"table": t, "column": c} for t, c in report.columns_not_carried],
+                },
+                ensure_ascii=False,
+            )
+        )
+        return
+    would = "would " if check else ""
+    if check:
+        click.echo("plan (--check: nothing is changed)")
+    for kind, obj, action in report.repaired:
+        click.echo(f"{would}repair {kind} {obj}: {action}")
+    if report.adopted:
+        click.echo(
+            f"{would}adopt the existing tables {', '.join(report.adopted)} "
+            "(the originals move to the schema lifecycle_adopted, unchanged)"
+        )
+    for m in report.applied:
+        click.echo(f"{would}apply {m.version:04d}_{m.name}" if check else f"applied {m.version:04d}_{m.name}")
+    for table, (copied, rejected) in report.adopted.items():
+        click.echo(f"{would}copy {table}: {copied} row{'s' if copied != 1 else ''}, {rejected} rejected")
+    for r in report.rejects:
+        click.echo(f"REJECTED {r.table} id={r.row_id} rule={r.rule}: {r.message}")
+    if report.rejects:
+        click.echo(
+            f"{len(report.rejects)} row{'s' if len(report.rejects) != 1 else ''} not copied: "
+            f"{'would be ' if check else ''}kept in lifecycle_adopted and listed in lifecycle_adoption_rejects"
+        )
+    for table, column in report.columns_not_carried:
+        click.echo(f"column {table}.{column} is not ours: its values stay in lifecycle_adopted.{table}")
+    if not (report.applied or report.repaired or report.adopted):
         click.echo("database is up to date")
 
 
@@ -160,7 +205,6 @@ def run_cmd(workflow: str, context_file: Path) -> None:
     settings = Settings.from_env()
     dsn = _dsn()
     _upgrade_and_seed(dsn)
-    from dagster import DagsterInstance
     from psycopg.types.json import Jsonb
 
     from lifecycle_dagster.dag import DagValidationError
@@ -182,18 +226,8 @@ def run_cmd(workflow: str, context_file: Path) -> None:
     execution_id = str(created["id"])
     click.echo(f"execution {execution_id}  ({workflow} v{row['version']}, job {job.name})")
 
-    home = _home(settings, dsn)
-    os.environ.setdefault("DAGSTER_HOME", str(home))
-    instance = DagsterInstance.from_config(str(home))
-    try:
-        result = job.execute_in_process(
-            instance=instance,
-            tags={EXECUTION_ID_TAG: execution_id},
-            run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
-            raise_on_error=False,
-        )
-    finally:
-        instance.dispose()
+    os.environ.setdefault("DAGSTER_HOME", str(_home(settings, dsn)))
+    result = execute_here(dsn, job, {EXECUTION_ID_TAG: execution_id})
     status = print_execution(dsn, execution_id)
     click.echo(f"dagster run {result.run_id}: {'success' if result.success else 'failure'}")
     if not result.success and status == "in_progress":  # the engine could not record why: show Dagster's
@@ -289,6 +323,24 @@ def _read_context(path: Path) -> dict[str, Any]:
     return context
 
 
+def execute_here(dsn: str, job: Any, tags: dict[str, str]) -> Any:
+    """Execute the Dagster ``job`` in this process on the Dagster home of ``dsn`` (in-process
+    executor, console logging off) with run ``tags``; return its ExecuteInProcessResult. A failed
+    run is returned, not raised."""
+    from dagster import DagsterInstance
+
+    instance = DagsterInstance.from_config(str(_home(Settings.from_env(), dsn)))
+    try:
+        return job.execute_in_process(
+            instance=instance,
+            tags=tags,
+            run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
+            raise_on_error=False,
+        )
+    finally:
+        instance.dispose()
+
+
 def print_execution(dsn: str, execution_id: str) -> str:
     """Print each stage's status and output summary; return the execution's status."""
     with connect(dsn) as conn:
@@ -375,7 +427,6 @@ def compensate_cmd(execution_id: str, reason: str, no_wait: bool) -> None:
     then run its compensation job in this process: completed stages are undone in reverse order.
     Exits 0 when the execution ends rolled_back.
     """
-    from dagster import DagsterInstance
 
     from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, build_compensation_job
 
@@ -387,17 +438,7 @@ def compensate_cmd(execution_id: str, reason: str, no_wait: bool) -> None:
         row = conn.execute(query("definition_of_execution"), {"execution_id": execution_id}).fetchone()
     assert row is not None
     if execution["status"] == "compensating" and not no_wait:
-        home = _home(Settings.from_env(), dsn)
-        instance = DagsterInstance.from_config(str(home))
-        try:
-            result = build_compensation_job(row).execute_in_process(
-                instance=instance,
-                tags={EXECUTION_ID_TAG: execution_id},
-                run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
-                raise_on_error=False,
-            )
-        finally:
-            instance.dispose()
+        result = execute_here(dsn, build_compensation_job(row), {EXECUTION_ID_TAG: execution_id})
         click.echo(f"dagster run {result.run_id}: {'success' if result.success else 'failure'}")
     status = print_execution(dsn, execution_id)
     sys.exit(0 if status == "rolled_back" or (no_wait and status == "compensating") else 1)

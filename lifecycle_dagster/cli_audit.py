@@ -56,11 +56,12 @@ def _cell(value: Any) -> str:
 
 @audit_group.command("show")
 @click.argument("execution_id")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per event (JSON lines).")
+@click.option("--json", "as_json", is_flag=True, help='One JSON document: {"execution_id": ..., "events": [...]}.')
 def show_cmd(execution_id: str, as_json: bool) -> None:
     """Print EXECUTION_ID's audit feed (workflow_audit_feed), newest event first: a table of time,
-    event, stage, stage status, attempt and metadata, or with --json every column of the view as
-    one JSON object per line. An unknown execution is an error (exit 1).
+    event, stage, stage status, attempt and metadata, or with --json one JSON document
+    ``{"execution_id": ..., "events": [...]}`` whose events carry every column of the view
+    (timestamps ISO 8601 in UTC). An unknown execution is an error (exit 1).
     """
     eid = _execution_id(execution_id)
     with connect(_dsn()) as conn:
@@ -69,8 +70,8 @@ def show_cmd(execution_id: str, as_json: bool) -> None:
             raise click.ClickException(f"no execution {eid}")
         rows = conn.execute(query("audit_feed"), {"execution_id": eid}).fetchall()
     if as_json:
-        for row in rows:
-            click.echo(json.dumps({k: _jsonable(v) for k, v in row.items()}, ensure_ascii=False, sort_keys=False))
+        events = [{k: _jsonable(v) for k, v in row.items()} for row in rows]
+        click.echo(json.dumps({"execution_id": eid, "events": events}, ensure_ascii=False))
         return
     if rows:
         first = rows[0]
@@ -89,12 +90,19 @@ def show_cmd(execution_id: str, as_json: bool) -> None:
 
 @audit_group.command("verify")
 @click.argument("execution_id", required=False)
-def verify_cmd(execution_id: str | None) -> None:
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='One JSON document: {"ok", "events", "streams", "unchained", "broken": [...]}.',
+)
+def verify_cmd(execution_id: str | None, as_json: bool) -> None:
     """Recompute the hash chain of EXECUTION_ID's events (every stream when omitted) from the rows.
 
     Prints "N events in M streams verified" and exits 0 when every link holds; otherwise prints,
     for each broken stream, its first broken link (stream, event id, expected and stored hash) and
-    exits 1. Events stored before the chain existed (no hash) are counted and skipped.
+    exits 1. Events stored before the chain existed (no hash) are counted and skipped. --json prints
+    the same as one JSON document (same exit codes).
     """
     from lifecycle_dagster.audit import verify
 
@@ -105,6 +113,18 @@ def verify_cmd(execution_id: str | None) -> None:
             if not found or not found["found"]:
                 raise click.ClickException(f"no execution {eid}")
         report = verify(conn, eid)
+    if as_json:
+        from dataclasses import asdict
+
+        document = {
+            "ok": report.ok,
+            "events": report.events,
+            "streams": report.streams,
+            "unchained": report.unchained,
+            "broken": [asdict(link) for link in report.broken],
+        }
+        click.echo(json.dumps(document, ensure_ascii=False))
+        sys.exit(0 if report.ok else 1)
     for link in report.broken:
         click.echo(f"broken: {link.describe()}", err=True)
     note = f" ({report.unchained} older events without a hash skipped)" if report.unchained else ""

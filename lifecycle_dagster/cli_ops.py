@@ -354,74 +354,38 @@ def schema_problems(conn: Connection) -> tuple[int, list[Problem]]:
     return len(recorded), problems
 
 
-def _shipped_in(kind: str, name: str) -> str:
-    found = _defined_in(kind, name)
-    return f"sql/migrations/{found}" if found else "sql/migrations"
+REPAIR = "lifecycle-dagster db upgrade --repair"
 
 
 def _changed(kind: str, obj: str, name: str) -> Problem:
     note = _runbook_note(name)
-    if kind == "function":
-        return Problem(
-            kind,
-            obj,
-            "changed",
-            f"function {obj}: the installed definition is not the shipped one{note}",
-            f"re-run its CREATE OR REPLACE FUNCTION from {_shipped_in(kind, name)}, then, if it changes "
-            "state, its ALTER FUNCTION ... SECURITY DEFINER SET search_path = public, pg_temp, REVOKE "
-            "and GRANT as 0011_security.sql does",
-        )
-    if kind == "view":
-        return Problem(
-            kind,
-            obj,
-            "changed",
-            f"view {obj}: the installed definition is not the shipped one{note}",
-            f"re-run its CREATE OR REPLACE VIEW from {_shipped_in(kind, name)}, then "
-            f"ALTER VIEW {obj} SET (security_invoker = true)",
-        )
-    if kind == "table":
-        return Problem(
-            kind,
-            obj,
-            "changed",
-            f"table {obj}: row-level security is not as shipped (enabled, not forced)",
-            f"ALTER TABLE {obj} ENABLE ROW LEVEL SECURITY; ALTER TABLE {obj} NO FORCE ROW LEVEL SECURITY",
-        )
-    if kind == "privileges":
-        return Problem(
-            kind,
-            obj,
-            "changed",
-            f"{obj}: privileges differ from the shipped ones",
-            "re-apply the REVOKE and GRANT statements of sql/migrations/0011_security.sql for it",
-        )
-    return Problem(
-        kind,
-        obj,
-        "changed",
-        f"{kind} {obj}: not the shipped definition",
-        f"re-create it from {_shipped_in(kind, name)}",
-    )
+    message = {
+        "function": f"function {obj}: the installed definition is not the shipped one{note}",
+        "view": f"view {obj}: the installed definition is not the shipped one{note}",
+        "table": f"table {obj}: row-level security is not as shipped (enabled, not forced)",
+        "privileges": f"{obj}: privileges differ from the shipped ones",
+    }.get(kind, f"{kind} {obj}: not the shipped definition")
+    return Problem(kind, obj, "changed", message, REPAIR)
 
 
 def _missing(kind: str, obj: str, name: str) -> Problem:
     if kind == "privileges":
         return Problem(kind, obj, "missing", f"{obj}: gone", "re-create it (see the other problems)")
-    return Problem(kind, obj, "missing", f"{kind} {obj} is missing", f"re-create it from {_shipped_in(kind, name)}")
+    if kind == "table":
+        return Problem(kind, obj, "missing", f"table {obj} is missing", "restore it from a backup: its rows are gone")
+    return Problem(kind, obj, "missing", f"{kind} {obj} is missing", REPAIR)
 
 
 def _extra(kind: str, obj: str, name: str) -> Problem:
     note = _runbook_note(name)
     if kind == "function":
         overload = " another overload of a shipped function" if _defined_in(kind, name) else ""
-        return Problem(
-            kind,
-            obj,
-            "extra",
-            f"function {obj} is not shipped:{overload or ' not ours'}{note}",
-            f"DROP FUNCTION public.{obj};",
+        fix = (
+            f"{REPAIR} (it drops the runbook's overloads)"
+            if note
+            else f"DROP FUNCTION public.{obj}; (if it is not yours)"
         )
+        return Problem(kind, obj, "extra", f"function {obj} is not shipped:{overload or ' not ours'}{note}", fix)
     if kind == "view":
         return Problem(
             kind, obj, "extra", f"view {obj} is not shipped{note}", f"DROP VIEW public.{obj}; (if it is not yours)"
@@ -435,17 +399,74 @@ def _extra(kind: str, obj: str, name: str) -> Problem:
             "a migration that adds a table must enable RLS, grant as 0011_security.sql does, and end "
             "with SELECT lifecycle_record_schema_fingerprints()",
         )
+    if kind == "policy":
+        return Problem(kind, obj, "extra", f"policy {obj} is not shipped: it may widen what a role sees", REPAIR)
     return Problem(kind, obj, "extra", f"{kind} {obj} is not shipped", "drop it if it is not yours")
+
+
+@main.command("retry")
+@click.argument("execution_id")
+def retry_cmd(execution_id: str) -> None:
+    """Re-execute a failed execution whose compensation has not started (e.g. under on_failure:
+    hold) from its failed stage, in this process: a Dagster re-execution of its last run (tagged
+    dagster/parent_run_id and dagster/root_run_id, so the UI groups it with the failed run). Each
+    completed stage returns its output from Postgres without running again; each failed stage runs
+    its next attempt. Exits 0 only when the execution completed."""
+    from dagster import DagsterInstance
+
+    from lifecycle_dagster.cli import _home, execute_here, print_execution
+    from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, PARENT_RUN_TAG, ROOT_RUN_TAG, build_job
+    from lifecycle_dagster.settings import Settings
+
+    eid = _execution_id(execution_id)
+    dsn = _dsn()
+    with connect(dsn) as conn:
+        execution = conn.execute(query("execution"), {"execution_id": eid}).fetchone()
+        if execution is None:
+            raise click.ClickException(f"no execution {eid}")
+        if execution["status"] != "failed":
+            hint = {
+                "compensating": "its compensation has started",
+                "rolled_back": "it was compensated",
+                "compensation_failed": "its compensation failed (lifecycle-dagster compensate retries that)",
+                "cancelled": "it was cancelled",
+            }.get(execution["status"], "only a failed execution is retried")
+            raise click.ClickException(f"execution {eid} is {execution['status']}: {hint}")
+        row = conn.execute(query("definition_of_execution"), {"execution_id": eid}).fetchone()
+    assert row is not None
+    tags = {EXECUTION_ID_TAG: eid}
+    parent = execution["dagster_run_id"]
+    if parent:
+        instance = DagsterInstance.from_config(str(_home(Settings.from_env(), dsn)))
+        try:
+            previous = instance.get_run_by_id(parent)
+        finally:
+            instance.dispose()
+        tags[PARENT_RUN_TAG] = parent
+        tags[ROOT_RUN_TAG] = (previous.root_run_id if previous else None) or parent
+    click.echo(f"retrying execution {eid} ({row['name']} v{row['version']}) after run {parent or '(none)'}")
+    result = execute_here(dsn, build_job(row), tags)
+    status = print_execution(dsn, eid)
+    click.echo(f"dagster run {result.run_id}: {'success' if result.success else 'failure'}")
+    sys.exit(0 if status == "completed" else 1)
 
 
 @main.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help='One JSON document: {"ok": ..., "problems": [...]}.')
-def doctor_cmd(as_json: bool) -> None:
+@click.option(
+    "--invariants",
+    "with_invariants",
+    is_flag=True,
+    help="Also check the data's invariants (every execution at rest, stages completed and compensated "
+    "once and in order, breaker counts, audit chains, leases); each violation makes it exit 1.",
+)
+def doctor_cmd(as_json: bool, with_invariants: bool) -> None:
     """Check the database against the shipped schema: every migration applied with its checksum,
     and every function, view, trigger, policy, RLS setting and privilege of ours still as the
     migrations left it (fingerprints recorded by 0011_security). Lists each difference (a function
     body replaced, an extra overload, a view redefined) with what to do; exits 1 when anything is
-    wrong."""
+    wrong. With ``--invariants``, also every violation of lifecycle_dagster.invariants (an
+    execution not at rest is reported as not quiesced: run it when the work has settled)."""
     import psycopg
 
     dsn = _dsn()
@@ -454,23 +475,58 @@ def doctor_cmd(as_json: bool) -> None:
     problems = migration_problems(done)
     with connect(dsn) as conn:
         checked, found = schema_problems(conn)
+        violations = _invariant_violations(conn) if with_invariants else None
     problems += found
     applied = len(done)
     if as_json:
-        _emit_json(
-            {
-                "ok": not problems,
-                "migrations_applied": applied,
-                "objects_checked": checked,
-                "problems": [asdict(p) for p in problems],
-            }
-        )
+        document: dict[str, Any] = {
+            "ok": not problems and not violations,
+            "migrations_applied": applied,
+            "objects_checked": checked,
+            "problems": [asdict(p) for p in problems],
+        }
+        if violations is not None:
+            document["violations"] = [asdict(v) for v in violations]
+        _emit_json(document)
     else:
         for p in problems:
             click.echo(f"PROBLEM {p.message}")
             click.echo(f"  fix: {p.fix}")
+        if violations is not None:
+            _echo_violations(violations)
         if problems:
             click.echo(f"doctor: {len(problems)} problem{'s' if len(problems) != 1 else ''}")
+        elif violations:
+            click.echo(f"doctor: schema as shipped, {len(violations)} invariant violation(s)")
         else:
             click.echo(f"doctor: ok ({applied} migrations applied as shipped, {checked} schema objects as shipped)")
-    sys.exit(1 if problems else 0)
+    sys.exit(1 if problems or violations else 0)
+
+
+# --------------------------------------------------------------------------------------------
+# doctor --invariants
+
+
+def _invariant_violations(conn: Connection) -> list[Any]:
+    """Every violation of :mod:`lifecycle_dagster.invariants` (``Violation`` dataclasses)."""
+    from lifecycle_dagster.invariants import check
+
+    return list(check(conn))
+
+
+def _echo_violations(violations: Sequence[Any]) -> None:
+    """One line per violation (NOT QUIESCED for work not at rest), then a count per rule."""
+    for v in violations:
+        label = "NOT QUIESCED" if v.rule == "not_quiesced" else f"VIOLATION [{v.rule}]"
+        click.echo(f"{label} {v.message}")
+    if not violations:
+        click.echo("invariants: ok (every execution at rest, no violation)")
+        return
+    counts: dict[str, int] = {}
+    for v in violations:
+        counts[v.rule] = counts.get(v.rule, 0) + 1
+    click.echo(
+        f"invariants: {len(violations)} violation{'s' if len(violations) != 1 else ''} ("
+        + ", ".join(f"{rule}: {n}" for rule, n in sorted(counts.items()))
+        + ")"
+    )

@@ -201,6 +201,11 @@ def _undo(
                 execution_id, spec.stage_id, spec.capability, attempt, context, output
             ).artifacts()
         return result
+    if agent_name and agent_name not in registry.names():
+        row = conn.execute(query("agent_kind"), {"name": agent_name}).fetchone()
+        if row is not None and row["kind"] != "python":
+            # an http or queue agent has no undo of its own (only a `compensate` capability can undo it)
+            return {"summary": f"nothing to undo ({agent_name} is a {row['kind']} agent)", "undo": "none", "void": []}
     stage_agent = registry.get(agent_name) if agent_name else None
     if stage_agent is not None and can_compensate(stage_agent):
         result = stage_agent.compensate(  # type: ignore[attr-defined]

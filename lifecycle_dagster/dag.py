@@ -30,7 +30,12 @@ Rules the database-side validator shares with this one (``tests/dag_cases.json``
   them: one ``cycle`` problem per strongly connected component of 2+ stages (all its members);
 * ``Problem.stages``: the stage for anything inside ``stages[i]`` (plus the target for a duplicate
   ``next`` entry), the declared endpoints for anything inside ``edges[k]``, none at top level or
-  in ``defaults``.
+  in ``defaults``;
+* limits: at most :data:`MAX_STAGES` entries in ``stages`` and :data:`MAX_EDGES` edge entries (the
+  entries of ``edges`` plus those of every stage's ``next`` array); a document over either limit
+  gets only that problem (``bad_value`` at ``stages`` or ``edges``), nothing else is checked;
+* (Python only: ``jsonb`` cannot hold them) a string must not contain a NUL character or a lone
+  UTF-16 surrogate; messages print both escaped.
 """
 
 from __future__ import annotations
@@ -41,17 +46,23 @@ import re
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, cast
 
 STAGE_ID_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
 ON_FAILURE_MODES = ("compensate", "hold")
 JITTER_MODES = ("none", "full", "equal")
+#: most entries ``stages`` may have (the database's lifecycle_validate_dag has the same limit)
+MAX_STAGES = 500
+#: most edge entries a DAG may have: the entries of ``edges`` plus those of every ``next`` array
+MAX_EDGES = 5000
 
 _ID_RE = re.compile(STAGE_ID_PATTERN)
 _TOP_KEYS = ("stages", "edges", "defaults", "on_failure")
 _STAGE_KEYS = ("id", "capability", "next", "description", "retry", "timeout_s", "compensate")
 _RETRY_KEYS = ("max_attempts", "base_delay_s", "max_delay_s", "multiplier", "jitter", "non_retryable")
 _MISSING: Any = object()
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -130,17 +141,35 @@ class Dag:
     default_timeout_s: float | None = None
     on_failure: str = "compensate"
 
+    @cached_property
+    def _by_id(self) -> dict[str, Stage]:
+        return {s.id: s for s in self.stages}
+
+    @cached_property
+    def _links(self) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
+        """(parents, children) of every stage, each in declaration order."""
+        index = {s.id: i for i, s in enumerate(self.stages)}
+        ups: dict[str, list[str]] = {s.id: [] for s in self.stages}
+        downs: dict[str, list[str]] = {s.id: [] for s in self.stages}
+        for a, b in self.edges:
+            ups[b].append(a)
+            downs[a].append(b)
+        by_index = index.__getitem__
+        return (
+            {k: tuple(sorted(v, key=by_index)) for k, v in ups.items()},
+            {k: tuple(sorted(v, key=by_index)) for k, v in downs.items()},
+        )
+
     def stage(self, stage_id: str) -> Stage:
         """The stage called ``stage_id``."""
-        for s in self.stages:
-            if s.id == stage_id:
-                return s
-        raise KeyError(f"workflow DAG has no stage {stage_id!r}")
+        try:
+            return self._by_id[stage_id]
+        except KeyError:
+            raise KeyError(f"workflow DAG has no stage {stage_id!r}") from None
 
     def _linked(self, stage_id: str, end: int) -> tuple[str, ...]:
         self.stage(stage_id)
-        found = {edge[end] for edge in self.edges if edge[1 - end] == stage_id}
-        return tuple(s.id for s in self.stages if s.id in found)
+        return self._links[end][stage_id]
 
     def parents(self, stage_id: str) -> tuple[str, ...]:
         """Ids of the stages with an edge to ``stage_id``, in declaration order."""
@@ -153,17 +182,19 @@ class Dag:
     def ancestors(self, stage_id: str) -> tuple[str, ...]:
         """Ids of every stage ``stage_id`` transitively depends on, in topological order."""
         self.stage(stage_id)
-        parents: dict[str, list[str]] = {}
-        for a, b in self.edges:
-            parents.setdefault(b, []).append(a)
+        parents = self._links[0]
         seen: set[str] = set()
         todo = [stage_id]
         while todo:
-            for parent in parents.get(todo.pop(), ()):
+            for parent in parents[todo.pop()]:
                 if parent not in seen:
                     seen.add(parent)
                     todo.append(parent)
-        return tuple(s for s in self.topological_order() if s in seen)
+        return tuple(s for s in self._order if s in seen)
+
+    @cached_property
+    def _order(self) -> tuple[str, ...]:
+        return self.topological_order()
 
     def topological_order(self) -> tuple[str, ...]:
         """Every stage id, parents first (Kahn's algorithm; among the ready stages the one declared
@@ -189,8 +220,9 @@ class Dag:
 
 
 def _q(text: str) -> str:
-    """``text`` in single quotes, control characters escaped (a message stays one line)."""
-    return "'" + re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m[0])[1:-1], text) + "'"
+    """``text`` in single quotes, control characters and lone surrogates escaped (a message stays
+    one line and can be printed and stored)."""
+    return "'" + re.sub("[\x00-\x1f\x7f\ud800-\udfff]", lambda m: repr(m[0])[1:-1], text) + "'"
 
 
 def _kind(value: object) -> str:
@@ -254,6 +286,8 @@ class _Validator:
             self.add("bad_value", where, rel, f"{name} must be one of {', '.join(choices)}, got {_q(value)}")
         elif "\0" in value:
             self.add("bad_value", where, rel, f"{name} must not contain a NUL character")
+        elif _SURROGATE.search(value):
+            self.add("bad_value", where, rel, f"{name} must not contain a lone UTF-16 surrogate")
 
     def number(
         self,
@@ -380,6 +414,8 @@ class _Validator:
         if not isinstance(obj, dict):
             self.add("not_an_object", top, "", f"must be a JSON object, got {_kind(obj)}")
             return
+        if self.too_big(obj, top):
+            return
         self.keys(obj, _TOP_KEYS, top)
         self.string(obj.get("on_failure", _MISSING), "on_failure", top, ON_FAILURE_MODES)
         defaults = obj.get("defaults", {})
@@ -421,6 +457,24 @@ class _Validator:
             self.mismatches(raw_stages, raw_edges, nodes)
         order = [s for s in ids if isinstance(s, str) and s in nodes]
         self.cycles(order, [(a, b) for a, b in graph if a in nodes and b in nodes])
+
+    def too_big(self, obj: Mapping[str, Any], top: _Where) -> bool:
+        """Check the size limits; True when the document is over one (then nothing else is checked)."""
+        raw_stages, raw_edges = obj.get("stages"), obj.get("edges")
+        stages = len(raw_stages) if isinstance(raw_stages, list) else 0
+        edges = len(raw_edges) if isinstance(raw_edges, list) else 0
+        if isinstance(raw_stages, list):
+            edges += sum(len(s["next"]) for s in raw_stages if isinstance(s, dict) and isinstance(s.get("next"), list))
+        if stages > MAX_STAGES:
+            self.add("bad_value", top, "stages", f"stages has {stages} entries, over the limit of {MAX_STAGES}")
+        if edges > MAX_EDGES:
+            self.add(
+                "bad_value",
+                top,
+                "edges",
+                f"the DAG has {edges} edge entries (edges and next), over the limit of {MAX_EDGES}",
+            )
+        return stages > MAX_STAGES or edges > MAX_EDGES
 
     def mismatches(self, raw_stages: list[Any], raw_edges: list[Any], nodes: set[str]) -> None:
         for i, raw in enumerate(raw_stages):

@@ -8,11 +8,13 @@ Dagster: each op reads its ancestors' outputs from Postgres.
 """
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
+import psycopg
 
 from lifecycle_dagster.compensation import (
     TAKEOVER_TAG,
@@ -36,6 +38,15 @@ EXECUTION_ID_TAG = "lifecycle/execution_id"
 RESUME_TAG = "lifecycle/resume"
 #: Dagster's tag on a re-execution of an earlier run: it resumes that run's execution too
 PARENT_RUN_TAG = "dagster/parent_run_id"
+#: a stage op whose database connection is lost runs again, this many attempts in all, backing off
+#: up to DB_LOST_MAX_DELAY_S (a Postgres restart takes seconds)
+DB_LOST_RETRIES = 8
+DB_LOST_MAX_DELAY_S = 10.0
+#: workflow names (the CHECK workflow_definitions_name_valid): job and op names stay Dagster names
+WORKFLOW_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
+_NAME_RE = re.compile(WORKFLOW_NAME_PATTERN)
+#: Dagster's tag naming the first run of a chain of re-executions
+ROOT_RUN_TAG = "dagster/root_run_id"
 
 
 @dataclass(frozen=True)
@@ -64,10 +75,18 @@ class DefinitionRow:
                     dag_schema = json.loads(row["dag_schema_json"])
                 except RecursionError:
                     raise ValueError("dag_schema is nested too deeply to decode") from None
+            name, version = row["name"], row["version"]
+            if not (isinstance(name, str) and _NAME_RE.fullmatch(name) and "__" not in name and name[-1] != "_"):
+                raise ValueError(
+                    f"name {name!r} must match {WORKFLOW_NAME_PATTERN} without __ and not end in _ "
+                    "(it names the Dagster job)"
+                )
+            if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+                raise ValueError(f"version {version!r} of {name} must be an integer >= 1")
             return cls(
                 id=str(row["id"]),
-                name=str(row["name"]),
-                version=int(row["version"]),
+                name=name,
+                version=version,
                 description=row.get("description"),
                 dag_schema=dag_schema,
             )
@@ -81,8 +100,11 @@ class DefinitionRow:
 
 
 def capability_pool(capability: str) -> str:
-    """The Dagster pool of the stage ops of a capability: ``lifecycle_<capability>``."""
-    return f"lifecycle_{capability}"
+    """The Dagster pool of the stage ops of a capability: ``lifecycle_<capability>``, with each
+    whitespace character and ``%`` percent-encoded (UTF-8), since a Dagster pool name has no
+    whitespace (``lifecycle_lead%20scoring``); any other capability is kept as it is."""
+    encoded = re.sub(r"[\s%]", lambda m: "".join(f"%{b:02X}" for b in m[0].encode("utf-8")), capability)
+    return f"lifecycle_{encoded}"
 
 
 def job_name(name: str, version: int) -> str:
@@ -119,28 +141,38 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
         resume = bool(execution_id) and (RESUME_TAG in tags or PARENT_RUN_TAG in tags)
         ctx = {} if execution_id else request.resolved_context()
         dsn = db.resolved_dsn()
-        with connect(dsn) as conn, Heartbeat(dsn, context.run_id):
-            try:
-                outcome = run_stage(
-                    conn,
-                    spec,
-                    run_id=context.run_id,
-                    attempt=context.retry_number + 1,
-                    registry=context.resources.lifecycle_agents,
-                    execution_id=execution_id,
-                    context=ctx,
-                    resume=resume,
-                    dsn=dsn,
-                )
-            except StageRetry as exc:
-                context.log.warning(f"stage '{exc.stage_id}': {exc}")
-                raise dg.RetryRequested(max_retries=exc.max_attempts, seconds_to_wait=exc.delay_s) from exc
-            except StageError as exc:
-                raise dg.Failure(
-                    description=f"stage '{exc.stage_id}' {type(exc).__name__[5:].lower()}: {exc}",
-                    metadata={"execution_id": exc.execution_id, "error_code": exc.code, "attempt": exc.attempt},
-                    allow_retries=False,
-                ) from exc
+        try:
+            with connect(dsn) as conn, Heartbeat(dsn, context.run_id):
+                try:
+                    outcome = run_stage(
+                        conn,
+                        spec,
+                        run_id=context.run_id,
+                        attempt=context.retry_number + 1,
+                        registry=context.resources.lifecycle_agents,
+                        execution_id=execution_id,
+                        context=ctx,
+                        resume=resume,
+                        dsn=dsn,
+                    )
+                except StageRetry as exc:
+                    context.log.warning(f"stage '{exc.stage_id}': {exc}")
+                    raise dg.RetryRequested(max_retries=exc.max_attempts, seconds_to_wait=exc.delay_s) from exc
+                except StageError as exc:
+                    raise dg.Failure(
+                        description=f"stage '{exc.stage_id}' {type(exc).__name__[5:].lower()}: {exc}",
+                        metadata={"execution_id": exc.execution_id, "error_code": exc.code, "attempt": exc.attempt},
+                        allow_retries=False,
+                    ) from exc
+        except psycopg.OperationalError as exc:
+            # the connection went away (a server restart, a terminated session, a failover): run the
+            # stage again once the database is back. An adopted execution resumes it: a completion
+            # that committed before the connection died is kept, an interrupted attempt starts over.
+            if not execution_id or context.retry_number + 1 >= DB_LOST_RETRIES:
+                raise
+            delay = min(DB_LOST_MAX_DELAY_S, 0.5 * 2**context.retry_number)
+            context.log.warning(f"stage '{spec.stage_id}': database connection lost ({exc}); again in {delay:g} s")
+            raise dg.RetryRequested(max_retries=DB_LOST_RETRIES, seconds_to_wait=delay) from exc
         if outcome.already_completed:
             context.add_output_metadata(
                 {"execution_id": outcome.execution_id, "attempt": outcome.attempt, "already_completed": True}
@@ -231,7 +263,7 @@ def build_jobs(
         try:
             jobs.append(build_job(raw))
             jobs.append(build_compensation_job(raw))
-        except (DagValidationError, ValueError, RecursionError) as exc:
+        except (DagValidationError, ValueError, RecursionError, dg.DagsterInvalidDefinitionError) as exc:
             skipped.append(SkippedDefinition(str(raw.get("name")), int(raw.get("version") or 0), str(exc)))
     return jobs, skipped
 
@@ -290,15 +322,14 @@ def _undo_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
 
 
 def _descendants(dag: Dag, stage_id: str) -> tuple[str, ...]:
-    seen: list[str] = []
+    seen: set[str] = set()
     frontier = list(dag.children(stage_id))
     while frontier:
-        s = frontier.pop(0)
+        s = frontier.pop()
         if s not in seen:
-            seen.append(s)
+            seen.add(s)
             frontier.extend(dag.children(s))
-    order = dag.topological_order()
-    return tuple(sorted(seen, key=order.index))
+    return tuple(s for s in dag.topological_order() if s in seen)
 
 
 def build_compensation_job(definition: Mapping[str, Any]) -> dg.JobDefinition:

@@ -4,18 +4,32 @@ Postgres ``text`` and ``jsonb`` cannot hold a NUL character, ``jsonb`` refuses l
 surrogates, and a huge output would bloat every later stage's input. Agent *outputs* that break
 these rules are rejected with a clear error (the attempt fails); error *texts* are sanitised so
 that recording a failure can never fail.
+
+Limits (the database applies the same ones, migration ``0014_input_guards.sql``): a payload (an
+agent output, an execution context) is at most :func:`max_output_bytes` bytes as UTF-8 JSON and
+nests at most :data:`MAX_JSON_DEPTH` objects or arrays deep: deeper documents cannot even be read
+back by Python's ``json`` module (a ``RecursionError``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from typing import Any
 
 #: default limit of one agent output, in bytes of UTF-8 JSON (LIFECYCLE_DAGSTER_MAX_OUTPUT_BYTES)
 DEFAULT_MAX_OUTPUT_BYTES = 8 * 1024 * 1024
 #: longest error text stored, in characters
 MAX_ERROR_CHARS = 4000
+#: deepest nesting of objects and arrays in a payload (``{}`` is 1 level, ``{"a": []}`` 2)
+MAX_JSON_DEPTH = 100
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SCALARS = (str, int, float, bool, type(None))
+_MAX_PATH_CHARS = 120
 
 
 def max_output_bytes() -> int:
@@ -33,12 +47,104 @@ def max_output_bytes() -> int:
     return value
 
 
+def json_path(parts: list[str | int]) -> str:
+    """``$.a[0]["b c"]``: a JSON path for messages (keys escaped as JSON strings, so a NUL or a lone
+    surrogate in a key prints as ``\\u0000``; long paths are cut in the middle)."""
+    text = "$" + "".join(
+        f"[{p}]" if isinstance(p, int) else (f".{p}" if _PLAIN_KEY.fullmatch(p) else f"[{json.dumps(p)}]")
+        for p in parts
+    )
+    if len(text) > _MAX_PATH_CHARS:
+        text = text[: _MAX_PATH_CHARS // 2] + "…" + text[-_MAX_PATH_CHARS // 2 :]
+    return text
+
+
+def _key_text(key: object) -> str | None:
+    """A key as json.dumps writes it, or None when json.dumps refuses it."""
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if key is None:
+        return "null"
+    if isinstance(key, int):
+        return str(key)
+    if isinstance(key, float) and math.isfinite(key):
+        return repr(key)
+    return None
+
+
+def _string_problem(text: str, what: str, where: str) -> str | None:
+    if "\x00" in text:
+        return f"{what} contains a NUL character at {where}, which Postgres cannot store"
+    if _SURROGATE.search(text):
+        return f"{what} contains a lone UTF-16 surrogate at {where}, which is not valid Unicode"
+    return None
+
+
+def find_problem(value: object, what: str = "agent output") -> str | None:
+    """The first thing (depth first, in document order) that keeps ``value`` from being stored as
+    JSON in Postgres, naming where it is: a NUL character or a lone surrogate in a string or a key,
+    NaN or an infinity, a value of a type JSON does not have, nesting deeper than
+    :data:`MAX_JSON_DEPTH`. ``None`` when there is none. Iterative: any depth is safe to check.
+    """
+    stack: list[tuple[object, tuple[str | int, ...]]] = [(value, ())]
+    while stack:
+        item, parts = stack.pop()
+        if isinstance(item, str):
+            problem = _string_problem(item, what, json_path(list(parts)))
+            if problem:
+                return problem
+        elif isinstance(item, float) and not math.isfinite(item):
+            return f"{what} is not JSON: {item!r} at {json_path(list(parts))} (JSON has no NaN or infinity)"
+        elif isinstance(item, _SCALARS):
+            continue
+        elif isinstance(item, dict | list | tuple):
+            if len(parts) + 1 > MAX_JSON_DEPTH:  # each step of the path is one enclosing level
+                return (
+                    f"{what} is nested more than {MAX_JSON_DEPTH} levels deep (objects and arrays)"
+                    f" at {json_path(list(parts))}"
+                )
+            children: list[tuple[object, tuple[str | int, ...]]] = []
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in pairs:
+                step: str | int = key
+                if isinstance(item, dict):
+                    text = _key_text(key)
+                    if text is None:
+                        return f"{what} is not JSON: a key of type {type(key).__name__} at {json_path(list(parts))}"
+                    problem = _string_problem(text, what, f"the key {json_path([*parts, text])}")
+                    if problem:
+                        return problem
+                    step = text
+                if child is None or isinstance(child, bool | int):
+                    continue  # nothing to check, nothing to remember
+                children.append((child, (*parts, step)))
+            stack.extend(reversed(children))
+        else:
+            return f"{what} is not JSON: {type(item).__name__} at {json_path(list(parts))}"
+    return None
+
+
+def _too_deep(value: object) -> bool:
+    """Whether ``value`` nests more than :data:`MAX_JSON_DEPTH` levels (containers only: cheap)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list | tuple) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list | tuple))
+    return False
+
+
 def check_output(output: object, limit: int | None = None, what: str = "agent output") -> str | None:
     """Why ``output`` cannot be stored as ``what`` (a stage output, a context), or None when it can.
 
     It must be a JSON object of JSON types (no NaN or infinity), with no NUL character and no lone
-    surrogate in any string or key, and at most ``limit`` bytes (default :func:`max_output_bytes`)
-    as UTF-8 JSON.
+    surrogate in any string or key, nested at most :data:`MAX_JSON_DEPTH` levels deep, and at most
+    ``limit`` bytes (default :func:`max_output_bytes`) as UTF-8 JSON. The message names the JSON
+    path of what is wrong.
     """
     if not isinstance(output, dict):
         if what == "agent output":
@@ -47,13 +153,17 @@ def check_output(output: object, limit: int | None = None, what: str = "agent ou
     try:
         text = json.dumps(output, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError, RecursionError) as exc:
-        return f"{what} is not JSON: {exc}"
-    if "\x00" in text or "\\u0000" in text:
-        return f"{what} contains a NUL character, which Postgres cannot store"
+        return find_problem(output, what) or f"{what} is not JSON: {exc}"
     try:
         size = len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        return f"{what} contains a lone UTF-16 surrogate, which is not valid Unicode"
+    except UnicodeEncodeError:  # a lone surrogate somewhere: say where
+        return find_problem(output, what) or f"{what} contains a lone UTF-16 surrogate, which is not valid Unicode"
+    if "\\u0000" in text:  # a NUL somewhere, or only the six characters \u0000 in a string
+        problem = find_problem(output, what)
+        if problem:
+            return problem
+    if _too_deep(output):
+        return find_problem(output, what)  # says where
     limit = limit if limit is not None else max_output_bytes()
     if size > limit:
         return f"{what} is {size} bytes, over the {limit}-byte limit"

@@ -146,7 +146,9 @@ def read_definition_file(path: Path) -> DefinitionFile:
             if path.suffix.lower() == ".json" or text.lstrip().startswith(("{", "["))
             else yaml.safe_load(text)
         )
-    except (ValueError, RecursionError, yaml.YAMLError) as exc:
+    except RecursionError as exc:
+        raise DefinitionFileError(f"{path}: nested too deeply to read (objects and arrays, too many levels)") from exc
+    except (ValueError, yaml.YAMLError) as exc:
         raise DefinitionFileError(f"{path}: not valid JSON or YAML: {exc}") from exc
     if not isinstance(doc, dict):
         return DefinitionFile(path, None, None, doc)

@@ -17,7 +17,14 @@ from typing import Any
 import httpx
 import psycopg
 
-from lifecycle_dagster.agents import AgentBadRequest, AgentOverloaded, AgentRateLimited, AgentTimeout, Task
+from lifecycle_dagster.agents import (
+    AgentBadRequest,
+    AgentOverloaded,
+    AgentRateLimited,
+    AgentTimeout,
+    RetryableAgentError,
+    Task,
+)
 from lifecycle_dagster.db import Connection
 from lifecycle_dagster.invoke import AttemptStopped
 from lifecycle_dagster.sqlfiles import query
@@ -86,8 +93,9 @@ class HttpAgent:
     of an environment variable holding a bearer token (the secret itself never sits in the
     database). The task id is sent as ``Idempotency-Key``. Outcomes: 2xx with a JSON object is the
     output; connection errors, 5xx and 408 are retryable (overloaded), 429 is rate limiting; both
-    honour ``Retry-After`` (seconds); other 4xx are not retryable (bad request); a 2xx that is not a
-    JSON object is a bad output (retryable by the engine).
+    honour ``Retry-After`` (seconds); other 4xx are not retryable (bad request); a 2xx whose body is
+    not JSON, or is nested too deeply to decode, is a ``bad_output`` (retryable); one that is JSON but
+    not a storable JSON object fails the engine's output check (``bad_output`` too).
     """
 
     def __init__(self, name: str, config: Mapping[str, Any], task_id: str | None = None) -> None:
@@ -134,10 +142,16 @@ class HttpAgent:
             raise AgentBadRequest(f"{self.url} answered {status}: {response.text[:200]}")
         try:
             body = response.json()
-        except ValueError:
+        except ValueError:  # not JSON, not UTF-8
             body = None
+        except RecursionError:
+            raise RetryableAgentError(
+                "bad_output", f"{self.url} answered {status} with JSON nested too deeply to decode"
+            ) from None
         if body is None:
-            raise AgentOverloaded(f"{self.url} answered {status} with a body that is not JSON: {response.text[:200]!r}")
+            raise RetryableAgentError(
+                "bad_output", f"{self.url} answered {status} with a body that is not JSON: {response.text[:200]!r}"
+            )
         return body  # type: ignore[no-any-return]  # anything but an object fails the output check
 
 

@@ -3,12 +3,16 @@
 ``lifecycle_db``       :class:`LifecycleDatabase` — where the orchestration schema lives.
 ``lifecycle_request``  :class:`ExecutionRequest` — per-run input (context, execution id), set in
                        the run config under ``resources.lifecycle_request.config``.
-``lifecycle_agents``   the :class:`~lifecycle_dagster.agents.AgentRegistry` stage ops call.
+``lifecycle_agents``   the :class:`~lifecycle_dagster.agents.AgentRegistry` stage ops call: the
+                       built-in agents, or the registry ``LIFECYCLE_DAGSTER_AGENTS`` names
+                       (``MODULE:FUNCTION``, as ``agent serve --registry`` takes it).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -77,10 +81,34 @@ class ExecutionRequest(dg.ConfigurableResource):  # type: ignore[type-arg]
         return {**base, **self.context}
 
 
+#: names the registry of the code location's python agents: ``MODULE:FUNCTION`` (unset: the built-in five)
+AGENTS_ENV = "LIFECYCLE_DAGSTER_AGENTS"
+
+
+def configured_registry() -> AgentRegistry:
+    """The registry ``LIFECYCLE_DAGSTER_AGENTS`` names (``MODULE:FUNCTION`` returning an
+    AgentRegistry), else the five built-in agents.
+
+    Raises:
+        ValueError: the module, the function or what it returned is not usable.
+    """
+    ref = os.environ.get(AGENTS_ENV, "").strip()
+    if not ref:
+        return default_registry()
+    module_name, _, attr = ref.partition(":")
+    try:
+        registry = getattr(importlib.import_module(module_name), attr or "registry")()
+    except (ImportError, AttributeError, TypeError) as exc:
+        raise ValueError(f"{AGENTS_ENV}={ref!r}: {exc}") from exc
+    if not isinstance(registry, AgentRegistry):
+        raise ValueError(f"{AGENTS_ENV}={ref!r} returned {type(registry).__name__}, not an AgentRegistry")
+    return registry
+
+
 def agents_resource(registry: AgentRegistry | None = None) -> dg.ResourceDefinition:
-    """A resource that hands stage ops ``registry`` (default: the five built-in agents)."""
+    """A resource that hands stage ops ``registry`` (default: :func:`configured_registry`)."""
     return dg.ResourceDefinition.hardcoded_resource(
-        registry if registry is not None else default_registry(), "the agent registry"
+        registry if registry is not None else configured_registry(), "the agent registry"
     )
 
 

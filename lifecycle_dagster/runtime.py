@@ -259,6 +259,8 @@ def run_stage(
                         "delay_s": delay,
                     },
                 )["status"]
+            except psycopg.OperationalError:
+                raise  # the connection is gone: the stage op runs the stage again once it is back
             except psycopg.Error as exc:
                 # never loop: this attempt fails visibly, and the run with it
                 return StageFailed(
@@ -326,6 +328,8 @@ def run_stage(
         )
     except AttemptStopped as exc:
         raise record(_AttemptError("cancelled", str(exc), False, "AttemptStopped")) from exc
+    except psycopg.OperationalError:
+        raise  # our connection died while the agent ran (watching for a cancel): not the agent's fault
     except Exception as exc:
         err = classify(exc)
         raise record(
@@ -336,11 +340,16 @@ def run_stage(
     if problem is not None:
         raise record(_AttemptError("bad_output", f"{agent_name}: {problem}", True, "BadOutput"))
 
-    status = str(
-        _one(conn, "complete_stage", {"log_id": log_id, "task_id": task_id, "output": Jsonb(raw), "attempt": attempt})[
-            "status"
-        ]
-    )
+    try:
+        status = str(
+            _one(
+                conn, "complete_stage", {"log_id": log_id, "task_id": task_id, "output": Jsonb(raw), "attempt": attempt}
+            )["status"]
+        )
+    except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded, psycopg.errors.StatementTooComplex) as exc:
+        # the database refused the output itself (its own payload limits, 0014): as unstorable as above
+        refusal = safe_text(exc.diag.message_primary or exc)
+        raise record(_AttemptError("bad_output", f"{agent_name}: {refusal}", True, "BadOutput")) from exc
     if status.startswith("refused"):
         if "timed out" in status:
             raise record(
@@ -380,6 +389,11 @@ def _await_queue_task(
         task = wait_for_task(conn, task_id, timeout_s=spec.timeout_s or queue_wait_s(), dsn=dsn, should_stop=stopped)
     except (AgentTimeout, AttemptStopped) as exc:
         conn.execute(query("task_abandon"), {"task_id": task_id, "reason": str(exc)})
+        # the reaper may have moved the attempt on meanwhile (a worker's lease expired): record the
+        # outcome against the attempt the stage is at now, or the database refuses it as stale
+        state = conn.execute(query("task_state"), {"task_id": task_id}).fetchone()
+        if state is not None:
+            ids["attempt"] = int(state["attempt"])
         if isinstance(exc, AttemptStopped):
             raise record(_AttemptError("cancelled", str(exc), False, "AttemptStopped")) from exc
         raise record(_AttemptError("timeout", f"{agent_name}: {exc}", True, "AgentTimeout")) from exc

@@ -17,7 +17,9 @@ nothing the second time.
 executions whose Dagster run has failed or was canceled (runs of ``lifecycle-dagster run`` and
 ``dagster job execute`` have no code-location origin; the sensor may have raised or the daemon been
 down), in_progress executions whose heartbeat is older than ``LIFECYCLE_DAGSTER_HEARTBEAT_TIMEOUT_S``
-(default 120; a killed run worker), failed or cancelled executions whose compensation is due; and it
+(default 120; a killed run worker), pending executions whose run ended or lost its run worker before
+binding them (they are cancelled and rolled back: nothing ran), failed or cancelled executions whose
+compensation is due; and it
 launches the compensation run of every ``compensating`` execution (run key
 ``compensate:<execution>``; a compensation run that died is taken over by a new one).
 
@@ -45,6 +47,17 @@ from lifecycle_dagster.sqlfiles import query
 
 #: executions looked at per tick
 RESUME_BATCH = 50
+
+
+def sensor_interval_s(default: int) -> int:
+    """Seconds between a sensor's ticks at least: ``LIFECYCLE_DAGSTER_SENSOR_INTERVAL_S`` for every
+    sensor when set (read when the code location loads), else ``default``. The daemon evaluates
+    sensors every 5 s at most, so a value just under 5 (4) gives a steady 5 s cadence where 5
+    often waits 10 s (a tick found 4.9 s after the last one is skipped)."""
+    value = os.environ.get("LIFECYCLE_DAGSTER_SENSOR_INTERVAL_S")
+    return max(1, int(value)) if value else default
+
+
 IN_PROCESS: dict[str, Any] = {"execution": {"config": {"in_process": {}}}}
 
 
@@ -125,7 +138,7 @@ def failure_sensor(jobs: Sequence[dg.JobDefinition]) -> dg.SensorDefinition:
     @dg.run_failure_sensor(
         name="lifecycle_run_failure_sensor",
         monitored_jobs=list(jobs),
-        minimum_interval_seconds=5,
+        minimum_interval_seconds=sensor_interval_s(4),  # a steady 5 s cadence (see sensor_interval_s)
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Mirrors failed workflow runs into Postgres and starts their compensation.",
     )
@@ -164,6 +177,10 @@ def reconcile(
             lost = instance.get_run_by_id(r["dagster_run_id"])
             if lost is not None and not lost.is_finished:  # its worker is gone: say so in Dagster too
                 instance.report_run_failed(lost, reason)
+        for r in conn.execute(
+            query("unbound_pending_executions"), {"timeout_s": timeout_s, "limit": RECONCILE_BATCH}
+        ).fetchall():
+            _settle_unstarted(instance, conn, r["execution_id"], timeout_s)
         for r in conn.execute(query("compensation_due"), {}).fetchall():
             conn.execute(query("perform_compensation"), {"execution_id": r["execution_id"], "reason": r["reason"]})
         rows = conn.execute(query("compensating_executions"), {"limit": RECONCILE_BATCH}).fetchall()
@@ -184,6 +201,35 @@ def reconcile(
                 job_name=job,
                 tags={**tags, TAKEOVER_TAG: owner},
             )
+
+
+def _settle_unstarted(instance: dg.DagsterInstance, conn: Connection, execution_id: str, timeout_s: float) -> None:
+    """A pending execution that was launched but never started: every run launched for it (tag
+    ``lifecycle/execution_id``) failed, was canceled, or lost its run worker before the first op
+    bound the run (STARTED for over ``timeout_s`` seconds: the default run launcher cannot see a
+    killed run worker, and the launch sensor never launches a run key twice). Its lost runs are
+    failed in Dagster and the execution is cancelled and rolled back (nothing ran: nothing to
+    undo), so it does not wait forever. An execution not launched yet is left alone."""
+    runs = instance.get_runs(dg.RunsFilter(tags={EXECUTION_ID_TAG: execution_id}), limit=10)
+    if not runs:
+        return
+    now = datetime.now(UTC).timestamp()
+    lost = []
+    for run in runs:
+        if run.is_finished:
+            continue
+        record = instance.get_run_record_by_id(run.run_id)
+        started = record.start_time if record is not None else None
+        if run.status != dg.DagsterRunStatus.STARTED or started is None or now - started < timeout_s:
+            return  # queued, starting, or starting its first op: not lost (yet)
+        lost.append(run)
+    reason = (
+        f"its Dagster run {runs[0].run_id} ended or lost its run worker before the execution started"
+        f" (no stage ran for over {timeout_s:g} s)"
+    )
+    for run in lost:
+        instance.report_run_failed(run, reason)
+    conn.execute(query("perform_compensation"), {"execution_id": execution_id, "reason": reason})
 
 
 def reconciler(compensation_jobs: Sequence[dg.JobDefinition]) -> dg.SensorDefinition:
@@ -234,7 +280,7 @@ def launch_sensor(jobs: Sequence[dg.JobDefinition]) -> dg.SensorDefinition:
     return _tick_sensor(
         "lifecycle_launch_sensor",
         jobs,
-        5,
+        4,  # a steady 5 s cadence (see sensor_interval_s)
         "Launches executions inserted as pending (run key = execution id).",
         lambda _instance, names, dsn: launch_requests(names, dsn),
     )
@@ -254,7 +300,7 @@ def _tick_sensor(
     @dg.sensor(
         name=name,
         jobs=list(jobs),
-        minimum_interval_seconds=interval_s,
+        minimum_interval_seconds=sensor_interval_s(interval_s),
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=description,
     )

@@ -6,8 +6,11 @@ extends the lease while it works (every ``lease_s / 3`` seconds) and completes o
 with its token, so a result from a worker that lost its lease is refused. It wakes on
 ``LISTEN lifecycle_task`` (ids only) with a polling fallback every ``poll_s`` seconds; when the
 listening connection dies it reconnects with capped exponential backoff and keeps polling
-meanwhile. Each loop also reaps expired leases (``lifecycle_task_reap``). Connections: a pool of at
-most ``concurrency`` (claims, heartbeats and results share it) plus the listening one. On stop
+meanwhile (``listen=False``: polling alone). When a claim fills every free slot (a backlog, whose
+inserts were notified long ago), it claims again as soon as one of its tasks finishes instead of
+waiting for a notification. Each loop also reaps expired leases (``lifecycle_task_reap``).
+Connections: a pool of at most ``concurrency`` (claims, heartbeats and results share it) plus the
+listening one. On stop
 (SIGTERM) it claims nothing more, lets running
 tasks finish for ``grace_s`` seconds, then hands back the ones still running
 (``lifecycle_task_release``).
@@ -51,6 +54,7 @@ class Worker:
         poll_s: float = 1.0,
         grace_s: float = 30.0,
         worker_id: str | None = None,
+        listen: bool = True,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -62,8 +66,11 @@ class Worker:
         self.poll_s = poll_s
         self.grace_s = grace_s
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        #: False: polling alone (every poll_s seconds), no LISTEN
+        self.listen = listen
         self._running: dict[str, tuple[int, threading.Thread]] = {}
         self._lock = threading.Lock()
+        self._slot_freed = threading.Event()
         self.completed = 0
 
     # -- the loop ----------------------------------------------------------------------------
@@ -81,7 +88,7 @@ class Worker:
         backoff = 0.1
         try:
             while not stop.is_set():
-                if listener is None:
+                if listener is None and self.listen:
                     try:
                         listener = psycopg.connect(self.dsn, autocommit=True)
                         listener.execute("LISTEN lifecycle_task")
@@ -91,13 +98,17 @@ class Worker:
                         listener = None
                         stop.wait(backoff)
                         backoff = min(backoff * 2, 5.0)
+                self._slot_freed.clear()
                 try:
                     with pool.connection() as conn:
                         conn.execute(query("task_reap"))
-                        self._claim(conn)
+                        free, claimed = self._claim(conn)
                 except psycopg.Error as exc:
                     log.warning("claim failed: %s", exc)
                     stop.wait(min(self.poll_s, 1.0))
+                    continue
+                if claimed >= free:  # every slot busy, and maybe more waiting: claim when one frees
+                    self._slot_freed.wait(self.poll_s)
                     continue
                 if listener is None:
                     stop.wait(self.poll_s)
@@ -117,11 +128,12 @@ class Worker:
                 listener.close()
             pool.close()
 
-    def _claim(self, conn: psycopg.Connection[Any]) -> None:
+    def _claim(self, conn: psycopg.Connection[Any]) -> tuple[int, int]:
+        """Claim up to the number of free slots; return (free slots, tasks claimed)."""
         with self._lock:
             free = self.concurrency - len(self._running)
         if free <= 0:
-            return
+            return 0, 0
         rows = conn.execute(
             query("task_claim"),
             {"worker": self.worker_id, "agent": self.agent_name, "limit": free, "lease_s": self.lease_s},
@@ -133,6 +145,7 @@ class Worker:
             with self._lock:
                 self._running[str(row["task_id"])] = (int(row["lease_token"]), t)
             t.start()
+        return free, len(rows)
 
     # -- one task ----------------------------------------------------------------------------
     def _handle(self, row: dict[str, Any], pool: ConnectionPool[Any]) -> None:
@@ -169,6 +182,7 @@ class Worker:
             done.set()
             with self._lock:
                 self._running.pop(task_id, None)
+            self._slot_freed.set()
 
     def _run_agent(self, row: dict[str, Any]) -> tuple[Any, ...]:
         try:

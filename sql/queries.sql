@@ -117,6 +117,10 @@ WHERE a.is_active AND latest.knowledge ->> 'capability' = %(capability)s
 ORDER BY a.name
 LIMIT 1;
 
+-- name: agent_kind
+-- The kind of an agent by name (an http or queue agent has no undo of its own).
+SELECT a.kind FROM agents a WHERE a.name = %(name)s;
+
 -- name: perform_compensation
 SELECT perform_workflow_compensation(%(execution_id)s, %(reason)s);
 
@@ -126,6 +130,16 @@ SELECT lifecycle_fail_execution(%(execution_id)s, %(reason)s, %(run_id)s) AS fai
 -- name: stale_executions
 SELECT execution_id::text AS execution_id, dagster_run_id, last_seen
 FROM lifecycle_stale_executions(%(timeout_s)s);
+
+-- name: unbound_pending_executions
+-- Pending executions no run has bound yet, older than the bound: the reconciler checks whether a run
+-- was launched for them and lost (lifecycle_dagster.sensors._settle_unstarted).
+SELECT e.id::text AS execution_id
+FROM workflow_executions e
+WHERE e.status = 'pending' AND e.dagster_run_id IS NULL
+  AND e.created_at < now() - make_interval(secs => %(timeout_s)s)
+ORDER BY e.created_at
+LIMIT %(limit)s;
 
 -- name: compensation_due
 SELECT execution_id::text AS execution_id, reason FROM lifecycle_compensation_due();
@@ -406,3 +420,193 @@ FROM agents a, unnest(lifecycle_agent_capabilities(a.id)) c
 WHERE a.is_active
 GROUP BY c
 ORDER BY c;
+
+-- name: adopt_existing_tables
+-- The runbook's tables that exist in public on a database with no migration recorded: the user's
+-- own schema, to be adopted by the first upgrade (lifecycle_adopt_rows in 0012_schema_repair).
+SELECT c.relname AS table_name, c.reltuples::bigint AS estimated_rows
+FROM pg_class c
+WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
+  AND c.relname IN ('workflow_definitions', 'agents', 'agent_ontologies', 'workflow_executions',
+                    'workflow_execution_logs', 'workflow_events', 'task_queue')
+ORDER BY c.relname;
+
+-- name: adopt_move_aside
+-- Move the user's tables, views, sequences and functions whose names ours use (the runbook's seven
+-- tables, workflow_* and lifecycle_* relations, and the runbook's functions) from public into the
+-- new schema lifecycle_adopted, as they are: indexes, constraints, triggers, policies and owned
+-- sequences go with their tables, and views keep pointing at them. Identifiers come from the
+-- catalog (regclass, regprocedure), never from input.
+DO $adopt$
+DECLARE
+  v record;
+BEGIN
+  IF to_regnamespace('lifecycle_adopted') IS NOT NULL THEN
+    RAISE EXCEPTION 'schema lifecycle_adopted exists already: it holds the originals of an earlier adoption'
+      USING ERRCODE = 'duplicate_schema',
+            HINT = 'rename it (ALTER SCHEMA lifecycle_adopted RENAME TO ...) and upgrade again';
+  END IF;
+  CREATE SCHEMA lifecycle_adopted;
+  REVOKE ALL ON SCHEMA lifecycle_adopted FROM PUBLIC;
+  FOR v IN
+    SELECT c.oid::regclass AS rel, c.relkind
+    FROM pg_class c
+    WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+      AND c.relname <> 'lifecycle_schema_migrations'  -- the upgrade's own record, made just before
+      AND (c.relname IN ('agents', 'agent_ontologies', 'task_queue')
+           OR c.relname LIKE 'workflow\_%' OR c.relname LIKE 'lifecycle\_%'
+           OR c.relname LIKE 'agents\_%' OR c.relname LIKE 'agent\_ontologies\_%' OR c.relname LIKE 'task\_queue\_%')
+      -- a sequence owned by a table moves with it
+      AND NOT (c.relkind = 'S' AND EXISTS (SELECT 1 FROM pg_depend dep
+                                           WHERE dep.objid = c.oid AND dep.classid = 'pg_class'::regclass
+                                             AND dep.deptype IN ('a', 'i')))
+    ORDER BY CASE WHEN c.relkind IN ('v', 'm') THEN 0 ELSE 1 END, c.relname
+  LOOP
+    EXECUTE format('ALTER %s %s SET SCHEMA lifecycle_adopted',
+                   CASE v.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
+                                  WHEN 'f' THEN 'FOREIGN TABLE' WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END,
+                   v.rel);
+  END LOOP;
+  FOR v IN
+    SELECT p.oid::regprocedure AS fn, p.prokind
+    FROM pg_proc p
+    WHERE p.pronamespace = 'public'::regnamespace
+      AND (p.proname LIKE 'lifecycle\_%' OR p.proname LIKE 'workflow\_%'
+           OR p.proname IN ('perform_workflow_compensation', 'retry_stage', 'trip_circuit_breaker'))
+    ORDER BY 1
+  LOOP
+    EXECUTE format('ALTER %s %s SET SCHEMA lifecycle_adopted',
+                   CASE v.prokind WHEN 'p' THEN 'PROCEDURE' WHEN 'a' THEN 'AGGREGATE' ELSE 'FUNCTION' END, v.fn);
+  END LOOP;
+END
+$adopt$;
+
+-- name: adopt_rows
+SELECT copied, rejected FROM lifecycle_adopt_rows(%(table)s);
+
+-- name: adoption_rejects
+SELECT table_name, row_id, rule, message FROM lifecycle_adoption_rejects ORDER BY id;
+
+-- name: adopt_dropped_columns
+-- Columns of the adopted tables that ours do not have: their values stay in lifecycle_adopted only.
+SELECT s.relname AS table_name, a.attname AS column_name
+FROM pg_class s
+JOIN pg_attribute a ON a.attrelid = s.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE s.relnamespace = to_regnamespace('lifecycle_adopted') AND s.relkind IN ('r', 'p')
+  AND s.relname IN ('workflow_definitions', 'agents', 'agent_ontologies', 'workflow_executions',
+                    'workflow_execution_logs', 'workflow_events', 'task_queue')
+  AND NOT EXISTS (SELECT 1 FROM pg_attribute t
+                  WHERE t.attrelid = to_regclass(format('public.%I', s.relname))
+                    AND t.attname = a.attname AND NOT t.attisdropped)
+ORDER BY 1, a.attnum;
+
+-- name: schema_drift
+SELECT kind, object, problem FROM lifecycle_schema_drift();
+
+-- name: repair_schema
+SELECT kind, object, action FROM lifecycle_repair_schema();
+
+-- name: invariant_executions
+-- The invariant checker (lifecycle_dagster.invariants): every execution, whether its status may
+-- rest (completed, rolled_back, compensation_failed; failed under on_failure: hold; cancelled whose
+-- latest cancel said compensate = false), how long it has been idle and its DAG.
+SELECT e.id::text AS execution_id, e.status, e.dagster_run_id,
+       coalesce(d.dag_schema ->> 'on_failure', 'compensate') AS on_failure,
+       coalesce((SELECT (ev.metadata ->> 'compensate')::boolean FROM workflow_events ev
+                 WHERE ev.execution_id = e.id AND ev.event_type = 'workflow_cancelled'
+                 ORDER BY ev.id DESC LIMIT 1), true) AS cancel_compensates,
+       extract(epoch FROM (now() - greatest(e.updated_at, e.heartbeat_at)))::float8 AS idle_s,
+       d.dag_schema::text AS dag_schema_json
+FROM workflow_executions e
+JOIN workflow_definitions d ON d.id = e.workflow_definition_id
+ORDER BY e.created_at, e.id;
+
+-- name: invariant_stages
+-- Per (execution, stage) that has a stage log or a stage event: the log's status, whether the stage
+-- is compensable, and what the audit trail and the task queue recorded about it.
+WITH ev AS (
+  SELECT ev.execution_id, ev.stage_id,
+         count(*) FILTER (WHERE ev.event_type = 'stage_started') AS starts,
+         count(*) FILTER (WHERE ev.event_type = 'stage_completed') AS completions,
+         count(*) FILTER (WHERE ev.event_type = 'stage_compensated') AS compensations,
+         min(ev.id) FILTER (WHERE ev.event_type = 'stage_compensating') AS first_compensating,
+         max(ev.id) FILTER (WHERE ev.event_type = 'stage_compensated') AS last_compensated
+  FROM workflow_events ev
+  WHERE ev.execution_id IS NOT NULL AND ev.stage_id IS NOT NULL
+  GROUP BY ev.execution_id, ev.stage_id
+), tk AS (
+  SELECT t.workflow_execution_id AS execution_id, t.task_type AS stage_id,
+         count(*) FILTER (WHERE t.status = 'completed') AS completed_tasks
+  FROM task_queue t
+  WHERE t.workflow_execution_id IS NOT NULL
+  GROUP BY t.workflow_execution_id, t.task_type
+)
+SELECT coalesce(l.execution_id, ev.execution_id)::text AS execution_id,
+       coalesce(l.stage_id, ev.stage_id) AS stage_id, l.status,
+       lifecycle_stage_compensable(e.workflow_definition_id, coalesce(l.stage_id, ev.stage_id)) AS compensable,
+       coalesce(ev.starts, 0) AS starts, coalesce(ev.completions, 0) AS completions,
+       coalesce(ev.compensations, 0) AS compensations, ev.first_compensating, ev.last_compensated,
+       coalesce(tk.completed_tasks, 0) AS completed_tasks
+FROM workflow_execution_logs l
+FULL JOIN ev ON ev.execution_id = l.execution_id AND ev.stage_id = l.stage_id
+JOIN workflow_executions e ON e.id = coalesce(l.execution_id, ev.execution_id)
+LEFT JOIN tk ON tk.execution_id = coalesce(l.execution_id, ev.execution_id)
+            AND tk.stage_id = coalesce(l.stage_id, ev.stage_id)
+ORDER BY 1, 2;
+
+-- name: invariant_breaker_outcomes
+-- Every agent call whose outcome counts (0006_breakers: a completion, a failure or retry whose code
+-- is not the caller's fault, a completion refused because its attempt timed out) against the
+-- outcome rows recorded for it, per breaker (the agent's, the capability's): one row per mismatch.
+WITH calls AS (
+  SELECT (ev.metadata ->> 'task_id')::uuid AS task_id,
+         bool_or(ev.event_type = 'stage_completed') AS succeeded,
+         bool_or((ev.event_type IN ('stage_retrying', 'stage_failed')
+                  AND NOT lifecycle_breaker_caller_fault(ev.metadata ->> 'error_code'))
+                 OR (ev.event_type = 'stage_result_refused' AND ev.metadata ->> 'outcome' = 'completed'
+                     AND ev.metadata ->> 'reason' LIKE 'attempt % timed out at %')) AS failed
+  FROM workflow_events ev
+  WHERE ev.event_type IN ('stage_completed', 'stage_retrying', 'stage_failed', 'stage_result_refused')
+    AND ev.execution_id IS NOT NULL AND ev.metadata ->> 'task_id' IS NOT NULL
+  GROUP BY 1
+), expected AS (
+  SELECT c.task_id, s.scope, s.key, c.succeeded AND NOT c.failed AS success,
+         t.workflow_execution_id AS execution_id, t.task_type AS stage_id
+  FROM calls c
+  JOIN task_queue t ON t.id = c.task_id
+  CROSS JOIN LATERAL (VALUES ('agent', t.agent_id::text), ('capability', t.capability)) AS s(scope, key)
+  WHERE t.agent_id IS NOT NULL AND (c.succeeded OR c.failed) AND s.key IS NOT NULL
+), recorded AS (
+  SELECT o.task_id, o.scope, o.key, o.success FROM lifecycle_breaker_outcomes o WHERE o.task_id IS NOT NULL
+)
+SELECT coalesce(x.task_id, r.task_id)::text AS task_id, coalesce(x.scope, r.scope) AS scope,
+       x.key AS expected_key, r.key AS recorded_key, x.success AS expected_success, r.success AS recorded_success,
+       coalesce(x.execution_id, t.workflow_execution_id)::text AS execution_id,
+       coalesce(x.stage_id, t.task_type) AS stage_id
+FROM expected x
+FULL JOIN recorded r ON r.task_id = x.task_id AND r.scope = x.scope
+LEFT JOIN task_queue t ON t.id = r.task_id
+WHERE x.task_id IS NULL OR r.task_id IS NULL OR x.key IS DISTINCT FROM r.key OR x.success IS DISTINCT FROM r.success
+ORDER BY 1, 2;
+
+-- name: invariant_breaker_states
+-- Each breaker's state against the transition its latest breaker event recorded (none: closed).
+SELECT b.scope, b.key, b.state,
+       coalesce((SELECT CASE ev.event_type WHEN 'breaker_opened' THEN 'open'
+                                           WHEN 'breaker_half_open' THEN 'half_open' ELSE 'closed' END
+                 FROM workflow_events ev
+                 WHERE ev.execution_id IS NULL
+                   AND ev.event_type IN ('breaker_opened', 'breaker_half_open', 'breaker_closed')
+                   AND ev.metadata ->> 'scope' = b.scope AND ev.metadata ->> 'key' = b.key
+                 ORDER BY ev.id DESC LIMIT 1), 'closed') AS evented_state
+FROM lifecycle_breakers b
+ORDER BY 1, 2;
+
+-- name: invariant_late_completions
+-- Tasks a worker completed after its lease had expired (0008_task_queue: the lease fences workers).
+SELECT t.id::text AS task_id, t.workflow_execution_id::text AS execution_id, t.task_type AS stage_id,
+       t.claimed_by, t.lease_expires_at, t.completed_at
+FROM task_queue t
+WHERE t.status = 'completed' AND t.claimed_by IS DISTINCT FROM 'op'
+  AND t.lease_expires_at IS NOT NULL AND t.completed_at > t.lease_expires_at
+ORDER BY t.completed_at;

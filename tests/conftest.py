@@ -23,6 +23,15 @@ REPO = Path(__file__).resolve().parent.parent
 RUNBOOK = REPO.parent / "shared" / "seed" / "000_e3ce442ac9e1577a.txt"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--chaos-scale",
+        type=int,
+        default=1,
+        help="multiply the executions and faults of the chaos suite (tests/chaos) by N (default 1)",
+    )
+
+
 def _with_db(dsn: str, dbname: str) -> str:
     params = conninfo.conninfo_to_dict(dsn)
     params["dbname"] = dbname

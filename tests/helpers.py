@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,10 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.agents import AgentRegistry
-from lifecycle_dagster.db import connect
+from lifecycle_dagster.db import Connection, connect
 from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, build_job
 from lifecycle_dagster.resources import agents_resource
 from lifecycle_dagster.sqlfiles import query
@@ -107,3 +111,34 @@ def running_daemon(env: dict[str, str], log_path: Path) -> Iterator[subprocess.P
                     break
                 except (ProcessLookupError, subprocess.TimeoutExpired):
                     continue
+
+
+RUNBOOK = Path(__file__).resolve().parent.parent.parent / "shared" / "seed" / "000_e3ce442ac9e1577a.txt"
+_SECTION = re.compile(r"^## (\d+)\)", re.MULTILINE)
+_HEREDOC = re.compile(r"<<'?SQL'?\n(.*?)\nSQL$", re.DOTALL | re.MULTILINE)
+
+
+def runbook_section(section: int) -> str:
+    """The SQL of the runbook's section ``section`` (its one psql heredoc); skips the test when the
+    runbook is not beside the checkout (``../shared/seed``)."""
+    if not RUNBOOK.exists():
+        pytest.skip(f"runbook {RUNBOOK} is absent")
+    parts = _SECTION.split(RUNBOOK.read_text(encoding="utf-8"))
+    found = {int(n): _HEREDOC.findall(body) for n, body in zip(parts[1::2], parts[2::2], strict=True)}
+    [statement] = found[section]
+    return str(statement)
+
+
+@contextlib.contextmanager
+def as_role(dsn: str, role: str, sub: str | None = None, *, commit: bool = False) -> Iterator[Connection]:
+    """What PostgREST does for a request: one transaction as ``role`` with the JWT claims of user
+    ``sub``; rolled back at the end unless ``commit``."""
+    with connect(dsn, autocommit=False) as conn:
+        conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
+        if sub is not None:
+            conn.execute("SELECT set_config('request.jwt.claims', %s, true)", (json.dumps({"sub": sub, "role": role}),))
+        yield conn
+        if commit:
+            conn.commit()
+        else:
+            conn.rollback()

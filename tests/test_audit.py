@@ -586,6 +586,15 @@ def test_verify_names_an_event_altered_behind_the_guard(db: str) -> None:
     assert one.exit_code == 1 and f"event {victim}: hash mismatch" in one.output
     other = _cli("audit", "verify", intact)
     assert (other.exit_code, other.output) == (0, "2 events in 1 streams verified\n")
+    as_json = _cli("audit", "verify", "--json")
+    assert as_json.exit_code == 1
+    assert json.loads(as_json.output) == {
+        "ok": False,
+        "events": 7,
+        "streams": 3,
+        "unchained": 0,
+        "broken": [{"stream": eid, "event_id": victim, "field": "hash", "expected": expected, "stored": stored}],
+    }
 
 
 def test_verify_names_a_removed_event(db: str) -> None:
@@ -606,7 +615,7 @@ def test_verify_names_a_removed_event(db: str) -> None:
     )
 
 
-def test_show_prints_the_feed_as_a_table_or_json_lines(db: str) -> None:
+def test_show_prints_the_feed_as_a_table_or_one_json_document(db: str) -> None:
     eid = _execution(db)
     with connect(db) as conn:
         _event(conn, eid, "stage_started", "s1", {"k": "v"}, "2024-01-01 00:00:01+00")
@@ -621,7 +630,9 @@ def test_show_prints_the_feed_as_a_table_or_json_lines(db: str) -> None:
     assert lines[4] == "2 event(s)"
     as_json = _cli("audit", "show", eid, "--json")
     assert as_json.exit_code == 0
-    docs = [json.loads(line) for line in as_json.output.splitlines()]
+    document = json.loads(as_json.output)
+    assert set(document) == {"execution_id", "events"} and document["execution_id"] == eid
+    docs = document["events"]
     assert [(d["event_type"], d["metadata"], d["event_timestamp"]) for d in docs] == [
         ("stage_completed", {"n": 1}, "2024-01-01T00:00:02+00:00"),
         ("stage_started", {"k": "v"}, "2024-01-01T00:00:01+00:00"),

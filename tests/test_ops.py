@@ -16,9 +16,8 @@ from lifecycle_dagster.agents import AgentError, AgentRegistry, Task
 from lifecycle_dagster.cli import main
 from lifecycle_dagster.db import connect
 
-from helpers import install, rows, run
+from helpers import install, rows, run, runbook_section
 
-RUNBOOK = Path(__file__).resolve().parent.parent.parent / "shared" / "seed" / "000_e3ce442ac9e1577a.txt"
 DAG = {
     "stages": [{"id": "a", "capability": "cap_a", "next": ["b"]}, {"id": "b", "capability": "cap_b"}],
     "on_failure": "hold",
@@ -335,18 +334,6 @@ def test_resetting_an_unknown_agent_is_an_error(db: str, dagster_home: Path) -> 
 # ---------------------------------------------------------------------------------------------
 # doctor
 
-_SECTION = re.compile(r"^## (\d+)\)", re.MULTILINE)
-_HEREDOC = re.compile(r"<<'?SQL'?\n(.*?)\nSQL$", re.DOTALL | re.MULTILINE)
-
-
-def _runbook(section: int) -> str:
-    if not RUNBOOK.exists():
-        pytest.skip(f"runbook {RUNBOOK} is absent")
-    parts = _SECTION.split(RUNBOOK.read_text(encoding="utf-8"))
-    found = {int(n): _HEREDOC.findall(body) for n, body in zip(parts[1::2], parts[2::2], strict=True)}
-    [statement] = found[section]
-    return str(statement)
-
 
 def _problems(result: Result) -> list[tuple[str, str, str]]:
     assert result.exit_code == 1, result.output
@@ -367,9 +354,9 @@ def test_doctor_is_clean_on_a_fresh_database(db: str, dagster_home: Path) -> Non
 
 def test_doctor_finds_the_runbooks_sections_re_applied(db: str, dagster_home: Path) -> None:
     with psycopg.connect(db, autocommit=True) as conn:
-        conn.execute(_runbook(5))  # the feed that multiplies rows
-        conn.execute(_runbook(2))  # a 2-argument perform_workflow_compensation beside ours
-        conn.execute(_runbook(3))  # a 2-argument retry_stage beside ours
+        conn.execute(runbook_section(5))  # the feed that multiplies rows
+        conn.execute(runbook_section(2))  # a 2-argument perform_workflow_compensation beside ours
+        conn.execute(runbook_section(3))  # a 2-argument retry_stage beside ours
         conn.execute(  # a body replaced
             "CREATE OR REPLACE FUNCTION lifecycle_breaker_defaults() RETURNS jsonb LANGUAGE sql IMMUTABLE"
             " AS $$ SELECT '{\"window_s\": 1}'::jsonb $$"
@@ -385,29 +372,22 @@ def test_doctor_finds_the_runbooks_sections_re_applied(db: str, dagster_home: Pa
     assert text.exit_code == 1
     assert text.output.splitlines() == [
         "PROBLEM function lifecycle_breaker_defaults(): the installed definition is not the shipped one",
-        "  fix: re-run its CREATE OR REPLACE FUNCTION from sql/migrations/0006_breakers.sql, then, if it changes "
-        "state, its ALTER FUNCTION ... SECURITY DEFINER SET search_path = public, pg_temp, REVOKE and GRANT as "
-        "0011_security.sql does",
+        "  fix: lifecycle-dagster db upgrade --repair",
         "PROBLEM function perform_workflow_compensation(p_execution_id uuid, p_reason text) is not shipped: another "
         "overload of a shipped function (the runbook's section 2 re-applied?)",
-        "  fix: DROP FUNCTION public.perform_workflow_compensation(p_execution_id uuid, p_reason text);",
+        "  fix: lifecycle-dagster db upgrade --repair (it drops the runbook's overloads)",
         "PROBLEM function retry_stage(p_log_id uuid, p_max_attempts integer) is not shipped: another overload of a "
         "shipped function (the runbook's section 3 re-applied?)",
-        "  fix: DROP FUNCTION public.retry_stage(p_log_id uuid, p_max_attempts integer);",
+        "  fix: lifecycle-dagster db upgrade --repair (it drops the runbook's overloads)",
         "PROBLEM view workflow_audit_feed: the installed definition is not the shipped one (the runbook's section 5 "
         "re-applied?)",
-        "  fix: re-run its CREATE OR REPLACE VIEW from sql/migrations/0009_audit.sql, then ALTER VIEW "
-        "workflow_audit_feed SET (security_invoker = true)",
+        "  fix: lifecycle-dagster db upgrade --repair",
         "doctor: 4 problems",
     ]
     # following the advice makes it clean again
-    with psycopg.connect(db, autocommit=True) as conn:
-        conn.execute("DROP FUNCTION public.perform_workflow_compensation(p_execution_id uuid, p_reason text)")
-        conn.execute("DROP FUNCTION public.retry_stage(p_log_id uuid, p_max_attempts integer)")
-    assert [p[1] for p in _problems(_cli(db, dagster_home, "doctor", "--json"))] == [
-        "lifecycle_breaker_defaults()",
-        "workflow_audit_feed",
-    ]
+    repaired = _cli(db, dagster_home, "db", "upgrade", "--repair")
+    assert repaired.exit_code == 0, repaired.output
+    assert _cli(db, dagster_home, "doctor").exit_code == 0
 
 
 def test_doctor_finds_security_and_migration_drift(db: str, dagster_home: Path) -> None:

@@ -1,0 +1,705 @@
+"""The world the chaos scenarios run in, and the faults they inject.
+
+A :class:`World` is a real deployment on one Postgres server: an orchestration database (migrated,
+with the ``chaos`` workflows and their agents), a Dagster home storing into its own database,
+``dagster-daemon`` (launch, resume, failure and reconciler sensors; run workers it launches),
+``lifecycle-dagster agent serve`` workers for the queue agent (restarted by a supervisor when they
+die, as a process manager would), and an HTTP agent served from this process. Every process is
+real and killed for real (SIGKILL); nothing is mocked.
+
+The ``chaos`` DAG is a diamond whose four stages use the three agent kinds::
+
+    a (python) -> b (http), c (queue) -> d (python)
+
+Each execution carries its plan in its context (see ``chaos_agents``): which stage is slow, hangs,
+returns garbage or 10 MB, fails half its calls or for good. ``chaos_hold`` is the same DAG with
+``on_failure: hold``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+from psycopg import conninfo, sql
+from psycopg.types.json import Jsonb
+
+from lifecycle_dagster.db import connect
+from lifecycle_dagster.instance import prepare_home
+from lifecycle_dagster.invariants import Violation, check
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+BIN = Path(sys.executable).parent
+RESULTS = HERE / "results"
+
+PY, HTTP, QUEUE = "Chaos Py", "Chaos Http", "Chaos Queue"
+STAGES = ("a", "b", "c", "d")
+#: the agent kind of each stage of the chaos DAG
+KIND = {"a": "python", "b": "http", "c": "queue", "d": "python"}
+
+
+def chaos_dag(on_failure: str = "compensate", note: str = "") -> dict[str, Any]:
+    dag: dict[str, Any] = {
+        "stages": [
+            {"id": "a", "capability": "chaos_py", "next": ["b", "c"]},
+            {"id": "b", "capability": "chaos_http", "next": ["d"]},
+            {"id": "c", "capability": "chaos_queue", "next": ["d"]},
+            {"id": "d", "capability": "chaos_py2"},
+        ],
+        "defaults": {"retry": {"max_attempts": 3, "base_delay_s": 0.2, "max_delay_s": 1.0}, "timeout_s": 5},
+        "on_failure": on_failure,
+    }
+    if note:
+        dag["stages"][0]["description"] = note
+    return dag
+
+
+def with_db(dsn: str, name: str) -> str:
+    params = conninfo.conninfo_to_dict(dsn)
+    params["dbname"] = name
+    return conninfo.make_conninfo(**params)  # type: ignore[arg-type]
+
+
+def _admin(dsn: str, statement: sql.Composable) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(statement)
+
+
+def _kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Signal ``pid`` and every descendant of it."""
+    try:
+        proc = psutil.Process(pid)
+        procs = [*proc.children(recursive=True), proc]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
+
+
+# ---------------------------------------------------------------------------------------------
+# the HTTP agent
+
+
+class _HttpAgent(BaseHTTPRequestHandler):
+    """Answers a task as its plan says: ok, slow, hang (until the world stops), garbage (not JSON),
+    huge (10 MB of JSON), flaky (a 503 half the time), fail (a 400)."""
+
+    def do_POST(self) -> None:
+        from chaos_agents import HUGE, mode_of
+
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        stage, attempt = body["stage_id"], body["attempt"]
+        mode = mode_of(body.get("context") or {}, stage)
+        stop: threading.Event = self.server.stop  # type: ignore[attr-defined]
+        code, data = 200, b""
+        if mode == "hang":
+            stop.wait()
+            return
+        if mode == "slow":
+            stop.wait(float(os.environ.get("CHAOS_SLOW_S", "1.5")))
+        if mode == "garbage":
+            data = b"<html>\x00 not json at all"
+        elif mode == "huge":
+            data = json.dumps({"summary": "huge", "blob": "y" * HUGE}).encode()
+        elif mode == "flaky" and random.random() < 0.5:
+            code, data = 503, b'{"error": "flaky"}'
+        elif mode == "fail":
+            code, data = 400, b'{"error": "refused"}'
+        else:
+            out = {
+                "summary": f"{HTTP} did {stage} (attempt {attempt})",
+                "artifacts": [{"kind": "chaos_effect", "key": f"{stage}-effect", "data": {}}],
+            }
+            data = json.dumps(out).encode()
+        with contextlib.suppress(OSError):
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    """What one scenario did and what came of it."""
+
+    scenario: str
+    scale: int
+    executions: int = 0
+    faults: dict[str, int] = field(default_factory=dict)
+    quiesce_s: float | None = None
+    violations: list[str] = field(default_factory=list)
+    outcomes: dict[str, int] = field(default_factory=dict)
+    duration_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def fault(self, kind: str, n: int = 1) -> None:
+        self.faults[kind] = self.faults.get(kind, 0) + n
+
+    @property
+    def faults_total(self) -> int:
+        return sum(self.faults.values())
+
+
+#: the figures of the scenarios run in this session (printed in pytest's terminal summary)
+FIGURES: list[Figures] = []
+
+
+def record(figures: Figures) -> None:
+    """Keep a scenario's figures for the summary and write them to tests/chaos/results."""
+    from dataclasses import asdict
+
+    FIGURES.append(figures)
+    folder = RESULTS / f"scale{figures.scale}"
+    folder.mkdir(parents=True, exist_ok=True)
+    document = {**asdict(figures), "faults_total": figures.faults_total}
+    (folder / f"{figures.scenario}.json").write_text(json.dumps(document, indent=2) + "\n")
+
+
+class World:
+    """See the module docstring. ``admin_dsn``: a superuser DSN of the server; ``template``: a
+    migrated database to clone (None: create and migrate one)."""
+
+    def __init__(self, admin_dsn: str, tmp: Path, *, template: str | None, workers: int = 2) -> None:
+        self.admin_dsn = admin_dsn
+        self.tmp = tmp
+        self.name = f"ld_chaos_{uuid.uuid4().hex[:10]}"
+        self.dagster_db = f"{self.name}_dagster"
+        self.dsn = with_db(admin_dsn, self.name)
+        self.template = template
+        self.n_workers = workers
+        self.home = tmp / "dagster_home"
+        self.hooks = tmp / "hooks"
+        self.logs = tmp / "logs"
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes] | None] = [None] * workers
+        self.worker_starts = 0
+        self._stop = threading.Event()
+        self._supervising = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self.http: ThreadingHTTPServer | None = None
+        self.definitions: dict[str, str] = {}
+        self.pinned_versions: list[int] = [1]
+
+    # -- set up and tear down ----------------------------------------------------------------
+    def create(self) -> None:
+        if self.template:
+            _admin(
+                self.admin_dsn,
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                    sql.Identifier(self.name), sql.Identifier(self.template)
+                ),
+            )
+        else:
+            from lifecycle_dagster import migrate
+
+            _admin(self.admin_dsn, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.name)))
+            migrate.upgrade(self.dsn)
+        _admin(self.admin_dsn, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.dagster_db)))
+        prepare_home(self.home, with_db(self.admin_dsn, self.dagster_db))
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), _HttpAgent)
+        self.http.daemon_threads = True
+        self.http.stop = threading.Event()  # type: ignore[attr-defined]
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        self._install()
+
+    def _install(self) -> None:
+        breaker = {"failure_threshold": 20, "cooldown_s": 2, "window_s": 30}
+        assert self.http is not None
+        url = f"http://127.0.0.1:{self.http.server_address[1]}/task"
+        with connect(self.dsn) as conn:
+            for name, dag in (("chaos", chaos_dag()), ("chaos_hold", chaos_dag("hold"))):
+                row = conn.execute(
+                    "SELECT definition_id::text AS id FROM lifecycle_publish_definition(%s, 'chaos', %s, true)",
+                    (name, Jsonb(dag)),
+                ).fetchone()
+                assert row is not None
+                self.definitions[name] = row["id"]
+            for agent, kind, caps, config in (
+                (PY, "python", ["chaos_py", "chaos_py2"], {"breaker": breaker}),
+                (HTTP, "http", ["chaos_http"], {"breaker": breaker, "url": url, "timeout_s": 2}),
+                (QUEUE, "queue", ["chaos_queue"], {"breaker": breaker}),
+            ):
+                a = conn.execute(
+                    "INSERT INTO agents (name, kind, config) VALUES (%s, %s, %s) RETURNING id",
+                    (agent, kind, Jsonb(config)),
+                ).fetchone()
+                assert a is not None
+                conn.execute(
+                    "INSERT INTO agent_ontologies (agent_id, domain, knowledge) VALUES (%s, 'orchestration', %s)",
+                    (a["id"], Jsonb({"capabilities": caps})),
+                )
+
+    def env(self) -> dict[str, str]:
+        path = os.pathsep.join([str(HERE), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)])
+        return {
+            **os.environ,
+            "DATABASE_URL": self.dsn,
+            "DAGSTER_HOME": str(self.home),
+            "PYTHONPATH": path,
+            "LIFECYCLE_DAGSTER_AGENTS": "chaos_agents:registry",
+            "LIFECYCLE_DAGSTER_HEARTBEAT_S": "0.5",
+            "LIFECYCLE_DAGSTER_HEARTBEAT_TIMEOUT_S": "15",
+            "CHAOS_HOOK_DIR": str(self.hooks),
+            "CHAOS_PAUSE_S": "20",
+        }
+
+    def start(self) -> None:
+        env = {k: v for k, v in self.env().items() if k != "CHAOS_HOOK_DIR"}
+        self.daemon = subprocess.Popen(
+            [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+            cwd=REPO,
+            env=env,
+            stdout=(self.logs / "daemon.log").open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for i in range(self.n_workers):
+            self._start_worker(i)
+        self._supervisor = threading.Thread(target=self._supervise, daemon=True)
+        self._supervising.set()
+        self._supervisor.start()
+
+    def _start_worker(self, i: int) -> None:
+        self.worker_starts += 1
+        log = (self.logs / f"worker{i}.log").open("ab")
+        self.workers[i] = subprocess.Popen(
+            [
+                str(BIN / "lifecycle-dagster"),
+                "agent",
+                "serve",
+                "--agent",
+                QUEUE,
+                "--registry",
+                "chaos_agents:registry",
+                "--concurrency",
+                "2",
+                "--lease-s",
+                "2",
+                "--poll-s",
+                "0.3",
+                "--grace-s",
+                "1",
+            ],
+            cwd=REPO,
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def _supervise(self) -> None:
+        """Restart a worker that died (as a process manager would), half a second later."""
+        while not self._stop.wait(0.5):
+            if not self._supervising.is_set():
+                continue
+            for i, w in enumerate(self.workers):
+                if w is None or w.poll() is not None:
+                    self._start_worker(i)
+
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in self.workers if w is not None and w.poll() is None]
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._supervisor is not None:
+            self._supervisor.join(5)
+        for w in self.workers:
+            if w is not None and w.poll() is None:
+                _kill_tree(w.pid)
+                w.wait(10)
+        if self.daemon is not None:
+            _kill_tree(self.daemon.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.daemon.wait(20)
+            _kill_tree(self.daemon.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.daemon.wait(10)
+        if self.http is not None:
+            self.http.stop.set()  # type: ignore[attr-defined]
+            self.http.shutdown()
+            self.http.server_close()
+
+    def drop(self) -> None:
+        for name in (self.name, self.dagster_db):
+            with contextlib.suppress(psycopg.Error):
+                _admin(self.admin_dsn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+    def daemon_log_tail(self, n: int = 6000) -> str:
+        with contextlib.suppress(OSError):
+            return (self.logs / "daemon.log").read_text(errors="replace")[-n:]
+        return ""
+
+    # -- executions ----------------------------------------------------------------------------
+    def start_executions(
+        self,
+        plans: list[dict[str, str]],
+        workflow: str = "chaos",
+        version: int | None = None,
+        undo: dict[str, str] | None = None,
+    ) -> list[str]:
+        """Insert one pending execution per plan (the launch sensor runs them); ``version`` None:
+        the active version; ``undo``: the plan of their undos (``{stage: "slow"}``)."""
+        ids = []
+        with connect(self.dsn) as conn:
+            for modes in plans:
+                row = conn.execute(
+                    "INSERT INTO workflow_executions (workflow_definition_id, context)"
+                    " SELECT id, %s FROM workflow_definitions WHERE name = %s"
+                    " AND (CASE WHEN %s::int IS NULL THEN is_active ELSE version = %s::int END)"
+                    " RETURNING id::text",
+                    (
+                        Jsonb({"customer": "chaos", "chaos": {"modes": modes, "undo": undo or {}}}),
+                        workflow,
+                        version,
+                        version,
+                    ),
+                ).fetchone()
+                assert row is not None
+                ids.append(str(row["id"]))
+        return ids
+
+    def statuses(self, ids: list[str] | None = None) -> dict[str, int]:
+        with connect(self.dsn) as conn:
+            rows = conn.execute(
+                "SELECT status, count(*) AS n FROM workflow_executions"
+                " WHERE %s::uuid[] IS NULL OR id = ANY (%s::uuid[]) GROUP BY status",
+                (ids, ids),
+            ).fetchall()
+        return {r["status"]: int(r["n"]) for r in rows}
+
+    def errors(self, ids: list[str]) -> list[str]:
+        """The distinct error messages of the executions ``ids`` that did not complete (numbers
+        and ids blurred), with how many had each."""
+        with connect(self.dsn) as conn:
+            rows = conn.execute(
+                "SELECT status, error_message FROM workflow_executions WHERE id = ANY (%s::uuid[])"
+                " AND status <> 'completed'",
+                (ids,),
+            ).fetchall()
+        counts: dict[str, int] = {}
+        for r in rows:
+            message = str(r["error_message"])
+            if "Steps failed" in message:
+                message += " <- " + self._step_failure(message)
+            text = re.sub(r"[0-9a-f]{8}-[0-9a-f-]{27}", "<id>", message)
+            text = re.sub(r"\d+(\.\d+)?", "N", text)[:400]
+            key = f"{r['status']}: {text}"
+            counts[key] = counts.get(key, 0) + 1
+        return [f"{n} x {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+
+    def _step_failure(self, message: str) -> str:
+        """The error of the failed step of the Dagster run a message names (what the op raised)."""
+        from dagster import DagsterEventType, DagsterInstance
+
+        m = re.search(r"run ([0-9a-f-]{36})", message)
+        if m is None:
+            return "?"
+        instance = DagsterInstance.from_config(str(self.home))
+        try:
+            for entry in instance.all_logs(m.group(1), of_type=DagsterEventType.STEP_FAILURE):
+                event = entry.dagster_event
+                error = getattr(event.event_specific_data, "error", None) if event is not None else None
+                if error is not None:
+                    return f"{error.cls_name}: {error.message.strip()}"[:240]
+        finally:
+            instance.dispose()
+        return "?"
+
+    def scalar(self, query: str, *params: Any) -> Any:
+        with connect(self.dsn) as conn:
+            row = conn.execute(query, params).fetchone()  # type: ignore[call-overload]
+        return None if row is None else next(iter(row.values()))
+
+    def wait_for(self, predicate: Callable[[], bool], timeout_s: float, poll_s: float = 0.2) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(psycopg.Error):
+                if predicate():
+                    return True
+            time.sleep(poll_s)
+        return False
+
+    def quiesce(self, timeout_s: float) -> tuple[float | None, list[Violation]]:
+        """Poll the invariant checker until it reports nothing: (seconds it took, or None, and
+        what it reported last)."""
+        t0 = time.monotonic()
+        found: list[Violation] = []
+        while time.monotonic() - t0 < timeout_s:
+            try:
+                with connect(self.dsn) as conn:
+                    found = check(conn)
+            except psycopg.OperationalError:
+                time.sleep(1)
+                continue
+            if not found:
+                return time.monotonic() - t0, []
+            time.sleep(1)
+        return None, found
+
+    # -- faults --------------------------------------------------------------------------------
+    def kill_worker_mid_task(self) -> bool:
+        """SIGKILL a queue worker while it runs a claimed task."""
+        mine = set(self.worker_pids())
+        with connect(self.dsn) as conn:
+            rows = conn.execute(
+                "SELECT claimed_by FROM task_queue WHERE status = 'in_progress' AND claimed_by <> 'op'"
+            ).fetchall()
+        pids = [p for p in (_worker_pid(r["claimed_by"]) for r in rows) if p in mine]
+        if not pids:
+            return False
+        _kill_tree(random.choice(pids))
+        return True
+
+    def kill_worker_before_claim(self) -> bool:
+        """SIGKILL a queue worker while its claim is in flight: the agent row is locked so the claim
+        statement waits; the worker dies before its claim returns (the claim then commits for a
+        dead worker, whose lease the reaper takes back, or dies with its session)."""
+        with connect(self.dsn, autocommit=False) as locker:
+            locker.execute("SELECT 1 FROM agents WHERE name = %s FOR UPDATE", (QUEUE,))
+            victim = None
+            deadline = time.monotonic() + 5
+            while victim is None and time.monotonic() < deadline:
+                ports = self._blocked_claim_ports()
+                for pid in self.worker_pids():
+                    with contextlib.suppress(psutil.Error):
+                        local = {c.laddr.port for c in psutil.Process(pid).net_connections(kind="tcp")}
+                        if local & ports:
+                            victim = pid
+                            break
+                time.sleep(0.05)
+            if victim is not None:
+                _kill_tree(victim)
+            locker.rollback()
+        return victim is not None
+
+    def _blocked_claim_ports(self) -> set[int]:
+        with connect(self.dsn) as conn:
+            rows = conn.execute(
+                "SELECT client_port FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND query LIKE %s",
+                ("%lifecycle_task_claim%",),
+            ).fetchall()
+        return {int(r["client_port"]) for r in rows if r["client_port"] is not None}
+
+    def kill_worker_after_return(self, timeout_s: float = 15) -> bool:
+        """SIGKILL the queue worker paused after its agent returned (plan: pause_after_return)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for marker in sorted(self.hooks.glob("*.returned")):
+                pid = int(marker.read_text() or 0)
+                marker.rename(marker.with_suffix(".killed"))
+                if pid in self.worker_pids():
+                    _kill_tree(pid)
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+    def run_workers(self) -> dict[int, str | None]:
+        """``{pid: Dagster run id or None}`` of the run workers running now: the processes the
+        daemon's code servers (``dagster api grpc``) started for runs (each run worker is a child of
+        its code server; the agents it forks are its own children). The run id comes from the
+        compute log files the run worker holds open (``.../<run id>/compute_logs/...``)."""
+        found: dict[int, str | None] = {}
+        if self.daemon is None:
+            return found
+        with contextlib.suppress(psutil.Error):
+            for p in psutil.Process(self.daemon.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if "api grpc" not in " ".join(p.cmdline()):
+                        continue
+                    for child in p.children():
+                        run_id = None
+                        with contextlib.suppress(psutil.Error):
+                            for f in child.open_files():
+                                m = re.search(
+                                    r"/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/", f.path
+                                )
+                                if m:
+                                    run_id = m.group(1)
+                                    break
+                        found[child.pid] = run_id
+        return found
+
+    def kill_run_worker(self) -> bool:
+        """SIGKILL a Dagster run worker while a stage (or an undo) runs."""
+        workers = self.run_workers()
+        busy = self.scalar(
+            "SELECT count(*) FROM workflow_executions e WHERE e.status = 'compensating'"
+            " OR (e.status = 'in_progress' AND EXISTS (SELECT 1 FROM workflow_execution_logs l"
+            " WHERE l.execution_id = e.id AND l.status = 'in_progress'))"
+        )
+        if not workers or not busy:
+            return False
+        _kill_tree(random.choice(list(workers)))
+        return True
+
+    def kill_compensation_run_worker(self) -> bool:
+        """SIGKILL the run worker of a compensation run (the runs tagged lifecycle/compensation)."""
+        from dagster import DagsterInstance
+
+        workers = {run: pid for pid, run in self.run_workers().items() if run}
+        if not workers:
+            return False
+        instance = DagsterInstance.from_config(str(self.home))
+        try:
+            mine = [
+                run
+                for run in workers
+                if (r := instance.get_run_by_id(run)) is not None and r.tags.get("lifecycle/compensation") == "true"
+            ]
+        finally:
+            instance.dispose()
+        if not mine:
+            return False
+        _kill_tree(workers[random.choice(mine)])
+        return True
+
+    def terminate_backends(self, n: int) -> int:
+        """pg_terminate_backend of up to ``n`` random sessions of the orchestration database
+        (engine, workers, listeners, sensors; never another database's)."""
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT pg_terminate_backend(pid) AS ok FROM ("
+                " SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
+                " AND backend_type = 'client backend' ORDER BY random() LIMIT %s) s",
+                (self.name, n),
+            ).fetchall()
+        return sum(1 for r in rows if r[0])
+
+    def cancel(self, execution_id: str, compensate: bool) -> bool:
+        with connect(self.dsn) as conn:
+            row = conn.execute(
+                "SELECT cancelled FROM lifecycle_cancel_execution(%s, 'chaos cancel', %s)", (execution_id, compensate)
+            ).fetchone()
+        return bool(row and row["cancelled"])
+
+    def publish(self, note: str) -> int:
+        """Publish and activate a new version of ``chaos``; return it."""
+        with connect(self.dsn) as conn:
+            row = conn.execute(
+                "SELECT version FROM lifecycle_publish_definition('chaos', 'chaos', %s, true)",
+                (Jsonb(chaos_dag(note=note)),),
+            ).fetchone()
+        assert row is not None
+        return int(row["version"])
+
+    def reconcile_now(self) -> int:
+        """One reconciler tick from this process, racing the daemon's (its run requests are dropped:
+        the daemon's own tick launches them)."""
+        from dagster import DagsterInstance, RunRequest
+
+        from lifecycle_dagster.sensors import reconcile
+
+        instance = DagsterInstance.from_config(str(self.home))
+        try:
+            jobs = [f"chaos__v{v}__compensate" for v in range(1, 20)] + ["chaos_hold__v1__compensate"]
+            return sum(1 for r in reconcile(instance, jobs, self.dsn) if isinstance(r, RunRequest))
+        finally:
+            instance.dispose()
+
+
+def _worker_pid(claimed_by: str | None) -> int | None:
+    """The pid in a worker id (``host:pid:suffix``)."""
+    parts = (claimed_by or "").split(":")
+    return int(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else None
+
+
+# ---------------------------------------------------------------------------------------------
+# a throwaway Postgres cluster (the restart scenario never touches the shared server)
+
+
+class Cluster:
+    """A Postgres cluster of its own: initdb into a temporary folder, pg_ctl on a free port with
+    its unix socket in that folder. Run as root, the server runs as the ``postgres`` user."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.root = Path(tempfile.mkdtemp(prefix="ld-chaos-pg-"))
+        self.data = self.root / "data"
+        self.sock = self.root / "sock"
+        self.log = self.root / "server.log"
+        self.port = _free_port()
+        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+            os.chmod(self.root, 0o755)
+            shutil.chown(self.root, "postgres")
+
+    def _run(self, *args: str, timeout: float = 120) -> None:
+        subprocess.run([*self.as_user, *args], check=True, capture_output=True, timeout=timeout, cwd=self.root)
+
+    def init(self) -> None:
+        self.sock.mkdir()
+        if self.as_user:
+            shutil.chown(self.sock, "postgres")
+        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
+        self.start()
+
+    def start(self) -> None:
+        opts = (
+            f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off"
+            " -c synchronous_commit=off -c full_page_writes=off"
+        )
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def restart(self, mode: str) -> None:
+        self.stop(mode)
+        self.start()
+
+    def destroy(self) -> None:
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running(world: World) -> Iterator[World]:
+    """Create and start ``world``; stop and drop it at the end."""
+    try:
+        world.create()
+        world.start()
+        yield world
+    finally:
+        world.stop()
+        world.drop()

@@ -1,0 +1,266 @@
+"""Fault injection: many lifecycle executions (python, http and queue agents) under kill -9 of
+queue workers and Dagster run workers, a Postgres restart, pg_terminate_backend of random sessions,
+agents that hang, return garbage or 10 MB or fail half their calls, and cancels, publishes and
+reconciler runs concurrent with it all. After each scenario the invariant checker
+(lifecycle_dagster.invariants) must report nothing within a bounded time once the faults stop.
+
+Scale with ``pytest tests/chaos --chaos-scale N`` (executions and faults times N). Each scenario's
+figures (executions, faults injected, time to quiesce, violations, outcomes) are printed at the end
+of the run and written to tests/chaos/results/scale<N>/<scenario>.json.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from chaos_world import KIND, STAGES, Cluster, Figures, World, record, running
+
+pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+
+BAD = ("hang", "garbage", "huge", "flaky", "fail")
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def quiesce_bound_s(scale: int) -> float:
+    """How long the executions of a scenario may take to come to rest once its faults stopped."""
+    return 150.0 + 30.0 * scale
+
+
+def _plans(n: int, rng: random.Random, **modes: list[str]) -> list[dict[str, str]]:
+    """``n`` plans; each stage's mode drawn from ``modes[stage]`` (default ok)."""
+    return [{s: rng.choice(modes.get(s, ["ok"])) for s in STAGES} for _ in range(n)]
+
+
+def drive(
+    world: World,
+    figures: Figures,
+    ids: list[str],
+    injectors: list[tuple[str, float, Callable[[], int | bool]]],
+    budget_s: float,
+    stop_when: Callable[[], bool] | None = None,
+) -> None:
+    """Inject faults (``(kind, every_s, inject)``; ``inject`` says how many it injected) while the
+    executions ``ids`` run, until none of them is pending or in progress (or ``stop_when`` says so),
+    or ``budget_s`` passed."""
+    last = {kind: 0.0 for kind, _, _ in injectors}
+    deadline = time.monotonic() + budget_s
+    while time.monotonic() < deadline:
+        for kind, every_s, inject in injectors:
+            if time.monotonic() - last[kind] >= every_s:
+                last[kind] = time.monotonic()
+                n = int(inject())
+                if n:
+                    figures.fault(kind, n)
+        running_now = world.statuses(ids)
+        if stop_when is not None and stop_when():
+            break
+        if stop_when is None and not (running_now.get("pending", 0) + running_now.get("in_progress", 0)):
+            break
+        time.sleep(0.2)
+
+
+def limited(inject: Callable[[], int | bool], at_most: int) -> Callable[[], int]:
+    """``inject``, injecting at most ``at_most`` faults in all."""
+    done = {"n": 0}
+
+    def once() -> int:
+        if done["n"] >= at_most:
+            return 0
+        n = int(inject())
+        done["n"] += n
+        return n
+
+    return once
+
+
+def finish(world: World, figures: Figures, ids: list[str], t0: float) -> None:
+    """Wait for rest, record the figures, and require zero violations."""
+    figures.executions = len(ids)
+    figures.quiesce_s, found = world.quiesce(quiesce_bound_s(figures.scale))
+    figures.violations = [f"{v.rule}: {v.message}" for v in found]
+    figures.outcomes = world.statuses(ids)
+    figures.notes = world.errors(ids)
+    figures.duration_s = round(time.monotonic() - t0, 1)
+    if figures.quiesce_s is not None:
+        figures.quiesce_s = round(figures.quiesce_s, 1)
+    record(figures)
+    print(f"\n{figures}")
+    assert not found, "\n".join(figures.violations[:30]) + "\n" + world.daemon_log_tail()
+    # every undo here can succeed (the python agent's; http and queue agents have none to run)
+    assert "compensation_failed" not in figures.outcomes, figures.notes
+
+
+# ---------------------------------------------------------------------------------------------
+# scenarios sharing one deployment (they run in this order)
+
+
+def test_queue_workers_killed_at_every_point(shared_world: World, chaos_scale: int) -> None:
+    """kill -9 of `agent serve` workers: while a claim is in flight, mid-task, and after the agent
+    returned but before the result is recorded. Killed workers are restarted."""
+    world, rng, t0 = shared_world, random.Random(1), time.monotonic()
+    figures = Figures("worker_kills", chaos_scale)
+    n = 6 * chaos_scale
+    plans = _plans(n, rng, c=["slow", "slow", "pause_after_return", "ok"])
+    plans[0]["c"] = "pause_after_return"
+    ids = world.start_executions(plans)
+    drive(
+        world,
+        figures,
+        ids,
+        [
+            ("kill_worker_mid_task", 2.0, limited(world.kill_worker_mid_task, 3 * chaos_scale)),
+            ("kill_worker_after_return", 0.5, lambda: world.kill_worker_after_return(timeout_s=0)),
+            ("kill_worker_before_claim", 3.0, limited(world.kill_worker_before_claim, 3 * chaos_scale)),
+        ],
+        budget_s=90 + 30 * chaos_scale,
+    )
+    finish(world, figures, ids, t0)
+    assert figures.faults.get("kill_worker_mid_task", 0) >= 1
+    assert figures.faults.get("kill_worker_after_return", 0) >= 1
+    assert figures.faults.get("kill_worker_before_claim", 0) >= 1
+
+
+def test_dagster_run_workers_killed_mid_stage(shared_world: World, chaos_scale: int) -> None:
+    """kill -9 of Dagster run workers while a stage (or an undo) runs: the reconciler finds the lost
+    executions (their heartbeat stops) and compensation completes, run workers of compensation runs
+    included."""
+    world, rng, t0 = shared_world, random.Random(2), time.monotonic()
+    figures = Figures("run_worker_kills", chaos_scale)
+    n = 6 * chaos_scale
+    plans = _plans(n, rng, a=["slow", "ok"], d=["slow", "fail", "fail"])
+    ids = world.start_executions(plans, undo={"a": "slow"})  # compensation runs take a while: killable
+    drive(
+        world,
+        figures,
+        ids,
+        [
+            ("kill_run_worker", 2.5, limited(world.kill_run_worker, 3 * chaos_scale)),
+            ("kill_compensation_run_worker", 0.5, limited(world.kill_compensation_run_worker, chaos_scale)),
+        ],
+        budget_s=90 + 30 * chaos_scale,
+        stop_when=lambda: world.statuses(ids).keys() <= {"completed", "rolled_back", "compensation_failed"},
+    )
+    finish(world, figures, ids, t0)
+    assert figures.faults.get("kill_run_worker", 0) >= 1
+    assert figures.faults.get("kill_compensation_run_worker", 0) >= 1
+
+
+def test_random_sessions_terminated(shared_world: World, chaos_scale: int) -> None:
+    """pg_terminate_backend of random sessions of the database (stage ops, heartbeats, sensors,
+    queue workers and their listeners) every second while executions run."""
+    world, rng, t0 = shared_world, random.Random(3), time.monotonic()
+    figures = Figures("terminate_backends", chaos_scale)
+    n = 6 * chaos_scale
+    ids = world.start_executions(_plans(n, rng, a=["ok", "slow"], b=["ok", "slow"], c=["ok", "slow"]))
+    drive(
+        world,
+        figures,
+        ids,
+        [("pg_terminate_backend", 1.0, lambda: world.terminate_backends(2))],
+        budget_s=60 + 30 * chaos_scale,
+    )
+    finish(world, figures, ids, t0)
+    assert figures.faults_total >= 1
+
+
+def test_cancels_publishes_and_reconcilers_amid_faults(shared_world: World, chaos_scale: int) -> None:
+    """Cancels (with and without compensation), publishes of new versions (activated) and extra
+    reconciler ticks, concurrent with worker kills and terminated sessions; held executions
+    (on_failure: hold) fail and stay failed."""
+    world, rng, t0 = shared_world, random.Random(4), time.monotonic()
+    figures = Figures("concurrent_ops", chaos_scale)
+    n = 6 * chaos_scale
+    ids = world.start_executions(_plans(n, rng, a=["ok", "slow"], c=["slow", "ok"], d=["ok", "slow"]))
+    ids += world.start_executions(_plans(chaos_scale, rng, d=["fail"]), workflow="chaos_hold")
+    version = world.publish(f"chaos v{t0:.0f}")  # the running v1 executions stay pinned to v1
+    figures.fault("publish")
+    ids += world.start_executions(_plans(chaos_scale, rng), version=version)  # runs once the location reloads
+    to_cancel = list(ids[: 2 * chaos_scale])
+    rng.shuffle(to_cancel)
+
+    def cancel() -> bool:
+        if not to_cancel:
+            return False
+        return world.cancel(to_cancel.pop(), compensate=rng.random() < 0.5)
+
+    def publish() -> bool:
+        if figures.faults.get("publish", 0) >= 1 + chaos_scale:
+            return False
+        world.publish(f"chaos {time.monotonic():.3f}")
+        return True
+
+    drive(
+        world,
+        figures,
+        ids,
+        [
+            ("cancel", 1.0, cancel),
+            ("publish", 4.0, publish),
+            ("reconcile", 2.0, lambda: world.reconcile_now() >= 0),
+            ("kill_worker_mid_task", 5.0, world.kill_worker_mid_task),
+            ("pg_terminate_backend", 3.0, lambda: world.terminate_backends(1)),
+        ],
+        budget_s=90 + 30 * chaos_scale,
+    )
+    finish(world, figures, ids, t0)
+    assert figures.faults.get("cancel", 0) >= 1 and figures.faults.get("publish", 0) >= 2
+
+
+def test_agents_that_hang_return_garbage_or_10_mb_or_fail_half_their_calls(
+    shared_world: World, chaos_scale: int
+) -> None:
+    """Every bad behaviour on every agent kind: python (in the run worker, with a timeout), http and
+    queue (a worker process)."""
+    world, rng, t0 = shared_world, random.Random(5), time.monotonic()
+    figures = Figures("bad_agents", chaos_scale)
+    plans: list[dict[str, str]] = []
+    for _ in range(chaos_scale):
+        for i, mode in enumerate(BAD):
+            # each bad mode once on each kind: b (http) and c (queue) run after a; a and d are python
+            plans.append({"a": "ok", "b": mode, "c": BAD[(i + 2) % len(BAD)], "d": "ok"})
+            plans.append({"a": mode if i % 2 else "ok", "b": "ok", "c": "ok", "d": "ok" if i % 2 else mode})
+    rng.shuffle(plans)
+    for p in plans:
+        for stage, mode in p.items():
+            if mode in BAD:
+                figures.fault(f"{mode}_{KIND[stage]}")
+    ids = world.start_executions(plans)
+    drive(world, figures, ids, [], budget_s=120 + 40 * chaos_scale)
+    finish(world, figures, ids, t0)
+
+
+# ---------------------------------------------------------------------------------------------
+# a deployment on a Postgres cluster of its own, restarted mid-run
+
+
+@pytest.mark.skipif(not (PG_BIN / "initdb").exists(), reason="PostgreSQL 15 server binaries not installed")
+def test_postgres_restarted_mid_run(chaos_scale: int, tmp_path: Path) -> None:
+    """The whole database server restarts (fast, then immediate shutdown: a crash) while executions
+    run: workers, sensors and stage ops reconnect, listeners LISTEN again."""
+    rng, t0 = random.Random(6), time.monotonic()
+    figures = Figures("postgres_restart", chaos_scale)
+    cluster = Cluster(PG_BIN)
+    try:
+        cluster.init()
+        with running(World(cluster.dsn, tmp_path, template=None)) as world:
+            n = 6 * chaos_scale
+            ids = world.start_executions(_plans(n, rng, a=["slow", "ok"], c=["slow", "ok"], d=["slow", "ok"]))
+            restarts = {"n": 0}
+
+            def restart() -> bool:
+                if restarts["n"] >= chaos_scale or not world.statuses(ids).get("in_progress"):
+                    return False
+                cluster.restart("immediate" if restarts["n"] % 2 else "fast")
+                restarts["n"] += 1
+                return True
+
+            drive(world, figures, ids, [("postgres_restart", 8.0, restart)], budget_s=90 + 40 * chaos_scale)
+            finish(world, figures, ids, t0)
+    finally:
+        cluster.destroy()
+    assert figures.faults.get("postgres_restart", 0) >= 1

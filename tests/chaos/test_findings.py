@@ -1,0 +1,152 @@
+"""What the chaos suite found, pinned down one by one without the chaos (fast, deterministic):
+
+* a queue stage that times out after the reaper took its task back records its retry against the
+  attempt the stage is at (it was refused as stale, failing the run);
+* a stage served by an http or queue agent has nothing to undo (its undo looked the agent up in the
+  code location's registry and failed: compensation_failed).
+
+(A worker's result after its lease expired is refused: tests/test_invariants.py. A run worker killed
+before its first op, and a lost database connection: the scenarios of test_chaos.py.)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from psycopg.types.json import Jsonb
+
+from lifecycle_dagster.agents import AgentRegistry
+from lifecycle_dagster.db import connect
+from lifecycle_dagster.invariants import check
+from lifecycle_dagster.retry import RetryPolicy
+from lifecycle_dagster.runtime import StageError, StageRetry, StageSpec, run_stage
+
+from helpers import create_execution, install, rows
+
+pytestmark = pytest.mark.chaos
+
+
+def test_a_queue_stage_timing_out_after_its_task_was_reaped_retries(db: str) -> None:
+    install(db, "wf", {"stages": [{"id": "a", "capability": "q"}]}, {"q": "Queue Agent"})
+    with connect(db) as conn:
+        conn.execute("UPDATE agents SET kind = 'queue' WHERE name = 'Queue Agent'")
+    row, eid = create_execution(db, "wf")
+    spec = StageSpec(
+        definition_id=row["id"], stage_id="a", capability="q", policy=RetryPolicy(max_attempts=3), timeout_s=3
+    )
+    outcome: dict[str, Any] = {}
+
+    def stage() -> None:
+        with connect(db) as conn:
+            try:
+                run_stage(conn, spec, run_id="run-1", attempt=1, registry=AgentRegistry(), execution_id=eid, dsn=db)
+            except StageError as exc:
+                outcome["error"] = exc
+
+    op = threading.Thread(target=stage)
+    op.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not rows(db, "SELECT 1 FROM task_queue WHERE status = 'pending'") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with connect(db) as conn:  # a worker claims it and dies: its lease expires, the reaper takes it back
+            [claim] = conn.execute("SELECT * FROM lifecycle_task_claim('w1', 'Queue Agent', 1, 0.2)").fetchall()
+            assert claim["attempt"] == 1
+            later = datetime.now(UTC) + timedelta(seconds=1)
+            assert conn.execute("SELECT lifecycle_task_reap(%s) AS n", (later,)).fetchone() == {"n": 1}
+    finally:
+        op.join(30)
+    error = outcome["error"]
+    assert isinstance(error, StageRetry), error  # was StageStopped: "attempt 1 is not the current attempt 2"
+    assert error.attempt == 2 and error.code == "timeout"
+    [log] = rows(db, "SELECT status, attempt_number FROM workflow_execution_logs")
+    assert log == {"status": "pending", "attempt_number": 2}
+
+
+@pytest.mark.parametrize("kind", ["queue", "http"])
+def test_stages_of_http_and_queue_agents_have_nothing_to_undo(db: str, instance: Any, kind: str) -> None:
+    from test_compensation import _compensate
+
+    dag = {
+        "stages": [{"id": "a", "capability": "remote", "next": ["b"]}, {"id": "b", "capability": "last"}],
+        "defaults": {"retry": {"max_attempts": 1, "base_delay_s": 0.01, "max_delay_s": 0.02}},
+    }
+    install(db, "wf", dag, {"remote": "Remote", "last": "Last"})
+    row, eid = create_execution(db, "wf")
+    with connect(db) as conn:  # a is done by a queue worker, b fails: compensation is due
+        conn.execute("UPDATE agents SET kind = 'queue' WHERE name = 'Remote'")
+        conn.execute("SELECT lifecycle_ensure_execution(%s, 'run-0', %s)", (row["id"], eid))
+        conn.execute("SELECT * FROM lifecycle_start_stage(%s, 'a', 'remote')", (eid,))
+        [claim] = conn.execute("SELECT * FROM lifecycle_task_claim('w1', 'Remote', 1, 30)").fetchall()
+        done = conn.execute(
+            "SELECT lifecycle_task_complete(%s, %s, %s) AS s",
+            (claim["task_id"], claim["lease_token"], Jsonb({"summary": "done remotely"})),
+        ).fetchone()
+        assert done == {"s": "in_progress"}
+        conn.execute("UPDATE agents SET kind = %s WHERE name = 'Remote'", (kind,))
+        b = conn.execute(
+            "SELECT log_id, task_id FROM lifecycle_start_stage(%s, 'b', 'last', '{\"a\": \"remote\"}')", (eid,)
+        ).fetchone()
+        assert b is not None
+        conn.execute("SELECT lifecycle_fail_stage(%s, %s, 'no', 'bad_request')", (b["log_id"], b["task_id"]))
+        conn.execute("SELECT perform_workflow_compensation(%s, 'b failed')", (eid,))
+    [comp] = _compensate(db, instance, AgentRegistry())  # no agent registered here: Remote is not python
+    assert comp.success
+    assert rows(db, "SELECT status FROM workflow_executions") == [{"status": "rolled_back"}]
+    [undo] = rows(db, "SELECT metadata FROM workflow_events WHERE event_type = 'stage_compensated'")
+    assert undo["metadata"]["summary"] == f"nothing to undo (Remote is a {kind} agent)"
+    with connect(db) as conn:
+        assert check(conn) == []
+
+
+def _queue_stage(db: str) -> tuple[str, str]:
+    """A manual execution of wf (one stage a, served by a queue agent) and its stage log."""
+    install(db, "wf", {"stages": [{"id": "a", "capability": "q"}]}, {"q": "Queue Agent"})
+    row, eid = create_execution(db, "wf")
+    with connect(db) as conn:
+        conn.execute("UPDATE agents SET kind = 'queue' WHERE name = 'Queue Agent'")
+        conn.execute("SELECT lifecycle_ensure_execution(%s, 'run-1', %s)", (row["id"], eid))
+        started = conn.execute("SELECT log_id FROM lifecycle_start_stage(%s, 'a', 'q')", (eid,)).fetchone()
+        assert started is not None
+    return eid, str(started["log_id"])
+
+
+def test_a_new_attempt_supersedes_the_open_task_of_the_old_one(db: str) -> None:
+    eid, _ = _queue_stage(db)
+    with connect(db) as conn:
+        [old] = conn.execute("SELECT * FROM lifecycle_task_claim('w1', 'Queue Agent', 1, 0.2)").fetchall()
+        # the stage op runs the stage again (its connection was lost): attempt 2, a new task
+        conn.execute("SELECT * FROM lifecycle_start_stage(%s, 'a', 'q', '{}', 2, p_resume => true)", (eid,))
+        tasks = conn.execute("SELECT attempt, status FROM task_queue ORDER BY attempt").fetchall()
+        assert [(t["attempt"], t["status"]) for t in tasks] == [(1, "cancelled"), (2, "pending")]
+        late = conn.execute(
+            "SELECT lifecycle_task_complete(%s, %s, '{}') AS s", (old["task_id"], old["lease_token"])
+        ).fetchone()
+        assert late is not None and late["s"].startswith("refused: lease token")
+        later = datetime.now(UTC) + timedelta(seconds=5)
+        assert conn.execute("SELECT lifecycle_task_reap(%s) AS n", (later,)).fetchone() == {"n": 0}
+
+
+def test_the_reaper_cancels_a_superseded_task_instead_of_failing(db: str) -> None:
+    """Before 0013 the reaper moved such a task onto an attempt another task held: a unique violation
+    that failed every reap (and with it the reconciler's tick and every worker's claim loop)."""
+    eid, log_id = _queue_stage(db)
+    with connect(db) as conn:  # an attempt-1 task still held by a worker, beside the attempt-2 task
+        conn.execute("UPDATE workflow_execution_logs SET attempt_number = 2 WHERE id = %s", (log_id,))
+        conn.execute("UPDATE task_queue SET attempt = 2")
+        conn.execute(
+            "INSERT INTO task_queue (workflow_execution_id, task_type, capability, stage_log_id, attempt, status,"
+            " claimed_by, lease_token, lease_expires_at, started_at) VALUES (%s, 'a', 'q', %s, 1, 'in_progress',"
+            " 'w1', 1, now() - interval '1 s', now() - interval '5 s')",
+            (eid, log_id),
+        )
+        assert conn.execute("SELECT lifecycle_task_reap() AS n").fetchone() == {"n": 1}
+        tasks = conn.execute("SELECT attempt, status, error_message FROM task_queue ORDER BY attempt").fetchall()
+        assert [(t["attempt"], t["status"]) for t in tasks] == [(1, "cancelled"), (2, "pending")]
+        assert "superseded" in tasks[0]["error_message"]
+        [reaped] = conn.execute("SELECT metadata FROM workflow_events WHERE event_type = 'task_reaped'").fetchall()
+        assert reaped["metadata"]["superseded"] is True and reaped["metadata"]["requeued"] is False
