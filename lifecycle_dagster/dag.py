@@ -181,15 +181,22 @@ class Dag:
 
     def ancestors(self, stage_id: str) -> tuple[str, ...]:
         """Ids of every stage ``stage_id`` transitively depends on, in topological order."""
+        return self._closure(stage_id, 0)
+
+    def descendants(self, stage_id: str) -> tuple[str, ...]:
+        """Ids of every stage that transitively depends on ``stage_id``, in topological order."""
+        return self._closure(stage_id, 1)
+
+    def _closure(self, stage_id: str, direction: int) -> tuple[str, ...]:
         self.stage(stage_id)
-        parents = self._links[0]
+        links = self._links[direction]
         seen: set[str] = set()
         todo = [stage_id]
         while todo:
-            for parent in parents[todo.pop()]:
-                if parent not in seen:
-                    seen.add(parent)
-                    todo.append(parent)
+            for linked in links[todo.pop()]:
+                if linked not in seen:
+                    seen.add(linked)
+                    todo.append(linked)
         return tuple(s for s in self._order if s in seen)
 
     @cached_property

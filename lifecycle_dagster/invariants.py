@@ -156,17 +156,6 @@ def _dag(text: str) -> Dag | None:
         return None
 
 
-def _descendants(dag: Dag, stage_id: str) -> set[str]:
-    seen: set[str] = set()
-    frontier = list(dag.children(stage_id))
-    while frontier:
-        s = frontier.pop()
-        if s not in seen:
-            seen.add(s)
-            frontier.extend(dag.children(s))
-    return seen
-
-
 def _stages(executions: Iterable[Mapping[str, Any]], stages: Iterable[Mapping[str, Any]]) -> list[Violation]:
     by_execution: dict[str, dict[str, Mapping[str, Any]]] = {}
     for s in stages:
@@ -254,7 +243,7 @@ def _order(eid: str, dag: Dag, mine: Mapping[str, Mapping[str, Any]]) -> list[Vi
         started = s["first_compensating"]
         if started is None or sid not in dag.topological_order():
             continue
-        for dependent in sorted(_descendants(dag, sid)):
+        for dependent in sorted(dag.descendants(sid)):
             d = mine.get(dependent)
             if d is None:
                 continue

@@ -274,7 +274,7 @@ def _undo_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
         stage_id=stage.id,
         capability=stage.capability,
         compensate=stage.compensate,
-        dependents=_descendants(dag, stage.id),
+        dependents=dag.descendants(stage.id),
         policy=resolve_policy(dag, stage.id),
     )
     has_dependents = bool(dag.children(stage.id))
@@ -319,17 +319,6 @@ def _undo_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
         tags={"lifecycle/stage": stage.id, "lifecycle/compensation": "true"},
         required_resource_keys={"lifecycle_db", "lifecycle_agents"},
     )(compute)
-
-
-def _descendants(dag: Dag, stage_id: str) -> tuple[str, ...]:
-    seen: set[str] = set()
-    frontier = list(dag.children(stage_id))
-    while frontier:
-        s = frontier.pop()
-        if s not in seen:
-            seen.add(s)
-            frontier.extend(dag.children(s))
-    return tuple(s for s in dag.topological_order() if s in seen)
 
 
 def build_compensation_job(definition: Mapping[str, Any]) -> dg.JobDefinition:
