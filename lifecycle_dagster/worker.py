@@ -73,6 +73,11 @@ class Worker:
         self._slot_freed = threading.Event()
         self.completed = 0
 
+    @property
+    def application_name(self) -> str:
+        """``lifecycle-worker <worker_id>``: the sessions' name in ``pg_stat_activity``."""
+        return f"lifecycle-worker {self.worker_id}"[:63]
+
     # -- the loop ----------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         """Claim and run tasks until ``stop`` is set; then shut down gracefully."""
@@ -80,7 +85,8 @@ class Worker:
             self.dsn,
             min_size=1,
             max_size=self.concurrency,
-            kwargs={"autocommit": True, "row_factory": dict_row},
+            # pg_stat_activity names the worker of each session (Postgres keeps 63 bytes)
+            kwargs={"autocommit": True, "row_factory": dict_row, "application_name": self.application_name},
             open=True,
         )
         self._pool = pool
@@ -90,7 +96,7 @@ class Worker:
             while not stop.is_set():
                 if listener is None and self.listen:
                     try:
-                        listener = psycopg.connect(self.dsn, autocommit=True)
+                        listener = psycopg.connect(self.dsn, autocommit=True, application_name=self.application_name)
                         listener.execute("LISTEN lifecycle_task")
                         backoff = 0.1
                     except psycopg.Error as exc:

@@ -487,27 +487,29 @@ class World:
             victim = None
             deadline = time.monotonic() + 5
             while victim is None and time.monotonic() < deadline:
-                ports = self._blocked_claim_ports()
-                for pid in self.worker_pids():
-                    with contextlib.suppress(psutil.Error):
-                        local = {c.laddr.port for c in psutil.Process(pid).net_connections(kind="tcp")}
-                        if local & ports:
-                            victim = pid
-                            break
+                blocked = self._blocked_claim_workers()  # over TCP or a unix socket alike
+                victim = next((pid for pid in self.worker_pids() if pid in blocked), None)
                 time.sleep(0.05)
             if victim is not None:
                 _kill_tree(victim)
             locker.rollback()
         return victim is not None
 
-    def _blocked_claim_ports(self) -> set[int]:
+    def _blocked_claim_workers(self) -> set[int]:
+        """Process ids of the workers whose claim waits on a lock (their sessions are named
+        ``lifecycle-worker <host>:<pid>:<suffix>``)."""
         with connect(self.dsn) as conn:
             rows = conn.execute(
-                "SELECT client_port FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock' AND query LIKE %s",
+                "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND query LIKE %s AND application_name LIKE 'lifecycle-worker %%'",
                 ("%lifecycle_task_claim%",),
             ).fetchall()
-        return {int(r["client_port"]) for r in rows if r["client_port"] is not None}
+        pids: set[int] = set()
+        for r in rows:
+            parts = str(r["application_name"]).split(":")
+            if len(parts) >= 3 and parts[-2].isdigit():
+                pids.add(int(parts[-2]))
+        return pids
 
     def kill_worker_after_return(self, timeout_s: float = 15) -> bool:
         """SIGKILL the queue worker paused after its agent returned (plan: pause_after_return)."""
