@@ -356,7 +356,7 @@ def test_eight_workers_with_pools_of_two_stay_within_their_connections(seeded_db
             n = rows(
                 seeded_db,
                 "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database()"
-                " AND application_name = '' AND pid <> pg_backend_pid()",
+                " AND application_name LIKE 'lifecycle-worker %%' AND pid <> pg_backend_pid()",
             )[0]["n"]
             peak = max(peak, n)
             if rows(seeded_db, "SELECT count(*) AS n FROM task_queue WHERE status = 'completed'")[0]["n"] == 16:
