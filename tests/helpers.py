@@ -142,3 +142,12 @@ def as_role(dsn: str, role: str, sub: str | None = None, *, commit: bool = False
             conn.commit()
         else:
             conn.rollback()
+
+
+def send_json(handler: Any, code: int, body: bytes) -> None:
+    """Answer an ``http.server`` request with status ``code`` and the JSON ``body`` (bytes)."""
+    handler.send_response(code)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)

@@ -44,7 +44,7 @@ from lifecycle_dagster.publish import DefinitionFileError, checked_for_publishin
 from lifecycle_dagster.retry import RetryPolicy, retry_delay
 from lifecycle_dagster.runtime import StageFailed, StageSpec, run_stage
 
-from helpers import events, install, rows, run
+from helpers import events, install, rows, run, send_json
 
 TABLES = ("workflow_definitions", "workflow_executions", "workflow_execution_logs", "workflow_events", "task_queue")
 ID_RULE = "id must match ^[a-z][a-z0-9_]{0,62}$"
@@ -1011,11 +1011,7 @@ class _Reply(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
         status, body = self.server.reply  # type: ignore[attr-defined]
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_json(self, status, body)
 
     def log_message(self, *args: Any) -> None:
         pass

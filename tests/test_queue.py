@@ -23,7 +23,7 @@ from lifecycle_dagster.agents import AgentRegistry, Task, default_registry
 from lifecycle_dagster.db import connect
 from lifecycle_dagster.worker import Worker
 
-from helpers import events, install, rows, run
+from helpers import events, install, rows, run, send_json
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -385,11 +385,7 @@ class _Handler(BaseHTTPRequestHandler):
             "slow": (200, {"summary": "late"}),
         }[mode]
         data = json.dumps(reply).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, code, data)
 
     def log_message(self, *args: Any) -> None:
         pass
