@@ -46,6 +46,8 @@ from lifecycle_dagster.db import connect
 from lifecycle_dagster.instance import prepare_home
 from lifecycle_dagster.invariants import Violation, check
 
+from helpers import send_json
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 BIN = Path(sys.executable).parent
@@ -132,11 +134,7 @@ class _HttpAgent(BaseHTTPRequestHandler):
             }
             data = json.dumps(out).encode()
         with contextlib.suppress(OSError):
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, code, data)
 
     def log_message(self, *args: Any) -> None:
         pass
