@@ -259,7 +259,7 @@ def test_postgres_restarted_mid_run(chaos_scale: int, tmp_path: Path) -> None:
                 restarts["n"] += 1
                 return True
 
-            drive(world, figures, ids, [("postgres_restart", 8.0, restart)], budget_s=90 + 40 * chaos_scale)
+            drive(world, figures, ids, [("postgres_restart", 2.0, restart)], budget_s=90 + 40 * chaos_scale)
             finish(world, figures, ids, t0)
     finally:
         cluster.destroy()
