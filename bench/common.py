@@ -166,7 +166,7 @@ def install_definition(dsn: str, name: str, dag: dict[str, Any]) -> dict[str, An
     """Publish and activate ``name`` with ``dag``; return its definition row (as build_job takes it)."""
     with connect(dsn) as conn:
         conn.execute(
-            "SELECT * FROM lifecycle_publish_definition(%(name)s, %(d)s, %(dag)s, true, NULL)",
+            "SELECT * FROM lifecycle.definition_publish(%(name)s, %(d)s, %(dag)s, true, NULL)",
             {"name": name, "d": f"bench {name}", "dag": Jsonb(dag)},
         )
         row = conn.execute(

@@ -1,7 +1,7 @@
 """Section 3, scaling with history: with 10k, 100k and 1M events (and as many tasks) of finished
 executions generated with SQL (``bench/sql/history_functions.sql``), the p50/p99 of the audit feed
 of one execution, of enqueueing a task (the runbook's section 7 insert), claiming it
-(``lifecycle_task_claim``) and completing it; and the time of a compensation (lifecycle_v1, stage 4
+(``lifecycle.task_claim``) and completing it; and the time of a compensation (lifecycle_v1, stage 4
 fails, stages 3..1 undone: ``perform_workflow_compensation`` then each stage's undo as the
 compensation job's ops do, without Dagster). Then compensation time against the number of stages
 (chains of 5, 50, 500 stages whose last stage fails) on a database without history.

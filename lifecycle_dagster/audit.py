@@ -1,16 +1,16 @@
 """The tamper-evident audit feed: the canonical form of an event and the verification of its chain.
 
-``workflow_events`` is append-only and hash-chained in the database (``sql/migrations/0009_audit.sql``):
+``workflow_events`` is append-only and hash-chained in the database (``sql/schema/08_audit.sql``):
 one stream per execution and one *global* stream for events with ``execution_id`` NULL. Each event
 stores ``prev_hash`` (its stream's previous hash; the genesis ``"0" * 64`` for the first event, or
-the hash of the newest event removed by retention, kept in ``lifecycle_audit_checkpoints``) and
+the hash of the newest event removed by retention, kept in ``lifecycle.audit_checkpoints``) and
 
     hash = hex(SHA-256(UTF-8(prev_hash + "\\n" + canonical_event)))
 
 where the canonical event is the canonical JSON (:func:`canonical_json`) of
 ``{"event_type", "execution_id", "id", "metadata", "stage_id", "timestamp"}`` with the timestamp in
 UTC as ``YYYY-MM-DDTHH:MM:SS.ffffffZ``. This module recomputes those hashes from the rows, in
-Python, with the same canonical form as the database's ``lifecycle_audit_canonical_event``, so a
+Python, with the same canonical form as the database's ``lifecycle.audit_canonical_event``, so a
 row edited behind the triggers' back (by a superuser who disabled them) is found.
 
 The canonical JSON follows RFC 8785 (JSON Canonicalization Scheme,
@@ -69,7 +69,7 @@ def _number(value: Decimal) -> str:
 def canonical_json(value: Any) -> str:
     """The canonical JSON text of ``value`` (see the module docstring; RFC 8785 as far as practical).
 
-    Equal to the database's ``lifecycle_canonical_json(jsonb)`` of the same document. ``value`` is
+    Equal to the database's ``lifecycle.canonical_json(jsonb)`` of the same document. ``value`` is
     a decoded JSON document: ``dict`` (string keys), ``list``/``tuple``, ``str``, ``bool``, ``None``,
     ``int``, ``float`` or ``Decimal``. For exact numbers decode with :func:`parse_jsonb_text`: a
     ``float`` is written as the shortest decimal that round-trips (``repr``), which is what Postgres
@@ -134,7 +134,7 @@ def format_timestamp(ts: datetime) -> str:
 
 
 def canonical_event(row: Mapping[str, Any]) -> bytes:
-    """The UTF-8 bytes of one event's canonical form (``lifecycle_audit_canonical_event`` in SQL).
+    """The UTF-8 bytes of one event's canonical form (``lifecycle.audit_canonical_event`` in SQL).
 
     ``row`` holds ``id`` (int), ``execution_id`` (UUID or its text, or None), ``event_type`` (str),
     ``stage_id`` (str or None), ``metadata`` (the jsonb's text as Postgres prints it — exact —, or

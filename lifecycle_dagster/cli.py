@@ -74,7 +74,7 @@ def db_upgrade(check: bool, repair: bool, as_json: bool) -> None:
     On a database that already holds the runbook's tables (a Supabase project), the first upgrade
     adopts them: the originals move to the schema lifecycle_adopted, untouched; their rows are
     copied into the new tables; a row that breaks a rule is reported (table, id, rule) and kept
-    in lifecycle_adoption_rejects instead of failing the upgrade."""
+    in lifecycle.adoption_rejects instead of failing the upgrade."""
     try:
         report = migrate.run_upgrade(_dsn(), check=check, repair=repair)
     except migrate.MigrationError as exc:
@@ -115,7 +115,7 @@ def db_upgrade(check: bool, repair: bool, as_json: bool) -> None:
     if report.rejects:
         click.echo(
             f"{len(report.rejects)} row{'s' if len(report.rejects) != 1 else ''} not copied: "
-            f"{'would be ' if check else ''}kept in lifecycle_adopted and listed in lifecycle_adoption_rejects"
+            f"{'would be ' if check else ''}kept in lifecycle_adopted and listed in lifecycle.adoption_rejects"
         )
     for table, column in report.columns_not_carried:
         click.echo(f"column {table}.{column} is not ours: its values stay in lifecycle_adopted.{table}")

@@ -58,7 +58,7 @@ def _cell(value: Any) -> str:
 @click.argument("execution_id")
 @click.option("--json", "as_json", is_flag=True, help='One JSON document: {"execution_id": ..., "events": [...]}.')
 def show_cmd(execution_id: str, as_json: bool) -> None:
-    """Print EXECUTION_ID's audit feed (workflow_audit_feed), newest event first: a table of time,
+    """Print EXECUTION_ID's audit feed (the rows of workflow_audit_feed), newest event first: a table of time,
     event, stage, stage status, attempt and metadata, or with --json one JSON document
     ``{"execution_id": ..., "events": [...]}`` whose events carry every column of the view
     (timestamps ISO 8601 in UTC). An unknown execution is an error (exit 1).

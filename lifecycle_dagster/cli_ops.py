@@ -193,7 +193,7 @@ def status_cmd(execution_id: str, as_json: bool) -> None:
 def breakers_cmd(reset_agent: str | None, as_json: bool) -> None:
     """Circuit breakers per agent and per capability: state, since when, when an open one
     half-opens, and the current window's calls, failures, failure rate and p95 latency. With
-    ``--reset AGENT``, the agent's open or half-open breaker closes first (lifecycle_breaker_reset,
+    ``--reset AGENT``, the agent's open or half-open breaker closes first (lifecycle.breaker_reset,
     a breaker_closed event with reason 'reset'); an unknown agent exits 1."""
     import psycopg
 
@@ -257,7 +257,7 @@ _RUNBOOK_SECTIONS = {
 class Problem:
     """One thing ``doctor`` found wrong: what, about which object, and what to do."""
 
-    kind: str  # migration | function | view | table | trigger | policy | privileges | fingerprints
+    kind: str  # migration | schema_file | function | view | table | trigger | policy | privileges | fingerprints
     object: str
     problem: str  # missing | changed | extra | pending | unknown
     message: str
@@ -265,20 +265,19 @@ class Problem:
 
 
 def _defined_in(kind: str, name: str) -> str | None:
-    """The last migration file whose SQL creates ``name`` (a function, view or trigger)."""
-    what = {"function": "FUNCTION", "view": "VIEW", "trigger": "TRIGGER"}.get(kind)
+    """The ``sql/schema/`` file that defines ``name`` (``schema.name`` of a function or view)."""
+    what = {"function": "FUNCTION", "view": "VIEW"}.get(kind)
     if what is None:
         return None
-    pattern = re.compile(rf"CREATE\s+(?:OR\s+REPLACE\s+)?{what}\s+(?:public\.)?{re.escape(name)}\b", re.IGNORECASE)
-    found = None
-    for mig in migrate.discover():
-        if pattern.search(mig.sql):
-            found = mig.path.name
-    return found
+    pattern = re.compile(rf"CREATE\s+OR\s+REPLACE\s+{what}\s+{re.escape(name)}\b", re.IGNORECASE)
+    for f in migrate.discover_schema():
+        if pattern.search(f.sql):
+            return f"sql/schema/{f.name}"
+    return None
 
 
 def _runbook_note(name: str) -> str:
-    section = _RUNBOOK_SECTIONS.get(name)
+    section = _RUNBOOK_SECTIONS.get(name.rsplit(".", 1)[-1])
     return f" (the runbook's section {section} re-applied?)" if section else ""
 
 
@@ -323,6 +322,29 @@ def migration_problems(done: dict[int, tuple[str, str]]) -> list[Problem]:
     return problems
 
 
+def schema_file_problems(applied: dict[str, str]) -> list[Problem]:
+    """Every ``sql/schema/`` file whose text differs from what the database last applied
+    (``applied``: :func:`lifecycle_dagster.migrate.applied_schema`), or that it never applied."""
+    problems: list[Problem] = []
+    shipped = {f.name: f.checksum for f in migrate.discover_schema()}
+    for name in sorted(shipped.keys() | applied.keys()):
+        if applied.get(name) == shipped.get(name):
+            continue
+        what = "is not applied" if name not in applied else "changed since it was applied"
+        if name not in shipped:
+            what = "was applied but is not shipped with this code"
+        problems.append(
+            Problem(
+                "schema_file",
+                f"sql/schema/{name}",
+                "pending",
+                f"sql/schema/{name} {what}",
+                "lifecycle-dagster db upgrade",
+            )
+        )
+    return problems
+
+
 def schema_problems(conn: Connection) -> tuple[int, list[Problem]]:
     """(objects checked, problems): the catalog now against the fingerprints recorded when migrating."""
     present = conn.execute(query("schema_fingerprints_present")).fetchone()
@@ -330,9 +352,9 @@ def schema_problems(conn: Connection) -> tuple[int, list[Problem]]:
         return 0, [
             Problem(
                 "fingerprints",
-                "lifecycle_schema_fingerprints",
+                "lifecycle.schema_fingerprints",
                 "missing",
-                "no schema fingerprints recorded (0011_security is not applied)",
+                "no schema fingerprints recorded (sql/schema/ was never applied)",
                 "lifecycle-dagster db upgrade",
             )
         ]
@@ -380,24 +402,17 @@ def _extra(kind: str, obj: str, name: str) -> Problem:
     note = _runbook_note(name)
     if kind == "function":
         overload = " another overload of a shipped function" if _defined_in(kind, name) else ""
-        fix = (
-            f"{REPAIR} (it drops the runbook's overloads)"
-            if note
-            else f"DROP FUNCTION public.{obj}; (if it is not yours)"
-        )
+        fix = f"{REPAIR} (it drops the runbook's overloads)" if note else f"DROP FUNCTION {obj}; (if it is not yours)"
         return Problem(kind, obj, "extra", f"function {obj} is not shipped:{overload or ' not ours'}{note}", fix)
     if kind == "view":
-        return Problem(
-            kind, obj, "extra", f"view {obj} is not shipped{note}", f"DROP VIEW public.{obj}; (if it is not yours)"
-        )
+        return Problem(kind, obj, "extra", f"view {obj} is not shipped{note}", f"DROP VIEW {obj}; (if it is not yours)")
     if kind == "table":
         return Problem(
             kind,
             obj,
             "extra",
-            f"table {obj} is not covered by 0011_security (row-level security, grants)",
-            "a migration that adds a table must enable RLS, grant as 0011_security.sql does, and end "
-            "with SELECT lifecycle_record_schema_fingerprints()",
+            f"table {obj} is not covered by sql/schema/12_security.sql (row-level security, grants)",
+            "a table added by a migration gets its RLS, policies and grants in sql/schema/12_security.sql",
         )
     if kind == "policy":
         return Problem(kind, obj, "extra", f"policy {obj} is not shipped: it may widen what a role sees", REPAIR)
@@ -463,7 +478,7 @@ def retry_cmd(execution_id: str) -> None:
 def doctor_cmd(as_json: bool, with_invariants: bool) -> None:
     """Check the database against the shipped schema: every migration applied with its checksum,
     and every function, view, trigger, policy, RLS setting and privilege of ours still as the
-    migrations left it (fingerprints recorded by 0011_security). Lists each difference (a function
+    upgrade left it (fingerprints recorded after applying sql/schema/). Lists each difference (a function
     body replaced, an extra overload, a view redefined) with what to do; exits 1 when anything is
     wrong. With ``--invariants``, also every violation of lifecycle_dagster.invariants (an
     execution not at rest is reported as not quiesced: run it when the work has settled)."""
@@ -472,7 +487,8 @@ def doctor_cmd(as_json: bool, with_invariants: bool) -> None:
     dsn = _dsn()
     with psycopg.connect(dsn, autocommit=True) as plain:
         done = migrate.applied(plain)
-    problems = migration_problems(done)
+        files = migrate.applied_schema(plain) if done else {}
+    problems = migration_problems(done) + schema_file_problems(files)
     with connect(dsn) as conn:
         checked, found = schema_problems(conn)
         violations = _invariant_violations(conn) if with_invariants else None

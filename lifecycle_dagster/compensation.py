@@ -4,13 +4,13 @@ The compensation job of a definition (``<name>__v<version>__compensate``) has on
 (``<job>__UNDO__<stage>``; stage ids are lower-case, so these never collide with stage ops). The
 op of a stage waits for the ops of every stage that depended on it, so compensations run in strict
 reverse topological order; the database refuses any other order too
-(``lifecycle_start_compensation``). Each op:
+(``lifecycle.undo_start``). Each op:
 
-1. ``lifecycle_start_compensation``: ``skip`` (the stage never completed, or says
+1. ``lifecycle.undo_start``: ``skip`` (the stage never completed, or says
    ``compensate: false``), ``done`` (already compensated) or ``compensate``;
 2. the undo: the stage's ``compensate`` capability routed to an agent (given the stage's output),
    else the stage's own agent's ``compensate()``, else nothing to undo;
-3. ``lifecycle_complete_compensation`` voids the artifacts the undo names and marks the stage
+3. ``lifecycle.undo_complete`` voids the artifacts the undo names and marks the stage
    ``compensated``; the last one rolls the execution back. A failed undo is retried by the
    compensation policy (the stage's delays, at least :data:`MIN_UNDO_ATTEMPTS` attempts, every
    error retryable); when attempts run out the stage and the execution are

@@ -52,7 +52,7 @@ from typing import Any, cast
 STAGE_ID_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
 ON_FAILURE_MODES = ("compensate", "hold")
 JITTER_MODES = ("none", "full", "equal")
-#: most entries ``stages`` may have (the database's lifecycle_validate_dag has the same limit)
+#: most entries ``stages`` may have (the database's lifecycle.dag_validate has the same limit)
 MAX_STAGES = 500
 #: most edge entries a DAG may have: the entries of ``edges`` plus those of every ``next`` array
 MAX_EDGES = 5000

@@ -20,13 +20,13 @@ Rules (``Violation.rule``):
     compensated twice; a stage's undo starts only after the undo of every stage that depended on
     it finished (reverse topological order).
 ``breaker_outcomes`` / ``breaker_state``
-    the outcome rows of every circuit breaker (``0006_breakers.sql``) are exactly the counted
+    the outcome rows of every circuit breaker (``sql/schema/07_breakers.sql``) are exactly the counted
     outcomes of the calls recorded in the audit trail (one per call and breaker, success as
     recorded); each breaker's state is the one its latest transition event names.
 ``audit_chain``
     every hash chain of ``workflow_events`` verifies (:mod:`lifecycle_dagster.audit`).
 ``completed_after_lease``
-    no task was completed by a worker after its lease had expired (``0008_task_queue.sql``).
+    no task was completed by a worker after its lease had expired (``sql/schema/05_task_protocol.sql``).
 
 Every query is a named query of ``sql/queries.sql`` (``invariant_*``); the rules that compare rows
 with one another read one consistent snapshot (a read-only REPEATABLE READ transaction).

@@ -1,11 +1,17 @@
 """Versioned schema migrations, applied in order under an advisory lock.
 
 Files are ``sql/migrations/NNNN_snake_name.sql`` with versions 1, 2, 3… and no gaps. Each applied
-version is recorded in ``lifecycle_schema_migrations`` with the SHA-256 of its file. An upgrade
+version is recorded in ``lifecycle.schema_migrations`` with the SHA-256 of its file. An upgrade
 runs in ONE transaction holding ``pg_advisory_xact_lock``: two concurrent upgraders serialise and
 the second finds nothing to do; a failed file leaves nothing applied. An applied file whose
 checksum has changed stops the upgrade before anything runs (River and procrastinate work the
 same way: migrations are immutable once released).
+
+Functions, views, triggers, policies and privileges are not in migrations: each is written once
+in ``sql/schema/NN_family.sql``. After the pending migrations, in the same transaction, the
+upgrader applies every schema file when any of them changed (Flyway's repeatable migrations), then
+records the fingerprints of the installed objects (``lifecycle.schema_fingerprints``) that
+``doctor`` compares against. See ``sql/README.md``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,13 @@ _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 ADVISORY_LOCK_KEY = 7_301_402_518_133_770_001
 
 _CREATE_TABLE = """
-CREATE TABLE IF NOT EXISTS lifecycle_schema_migrations (
+CREATE SCHEMA IF NOT EXISTS lifecycle;
+CREATE TABLE IF NOT EXISTS lifecycle.schema_files (
+  name       text        PRIMARY KEY,
+  checksum   text        NOT NULL,
+  applied_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS lifecycle.schema_migrations (
   version    integer     PRIMARY KEY,
   name       text        NOT NULL,
   checksum   text        NOT NULL,
@@ -79,17 +91,17 @@ def discover(folder: Path | None = None) -> list[Migration]:
 
 def applied(conn: psycopg.Connection) -> dict[int, tuple[str, str]]:
     """``{version: (name, checksum)}`` recorded in the database (empty before the first upgrade)."""
-    exists = conn.execute("SELECT to_regclass('lifecycle_schema_migrations') IS NOT NULL").fetchone()
+    exists = conn.execute("SELECT to_regclass('lifecycle.schema_migrations') IS NOT NULL").fetchone()
     if not exists or not exists[0]:
         return {}
-    rows = conn.execute("SELECT version, name, checksum FROM lifecycle_schema_migrations").fetchall()
+    rows = conn.execute("SELECT version, name, checksum FROM lifecycle.schema_migrations").fetchall()
     return {int(v): (str(n), str(c)) for v, n, c in rows}
 
 
 @dataclass(frozen=True)
 class Reject:
     """A row of an adopted table that breaks one of our rules: not copied, kept in
-    ``lifecycle_adopted.<table>`` and listed in ``lifecycle_adoption_rejects``."""
+    ``lifecycle_adopted.<table>`` and listed in ``lifecycle.adoption_rejects``."""
 
     table: str
     row_id: str
@@ -104,7 +116,7 @@ class UpgradeReport:
     ``applied``: migrations run; ``adopted``: ``{table: (rows copied, rows rejected)}`` when the
     database held the runbook's tables before its first migration; ``rejects``: the rejected
     rows; ``columns_not_carried``: ``(table, column)`` of the adopted tables that ours lack;
-    ``repaired``: ``(kind, object, action)`` from ``lifecycle_repair_schema()``; ``drift``:
+    ``repaired``: ``(kind, object, action)`` from ``lifecycle.schema_repair()``; ``drift``:
     ``(kind, object, problem)`` found before migrating; ``check``: nothing was committed.
     """
 
@@ -114,6 +126,7 @@ class UpgradeReport:
     columns_not_carried: list[tuple[str, str]] = field(default_factory=list)
     repaired: list[tuple[str, str, str]] = field(default_factory=list)
     drift: list[tuple[str, str, str]] = field(default_factory=list)
+    schema_applied: list[str] = field(default_factory=list)
     check: bool = False
 
 
@@ -161,15 +174,16 @@ def upgrade(dsn: str, folder: Path | None = None) -> list[Migration]:
 def run_upgrade(dsn: str, folder: Path | None = None, *, check: bool = False, repair: bool = False) -> UpgradeReport:
     """Upgrade the database at ``dsn`` in ONE transaction under an advisory lock.
 
-    1. ``repair``: put back the shipped definitions of every function, view, trigger, policy and
-       privilege that differs (``lifecycle_repair_schema()``, from 0012 on); without it, pending
-       migrations on a drifted schema raise :class:`SchemaDriftError` (they would record the
-       drifted objects as shipped).
+    1. ``repair``: drop what is extra among our objects and re-apply every schema file, which puts
+       back the shipped definition of every function, view, trigger, policy and privilege that
+       differs. Without it, an upgrade with work to do on a drifted schema raises
+       :class:`SchemaDriftError` (it would silently replace what was changed by hand).
     2. Adoption: a database with no migration recorded that already holds any of the runbook's
        seven tables has them (and same-named views, sequences and functions) moved into the schema
        ``lifecycle_adopted``; then every migration runs; then the rows are copied table by table,
-       each row that breaks a rule reported in the result and in ``lifecycle_adoption_rejects``.
-    3. Pending migrations, in order.
+       each row that breaks a rule reported in the result and in ``lifecycle.adoption_rejects``.
+    3. Pending migrations, in order; then every ``sql/schema/`` file when any changed (or a
+       migration ran), and the fingerprints of what they installed.
     With ``check`` all of it runs and is rolled back: the report is the plan.
 
     Raises:
@@ -178,6 +192,7 @@ def run_upgrade(dsn: str, folder: Path | None = None, *, check: bool = False, re
     from lifecycle_dagster.sqlfiles import query
 
     migrations = discover(folder)
+    files = discover_schema()
     report = UpgradeReport(check=check)
     with psycopg.connect(dsn, autocommit=False) as conn:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK_KEY,))
@@ -185,18 +200,21 @@ def run_upgrade(dsn: str, folder: Path | None = None, *, check: bool = False, re
         done = applied(conn)
         _check_applied(done, migrations)
         pending = [m for m in migrations if m.version not in done]
-        has_drift_functions = _exists(conn, "SELECT to_regprocedure('lifecycle_repair_schema()') IS NOT NULL")
-        if repair and has_drift_functions:
-            rows = conn.execute(query("repair_schema")).fetchall()
-            report.repaired = [(str(k), str(o), str(a)) for k, o, a in rows]
-        elif repair and done:
-            raise MigrationError(
-                "this database predates 0012_schema_repair, which records the shipped definitions that "
-                "--repair restores: run `lifecycle-dagster db upgrade` first"
-            )
-        if pending and has_drift_functions:
-            report.drift = [(str(k), str(o), str(p)) for k, o, p in conn.execute(query("schema_drift")).fetchall()]
-            blocking = [d for d in report.drift if _blocks_migrating(d)]
+        installed = applied_schema(conn)
+        stale = [f for f in files if installed.get(f.name) != f.checksum] or (
+            files if set(installed) != {f.name for f in files} else []
+        )
+        drift = _drift(conn) if done else []
+        if repair:
+            if not done:
+                raise MigrationError(
+                    "this database has no lifecycle schema yet: run `lifecycle-dagster db upgrade` first"
+                )
+            report.repaired = _repair(conn, drift)
+            stale = files
+        elif (pending or stale) and drift:
+            report.drift = drift
+            blocking = [d for d in drift if _blocks_migrating(d)]
             if blocking:
                 raise SchemaDriftError(blocking)
         adopt = [str(r[0]) for r in conn.execute(query("adopt_existing_tables")).fetchall()] if not done else []
@@ -205,12 +223,12 @@ def run_upgrade(dsn: str, folder: Path | None = None, *, check: bool = False, re
         for mig in pending:
             conn.execute(mig.sql)
             conn.execute(
-                "INSERT INTO lifecycle_schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                "INSERT INTO lifecycle.schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
                 (mig.version, mig.name, mig.checksum),
             )
+        if pending or stale:
+            _apply_schema(conn, files)
         if adopt:
-            if not _exists(conn, "SELECT to_regprocedure('lifecycle_adopt_rows(text)') IS NOT NULL"):
-                raise MigrationError(f"the database holds {', '.join(adopt)}: adopting them needs 0012_schema_repair")
             for table in ADOPTED_TABLES:
                 if table in adopt:
                     row = conn.execute(query("adopt_rows"), {"table": table}).fetchone()
@@ -221,11 +239,153 @@ def run_upgrade(dsn: str, folder: Path | None = None, *, check: bool = False, re
                 (str(t), str(c)) for t, c in conn.execute(query("adopt_dropped_columns")).fetchall()
             ]
         report.applied = pending
+        report.schema_applied = [f.name for f in files] if (pending or stale) else []
         if check:
             conn.rollback()
         else:
             conn.commit()
     return report
+
+
+@dataclass(frozen=True)
+class SchemaFile:
+    """One file of ``sql/schema/``: ``name`` (``NN_family.sql``), ``path`` and SHA-256 ``checksum``."""
+
+    name: str
+    path: Path
+    checksum: str
+
+    @property
+    def sql(self) -> LiteralString:
+        """The file's SQL text."""
+        return self.path.read_text(encoding="utf-8")
+
+
+_SCHEMA_FILE = re.compile(r"^(\d{2})_([a-z0-9_]+)\.sql$")
+
+
+def discover_schema(folder: Path | None = None) -> list[SchemaFile]:
+    """List ``sql/schema/NN_family.sql`` in the order they are applied (by name).
+
+    Raises:
+        MigrationError: a file is misnamed.
+    """
+    folder = folder or sql_dir() / "schema"
+    found: list[SchemaFile] = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix != ".sql":
+            continue
+        if not _SCHEMA_FILE.match(path.name):
+            raise MigrationError(f"{path.name}: schema files are named NN_family.sql")
+        found.append(SchemaFile(path.name, path, hashlib.sha256(path.read_bytes()).hexdigest()))
+    return found
+
+
+def applied_schema(conn: psycopg.Connection) -> dict[str, str]:
+    """``{file name: checksum}`` of the schema files the database last applied."""
+    rows = conn.execute("SELECT name, checksum FROM lifecycle.schema_files").fetchall()
+    return {str(n): str(c) for n, c in rows}
+
+
+def _apply_schema(conn: psycopg.Connection, files: list[SchemaFile]) -> None:
+    """Apply every schema file in order, record their checksums and the fingerprints of what they
+    installed. Bodies are checked when called, not when created (as pg_dump restores them), so a
+    file may name a function of a later file."""
+    conn.execute("SET LOCAL check_function_bodies = off")
+    for f in files:
+        try:
+            conn.execute(f.sql)
+        except psycopg.Error as exc:
+            raise MigrationError(f"sql/schema/{f.name}: {exc}") from exc
+    conn.execute("RESET check_function_bodies")
+    conn.execute("DELETE FROM lifecycle.schema_files")
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO lifecycle.schema_files (name, checksum) VALUES (%s, %s)", [(f.name, f.checksum) for f in files]
+        )
+    conn.execute("SELECT lifecycle.schema_fingerprints_record()")
+
+
+def _drift(conn: psycopg.Connection) -> list[tuple[str, str, str]]:
+    from lifecycle_dagster.sqlfiles import query
+
+    if not _exists(conn, "SELECT to_regprocedure('lifecycle.schema_drift()') IS NOT NULL"):
+        return []
+    return [(str(k), str(o), str(p)) for k, o, p in conn.execute(query("schema_drift")).fetchall()]
+
+
+def _repair(conn: psycopg.Connection, drift: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """Drop what is extra among our objects (a second overload of a runbook function, a policy or
+    trigger added to one of our tables, a function in schema lifecycle that no file defines); the
+    caller then re-applies every schema file, which restores what was changed or missing.
+    Returns ``(kind, object, action)`` for each difference."""
+    from psycopg import sql
+
+    done: list[tuple[str, str, str]] = []
+    for kind, obj, problem in drift:
+        if problem == "extra" and kind in ("function", "trigger", "policy", "view"):
+            if kind == "function":
+                stmt = sql.SQL("DROP FUNCTION IF EXISTS {} CASCADE").format(sql.SQL(_regprocedure(conn, obj)))
+            elif kind == "view":
+                stmt = sql.SQL("DROP VIEW IF EXISTS {} CASCADE").format(sql.SQL(_quoted_rel(obj)))
+            else:
+                name, rel = obj.split(" on ", 1)
+                stmt = sql.SQL("DROP {} IF EXISTS {} ON {}").format(
+                    sql.SQL(kind.upper()), sql.Identifier(name), sql.SQL(_quoted_rel(rel))
+                )
+            conn.execute(stmt)
+            done.append((kind, obj, "dropped"))
+        else:
+            if kind == "privileges":
+                _revoke_from_everyone(conn, obj)
+            done.append((kind, obj, "restored"))
+    return done
+
+
+def _revoke_from_everyone(conn: psycopg.Connection, obj: str) -> None:
+    """Revoke every privilege on ``obj`` (``function schema.name(args)``, ``table schema.name`` or
+    ``view schema.name``) from every role but its owner: the schema files then grant what is
+    shipped, so a grant made by hand to any role is gone."""
+    from psycopg import sql
+
+    kind, name = obj.split(" ", 1)
+    if kind == "function":
+        target = sql.SQL("FUNCTION {}").format(sql.SQL(_regprocedure(conn, name)))
+        acl = "SELECT p.proacl, p.proowner FROM pg_proc p WHERE p.oid = %s::regprocedure"
+        key = _regprocedure(conn, name)
+    else:
+        target = sql.SQL("TABLE {}").format(sql.SQL(_quoted_rel(name)))
+        acl = "SELECT c.relacl, c.relowner FROM pg_class c WHERE c.oid = %s::regclass"
+        key = _quoted_rel(name)
+    rows = conn.execute(
+        f"SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END"
+        f" FROM ({acl}) o(acl, owner), aclexplode(o.acl) a WHERE a.grantee <> o.owner",
+        (key,),
+    ).fetchall()
+    for (grantee,) in rows:
+        who = sql.SQL("PUBLIC") if grantee == "PUBLIC" else sql.SQL(str(grantee))
+        conn.execute(sql.SQL("REVOKE ALL ON {} FROM {}").format(target, who))
+
+
+def _regprocedure(conn: psycopg.Connection, obj: str) -> str:
+    """``schema.name(arg types)`` of a catalog object ``schema.name(identity arguments)``."""
+    schema, rest = obj.split(".", 1)
+    name = rest.split("(", 1)[0]
+    row = conn.execute(
+        "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = %s AND p.proname = %s AND format('%%s.%%s(%%s)', n.nspname, p.proname, "
+        "pg_get_function_identity_arguments(p.oid)) = %s",
+        (schema, name, obj),
+    ).fetchone()
+    if row is None:
+        raise MigrationError(f"function {obj} vanished during the repair")
+    text = str(row[0])
+    return text if "." in text.split("(", 1)[0] else f"{schema}.{text}"
+
+
+def _quoted_rel(obj: str) -> str:
+    schema, name = obj.split(".", 1)
+    return f'"{schema}"."{name}"'
 
 
 def _exists(conn: psycopg.Connection, sql: LiteralString) -> bool:
@@ -234,19 +394,10 @@ def _exists(conn: psycopg.Connection, sql: LiteralString) -> bool:
 
 
 def _blocks_migrating(drift: tuple[str, str, str]) -> bool:
-    """Changed or missing shipped objects, and extra policies or triggers on our tables, would be
-    recorded as shipped by the next migration; extra functions and views of the user's are not ours
-    to judge (the runbook's overloads are: they are extra functions with our names)."""
-    kind, obj, problem = drift
-    if problem != "extra":
-        return True
-    if kind in ("policy", "trigger"):
-        return True
-    return kind == "function" and obj.split("(", 1)[0] in (
-        "perform_workflow_compensation",
-        "retry_stage",
-        "trip_circuit_breaker",
-    )
+    """Every difference blocks an upgrade: the catalog holds only our objects, and applying the
+    schema over a drifted one would silently replace what someone changed by hand (a runbook
+    section re-run, say). ``--repair`` is the explicit way to put the shipped definitions back."""
+    return bool(drift)
 
 
 def _check_applied(done: dict[int, tuple[str, str]], migrations: list[Migration]) -> None:

@@ -5,7 +5,7 @@ surrogates, and a huge output would bloat every later stage's input. Agent *outp
 these rules are rejected with a clear error (the attempt fails); error *texts* are sanitised so
 that recording a failure can never fail.
 
-Limits (the database applies the same ones, migration ``0014_input_guards.sql``): a payload (an
+Limits (the database applies the same ones, ``sql/schema/01_guards.sql``): a payload (an
 agent output, an execution context) is at most :func:`max_output_bytes` bytes as UTF-8 JSON and
 nests at most :data:`MAX_JSON_DEPTH` objects or arrays deep: deeper documents cannot even be read
 back by Python's ``json`` module (a ``RecursionError``).

@@ -1,7 +1,7 @@
 """Versioned publishing: definition files, publish, activate, the list of versions, the warnings
 ``validate`` prints, and asking a running Dagster webserver to reload the code location.
 
-A workflow changes only by publishing a new version (``lifecycle_publish_definition``, one SQL
+A workflow changes only by publishing a new version (``lifecycle.definition_publish``, one SQL
 function, one transaction under a per-name advisory lock): the DAG is validated (in Python first,
 for a readable list of problems, and again by the database, whose BEFORE INSERT trigger refuses
 an invalid ``dag_schema`` from any client), the new row gets version = highest + 1 and, when asked,
@@ -32,7 +32,7 @@ from lifecycle_dagster.db import Connection
 from lifecycle_dagster.payload import check_output
 from lifecycle_dagster.sqlfiles import query
 
-#: execution statuses with no way out (lifecycle_transitions); any other status pins its version
+#: execution statuses with no way out (lifecycle.transitions); any other status pins its version
 FINAL_STATUSES = ("completed", "rolled_back", "compensation_failed")
 #: the code location's name (pyproject's [tool.dagster] and workspace.yaml)
 CODE_LOCATION = "lifecycle_dagster"
@@ -182,7 +182,7 @@ def checked_for_publishing(found: DefinitionFile) -> tuple[str, str | None, dict
 
 # ---------------------------------------------------------------------------------------------
 def _refusal(exc: psycopg.Error) -> str:
-    if isinstance(exc, psycopg.errors.UndefinedFunction):
+    if isinstance(exc, (psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName)):
         return "this database has no versioned publishing yet: run `lifecycle-dagster db upgrade` first"
     diag = getattr(exc, "diag", None)
     return (diag.message_primary if diag is not None else None) or str(exc).strip()
@@ -198,7 +198,7 @@ def publish(
     created_by: str | None = None,
 ) -> PublishResult:
     """Publish ``dag_schema`` as the next version of workflow ``name`` (SQL:
-    ``lifecycle_publish_definition``): validated; nothing stored when it and ``description`` equal
+    ``lifecycle.definition_publish``): validated; nothing stored when it and ``description`` equal
     the latest version's; with ``activate`` the version becomes the only active one (an identical
     latest version that is inactive is activated). One transaction: the connection's own when it
     is in autocommit mode (:func:`~lifecycle_dagster.db.connect`'s default), else the caller's.
@@ -206,7 +206,7 @@ def publish(
     Raises:
         DagValidationError: the DAG is invalid (checked before the database is asked).
         PublishError: the database refused (an invalid name, say), its message naming what, or it
-            is not migrated to 0007.
+            is not migrated.
     """
     parse_dag(dict(dag_schema))
     try:
@@ -224,6 +224,7 @@ def publish(
         psycopg.errors.CheckViolation,
         psycopg.errors.InvalidTransactionState,
         psycopg.errors.UndefinedFunction,
+        psycopg.errors.InvalidSchemaName,
     ) as exc:
         raise PublishError(_refusal(exc)) from exc
     assert row is not None
@@ -240,15 +241,15 @@ def publish(
 
 def activate(conn: Connection, name: str, version: int) -> ActivationResult:
     """Make ``version`` the active version of ``name`` and deactivate the others, in one
-    transaction (SQL: ``lifecycle_activate_definition``); already active: nothing changes.
+    transaction (SQL: ``lifecycle.definition_activate``); already active: nothing changes.
 
     Raises:
         PublishError: no workflow ``name``, or it has no ``version`` (the message lists its
-            versions), or the database is not migrated to 0007.
+            versions), or the database is not migrated.
     """
     try:
         row = conn.execute(query("activate_definition"), {"name": name, "version": version}).fetchone()
-    except (psycopg.errors.NoDataFound, psycopg.errors.UndefinedFunction) as exc:
+    except (psycopg.errors.NoDataFound, psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName) as exc:
         raise PublishError(_refusal(exc)) from exc
     assert row is not None
     return ActivationResult(

@@ -1,6 +1,6 @@
 """The task queue seen from Python: waiting for a queue agent's task, and the HTTP agent kind.
 
-Every dispatch is a ``task_queue`` row (``sql/migrations/0008_task_queue.sql`` holds the protocol:
+Every dispatch is a ``task_queue`` row (``sql/schema/05_task_protocol.sql`` holds the protocol:
 claim, heartbeat, complete, fail, release, reap, abandon). A stage routed to a ``queue`` agent
 leaves its task pending and waits here for an external worker to finish it: LISTEN on
 ``lifecycle_task_done`` (ids only) plus polling every ``poll_s`` seconds, so a lost notification

@@ -8,7 +8,7 @@ Delay after the failed attempt ``attempt`` (1-based)::
     equal : raw / 2 + u * raw / 2        (AWS "equal jitter")
 
 where ``u`` is a uniform draw in [0, 1) passed in by the caller, so that the Python function and
-the SQL function ``lifecycle_retry_delay`` can be compared exactly (both use the C library's
+the SQL function ``lifecycle.retry_delay`` can be compared exactly (both use the C library's
 ``log`` and ``pow``). Jitter modes: Marc Brooker, "Exponential Backoff And Jitter", AWS
 Architecture Blog, 2015. The exponent is clamped before ``pow`` is called: once
 ``(attempt - 1) * ln(multiplier) >= ln(max_delay_s) - ln(base_delay_s)`` the delay is the cap, so no

@@ -1,10 +1,10 @@
 """The runtime of one stage attempt: what a stage op does, with no Dagster in it.
 
 One attempt makes these transitions, each one SQL function call (one transaction):
-``lifecycle_ensure_execution`` (create or adopt the execution), ``lifecycle_start_stage`` (stage
+``lifecycle.execution_ensure`` (create or adopt the execution), ``lifecycle.stage_start`` (stage
 log in_progress, stage_started, routing, the task_queue dispatch row), the agent call, then one of
-``lifecycle_complete_stage``, ``lifecycle_schedule_retry`` (a retryable error with attempts left:
-the log goes back to pending with its not-before time) or ``lifecycle_fail_stage`` (for good).
+``lifecycle.stage_complete``, ``lifecycle.stage_schedule_retry`` (a retryable error with attempts left:
+the log goes back to pending with its not-before time) or ``lifecycle.stage_fail`` (for good).
 Every result is fenced by the database: a result for a stale attempt, after the attempt's
 deadline or after the execution stopped being in progress is refused and recorded
 (``stage_result_refused``), never applied. Upstream outputs come from Postgres (the ancestors'
@@ -15,7 +15,7 @@ retryable or not by its class; a crash, a timeout and an unstorable output are r
 for the capability and an unregistered agent are not. Codes in the stage's ``non_retryable`` list
 are never retried.
 
-Circuit breakers (``sql/migrations/0006_breakers.sql``): routing skips agents whose breaker is open;
+Circuit breakers (``sql/schema/07_breakers.sql``): routing skips agents whose breaker is open;
 when no agent may be called the attempt fails at once with the non-retryable ``breaker_open``
 (no task, no call). The database records each call's outcome against the agent's and the
 capability's breakers inside the transition that ends the attempt.
@@ -165,7 +165,7 @@ def run_stage(
     resume: bool = False,
     dsn: str | None = None,
 ) -> StageOutcome:
-    """Run one attempt (1-based; the database may raise it, see ``lifecycle_start_stage``).
+    """Run one attempt (1-based; the database may raise it, see ``lifecycle.stage_start``).
 
     ``conn`` must be in autocommit mode: each call is its own transaction. ``draw`` gives the
     uniform [0, 1) value for the backoff jitter. ``resume``: this run resumes the execution (a

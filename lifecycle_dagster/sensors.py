@@ -111,7 +111,7 @@ def heartbeat_timeout_s() -> float:
 
 
 def compensate_if_due(conn: Connection, execution_id: str) -> bool:
-    """Start compensation when it is due for this execution (see lifecycle_compensation_due)."""
+    """Start compensation when it is due for this execution (see lifecycle.compensation_due)."""
     due = conn.execute(query("compensation_due_for"), {"execution_id": execution_id}).fetchone()
     if due is None:
         return False

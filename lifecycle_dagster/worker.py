@@ -1,6 +1,6 @@
 """An external worker for a ``queue`` agent: ``lifecycle-dagster agent serve --agent NAME``.
 
-It claims tasks of the agent's capabilities (``lifecycle_task_claim``: one statement, ``FOR UPDATE
+It claims tasks of the agent's capabilities (``lifecycle.task_claim``: one statement, ``FOR UPDATE
 SKIP LOCKED``, a lease and a fencing token), runs the agent of that name from the registry,
 extends the lease while it works (every ``lease_s / 3`` seconds) and completes or fails the task
 with its token, so a result from a worker that lost its lease is refused. It wakes on
@@ -8,12 +8,12 @@ with its token, so a result from a worker that lost its lease is refused. It wak
 listening connection dies it reconnects with capped exponential backoff and keeps polling
 meanwhile (``listen=False``: polling alone). When a claim fills every free slot (a backlog, whose
 inserts were notified long ago), it claims again as soon as one of its tasks finishes instead of
-waiting for a notification. Each loop also reaps expired leases (``lifecycle_task_reap``).
+waiting for a notification. Each loop also reaps expired leases (``lifecycle.task_reap``).
 Connections: a pool of at most ``concurrency`` (claims, heartbeats and results share it) plus the
 listening one. On stop
 (SIGTERM) it claims nothing more, lets running
 tasks finish for ``grace_s`` seconds, then hands back the ones still running
-(``lifecycle_task_release``).
+(``lifecycle.task_release``).
 """
 
 from __future__ import annotations

@@ -48,13 +48,13 @@ ORDER BY l.started_at NULLS LAST, l.stage_id;
 
 -- name: ensure_execution
 SELECT id::text AS id, status, context
-FROM lifecycle_ensure_execution(%(definition_id)s, %(run_id)s, %(execution_id)s, %(context)s,
+FROM lifecycle.execution_ensure(%(definition_id)s, %(run_id)s, %(execution_id)s, %(context)s,
                                 p_resume => %(resume)s);
 
 -- name: start_stage
 SELECT log_id::text AS log_id, task_id::text AS task_id, agent_id::text AS agent_id,
        agent_name, agent_kind, input_data, attempt_number, already_completed, output_data
-FROM lifecycle_start_stage(%(execution_id)s, %(stage_id)s, %(capability)s, %(ancestors)s,
+FROM lifecycle.stage_start(%(execution_id)s, %(stage_id)s, %(capability)s, %(ancestors)s,
                            %(attempt)s, p_timeout_s => %(timeout_s)s, p_resume => %(resume)s,
                            p_max_attempts => %(max_attempts)s);
 
@@ -72,13 +72,13 @@ ORDER BY l.not_before NULLS FIRST, e.id, l.stage_id
 LIMIT %(limit)s;
 
 -- name: complete_stage
-SELECT lifecycle_complete_stage(%(log_id)s, %(task_id)s, %(output)s, p_attempt => %(attempt)s) AS status;
+SELECT lifecycle.stage_complete(%(log_id)s, %(task_id)s, %(output)s, p_attempt => %(attempt)s) AS status;
 
 -- name: fail_stage
-SELECT lifecycle_fail_stage(%(log_id)s, %(task_id)s, %(error)s, %(error_code)s, p_attempt => %(attempt)s) AS status;
+SELECT lifecycle.stage_fail(%(log_id)s, %(task_id)s, %(error)s, %(error_code)s, p_attempt => %(attempt)s) AS status;
 
 -- name: schedule_retry
-SELECT lifecycle_schedule_retry(%(log_id)s, %(task_id)s, %(attempt)s, %(error)s, %(error_code)s,
+SELECT lifecycle.stage_schedule_retry(%(log_id)s, %(task_id)s, %(attempt)s, %(error)s, %(error_code)s,
                                 %(error_class)s, %(delay_s)s) AS status;
 
 -- name: execution_status
@@ -86,21 +86,21 @@ SELECT status FROM workflow_executions WHERE id = %(execution_id)s;
 
 -- name: cancel_execution
 SELECT cancelled, status, previous_status, dagster_run_id
-FROM lifecycle_cancel_execution(%(execution_id)s, %(reason)s, %(compensate)s);
+FROM lifecycle.execution_cancel(%(execution_id)s, %(reason)s, %(compensate)s);
 
 -- name: heartbeat
-SELECT lifecycle_heartbeat(%(run_id)s) AS alive;
+SELECT lifecycle.run_heartbeat(%(run_id)s) AS alive;
 
 -- name: start_compensation
 SELECT action, log_id::text AS log_id, output_data, context, agent_name
-FROM lifecycle_start_compensation(%(execution_id)s, %(stage_id)s, %(run_id)s, %(dependents)s,
+FROM lifecycle.undo_start(%(execution_id)s, %(stage_id)s, %(run_id)s, %(dependents)s,
                                   %(attempt)s, %(takeover)s);
 
 -- name: complete_compensation
-SELECT lifecycle_complete_compensation(%(log_id)s, %(void)s, %(result)s, %(attempt)s) AS status;
+SELECT lifecycle.undo_complete(%(log_id)s, %(void)s, %(result)s, %(attempt)s) AS status;
 
 -- name: fail_compensation
-SELECT lifecycle_fail_compensation(%(log_id)s, %(error)s, %(final)s, %(attempt)s, %(delay_s)s) AS status;
+SELECT lifecycle.undo_fail(%(log_id)s, %(error)s, %(final)s, %(attempt)s, %(delay_s)s) AS status;
 
 -- name: route_capability
 -- The agent that undoes a stage through its `compensate` capability. Undo calls do not consult the
@@ -122,14 +122,14 @@ LIMIT 1;
 SELECT a.kind FROM agents a WHERE a.name = %(name)s;
 
 -- name: perform_compensation
-SELECT perform_workflow_compensation(%(execution_id)s, %(reason)s);
+SELECT lifecycle.compensation_start(%(execution_id)s, %(reason)s);
 
 -- name: fail_execution
-SELECT lifecycle_fail_execution(%(execution_id)s, %(reason)s, %(run_id)s) AS failed;
+SELECT lifecycle.execution_fail(%(execution_id)s, %(reason)s, %(run_id)s) AS failed;
 
 -- name: stale_executions
 SELECT execution_id::text AS execution_id, dagster_run_id, last_seen
-FROM lifecycle_stale_executions(%(timeout_s)s);
+FROM lifecycle.executions_stale(%(timeout_s)s);
 
 -- name: unbound_pending_executions
 -- Pending executions no run has bound yet, older than the bound: the reconciler checks whether a run
@@ -142,7 +142,7 @@ ORDER BY e.created_at
 LIMIT %(limit)s;
 
 -- name: compensation_due
-SELECT execution_id::text AS execution_id, reason FROM lifecycle_compensation_due();
+SELECT execution_id::text AS execution_id, reason FROM lifecycle.compensation_due();
 
 -- name: running_executions
 -- Executions in progress under a Dagster run: the reconciler checks each run's status.
@@ -166,7 +166,7 @@ WHERE e.id = %(execution_id)s OR e.dagster_run_id = %(run_id)s
 LIMIT 1;
 
 -- name: compensation_due_for
-SELECT execution_id::text AS execution_id, reason FROM lifecycle_compensation_due()
+SELECT execution_id::text AS execution_id, reason FROM lifecycle.compensation_due()
 WHERE execution_id = %(execution_id)s;
 
 -- name: definition_of_execution
@@ -178,39 +178,39 @@ WHERE e.id = %(execution_id)s;
 -- Why routing gave no agent: the capability's breaker and one row per agent serving it (none: no
 -- agent serves the capability).
 SELECT scope, key, name, state, opened_at, probes_left
-FROM lifecycle_capability_breakers(%(capability)s)
+FROM lifecycle.capability_breakers(%(capability)s)
 ORDER BY scope DESC, name;
 
 -- name: breakers
 -- For operators: every circuit breaker, its state and its current window.
 SELECT scope, key, name, state, state_since, opened_at, half_open_at, probes_left, calls, failures,
        rate, p95_ms, config
-FROM lifecycle_breaker_status
+FROM lifecycle.breaker_status
 ORDER BY scope, name;
 
 -- name: task_claim
 SELECT task_id::text AS task_id, lease_token, execution_id::text AS execution_id, stage_id, capability,
        attempt, input_data, lease_expires_at
-FROM lifecycle_task_claim(%(worker)s, %(agent)s, %(limit)s, %(lease_s)s);
+FROM lifecycle.task_claim(%(worker)s, %(agent)s, %(limit)s, %(lease_s)s);
 
 -- name: task_heartbeat
-SELECT lifecycle_task_heartbeat(%(task_id)s, %(token)s, %(lease_s)s) AS extended;
+SELECT lifecycle.task_heartbeat(%(task_id)s, %(token)s, %(lease_s)s) AS extended;
 
 -- name: task_complete
-SELECT lifecycle_task_complete(%(task_id)s, %(token)s, %(output)s) AS status;
+SELECT lifecycle.task_complete(%(task_id)s, %(token)s, %(output)s) AS status;
 
 -- name: task_fail
-SELECT lifecycle_task_fail(%(task_id)s, %(token)s, %(error)s, %(error_code)s, %(retryable)s,
+SELECT lifecycle.task_fail(%(task_id)s, %(token)s, %(error)s, %(error_code)s, %(retryable)s,
                            %(retry_after_s)s) AS status;
 
 -- name: task_release
-SELECT lifecycle_task_release(%(task_id)s, %(token)s) AS released;
+SELECT lifecycle.task_release(%(task_id)s, %(token)s) AS released;
 
 -- name: task_reap
-SELECT lifecycle_task_reap() AS reaped;
+SELECT lifecycle.task_reap() AS reaped;
 
 -- name: task_abandon
-SELECT lifecycle_task_abandon(%(task_id)s, %(reason)s) AS previous_status;
+SELECT lifecycle.task_abandon(%(task_id)s, %(reason)s) AS previous_status;
 
 -- name: task_state
 SELECT t.id::text AS id, t.status, t.attempt, t.error_message, t.error_code, t.retryable, t.retry_after_s,
@@ -227,13 +227,13 @@ WHERE l.id = %(log_id)s;
 
 -- name: publish_definition
 -- Publish a version (validated; nothing stored when identical to the latest version), optionally
--- activating it: one transaction under the name's advisory lock (0007_versions).
+-- activating it: one transaction under the name's advisory lock (lifecycle.definition_publish, sql/schema/03_versions.sql).
 SELECT version, created, active, activated, definition_id::text AS definition_id, previous_version
-FROM lifecycle_publish_definition(%(name)s, %(description)s, %(dag)s, %(activate)s, %(created_by)s);
+FROM lifecycle.definition_publish(%(name)s, %(description)s, %(dag)s, %(activate)s, %(created_by)s);
 
 -- name: activate_definition
 SELECT definition_id::text AS definition_id, version, activated, previous_version
-FROM lifecycle_activate_definition(%(name)s, %(version)s);
+FROM lifecycle.definition_activate(%(name)s, %(version)s);
 
 -- name: definition_versions
 -- Every version of a workflow: whether it is active, its stage count and how many of its
@@ -261,14 +261,14 @@ WHERE a.is_active AND latest.knowledge ->> 'capability' = ANY (%(capabilities)s:
 
 -- name: validate_dag
 -- The database's own verdict on a DAG (the trigger's rules): one row per problem.
-SELECT code, stages, path, message FROM lifecycle_validate_dag(%(dag)s);
+SELECT code, stages, path, message FROM lifecycle.dag_validate(%(dag)s);
 
 -- name: launchable_executions
 SELECT execution_id::text AS execution_id, workflow_name, version, created_at, pending_reason
-FROM lifecycle_launchable_executions(%(limit)s);
+FROM lifecycle.executions_launchable(%(limit)s);
 
 -- name: set_pending_reason
-SELECT lifecycle_set_pending_reason(%(execution_id)s, %(reason)s) AS changed;
+SELECT lifecycle.execution_set_pending_reason(%(execution_id)s, %(reason)s) AS changed;
 
 -- name: execution_progress
 SELECT e.status, e.current_stage, e.pending_reason, e.error_message, e.dagster_run_id,
@@ -278,18 +278,29 @@ FROM workflow_executions e JOIN workflow_definitions d ON d.id = e.workflow_defi
 WHERE e.id = %(execution_id)s;
 
 -- name: audit_feed
--- The audit feed of one execution (0009_audit's workflow_audit_feed: one row per event, newest first).
-SELECT execution_id::text AS execution_id, workflow_name, version, stage_id, stage_status, attempt_number,
-       started_at, completed_at, error_message, workflow_status, circuit_breaker_state, context,
-       event_type, metadata, event_timestamp
-FROM workflow_audit_feed
-WHERE execution_id = %(execution_id)s;
+-- The audit feed of one execution: one row per event, newest first, with its execution, definition
+-- and stage log. The same rows as the runbook's view workflow_audit_feed, read from the tables: the
+-- engine never reads a runbook-named object (re-running the runbook's section 5 replaces the view).
+SELECT e.execution_id::text AS execution_id, wd.name AS workflow_name, wd.version, e.stage_id,
+       wel.status AS stage_status, wel.attempt_number, wel.started_at, wel.completed_at, wel.error_message,
+       we.status AS workflow_status, we.circuit_breaker_state, we.context,
+       e.event_type, e.metadata, e."timestamp" AS event_timestamp
+FROM workflow_events e
+JOIN workflow_executions we ON we.id = e.execution_id
+JOIN workflow_definitions wd ON wd.id = we.workflow_definition_id
+LEFT JOIN workflow_execution_logs wel ON wel.execution_id = e.execution_id AND wel.stage_id = e.stage_id
+WHERE e.execution_id = %(execution_id)s
+ORDER BY e."timestamp" DESC, e.id DESC;
 
 -- name: audit_latest
 -- The newest events of every execution, newest first (workflow_events_timestamp_idx).
-SELECT execution_id::text AS execution_id, workflow_name, version, stage_id, stage_status, event_type,
-       metadata, event_timestamp
-FROM workflow_audit_feed
+SELECT e.execution_id::text AS execution_id, wd.name AS workflow_name, wd.version, e.stage_id,
+       wel.status AS stage_status, e.event_type, e.metadata, e."timestamp" AS event_timestamp
+FROM workflow_events e
+JOIN workflow_executions we ON we.id = e.execution_id
+JOIN workflow_definitions wd ON wd.id = we.workflow_definition_id
+LEFT JOIN workflow_execution_logs wel ON wel.execution_id = e.execution_id AND wel.stage_id = e.stage_id
+ORDER BY e."timestamp" DESC, e.id DESC
 LIMIT %(limit)s;
 
 -- name: audit_execution_exists
@@ -313,19 +324,19 @@ ORDER BY id;
 -- name: audit_checkpoints
 -- The newest retention checkpoint of each stream (NULL execution_id: the global stream).
 SELECT DISTINCT ON (execution_id) execution_id::text AS execution_id, last_event_id, last_hash
-FROM lifecycle_audit_checkpoints
+FROM lifecycle.audit_checkpoints
 ORDER BY execution_id, id DESC;
 
 -- name: audit_canonical_event
 -- The database's canonical form and hash of one stored event (to compare with Python's).
-SELECT lifecycle_audit_canonical_event(id, execution_id, event_type, stage_id, metadata, "timestamp") AS canonical,
-       lifecycle_audit_hash(prev_hash, lifecycle_audit_canonical_event(id, execution_id, event_type, stage_id,
+SELECT lifecycle.audit_canonical_event(id, execution_id, event_type, stage_id, metadata, "timestamp") AS canonical,
+       lifecycle.audit_hash(prev_hash, lifecycle.audit_canonical_event(id, execution_id, event_type, stage_id,
                                                                        metadata, "timestamp")) AS hash
 FROM workflow_events
 WHERE id = %(id)s;
 
 -- name: audit_prune
-SELECT executions, events, global_events FROM lifecycle_audit_prune(%(before)s, %(max_streams)s);
+SELECT executions, events, global_events FROM lifecycle.audit_prune(%(before)s, %(max_streams)s);
 
 -- name: ops_executions
 -- `lifecycle-dagster list`: executions newest first, optionally by workflow, status and creation
@@ -381,49 +392,49 @@ ORDER BY s.ord;
 -- name: ops_breakers
 -- `lifecycle-dagster breakers`: every agent and every capability an active agent serves (or that
 -- has a breaker row), closed with no history when it has no row; the rest from
--- lifecycle_breaker_status (window at now()).
+-- lifecycle.breaker_status (window at now()).
 WITH targets AS (
   SELECT 'agent'::text AS scope, a.name, a.id::text AS key,
-         array_to_string(lifecycle_agent_capabilities(a.id), ', ') AS serves, a.is_active
+         array_to_string(lifecycle.agent_capabilities(a.id), ', ') AS serves, a.is_active
   FROM agents a
   UNION ALL
   SELECT 'capability', c.name, c.name, NULL, true
-  FROM (SELECT DISTINCT cap AS name FROM agents a, unnest(lifecycle_agent_capabilities(a.id)) cap WHERE a.is_active
+  FROM (SELECT DISTINCT cap AS name FROM agents a, unnest(lifecycle.agent_capabilities(a.id)) cap WHERE a.is_active
         UNION
-        SELECT b.key FROM lifecycle_breakers b WHERE b.scope = 'capability') c
+        SELECT b.key FROM lifecycle.breakers b WHERE b.scope = 'capability') c
 )
 SELECT r.scope, r.name, r.serves, r.is_active AS active, coalesce(s.state, 'closed') AS state, s.state_since,
        s.opened_at, s.half_open_at, coalesce(s.calls, 0) AS calls, coalesce(s.failures, 0) AS failures,
        s.rate, s.p95_ms
 FROM targets r
-LEFT JOIN lifecycle_breaker_status s ON s.scope = r.scope AND s.key = r.key
+LEFT JOIN lifecycle.breaker_status s ON s.scope = r.scope AND s.key = r.key
 ORDER BY r.scope, r.name;
 
 -- name: breaker_reset
-SELECT lifecycle_breaker_reset(%(agent)s) AS previous_state;
+SELECT lifecycle.breaker_reset(%(agent)s) AS previous_state;
 
 -- name: schema_fingerprints_present
-SELECT to_regclass('lifecycle_schema_fingerprints') IS NOT NULL AS present;
+SELECT to_regclass('lifecycle.schema_fingerprints') IS NOT NULL AS present;
 
 -- name: schema_fingerprints_recorded
--- The schema as shipped: recorded at the end of the last migration (0011_security).
-SELECT kind, object, md5 FROM lifecycle_schema_fingerprints ORDER BY kind, object;
+-- The schema as shipped: recorded right after sql/schema/ was applied (lifecycle.schema_fingerprints_record).
+SELECT kind, object, md5 FROM lifecycle.schema_fingerprints ORDER BY kind, object;
 
 -- name: schema_fingerprints_now
-SELECT kind, object, md5 FROM lifecycle_schema_catalog() ORDER BY kind, object;
+SELECT kind, object, md5 FROM lifecycle.schema_catalog() ORDER BY kind, object;
 
 -- name: capability_limits
 -- Per capability: the sum of its active agents' concurrency limits, NULL when one has none.
 SELECT c AS capability,
        CASE WHEN bool_and(a.config ? 'concurrency') THEN sum((a.config ->> 'concurrency')::int) END AS slots
-FROM agents a, unnest(lifecycle_agent_capabilities(a.id)) c
+FROM agents a, unnest(lifecycle.agent_capabilities(a.id)) c
 WHERE a.is_active
 GROUP BY c
 ORDER BY c;
 
 -- name: adopt_existing_tables
 -- The runbook's tables that exist in public on a database with no migration recorded: the user's
--- own schema, to be adopted by the first upgrade (lifecycle_adopt_rows in 0012_schema_repair).
+-- own schema, to be adopted by the first upgrade (lifecycle.adopt_rows in sql/schema/09_schema_management.sql).
 SELECT c.relname AS table_name, c.reltuples::bigint AS estimated_rows
 FROM pg_class c
 WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
@@ -452,7 +463,6 @@ BEGIN
     SELECT c.oid::regclass AS rel, c.relkind
     FROM pg_class c
     WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
-      AND c.relname <> 'lifecycle_schema_migrations'  -- the upgrade's own record, made just before
       AND (c.relname IN ('agents', 'agent_ontologies', 'task_queue')
            OR c.relname LIKE 'workflow\_%' OR c.relname LIKE 'lifecycle\_%'
            OR c.relname LIKE 'agents\_%' OR c.relname LIKE 'agent\_ontologies\_%' OR c.relname LIKE 'task\_queue\_%')
@@ -482,10 +492,10 @@ END
 $adopt$;
 
 -- name: adopt_rows
-SELECT copied, rejected FROM lifecycle_adopt_rows(%(table)s);
+SELECT copied, rejected FROM lifecycle.adopt_rows(%(table)s);
 
 -- name: adoption_rejects
-SELECT table_name, row_id, rule, message FROM lifecycle_adoption_rejects ORDER BY id;
+SELECT table_name, row_id, rule, message FROM lifecycle.adoption_rejects ORDER BY id;
 
 -- name: adopt_dropped_columns
 -- Columns of the adopted tables that ours do not have: their values stay in lifecycle_adopted only.
@@ -501,10 +511,7 @@ WHERE s.relnamespace = to_regnamespace('lifecycle_adopted') AND s.relkind IN ('r
 ORDER BY 1, a.attnum;
 
 -- name: schema_drift
-SELECT kind, object, problem FROM lifecycle_schema_drift();
-
--- name: repair_schema
-SELECT kind, object, action FROM lifecycle_repair_schema();
+SELECT kind, object, problem FROM lifecycle.schema_drift();
 
 -- name: invariant_executions
 -- The invariant checker (lifecycle_dagster.invariants): every execution, whether its status may
@@ -543,7 +550,7 @@ WITH ev AS (
 )
 SELECT coalesce(l.execution_id, ev.execution_id)::text AS execution_id,
        coalesce(l.stage_id, ev.stage_id) AS stage_id, l.status,
-       lifecycle_stage_compensable(e.workflow_definition_id, coalesce(l.stage_id, ev.stage_id)) AS compensable,
+       lifecycle.stage_compensable(e.workflow_definition_id, coalesce(l.stage_id, ev.stage_id)) AS compensable,
        coalesce(ev.starts, 0) AS starts, coalesce(ev.completions, 0) AS completions,
        coalesce(ev.compensations, 0) AS compensations, ev.first_compensating, ev.last_compensated,
        coalesce(tk.completed_tasks, 0) AS completed_tasks
@@ -555,14 +562,14 @@ LEFT JOIN tk ON tk.execution_id = coalesce(l.execution_id, ev.execution_id)
 ORDER BY 1, 2;
 
 -- name: invariant_breaker_outcomes
--- Every agent call whose outcome counts (0006_breakers: a completion, a failure or retry whose code
+-- Every agent call whose outcome counts (sql/schema/07_breakers.sql: a completion, a failure or retry whose code
 -- is not the caller's fault, a completion refused because its attempt timed out) against the
 -- outcome rows recorded for it, per breaker (the agent's, the capability's): one row per mismatch.
 WITH calls AS (
   SELECT (ev.metadata ->> 'task_id')::uuid AS task_id,
          bool_or(ev.event_type = 'stage_completed') AS succeeded,
          bool_or((ev.event_type IN ('stage_retrying', 'stage_failed')
-                  AND NOT lifecycle_breaker_caller_fault(ev.metadata ->> 'error_code'))
+                  AND NOT lifecycle.breaker_caller_fault(ev.metadata ->> 'error_code'))
                  OR (ev.event_type = 'stage_result_refused' AND ev.metadata ->> 'outcome' = 'completed'
                      AND ev.metadata ->> 'reason' LIKE 'attempt % timed out at %')) AS failed
   FROM workflow_events ev
@@ -577,7 +584,7 @@ WITH calls AS (
   CROSS JOIN LATERAL (VALUES ('agent', t.agent_id::text), ('capability', t.capability)) AS s(scope, key)
   WHERE t.agent_id IS NOT NULL AND (c.succeeded OR c.failed) AND s.key IS NOT NULL
 ), recorded AS (
-  SELECT o.task_id, o.scope, o.key, o.success FROM lifecycle_breaker_outcomes o WHERE o.task_id IS NOT NULL
+  SELECT o.task_id, o.scope, o.key, o.success FROM lifecycle.breaker_outcomes o WHERE o.task_id IS NOT NULL
 )
 SELECT coalesce(x.task_id, r.task_id)::text AS task_id, coalesce(x.scope, r.scope) AS scope,
        x.key AS expected_key, r.key AS recorded_key, x.success AS expected_success, r.success AS recorded_success,
@@ -599,11 +606,11 @@ SELECT b.scope, b.key, b.state,
                    AND ev.event_type IN ('breaker_opened', 'breaker_half_open', 'breaker_closed')
                    AND ev.metadata ->> 'scope' = b.scope AND ev.metadata ->> 'key' = b.key
                  ORDER BY ev.id DESC LIMIT 1), 'closed') AS evented_state
-FROM lifecycle_breakers b
+FROM lifecycle.breakers b
 ORDER BY 1, 2;
 
 -- name: invariant_late_completions
--- Tasks a worker completed after its lease had expired (0008_task_queue: the lease fences workers).
+-- Tasks a worker completed after its lease had expired (sql/schema/05_task_protocol.sql: the lease fences workers).
 SELECT t.id::text AS task_id, t.workflow_execution_id::text AS execution_id, t.task_type AS stage_id,
        t.claimed_by, t.lease_expires_at, t.completed_at
 FROM task_queue t

@@ -118,15 +118,21 @@ _SECTION = re.compile(r"^## (\d+)\)", re.MULTILINE)
 _HEREDOC = re.compile(r"<<'?SQL'?\n(.*?)\nSQL$", re.DOTALL | re.MULTILINE)
 
 
-def runbook_section(section: int) -> str:
-    """The SQL of the runbook's section ``section`` (its one psql heredoc); skips the test when the
-    runbook is not beside the checkout (``../shared/seed``)."""
+def runbook_statements(section: int) -> list[str]:
+    """The SQL of the runbook's section ``section``, one string per psql heredoc; skips the test
+    when the runbook is not beside the checkout (``../shared/seed``)."""
     if not RUNBOOK.exists():
         pytest.skip(f"runbook {RUNBOOK} is absent")
     parts = _SECTION.split(RUNBOOK.read_text(encoding="utf-8"))
     found = {int(n): _HEREDOC.findall(body) for n, body in zip(parts[1::2], parts[2::2], strict=True)}
-    [statement] = found[section]
-    return str(statement)
+    return [str(s) for s in found[section]]
+
+
+def runbook_section(section: int) -> str:
+    """The SQL of the runbook's section ``section`` that has one psql heredoc (see
+    :func:`runbook_statements`)."""
+    [statement] = runbook_statements(section)
+    return statement
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ TABLES = migrate.ADOPTED_TABLES
 EXPECTED_REJECTS = [
     ("workflow_definitions", "d0000000-0000-4000-8000-000000000002", "workflow_definitions_name_valid"),
     ("workflow_executions", "e0000000-0000-4000-8000-000000000003", "workflow_executions_status_valid"),
-    ("workflow_executions", "e0000000-0000-4000-8000-000000000004", "lifecycle_guard_execution_row"),
+    ("workflow_executions", "e0000000-0000-4000-8000-000000000004", "lifecycle.guard_execution_row"),
     ("workflow_execution_logs", "f0000000-0000-4000-8000-000000000007", "workflow_execution_logs_execution_fkey"),
     ("workflow_execution_logs", "f0000000-0000-4000-8000-000000000008", "workflow_execution_logs_attempt_positive"),
     ("workflow_events", "c0000000-0000-4000-8000-000000000002", "workflow_events_event_type_valid"),
@@ -105,7 +105,7 @@ def test_check_shows_the_plan_and_changes_nothing(existing: str) -> None:
     assert _shape(existing) == shape_before
     with psycopg.connect(existing) as conn:
         assert conn.execute("SELECT to_regnamespace('lifecycle_adopted')").fetchone() == (None,)
-        assert conn.execute("SELECT to_regclass('lifecycle_schema_migrations')").fetchone() == (None,)
+        assert conn.execute("SELECT to_regclass('lifecycle.schema_migrations')").fetchone() == (None,)
 
 
 def test_upgrade_adopts_the_tables_and_keeps_every_row(existing: str, template_db: str, server_dsn: str) -> None:
@@ -131,7 +131,7 @@ def test_upgrade_adopts_the_tables_and_keeps_every_row(existing: str, template_d
         assert {t: c["n"] for t, c in counts.items() if c} == {t: c for t, (_, c, _) in EXPECTED_COUNTS.items()}
         # every rejected row is listed with the whole row
         rejects = conn.execute(
-            "SELECT table_name, row_id, rule, row_data ->> 'id' AS data_id FROM lifecycle_adoption_rejects ORDER BY id"
+            "SELECT table_name, row_id, rule, row_data ->> 'id' AS data_id FROM lifecycle.adoption_rejects ORDER BY id"
         ).fetchall()
         assert [(r["table_name"], r["row_id"], r["rule"]) for r in rejects] == EXPECTED_REJECTS
         assert all(r["row_id"] == r["data_id"] for r in rejects)
@@ -188,11 +188,11 @@ def test_db_upgrade_prints_the_plan_and_the_rejects(existing: str) -> None:
         'new row for relation "workflow_executions" violates check constraint "workflow_executions_status_valid"'
     ) in lines
     assert (
-        "REJECTED workflow_executions id=e0000000-0000-4000-8000-000000000004 rule=lifecycle_guard_execution_row: "
+        "REJECTED workflow_executions id=e0000000-0000-4000-8000-000000000004 rule=lifecycle.guard_execution_row: "
         "current_stage launch is not a stage of the DAG that execution e0000000-0000-4000-8000-000000000004 runs"
     ) in lines
     assert lines[-2:] == [
-        "6 rows not copied: would be kept in lifecycle_adopted and listed in lifecycle_adoption_rejects",
+        "6 rows not copied: would be kept in lifecycle_adopted and listed in lifecycle.adoption_rejects",
         "column workflow_executions.legacy_note is not ours: its values stay in lifecycle_adopted.workflow_executions",
     ]
     done = _cli(existing, "db", "upgrade", "--json")
@@ -213,7 +213,7 @@ def test_an_earlier_adoptions_schema_is_never_overwritten(existing: str) -> None
         migrate.run_upgrade(existing)
     with psycopg.connect(existing) as conn:  # nothing half-done
         assert conn.execute("SELECT to_regclass('public.workflow_executions') IS NOT NULL").fetchone() == (True,)
-        assert conn.execute("SELECT to_regclass('lifecycle_schema_migrations')").fetchone() == (None,)
+        assert conn.execute("SELECT to_regclass('lifecycle.schema_migrations')").fetchone() == (None,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def test_an_earlier_adoptions_schema_is_never_overwritten(existing: str) -> None
 
 def _drift(dsn: str) -> list[tuple[str, str, str]]:
     with psycopg.connect(dsn) as conn:
-        return [(str(k), str(o), str(p)) for k, o, p in conn.execute("SELECT * FROM lifecycle_schema_drift()")]
+        return [(str(k), str(o), str(p)) for k, o, p in conn.execute("SELECT * FROM lifecycle.schema_drift()")]
 
 
 def _feed_rows(dsn: str, name: str) -> int:
@@ -262,50 +262,49 @@ def test_repair_restores_what_the_runbook_and_hands_changed(db: str) -> None:
         conn.execute("ALTER TABLE task_queue DISABLE ROW LEVEL SECURITY")
         conn.execute("DROP TRIGGER task_queue_notify ON task_queue")
         conn.execute("DROP POLICY authenticated_read_own ON workflow_events")
-        conn.execute("GRANT EXECUTE ON FUNCTION lifecycle_task_claim TO anon")
+        conn.execute("GRANT EXECUTE ON FUNCTION lifecycle.task_claim TO anon")
         conn.execute(
-            "CREATE OR REPLACE FUNCTION lifecycle_breaker_defaults() RETURNS jsonb LANGUAGE sql IMMUTABLE"
+            "CREATE OR REPLACE FUNCTION lifecycle.breaker_defaults() RETURNS jsonb LANGUAGE sql IMMUTABLE"
             " AS $$ SELECT '{\"window_s\": 1}'::jsonb $$"
         )
     assert _feed_rows(db, "feed_before") == 8  # the runbook's feed multiplies: 2 logs x 4 events
     claim = (
-        "function lifecycle_task_claim(p_worker text, p_agent_name text, p_limit integer, "
+        "function lifecycle.task_claim(p_worker text, p_agent_name text, p_limit integer, "
         "p_lease_s double precision, p_now timestamp with time zone)"
     )
     assert _drift(db) == [
-        ("function", "lifecycle_breaker_defaults()", "changed"),
-        ("function", "perform_workflow_compensation(p_execution_id uuid, p_reason text)", "extra"),
-        ("function", "retry_stage(p_log_id uuid, p_max_attempts integer)", "extra"),
-        ("function", "trip_circuit_breaker(p_execution_id uuid, p_reason text)", "extra"),
-        ("policy", "authenticated_read_own on workflow_events", "missing"),
-        ("policy", "everyone_reads on workflow_executions", "extra"),
+        ("function", "lifecycle.breaker_defaults()", "changed"),
+        ("function", "public.perform_workflow_compensation(p_execution_id uuid, p_reason text)", "changed"),
+        ("function", "public.retry_stage(p_log_id uuid, p_max_attempts integer)", "changed"),
+        ("function", "public.trip_circuit_breaker(p_execution_id uuid, p_reason text)", "changed"),
+        ("policy", "authenticated_read_own on public.workflow_events", "missing"),
+        ("policy", "everyone_reads on public.workflow_executions", "extra"),
         ("privileges", claim, "changed"),
-        ("table", "task_queue", "changed"),
-        ("trigger", "task_queue_notify on task_queue", "missing"),
-        ("view", "workflow_audit_feed", "changed"),
+        ("table", "public.task_queue", "changed"),
+        ("trigger", "task_queue_notify on public.task_queue", "missing"),
+        ("view", "public.workflow_audit_feed", "changed"),
     ]
     result = _cli(db, "db", "upgrade", "--repair")
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [
-        "repair function perform_workflow_compensation(uuid,text): dropped",
-        "repair function retry_stage(uuid,integer): dropped",
-        "repair function trip_circuit_breaker(uuid,text): dropped",
-        "repair function lifecycle_breaker_defaults(): restored",
-        "repair view workflow_audit_feed: restored",
-        "repair table task_queue: restored",
-        "repair trigger task_queue_notify on task_queue: restored",
-        "repair policy authenticated_read_own on workflow_events: restored",
-        "repair policy everyone_reads on workflow_executions: dropped",
+        "repair function lifecycle.breaker_defaults(): restored",
+        "repair function public.perform_workflow_compensation(p_execution_id uuid, p_reason text): restored",
+        "repair function public.retry_stage(p_log_id uuid, p_max_attempts integer): restored",
+        "repair function public.trip_circuit_breaker(p_execution_id uuid, p_reason text): restored",
+        "repair policy authenticated_read_own on public.workflow_events: restored",
+        "repair policy everyone_reads on public.workflow_executions: dropped",
         f"repair privileges {claim}: restored",
-        "repair privileges view workflow_audit_feed: restored",
+        "repair table public.task_queue: restored",
+        "repair trigger task_queue_notify on public.task_queue: restored",
+        "repair view public.workflow_audit_feed: restored",
     ]
     assert _drift(db) == []
     assert _cli(db, "doctor").exit_code == 0
     assert _feed_rows(db, "feed_after") == 4  # ours again: one row per event
     with psycopg.connect(db) as conn:
         row = conn.execute(
-            "SELECT has_function_privilege('anon', 'lifecycle_task_claim(text, text, integer, double precision,"
-            " timestamptz)', 'EXECUTE'), lifecycle_breaker_defaults() ->> 'window_s' <> '1'"
+            "SELECT has_function_privilege('anon', 'lifecycle.task_claim(text, text, integer, double precision,"
+            " timestamptz)', 'EXECUTE'), lifecycle.breaker_defaults() ->> 'window_s' <> '1'"
         ).fetchone()
         assert row == (False, True)
     assert _cli(db, "db", "upgrade", "--repair").output == "database is up to date\n"
@@ -316,18 +315,17 @@ def test_migrating_over_drift_is_refused_until_repaired(db: str, tmp_path: Path)
     shutil.copytree(sql_dir() / "migrations", folder)
     n = len(migrate.discover()) + 1
     (folder / f"{n:04d}_next.sql").write_text(
-        "CREATE FUNCTION lifecycle_next() RETURNS int LANGUAGE sql IMMUTABLE AS $$ SELECT 1 $$;\n"
-        "SELECT lifecycle_record_schema_fingerprints();\n"
+        "ALTER TABLE agents ADD COLUMN note text;\n"
     )
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute(runbook_section(5))
-    with pytest.raises(migrate.SchemaDriftError, match=r"view workflow_audit_feed \(changed\).*--repair"):
+    with pytest.raises(migrate.SchemaDriftError, match=r"view public.workflow_audit_feed \(changed\).*--repair"):
         migrate.run_upgrade(db, folder)
     with psycopg.connect(db) as conn:  # nothing applied
-        assert conn.execute("SELECT max(version) FROM lifecycle_schema_migrations").fetchone() == (n - 1,)
+        assert conn.execute("SELECT max(version) FROM lifecycle.schema_migrations").fetchone() == (n - 1,)
     report = migrate.run_upgrade(db, folder, repair=True)
     assert [m.version for m in report.applied] == [n]
-    assert ("view", "workflow_audit_feed", "restored") in report.repaired
+    assert ("view", "public.workflow_audit_feed", "restored") in report.repaired
     assert _drift(db) == []
 
 

@@ -98,7 +98,7 @@ def _assert_linked(chain: list[dict[str, Any]], first_prev: str = GENESIS) -> No
         ("DELETE FROM workflow_events", "DELETE"),
         ("TRUNCATE workflow_events", "TRUNCATE"),
         ("TRUNCATE workflow_events, workflow_executions CASCADE", "TRUNCATE"),
-        ("UPDATE lifecycle_audit_checkpoints SET last_hash = 'x'", "UPDATE"),
+        ("UPDATE lifecycle.audit_checkpoints SET last_hash = 'x'", "UPDATE"),
     ],
 )
 def test_events_are_append_only_even_for_a_superuser(db: str, statement: str, op: str) -> None:
@@ -106,16 +106,16 @@ def test_events_are_append_only_even_for_a_superuser(db: str, statement: str, op
     with connect(db) as conn:
         _event(conn, eid, "something")
         conn.execute(
-            "INSERT INTO lifecycle_audit_checkpoints (last_event_id, events_pruned, cutoff) VALUES (0, 0, now())"
+            "INSERT INTO lifecycle.audit_checkpoints (last_event_id, events_pruned, cutoff) VALUES (0, 0, now())"
         )
         assert conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone() == {
             "rolsuper": True
         }
-        table = "lifecycle_audit_checkpoints" if "checkpoints" in statement else "workflow_events"
+        table = "lifecycle.audit_checkpoints" if "checkpoints" in statement else "workflow_events"
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
             conn.execute(statement)  # type: ignore[arg-type]
     assert err.value.diag.message_primary == (
-        f"{table} is append-only: {op} refused (old rows are removed only by lifecycle_audit_prune(before))"
+        f"{table} is append-only: {op} refused (old rows are removed only by lifecycle.audit_prune(before))"
     )
     assert rows(db, "SELECT event_type FROM workflow_events") == [{"event_type": "something"}]
 
@@ -244,7 +244,7 @@ def test_concurrent_global_events_from_publishes_are_chained(db: str) -> None:
             with connect(db) as conn:
                 barrier.wait(timeout=30)
                 conn.execute(
-                    "SELECT * FROM lifecycle_publish_definition(%s, NULL, %s, true)",
+                    "SELECT * FROM lifecycle.definition_publish(%s, NULL, %s, true)",
                     (f"wf_{n}", Jsonb({"stages": [{"id": "a", "capability": "work"}]})),
                 )
         except BaseException as exc:
@@ -330,11 +330,11 @@ def test_python_canonical_form_equals_the_database_s(db: str, timestamp: str) ->
             assert canonical_event(row).decode() == sql["canonical"]
             assert event_hash(row["prev_hash"], row) == sql["hash"] == row["hash"]
             checked += 1
-        # canonical_json of decoded metadata agrees with lifecycle_canonical_json where floats are exact
+        # canonical_json of decoded metadata agrees with lifecycle.canonical_json where floats are exact
         for doc in METADATA_CASES:
             if doc in (METADATA_CASES[3], METADATA_CASES[-1]):  # numbers a float cannot hold exactly
                 continue
-            db_text = conn.execute("SELECT lifecycle_canonical_json(%s::jsonb) AS c", (doc,)).fetchone()["c"]
+            db_text = conn.execute("SELECT lifecycle.canonical_json(%s::jsonb) AS c", (doc,)).fetchone()["c"]
             assert canonical_json(json.loads(doc)) == db_text
         report = verify(conn)
     assert checked == 2 * len(METADATA_CASES)
@@ -344,7 +344,7 @@ def test_python_canonical_form_equals_the_database_s(db: str, timestamp: str) ->
 def test_canonical_json_exact_values(db: str) -> None:
     with connect(db) as conn:
         got = conn.execute(
-            "SELECT lifecycle_canonical_json(%s::jsonb) AS c",
+            "SELECT lifecycle.canonical_json(%s::jsonb) AS c",
             ('{"b": [1, 2.50, {"a": null, "A": "é\\u0001"}], "a": {}, "n": -0, "x": 1e3, "y": 0.1}',),
         ).fetchone()["c"]
     assert got == '{"a":{},"b":[1,2.50,{"A":"é\\u0001","a":null}],"n":0,"x":1000,"y":0.1}'
@@ -519,7 +519,7 @@ def test_prune_removes_whole_finished_streams_and_the_old_global_prefix(db: str)
     checkpoints = rows(
         db,
         "SELECT execution_id::text AS execution_id, last_event_id, last_hash, events_pruned"
-        " FROM lifecycle_audit_checkpoints ORDER BY id",
+        " FROM lifecycle.audit_checkpoints ORDER BY id",
     )
     assert checkpoints == [
         {"execution_id": done, "last_event_id": last_done["id"], "last_hash": last_done["hash"], "events_pruned": 3},
@@ -543,9 +543,9 @@ def test_prune_removes_whole_finished_streams_and_the_old_global_prefix(db: str)
 def test_prune_refuses_bad_arguments(db: str) -> None:
     with connect(db) as conn:
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="p_before must be a finite timestamp"):
-            conn.execute("SELECT * FROM lifecycle_audit_prune('infinity')")
+            conn.execute("SELECT * FROM lifecycle.audit_prune('infinity')")
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="p_max_streams must be >= 1, got 0"):
-            conn.execute("SELECT * FROM lifecycle_audit_prune(now(), 0)")
+            conn.execute("SELECT * FROM lifecycle.audit_prune(now(), 0)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1084,9 +1084,9 @@ def _queue_task(dsn: str) -> tuple[str, str, int]:
             (wf.definition_id,),
         ).fetchone()
         assert e is not None
-        started = conn.execute("SELECT * FROM lifecycle_start_stage(%s, 'a', %s)", (e["id"], wf.work)).fetchone()
+        started = conn.execute("SELECT * FROM lifecycle.stage_start(%s, 'a', %s)", (e["id"], wf.work)).fetchone()
         assert started is not None and started["agent_kind"] == "queue"
-        claimed = conn.execute("SELECT * FROM lifecycle_task_claim('w1', %s, 1, 30)", (wf.bad,)).fetchone()
+        claimed = conn.execute("SELECT * FROM lifecycle.task_claim('w1', %s, 1, 30)", (wf.bad,)).fetchone()
         assert claimed is not None and claimed["task_id"] == started["task_id"]
     return str(e["id"]), str(claimed["task_id"]), int(claimed["lease_token"])
 
@@ -1123,7 +1123,7 @@ def test_a_queue_worker_bad_output_is_refused_and_fails_the_task(
     before = counts(shared)
     with connect(shared) as conn:
         status = conn.execute(
-            "SELECT lifecycle_task_complete(%s, %s, %s::jsonb) AS s", (task, token, output())
+            "SELECT lifecycle.task_complete(%s, %s, %s::jsonb) AS s", (task, token, output())
         ).fetchone()
     assert status is not None
     assert status["s"].startswith(f"refused: task {task} (stage a): ") and fragment in status["s"]
@@ -1154,7 +1154,7 @@ def test_a_queue_worker_output_jsonb_cannot_hold_changes_nothing(
     _, task, token = _queue_task(shared)
     before, state = counts(shared), _task(shared, task)
     with connect(shared) as conn, pytest.raises(error) as err:
-        conn.execute("SELECT lifecycle_task_complete(%s, %s, %s)", (task, token, Jsonb(output)))
+        conn.execute("SELECT lifecycle.task_complete(%s, %s, %s)", (task, token, Jsonb(output)))
     assert fragment in str(err.value)
     assert counts(shared) == before and _task(shared, task) == state  # still the worker's to fail or complete
 
@@ -1165,11 +1165,11 @@ def test_bad_leases_are_refused_naming_the_argument(shared: str, lease: float) -
     before, state = counts(shared), _task(shared, task)
     with connect(shared) as conn:
         with pytest.raises(psycopg.errors.InvalidParameterValue) as beat:
-            conn.execute("SELECT lifecycle_task_heartbeat(%s, %s, %s)", (task, token, lease))
-        assert "lifecycle_task_heartbeat: p_lease_s must be a number of seconds in (0, 31536000]" in str(beat.value)
+            conn.execute("SELECT lifecycle.task_heartbeat(%s, %s, %s)", (task, token, lease))
+        assert "lifecycle.task_heartbeat: p_lease_s must be a number of seconds in (0, 31536000]" in str(beat.value)
         with pytest.raises(psycopg.errors.InvalidParameterValue) as claim:
-            conn.execute("SELECT * FROM lifecycle_task_claim('w2', 'nobody', 1, %s)", (lease,))
-        assert "lifecycle_task_claim: p_limit must be >= 1 and p_lease_s a number of seconds" in str(claim.value)
+            conn.execute("SELECT * FROM lifecycle.task_claim('w2', 'nobody', 1, %s)", (lease,))
+        assert "lifecycle.task_claim: p_limit must be >= 1 and p_lease_s a number of seconds" in str(claim.value)
     assert counts(shared) == before and _task(shared, task) == state
 
 
@@ -1181,7 +1181,7 @@ def test_a_workers_retry_hint_is_normalised(shared: str, hint: float, stored: fl
     _, task, token = _queue_task(shared)
     with connect(shared) as conn:
         status = conn.execute(
-            "SELECT lifecycle_task_fail(%s, %s, 'busy', 'overloaded', true, %s) AS s", (task, token, hint)
+            "SELECT lifecycle.task_fail(%s, %s, 'busy', 'overloaded', true, %s) AS s", (task, token, hint)
         ).fetchone()
     assert status == {"s": "failed"}
     assert _task(shared, task)["retry_after_s"] == stored
@@ -1199,13 +1199,13 @@ def test_a_queue_agents_bad_output_fails_the_waiting_stage_at_once(db: str, inst
         with connect(db) as conn:
             while not done.is_set():
                 claimed = conn.execute(
-                    "SELECT * FROM lifecycle_task_claim('sql-worker', %s, 1, 300)", (wf.bad,)
+                    "SELECT * FROM lifecycle.task_claim('sql-worker', %s, 1, 300)", (wf.bad,)
                 ).fetchone()
                 if claimed is None:
                     time.sleep(0.05)
                     continue
                 answer = conn.execute(
-                    "SELECT lifecycle_task_complete(%s, %s, %s::jsonb) AS s",
+                    "SELECT lifecycle.task_complete(%s, %s, %s::jsonb) AS s",
                     (claimed["task_id"], claimed["lease_token"], deep_text(10_000)),
                 ).fetchone()
                 answers.append(str(answer["s"]) if answer else "")
@@ -1228,7 +1228,7 @@ def test_a_queue_agents_bad_output_fails_the_waiting_stage_at_once(db: str, inst
 @pytest.mark.parametrize(
     ("door", "statement"),
     [
-        ("lifecycle_start_stage", "SELECT * FROM lifecycle_start_stage(%(e)s, 'nope', %(c)s)"),
+        ("lifecycle.stage_start", "SELECT * FROM lifecycle.stage_start(%(e)s, 'nope', %(c)s)"),
         (
             "a stage log",
             "INSERT INTO workflow_execution_logs (execution_id, stage_id, status) VALUES (%(e)s, 'nope', 'pending')",
@@ -1305,7 +1305,7 @@ def test_bad_retry_delay_arguments_are_refused_alike_in_python_and_sql(
         psycopg.connect(shared, autocommit=True) as conn,
         pytest.raises(psycopg.errors.InvalidParameterValue) as db_err,
     ):
-        conn.execute("SELECT lifecycle_retry_delay(%s, %s, %s, %s, %s, %s)", args)
+        conn.execute("SELECT lifecycle.retry_delay(%s, %s, %s, %s, %s, %s)", args)
     assert fragment in str(db_err.value)
 
 
@@ -1321,7 +1321,7 @@ def test_bad_retry_delay_arguments_are_refused_alike_in_python_and_sql(
 def test_huge_and_tiny_retry_settings_give_the_same_finite_delay(shared: str, args: tuple[Any, ...]) -> None:
     python = retry_delay(*args)
     with psycopg.connect(shared, autocommit=True) as conn:
-        row = conn.execute("SELECT lifecycle_retry_delay(%s, %s, %s, %s, %s, %s)", args).fetchone()
+        row = conn.execute("SELECT lifecycle.retry_delay(%s, %s, %s, %s, %s, %s)", args).fetchone()
     assert row is not None and row[0] == python
     assert 0.0 <= python <= args[2]
 
@@ -1422,7 +1422,7 @@ def _sql_problems(conn: psycopg.Connection[Any], dag: Any) -> list[tuple[str, tu
     return [
         (r[0], tuple(sorted(r[1])), r[2], r[3])
         for r in conn.execute(
-            "SELECT code, stages, path, message FROM lifecycle_validate_dag(%s)", (Jsonb(dag),)
+            "SELECT code, stages, path, message FROM lifecycle.dag_validate(%s)", (Jsonb(dag),)
         ).fetchall()
     ]
 

@@ -4,8 +4,6 @@ exact counts under concurrent recorders; caller-fault errors; the runbook's trip
 
 from __future__ import annotations
 
-import re
-import shutil
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -19,9 +17,9 @@ from psycopg.types.json import Jsonb
 from lifecycle_dagster import migrate
 from lifecycle_dagster.agents import AgentBadRequest, AgentOverloaded, AgentRegistry, Task
 from lifecycle_dagster.db import connect
-from lifecycle_dagster.sqlfiles import query, sql_dir
+from lifecycle_dagster.sqlfiles import query
 
-from helpers import create_execution, events, install, rows, run
+from helpers import create_execution, events, install, rows, run, runbook_section
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 DAG = {"stages": [{"id": "work", "capability": "work", "retry": {"max_attempts": 1}}]}
@@ -63,20 +61,20 @@ def _agent_id(db: str, name: str) -> str:
 
 def _record(conn: Any, scope: str, key: str, success: bool, latency_ms: float | None, when: datetime) -> str:
     row = conn.execute(
-        "SELECT lifecycle_breaker_record(%s, %s, %s, %s, %s) AS state", (scope, key, success, latency_ms, when)
+        "SELECT lifecycle.breaker_record(%s, %s, %s, %s, %s) AS state", (scope, key, success, latency_ms, when)
     ).fetchone()
     return str(row["state"])
 
 
 def _route(conn: Any, capability: str, when: datetime) -> str | None:
-    row = conn.execute("SELECT agent_name FROM lifecycle_route_capability(%s, %s)", (capability, when)).fetchone()
+    row = conn.execute("SELECT agent_name FROM lifecycle.capability_route(%s, %s)", (capability, when)).fetchone()
     return None if row is None else str(row["agent_name"])
 
 
 def _breaker(db: str, scope: str, key: str) -> dict[str, Any] | None:
     found = rows(
         db,
-        "SELECT state, opened_at, probes_left FROM lifecycle_breakers WHERE scope = %(s)s AND key = %(k)s",
+        "SELECT state, opened_at, probes_left FROM lifecycle.breakers WHERE scope = %(s)s AND key = %(k)s",
         s=scope,
         k=key,
     )
@@ -102,7 +100,7 @@ def _breaker_events(db: str) -> list[tuple[str, dict[str, Any]]]:
 def _outcomes(db: str, scope: str, key: str) -> list[dict[str, Any]]:
     return rows(
         db,
-        "SELECT success, latency_ms, error_code, task_id::text AS task_id FROM lifecycle_breaker_outcomes"
+        "SELECT success, latency_ms, error_code, task_id::text AS task_id FROM lifecycle.breaker_outcomes"
         " WHERE scope = %(s)s AND key = %(k)s ORDER BY id",
         s=scope,
         k=key,
@@ -469,9 +467,9 @@ def _dispatch(db: str, timeout_s: float | None = None, now: datetime | None = No
     """A new execution of wf with its 'work' stage started: (execution id, log id, task id)."""
     row, eid = create_execution(db, "wf")
     with connect(db) as conn:
-        conn.execute("SELECT lifecycle_ensure_execution(%s, %s, %s)", (row["id"], f"run-{eid}", eid))
+        conn.execute("SELECT lifecycle.execution_ensure(%s, %s, %s)", (row["id"], f"run-{eid}", eid))
         started = conn.execute(
-            "SELECT log_id::text AS log_id, task_id::text AS task_id FROM lifecycle_start_stage("
+            "SELECT log_id::text AS log_id, task_id::text AS task_id FROM lifecycle.stage_start("
             "%s, 'work', 'work', '{}'::jsonb, 1, coalesce(%s, now()), %s)",
             (eid, now, timeout_s),
         ).fetchone()
@@ -484,30 +482,31 @@ def test_caller_fault_errors_do_not_count(db: str, instance: Any) -> None:
     worker = _agent_id(db, "worker")
     with connect(db) as conn:
         for code in CALLER_FAULTS:
-            assert conn.execute("SELECT lifecycle_breaker_caller_fault(%s) AS f", (code,)).fetchone() == {"f": True}
+            assert conn.execute("SELECT lifecycle.breaker_caller_fault(%s) AS f", (code,)).fetchone() == {"f": True}
         for code in ("timeout", "overloaded", "rate_limited", "agent_crashed", "bad_output", "weird", None):
-            assert conn.execute("SELECT lifecycle_breaker_caller_fault(%s) AS f", (code,)).fetchone() == {"f": False}
+            assert conn.execute("SELECT lifecycle.breaker_caller_fault(%s) AS f", (code,)).fetchone() == {"f": False}
     for code in CALLER_FAULTS:
         _, log_id, task_id = _dispatch(db)
         with connect(db) as conn:
-            conn.execute("SELECT lifecycle_fail_stage(%s, %s, 'their fault', %s)", (log_id, task_id, code))
+            conn.execute("SELECT lifecycle.stage_fail(%s, %s, 'their fault', %s)", (log_id, task_id, code))
     _, log_id, task_id = _dispatch(db)
     with connect(db) as conn:
         conn.execute(
-            "SELECT lifecycle_schedule_retry(%s, %s, 1, 'their fault', 'bad_request', 'AgentBadRequest', 0)",
+            "SELECT lifecycle.stage_schedule_retry(%s, %s, 1, 'their fault', 'bad_request', 'AgentBadRequest', 0)",
             (log_id, task_id),
         )
     # through a real run too
     agent = Counting("worker", AgentBadRequest("field x is required"))
     result, _ = run(db, instance, "wf", AgentRegistry([agent]))
     assert not result.success and agent.calls == 1
-    assert rows(db, "SELECT count(*) AS n FROM lifecycle_breaker_outcomes") == [{"n": 0}]
+    assert rows(db, "SELECT count(*) AS n FROM lifecycle.breaker_outcomes") == [{"n": 0}]
 
     # an agent's own failure does count, for the agent and the capability
     _, log_id, task_id = _dispatch(db)
     with connect(db) as conn:
         conn.execute(
-            "SELECT lifecycle_schedule_retry(%s, %s, 1, 'busy', 'overloaded', 'AgentOverloaded', 0)", (log_id, task_id)
+            "SELECT lifecycle.stage_schedule_retry(%s, %s, 1, 'busy', 'overloaded', 'AgentOverloaded', 0)",
+            (log_id, task_id),
         )
     for scope, key in (("agent", worker), ("capability", "work")):
         [outcome] = _outcomes(db, scope, key)
@@ -520,11 +519,11 @@ def test_a_timed_out_result_counts_once_and_other_refusals_not_at_all(db: str) -
     _, log_id, task_id = _dispatch(db, timeout_s=1, now=at(0))
     with connect(db) as conn:
         refused = conn.execute(
-            'SELECT lifecycle_complete_stage(%s, %s, \'{"summary": "late"}\', %s) AS s', (log_id, task_id, at(2.5))
+            'SELECT lifecycle.stage_complete(%s, %s, \'{"summary": "late"}\', %s) AS s', (log_id, task_id, at(2.5))
         ).fetchone()
         assert refused is not None and refused["s"].startswith("refused: attempt 1 timed out at ")
         retry = conn.execute(
-            "SELECT lifecycle_schedule_retry(%s, %s, 1, 'late', 'timeout', 'AgentTimeout', 0, %s) AS s",
+            "SELECT lifecycle.stage_schedule_retry(%s, %s, 1, 'late', 'timeout', 'AgentTimeout', 0, %s) AS s",
             (log_id, task_id, at(2.5)),
         ).fetchone()
         assert retry == {"s": "retrying"}
@@ -535,9 +534,9 @@ def test_a_timed_out_result_counts_once_and_other_refusals_not_at_all(db: str) -
 
     eid, log_id, task_id = _dispatch(db)
     with connect(db) as conn:
-        conn.execute("SELECT * FROM lifecycle_cancel_execution(%s)", (eid,))
+        conn.execute("SELECT * FROM lifecycle.execution_cancel(%s)", (eid,))
         late = conn.execute(
-            'SELECT lifecycle_complete_stage(%s, %s, \'{"summary": "x"}\') AS s', (log_id, task_id)
+            'SELECT lifecycle.stage_complete(%s, %s, \'{"summary": "x"}\') AS s', (log_id, task_id)
         ).fetchone()
         assert late == {"s": "refused: execution is cancelled"}
     assert len(_outcomes(db, "agent", worker)) == 1
@@ -549,7 +548,7 @@ def test_a_success_records_its_latency(db: str) -> None:
     _, log_id, task_id = _dispatch(db, now=at(0))
     with connect(db) as conn:
         done = conn.execute(
-            'SELECT lifecycle_complete_stage(%s, %s, \'{"summary": "ok"}\', %s) AS s', (log_id, task_id, at(0.25))
+            'SELECT lifecycle.stage_complete(%s, %s, \'{"summary": "ok"}\', %s) AS s', (log_id, task_id, at(0.25))
         ).fetchone()
     assert done == {"s": "completed"}
     assert _outcomes(db, "agent", worker) == [
@@ -582,8 +581,8 @@ def test_bad_breaker_settings_are_refused_clearly(db: str, breaker: Any, fragmen
 def test_settings_override_the_defaults(db: str) -> None:
     a = _agent(db, "worker", "work", {"breaker": {"window_s": 10, "latency_sla_ms": 250}})
     with connect(db) as conn:
-        row = conn.execute("SELECT lifecycle_breaker_config('agent', %s) AS c", (a,)).fetchone()
-        capability = conn.execute("SELECT lifecycle_breaker_config('capability', 'work') AS c").fetchone()
+        row = conn.execute("SELECT lifecycle.breaker_config('agent', %s) AS c", (a,)).fetchone()
+        capability = conn.execute("SELECT lifecycle.breaker_config('capability', 'work') AS c").fetchone()
     assert row == {
         "c": {
             "window_s": 10,
@@ -607,7 +606,8 @@ def test_trip_circuit_breaker_as_the_runbook_calls_it(db: str) -> None:
     eid, log_id, task_id = _dispatch(db)
     with connect(db) as conn:
         conn.execute(
-            "SELECT lifecycle_schedule_retry(%s, %s, 1, 'busy', 'overloaded', 'AgentOverloaded', 0)", (log_id, task_id)
+            "SELECT lifecycle.stage_schedule_retry(%s, %s, 1, 'busy', 'overloaded', 'AgentOverloaded', 0)",
+            (log_id, task_id),
         )
         conn.execute("SELECT trip_circuit_breaker(%s, %s)", (eid, "p95 latency over SLA"))
     [execution] = rows(
@@ -650,10 +650,10 @@ def test_trip_circuit_breaker_as_the_runbook_calls_it(db: str) -> None:
     )
     assert (meta["failures"], meta["calls"]) == (1, 1)
     with connect(db) as conn:
-        assert conn.execute("SELECT agent_name FROM lifecycle_route_capability('work')").fetchone() is None
+        assert conn.execute("SELECT agent_name FROM lifecycle.capability_route('work')").fetchone() is None
 
         # tripping it again: the status stays failed, no second workflow_failed, the breaker stays open
-        conn.execute("SELECT trip_circuit_breaker(%s, 'again', %s)", (eid, at(0)))
+        conn.execute("SELECT lifecycle.execution_trip(%s, 'again', %s)", (eid, at(0)))
     [again] = rows(db, "SELECT status, circuit_breaker_state FROM workflow_executions WHERE id = %(e)s", e=eid)
     assert again["status"] == "failed"
     assert (again["circuit_breaker_state"]["reason"], again["circuit_breaker_state"]["previous_status"]) == (
@@ -675,7 +675,7 @@ def test_trip_circuit_breaker_on_a_pending_execution_fails_it_through_in_progres
     install(db, "wf", DAG, {"work": "worker"})
     _, eid = create_execution(db, "wf")
     with connect(db) as conn:
-        conn.execute("SELECT trip_circuit_breaker(%s, 'manual stop', %s)", (eid, at(0)))
+        conn.execute("SELECT lifecycle.execution_trip(%s, 'manual stop', %s)", (eid, at(0)))
     [execution] = rows(db, "SELECT status, circuit_breaker_state FROM workflow_executions WHERE id = %(e)s", e=eid)
     assert execution["status"] == "failed"
     state = execution["circuit_breaker_state"]
@@ -700,15 +700,15 @@ def test_trip_circuit_breaker_on_a_pending_execution_fails_it_through_in_progres
             },
         )
     ]
-    assert rows(db, "SELECT count(*) AS n FROM lifecycle_breakers") == [{"n": 0}]
+    assert rows(db, "SELECT count(*) AS n FROM lifecycle.breakers") == [{"n": 0}]
 
 
 def test_trip_circuit_breaker_leaves_other_statuses_but_records_the_trip(db: str) -> None:
     install(db, "wf", DAG, {"work": "worker"})
     _, eid = create_execution(db, "wf")
     with connect(db) as conn:
-        conn.execute("SELECT * FROM lifecycle_cancel_execution(%s, 'stop', false)", (eid,))
-        conn.execute("SELECT trip_circuit_breaker(%s, 'too late', %s)", (eid, at(0)))
+        conn.execute("SELECT * FROM lifecycle.execution_cancel(%s, 'stop', false)", (eid,))
+        conn.execute("SELECT lifecycle.execution_trip(%s, 'too late', %s)", (eid, at(0)))
     [execution] = rows(db, "SELECT status, circuit_breaker_state FROM workflow_executions WHERE id = %(e)s", e=eid)
     assert execution["status"] == "cancelled"
     assert (execution["circuit_breaker_state"]["reason"], execution["circuit_breaker_state"]["previous_status"]) == (
@@ -730,26 +730,15 @@ def test_trip_circuit_breaker_of_an_unknown_execution_is_a_clear_error(db: str) 
 
 
 def test_one_overload_each(db: str) -> None:
-    for name in ("trip_circuit_breaker", "lifecycle_route_capability"):
+    for name in ("trip_circuit_breaker", "execution_trip", "capability_route"):
         assert rows(db, "SELECT count(*) AS n FROM pg_proc WHERE proname = %(p)s", p=name) == [{"n": 1}]
 
 
-def test_the_runbook_section4_function_is_replaced_not_overloaded(new_db: Any, tmp_path: Path) -> None:
-    if not RUNBOOK.exists():
-        pytest.skip(f"runbook {RUNBOOK} is absent")
-    body = RUNBOOK.read_text(encoding="utf-8").split("## 4)", 1)[1].split("## 5)", 1)[0]
-    match = re.search(r"<<'?SQL'?\n(.*?)\nSQL$", body, re.DOTALL | re.MULTILINE)
-    assert match is not None
-    dsn: str = new_db()
-    folder = tmp_path / "migrations"
-    folder.mkdir()
-    for path in sorted((sql_dir() / "migrations").glob("*.sql")):
-        if int(path.name[:4]) < 6:
-            shutil.copy(path, folder / path.name)
-    migrate.upgrade(dsn, folder)  # before breakers: the user runs section 4 as written
-    with connect(dsn) as conn:
-        conn.execute(match.group(1))
-    migrate.upgrade(dsn)
-    assert rows(dsn, "SELECT count(*) AS n FROM pg_proc WHERE proname = 'trip_circuit_breaker'") == [{"n": 1}]
-    with connect(dsn) as conn, pytest.raises(psycopg.errors.NoDataFound):
+def test_the_runbook_section4_function_is_replaced_not_overloaded(db: str) -> None:
+    with connect(db) as conn:
+        conn.execute(runbook_section(4))  # the user runs section 4 as written, after migrating
+    assert rows(db, "SELECT count(*) AS n FROM pg_proc WHERE proname = 'trip_circuit_breaker'") == [{"n": 1}]
+    migrate.run_upgrade(db, repair=True)  # the wrapper is back
+    assert rows(db, "SELECT count(*) AS n FROM pg_proc WHERE proname = 'trip_circuit_breaker'") == [{"n": 1}]
+    with connect(db) as conn, pytest.raises(psycopg.errors.NoDataFound):
         conn.execute("SELECT trip_circuit_breaker(%s, 'x')", (uuid.uuid4(),))

@@ -220,12 +220,12 @@ def _failed_stage(db: str, attempt: int = 1) -> tuple[str, str]:
     install(db, "wf", CHAIN, {"a": "A", "b": "B", "c": "C"})
     row, eid = create_execution(db, "wf")
     with connect(db) as conn:
-        conn.execute("SELECT lifecycle_ensure_execution(%s, 'run-1', %s)", (row["id"], eid))
+        conn.execute("SELECT lifecycle.execution_ensure(%s, 'run-1', %s)", (row["id"], eid))
         log = conn.execute(
-            "SELECT log_id FROM lifecycle_start_stage(%s, 'a', 'a', '{}'::jsonb, %s)", (eid, attempt)
+            "SELECT log_id FROM lifecycle.stage_start(%s, 'a', 'a', '{}'::jsonb, %s)", (eid, attempt)
         ).fetchone()
         assert log is not None
-        conn.execute("SELECT lifecycle_fail_stage(%s, NULL, 'boom', 'x')", (log["log_id"],))
+        conn.execute("SELECT lifecycle.stage_fail(%s, NULL, 'boom', 'x')", (log["log_id"],))
     return eid, str(log["log_id"])
 
 
@@ -244,7 +244,7 @@ def test_retry_stage_sets_not_before_and_keeps_started_at(db: str) -> None:
     eid, log_id = _failed_stage(db)
     [before] = rows(db, "SELECT started_at FROM workflow_execution_logs WHERE id = %(l)s", l=log_id)
     with connect(db) as conn:
-        conn.execute("SELECT retry_stage(%s, 3, %s)", (log_id, NOW))
+        conn.execute("SELECT lifecycle.stage_retry(%s, 3, %s)", (log_id, NOW))
     [log] = rows(
         db,
         "SELECT status, attempt_number, started_at, not_before, completed_at, error_message"
@@ -271,7 +271,7 @@ def test_retry_stage_delay_is_capped_at_huge_attempt_numbers(db: str) -> None:
     _, log_id = _failed_stage(db)
     with connect(db) as conn:
         conn.execute("UPDATE workflow_execution_logs SET attempt_number = 2147483646 WHERE id = %s", (log_id,))
-        conn.execute("SELECT retry_stage(%s, 2147483647, %s)", (log_id, NOW))
+        conn.execute("SELECT lifecycle.stage_retry(%s, 2147483647, %s)", (log_id, NOW))
     [log] = rows(db, "SELECT attempt_number, not_before FROM workflow_execution_logs WHERE id = %(l)s", l=log_id)
     assert log["attempt_number"] == 2147483647
     assert NOW <= log["not_before"] <= NOW + timedelta(seconds=60)
@@ -302,8 +302,8 @@ def test_retry_stage_refuses_a_cancelled_execution(db: str) -> None:
 def _failed_stage_in_progress(db: str) -> tuple[str, str]:
     row, eid = create_execution(db, "wf")
     with connect(db) as conn:
-        conn.execute("SELECT lifecycle_ensure_execution(%s, %s, %s)", (row["id"], f"run-{eid}", eid))
-        log = conn.execute("SELECT log_id FROM lifecycle_start_stage(%s, 'a', 'a')", (eid,)).fetchone()
+        conn.execute("SELECT lifecycle.execution_ensure(%s, %s, %s)", (row["id"], f"run-{eid}", eid))
+        log = conn.execute("SELECT log_id FROM lifecycle.stage_start(%s, 'a', 'a')", (eid,)).fetchone()
     assert log is not None
     return eid, str(log["log_id"])
 
@@ -314,7 +314,7 @@ def test_retry_stage_refuses_unknown_and_completed(db: str) -> None:
     install(db, "wf", CHAIN, {"a": "A", "b": "B", "c": "C"})
     _, log_id = _failed_stage_in_progress(db)
     with connect(db) as conn:
-        conn.execute("SELECT lifecycle_complete_stage(%s, NULL, %s)", (log_id, Jsonb({"summary": "ok"})))
+        conn.execute("SELECT lifecycle.stage_complete(%s, NULL, %s)", (log_id, Jsonb({"summary": "ok"})))
         with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="is completed and cannot be retried"):
             conn.execute("SELECT retry_stage(%s)", (log_id,))
 
@@ -355,10 +355,10 @@ def test_retry_stage_with_a_huge_policy_waits_at_most_a_year(db: str) -> None:
     install(db, "huge", dag, {"a": "A"})
     row, eid = create_execution(db, "huge")
     with connect(db) as conn:
-        conn.execute("SELECT lifecycle_ensure_execution(%s, 'run-h', %s)", (row["id"], eid))
-        log = conn.execute("SELECT log_id FROM lifecycle_start_stage(%s, 'a', 'a')", (eid,)).fetchone()
+        conn.execute("SELECT lifecycle.execution_ensure(%s, 'run-h', %s)", (row["id"], eid))
+        log = conn.execute("SELECT log_id FROM lifecycle.stage_start(%s, 'a', 'a')", (eid,)).fetchone()
         assert log is not None
-        conn.execute("SELECT lifecycle_fail_stage(%s, NULL, 'boom', 'x')", (log["log_id"],))
-        conn.execute("SELECT retry_stage(%s, 3, %s)", (log["log_id"], NOW))
+        conn.execute("SELECT lifecycle.stage_fail(%s, NULL, 'boom', 'x')", (log["log_id"],))
+        conn.execute("SELECT lifecycle.stage_retry(%s, 3, %s)", (log["log_id"], NOW))
     [r] = rows(db, "SELECT not_before FROM workflow_execution_logs WHERE execution_id = %(e)s", e=eid)
     assert r["not_before"] == NOW + timedelta(days=365)

@@ -88,7 +88,7 @@ def _live_artifacts(db: str, eid: str) -> dict[str, int]:
         r["stage_id"]: r["n"]
         for r in rows(
             db,
-            "SELECT stage_id, count(*) AS n FROM lifecycle_artifacts WHERE execution_id = %(e)s AND voided_at IS NULL"
+            "SELECT stage_id, count(*) AS n FROM lifecycle.artifacts WHERE execution_id = %(e)s AND voided_at IS NULL"
             " GROUP BY stage_id",
             e=eid,
         )
@@ -186,7 +186,7 @@ def test_the_database_refuses_the_wrong_order(db: str, instance: Any) -> None:
     with connect(db) as conn:
         conn.execute("SELECT perform_workflow_compensation(%s, 'test')", (eid,))
         with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="before its dependents b, c, d"):
-            conn.execute("SELECT * FROM lifecycle_start_compensation(%s, 'a', 'run-x', ARRAY['b','c','d','e'])", (eid,))
+            conn.execute("SELECT * FROM lifecycle.undo_start(%s, 'a', 'run-x', ARRAY['b','c','d','e'])", (eid,))
 
 
 def test_hold_leaves_the_execution_failed_until_asked(db: str, instance: Any, dagster_home: Path) -> None:

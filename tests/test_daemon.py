@@ -43,5 +43,5 @@ def test_daemon_compensates_a_failed_execution(seeded_db: str, dagster_home: Pat
     assert elapsed < 150
     compensated = [s for t, s, _ in events(seeded_db, ex["id"]) if t == "stage_compensated"]
     assert compensated == ["value_realization", "target_design", "qualify", "discover"]
-    assert rows(seeded_db, "SELECT count(*) AS n FROM lifecycle_artifacts WHERE voided_at IS NULL") == [{"n": 0}]
+    assert rows(seeded_db, "SELECT count(*) AS n FROM lifecycle.artifacts WHERE voided_at IS NULL") == [{"n": 0}]
     print(f"rolled back {elapsed:.1f} s after the daemon started")

@@ -97,7 +97,7 @@ def clean_world(server_dsn: str, template_db: str, dagster_home: Path) -> Iterat
                 (d["id"], Jsonb(ACME)),
             ).fetchone()
             assert c is not None
-            conn.execute("SELECT * FROM lifecycle_cancel_execution(%s, 'test', false)", (c["id"],))
+            conn.execute("SELECT * FROM lifecycle.execution_cancel(%s, 'test', false)", (c["id"],))
         ids = {"completed": completed, "rolled_back": rolled_back, "held": held, "cancelled": c["id"]}
         statuses = {r["id"]: r["status"] for r in rows(dsn, "SELECT id::text AS id, status FROM workflow_executions")}
         assert statuses == {ids[k]: k if k != "held" else "failed" for k in ids}
@@ -159,7 +159,7 @@ def test_executions_not_at_rest_are_reported_not_quiesced(world: dict[str, Any])
             (d["id"],),
         ).fetchone()
         assert pending is not None and cancelled is not None
-        conn.execute("SELECT * FROM lifecycle_cancel_execution(%s, 'please undo', true)", (cancelled["id"],))
+        conn.execute("SELECT * FROM lifecycle.execution_cancel(%s, 'please undo', true)", (cancelled["id"],))
         found = check(conn)
     assert {(v.rule, v.execution_id) for v in found} == {
         ("not_quiesced", pending["id"]),
@@ -252,9 +252,9 @@ def test_breaker_outcomes_that_do_not_match_the_calls(world: dict[str, Any]) -> 
         e=world["completed"],
     )
     with connect(dsn) as conn:
-        conn.execute("DELETE FROM lifecycle_breaker_outcomes WHERE task_id = %s AND scope = 'agent'", (task["id"],))
+        conn.execute("DELETE FROM lifecycle.breaker_outcomes WHERE task_id = %s AND scope = 'agent'", (task["id"],))
         conn.execute(
-            "UPDATE lifecycle_breaker_outcomes SET success = false WHERE task_id = %s AND scope = 'capability'",
+            "UPDATE lifecycle.breaker_outcomes SET success = false WHERE task_id = %s AND scope = 'capability'",
             (task["id"],),
         )
         found = check(conn)
@@ -272,7 +272,7 @@ def test_an_outcome_without_a_counted_call(world: dict[str, Any]) -> None:
     )
     with connect(dsn) as conn:
         conn.execute(
-            "SELECT lifecycle_breaker_record('agent', %s, false, 1.0, now(), %s, 'bad_request')",
+            "SELECT lifecycle.breaker_record('agent', %s, false, 1.0, now(), %s, 'bad_request')",
             (task["agent"], task["id"]),
         )
         [v] = check(conn)
@@ -282,7 +282,7 @@ def test_an_outcome_without_a_counted_call(world: dict[str, Any]) -> None:
 def test_a_breaker_state_no_transition_explains(world: dict[str, Any]) -> None:
     with connect(world["dsn"]) as conn:
         conn.execute(
-            "UPDATE lifecycle_breakers SET state = 'open', opened_at = now()"
+            "UPDATE lifecycle.breakers SET state = 'open', opened_at = now()"
             " WHERE scope = 'capability' AND key = 'design'"
         )
         [v] = check(conn)
@@ -381,21 +381,21 @@ def test_a_worker_whose_lease_expired_cannot_complete_its_task(world: dict[str, 
         ).fetchone()
         assert t is not None
         [claim] = conn.execute(
-            "SELECT * FROM lifecycle_task_claim('w1', 'Opportunity Agent', 1, 5, %s)", (t0,)
+            "SELECT * FROM lifecycle.task_claim('w1', 'Opportunity Agent', 1, 5, %s)", (t0,)
         ).fetchall()
         late = conn.execute(
-            'SELECT lifecycle_task_complete(%s, %s, \'{"summary": "late"}\', %s) AS s',
+            'SELECT lifecycle.task_complete(%s, %s, \'{"summary": "late"}\', %s) AS s',
             (t["id"], claim["lease_token"], t0 + timedelta(seconds=6)),
         ).fetchone()
         assert late is not None and late["s"].startswith("refused: the lease of worker w1 expired at"), late
         [task] = conn.execute("SELECT status FROM task_queue WHERE id = %s", (t["id"],)).fetchall()
         assert task["status"] == "in_progress"  # the reaper hands it to a live worker
-        assert conn.execute("SELECT lifecycle_task_reap(%s) AS n", (t0 + timedelta(seconds=7),)).fetchone() == {"n": 1}
+        assert conn.execute("SELECT lifecycle.task_reap(%s) AS n", (t0 + timedelta(seconds=7),)).fetchone() == {"n": 1}
         [again] = conn.execute(
-            "SELECT * FROM lifecycle_task_claim('w2', 'Opportunity Agent', 1, 5, %s)", (t0 + timedelta(seconds=8),)
+            "SELECT * FROM lifecycle.task_claim('w2', 'Opportunity Agent', 1, 5, %s)", (t0 + timedelta(seconds=8),)
         ).fetchall()
         ok = conn.execute(
-            'SELECT lifecycle_task_complete(%s, %s, \'{"summary": "in time"}\', %s) AS s',
+            'SELECT lifecycle.task_complete(%s, %s, \'{"summary": "in time"}\', %s) AS s',
             (t["id"], again["lease_token"], t0 + timedelta(seconds=9)),
         ).fetchone()
         assert ok is not None and not ok["s"].startswith("refused")

@@ -61,7 +61,7 @@ def test_pending_rows_become_run_requests_keyed_by_execution(seeded_db: str, ins
 def test_a_version_not_loaded_waits_with_a_visible_reason(seeded_db: str) -> None:
     with connect(seeded_db) as conn:
         conn.execute(
-            "SELECT lifecycle_publish_definition('lifecycle_v1', 'v2',"
+            "SELECT lifecycle.definition_publish('lifecycle_v1', 'v2',"
             ' dag_schema || \'{"on_failure": "hold"}\', true) FROM workflow_definitions WHERE version = 1'
         )
     eid = _insert(seeded_db, version=2)

@@ -347,7 +347,7 @@ def test_doctor_is_clean_on_a_fresh_database(db: str, dagster_home: Path) -> Non
     assert result.exit_code == 0, result.output
     n = len(migrate.discover())
     with connect(db) as conn:
-        row = conn.execute("SELECT count(*) AS n FROM lifecycle_schema_fingerprints").fetchone()
+        row = conn.execute("SELECT count(*) AS n FROM lifecycle.schema_fingerprints").fetchone()
     assert row is not None
     assert result.output == f"doctor: ok ({n} migrations applied as shipped, {row['n']} schema objects as shipped)\n"
 
@@ -355,32 +355,32 @@ def test_doctor_is_clean_on_a_fresh_database(db: str, dagster_home: Path) -> Non
 def test_doctor_finds_the_runbooks_sections_re_applied(db: str, dagster_home: Path) -> None:
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute(runbook_section(5))  # the feed that multiplies rows
-        conn.execute(runbook_section(2))  # a 2-argument perform_workflow_compensation beside ours
-        conn.execute(runbook_section(3))  # a 2-argument retry_stage beside ours
+        conn.execute(runbook_section(2))  # the runbook's perform_workflow_compensation replaces our wrapper
+        conn.execute(runbook_section(3))  # likewise retry_stage
         conn.execute(  # a body replaced
-            "CREATE OR REPLACE FUNCTION lifecycle_breaker_defaults() RETURNS jsonb LANGUAGE sql IMMUTABLE"
+            "CREATE OR REPLACE FUNCTION lifecycle.breaker_defaults() RETURNS jsonb LANGUAGE sql IMMUTABLE"
             " AS $$ SELECT '{\"window_s\": 1}'::jsonb $$"
         )
     result = _cli(db, dagster_home, "doctor", "--json")
     assert _problems(result) == [
-        ("function", "lifecycle_breaker_defaults()", "changed"),
-        ("function", "perform_workflow_compensation(p_execution_id uuid, p_reason text)", "extra"),
-        ("function", "retry_stage(p_log_id uuid, p_max_attempts integer)", "extra"),
-        ("view", "workflow_audit_feed", "changed"),
+        ("function", "lifecycle.breaker_defaults()", "changed"),
+        ("function", "public.perform_workflow_compensation(p_execution_id uuid, p_reason text)", "changed"),
+        ("function", "public.retry_stage(p_log_id uuid, p_max_attempts integer)", "changed"),
+        ("view", "public.workflow_audit_feed", "changed"),
     ]
     text = _cli(db, dagster_home, "doctor")
     assert text.exit_code == 1
     assert text.output.splitlines() == [
-        "PROBLEM function lifecycle_breaker_defaults(): the installed definition is not the shipped one",
+        "PROBLEM function lifecycle.breaker_defaults(): the installed definition is not the shipped one",
         "  fix: lifecycle-dagster db upgrade --repair",
-        "PROBLEM function perform_workflow_compensation(p_execution_id uuid, p_reason text) is not shipped: another "
-        "overload of a shipped function (the runbook's section 2 re-applied?)",
-        "  fix: lifecycle-dagster db upgrade --repair (it drops the runbook's overloads)",
-        "PROBLEM function retry_stage(p_log_id uuid, p_max_attempts integer) is not shipped: another overload of a "
-        "shipped function (the runbook's section 3 re-applied?)",
-        "  fix: lifecycle-dagster db upgrade --repair (it drops the runbook's overloads)",
-        "PROBLEM view workflow_audit_feed: the installed definition is not the shipped one (the runbook's section 5 "
-        "re-applied?)",
+        "PROBLEM function public.perform_workflow_compensation(p_execution_id uuid, p_reason text): the installed "
+        "definition is not the shipped one (the runbook's section 2 re-applied?)",
+        "  fix: lifecycle-dagster db upgrade --repair",
+        "PROBLEM function public.retry_stage(p_log_id uuid, p_max_attempts integer): the installed definition is "
+        "not the shipped one (the runbook's section 3 re-applied?)",
+        "  fix: lifecycle-dagster db upgrade --repair",
+        "PROBLEM view public.workflow_audit_feed: the installed definition is not the shipped one (the runbook's "
+        "section 5 re-applied?)",
         "  fix: lifecycle-dagster db upgrade --repair",
         "doctor: 4 problems",
     ]
@@ -393,18 +393,18 @@ def test_doctor_finds_the_runbooks_sections_re_applied(db: str, dagster_home: Pa
 def test_doctor_finds_security_and_migration_drift(db: str, dagster_home: Path) -> None:
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute("ALTER TABLE agents DISABLE ROW LEVEL SECURITY")
-        conn.execute("GRANT EXECUTE ON FUNCTION retry_stage(uuid, integer, timestamptz) TO anon")
+        conn.execute("GRANT EXECUTE ON FUNCTION lifecycle.stage_retry(uuid, integer, timestamptz) TO anon")
         conn.execute("DROP POLICY authenticated_read_own ON workflow_events")
-        conn.execute("UPDATE lifecycle_schema_migrations SET checksum = 'x' WHERE version = 2")
-        conn.execute("DELETE FROM lifecycle_schema_migrations WHERE version = 10")
+        conn.execute("UPDATE lifecycle.schema_migrations SET checksum = 'x' WHERE version = 1")
+        conn.execute("UPDATE lifecycle.schema_files SET checksum = 'x' WHERE name = '04_stage_transitions.sql'")
     assert _problems(_cli(db, dagster_home, "doctor", "--json")) == [
-        ("migration", "0002_engine", "changed"),
-        ("migration", "0010_launch", "pending"),
-        ("policy", "authenticated_read_own on workflow_events", "missing"),
+        ("migration", "0001_baseline", "changed"),
+        ("schema_file", "sql/schema/04_stage_transitions.sql", "pending"),
+        ("policy", "authenticated_read_own on public.workflow_events", "missing"),
         (
             "privileges",
-            "function retry_stage(p_log_id uuid, p_max_attempts integer, p_now timestamp with time zone)",
+            "function lifecycle.stage_retry(p_log_id uuid, p_max_attempts integer, p_now timestamp with time zone)",
             "changed",
         ),
-        ("table", "agents", "changed"),
+        ("table", "public.agents", "changed"),
     ]

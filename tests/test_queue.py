@@ -63,7 +63,7 @@ def _pending_task(db: str, capability: str = "design", payload: Any = None) -> s
 def _claim(db: str, worker: str, agent: str = "Design Agent", lease_s: float = 30, now: datetime = T0) -> list[Any]:
     with connect(db) as conn:
         return conn.execute(
-            "SELECT * FROM lifecycle_task_claim(%s, %s, 5, %s, %s)", (worker, agent, lease_s, now)
+            "SELECT * FROM lifecycle.task_claim(%s, %s, 5, %s, %s)", (worker, agent, lease_s, now)
         ).fetchall()
 
 
@@ -94,12 +94,12 @@ def test_claim_lease_heartbeat_fencing_and_reap(seeded_db: str) -> None:
     ]
     with connect(seeded_db) as conn:
         assert conn.execute(
-            "SELECT lifecycle_task_heartbeat(%s, 1, 10, %s) AS ok", (task, T0 + timedelta(seconds=5))
+            "SELECT lifecycle.task_heartbeat(%s, 1, 10, %s) AS ok", (task, T0 + timedelta(seconds=5))
         ).fetchone()["ok"]  # type: ignore[index]
-        assert not conn.execute("SELECT lifecycle_task_heartbeat(%s, 7, 10, %s) AS ok", (task, T0)).fetchone()["ok"]  # type: ignore[index]
+        assert not conn.execute("SELECT lifecycle.task_heartbeat(%s, 7, 10, %s) AS ok", (task, T0)).fetchone()["ok"]  # type: ignore[index]
         # the lease (extended to T0+15 s) expires; the reaper puts the task back, counting an attempt
-        assert conn.execute("SELECT lifecycle_task_reap(%s) AS n", (T0 + timedelta(seconds=14),)).fetchone()["n"] == 0  # type: ignore[index]
-        assert conn.execute("SELECT lifecycle_task_reap(%s) AS n", (T0 + timedelta(seconds=16),)).fetchone()["n"] == 1  # type: ignore[index]
+        assert conn.execute("SELECT lifecycle.task_reap(%s) AS n", (T0 + timedelta(seconds=14),)).fetchone()["n"] == 0  # type: ignore[index]
+        assert conn.execute("SELECT lifecycle.task_reap(%s) AS n", (T0 + timedelta(seconds=16),)).fetchone()["n"] == 1  # type: ignore[index]
     [state] = rows(
         seeded_db, "SELECT status, attempt, lease_token, claimed_by FROM task_queue WHERE id = %(t)s", t=task
     )
@@ -108,7 +108,7 @@ def test_claim_lease_heartbeat_fencing_and_reap(seeded_db: str) -> None:
     assert (again["lease_token"], again["attempt"]) == (2, 2)
     with connect(seeded_db) as conn:
         late = conn.execute(
-            "SELECT lifecycle_task_complete(%s, 1, %s) AS s", (task, Jsonb({"summary": "late"}))
+            "SELECT lifecycle.task_complete(%s, 1, %s) AS s", (task, Jsonb({"summary": "late"}))
         ).fetchone()
         assert late is not None and late["s"].startswith("refused: lease token 1 is stale")
         out = (
@@ -149,7 +149,7 @@ def test_claim_lease_heartbeat_fencing_and_reap(seeded_db: str) -> None:
             )
         )
         ok = conn.execute(
-            "SELECT lifecycle_task_complete(%s, 2, %s, %s) AS s", (task, Jsonb(out), T0 + timedelta(seconds=21))
+            "SELECT lifecycle.task_complete(%s, 2, %s, %s) AS s", (task, Jsonb(out), T0 + timedelta(seconds=21))
         ).fetchone()
         assert ok is not None and ok["s"] == "in_progress"
     refused = [
@@ -172,7 +172,7 @@ def test_reaping_a_task_out_of_attempts_fails_it(seeded_db: str) -> None:
         conn.execute("UPDATE task_queue SET max_attempts = 1 WHERE id = %s", (task,))
     _claim(seeded_db, "w1", lease_s=1)
     with connect(seeded_db) as conn:
-        conn.execute("SELECT lifecycle_task_reap(%s)", (T0 + timedelta(seconds=2),))
+        conn.execute("SELECT lifecycle.task_reap(%s)", (T0 + timedelta(seconds=2),))
     [state] = rows(seeded_db, "SELECT status, error_code, retryable FROM task_queue WHERE id = %(t)s", t=task)
     assert state == {"status": "failed", "error_code": "lease_expired", "retryable": False}
 
@@ -187,7 +187,7 @@ def test_concurrent_claimers_take_each_task_once_and_respect_the_concurrency_lim
     def claimer(i: int) -> None:
         with connect(seeded_db) as conn:
             barrier.wait(10)
-            for r in conn.execute("SELECT * FROM lifecycle_task_claim(%s, 'Design Agent', 2, 30)", (f"w{i}",)):
+            for r in conn.execute("SELECT * FROM lifecycle.task_claim(%s, 'Design Agent', 2, 30)", (f"w{i}",)):
                 with lock:
                     got.append(str(r["task_id"]))
 

@@ -67,7 +67,7 @@ def test_retry_stage_then_resume_sensor_finishes_the_execution(db: str, instance
     eid, agents, first = _failed_at_b(db, instance)
     past = datetime.now(UTC) - timedelta(minutes=5)
     with connect(db) as conn:  # the operator retries b (the runbook's call); its delay has passed
-        conn.execute("SELECT retry_stage(%s, 3, %s)", (_log_id(db, eid, "b"), past))
+        conn.execute("SELECT lifecycle.stage_retry(%s, 3, %s)", (_log_id(db, eid, "b"), past))
 
     defs = definitions_from_snapshot(fetch_snapshot(db))
     repo = defs.get_repository_def()
@@ -113,7 +113,7 @@ def test_resume_waits_for_not_before_and_for_a_running_run(db: str, instance: An
     eid, _, _ = _failed_at_b(db, instance)
     future = datetime.now(UTC) + timedelta(hours=1)
     with connect(db) as conn:
-        conn.execute("SELECT retry_stage(%s, 3, %s)", (_log_id(db, eid, "b"), future))
+        conn.execute("SELECT lifecycle.stage_retry(%s, 3, %s)", (_log_id(db, eid, "b"), future))
     assert list(resume_requests(instance, ["wf__v1"], db)) == []  # not before its time
     later = future + timedelta(minutes=2)
     [req] = list(resume_requests(instance, ["wf__v1"], db, now=later))

@@ -18,7 +18,7 @@ from lifecycle_dagster.retry import retry_delay
 
 CASES: list[dict[str, Any]] = json.loads((Path(__file__).parent / "retry_delay_cases.json").read_text())
 ARGS = ("attempt", "base", "cap", "multiplier", "jitter", "u")
-SQL = "SELECT lifecycle_retry_delay(%s, %s, %s, %s, %s, %s) AS d"
+SQL = "SELECT lifecycle.retry_delay(%s, %s, %s, %s, %s, %s) AS d"
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(c[k]) for k in ARGS))
@@ -47,7 +47,7 @@ def test_grid_within_bounds_and_python_equals_sql(db: str) -> None:
     grid = [(a, b, c, m, j, u) for a, b, c, m, (j, u) in itertools.product(ATTEMPTS, BASES, CAPS, MULTIPLIERS, JITTERS)]
     with connect(db) as conn:
         rows = conn.execute(
-            "SELECT lifecycle_retry_delay(a, b, c, m, j, u) AS d FROM unnest("
+            "SELECT lifecycle.retry_delay(a, b, c, m, j, u) AS d FROM unnest("
             "%s::int[], %s::float8[], %s::float8[], %s::float8[], %s::text[], %s::float8[]) AS t(a, b, c, m, j, u)",
             [list(col) for col in zip(*grid, strict=True)],
         ).fetchall()

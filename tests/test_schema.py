@@ -215,7 +215,7 @@ def _status(conn: Conn, entity: str, row_id: str) -> str:
 
 
 def test_transition_table_is_exactly_the_spec(sm_conn: Conn) -> None:
-    rows = sm_conn.execute("SELECT entity, from_status, to_status FROM lifecycle_transitions").fetchall()
+    rows = sm_conn.execute("SELECT entity, from_status, to_status FROM lifecycle.transitions").fetchall()
     in_db = {(r["entity"], r["from_status"], r["to_status"]) for r in rows}
     assert len(rows) == len(in_db)
     assert in_db - EXPECTED_TRANSITIONS == set(), "transitions in the database that the spec lacks"
@@ -258,7 +258,7 @@ def test_status_outside_the_check_list_is_refused(sm_conn: Conn, sm_parent: dict
     # ... and the CHECK constraint would still refuse it if the transition table allowed it
     with pytest.raises(psycopg.errors.CheckViolation) as err, sm_conn.transaction(force_rollback=True):
         sm_conn.execute(
-            "INSERT INTO lifecycle_transitions (entity, from_status, to_status) VALUES (%s, 'pending', 'bogus')",
+            "INSERT INTO lifecycle.transitions (entity, from_status, to_status) VALUES (%s, 'pending', 'bogus')",
             (entity,),
         )
         _set_status(sm_conn, entity, row_id, "bogus")
@@ -266,7 +266,7 @@ def test_status_outside_the_check_list_is_refused(sm_conn: Conn, sm_parent: dict
     assert err.value.diag.constraint_name == constraint
     assert constraint in str(err.value)
     assert _status(sm_conn, entity, row_id) == "pending"
-    assert _scalar(sm_conn, "SELECT count(*) AS n FROM lifecycle_transitions WHERE to_status = 'bogus'") == 0
+    assert _scalar(sm_conn, "SELECT count(*) AS n FROM lifecycle.transitions WHERE to_status = 'bogus'") == 0
 
 
 @pytest.mark.parametrize("status", STATUSES["task"] + ["bogus"])
@@ -696,7 +696,7 @@ def test_seed_after_runbook_section6_keeps_v2_active(db: str, runbook: dict[int,
 
 
 def _route(conn: Conn, capability: str) -> str | None:
-    row = conn.execute("SELECT agent_name FROM lifecycle_route_capability(%s)", (capability,)).fetchone()
+    row = conn.execute("SELECT agent_name FROM lifecycle.capability_route(%s)", (capability,)).fetchone()
     return None if row is None else str(row["agent_name"])
 
 
@@ -713,7 +713,7 @@ def test_route_capability_seeded(seeded_db: str) -> None:
     with _connect(seeded_db) as conn:
         row = _one(
             conn,
-            "SELECT agent_id::text AS id, agent_name, agent_kind FROM lifecycle_route_capability('design')",
+            "SELECT agent_id::text AS id, agent_name, agent_kind FROM lifecycle.capability_route('design')",
         )
         design_id = _scalar(conn, "SELECT id::text AS id FROM agents WHERE name = 'Design Agent'")
         assert row == {"id": design_id, "agent_name": "Design Agent", "agent_kind": "python"}
@@ -770,7 +770,7 @@ def _ensure(
     return _one(
         conn,
         "SELECT id::text AS id, status, dagster_run_id, created_at, updated_at, context"
-        " FROM lifecycle_ensure_execution(%s, %s, %s, %s, %s)",
+        " FROM lifecycle.execution_ensure(%s, %s, %s, %s, %s)",
         (def_id, run_id, execution_id, Jsonb({"customer": "ACME"}), now),
     )
 
@@ -839,7 +839,7 @@ def _start(
     return _one(
         conn,
         "SELECT log_id::text AS log_id, task_id::text AS task_id, agent_name, input_data"
-        " FROM lifecycle_start_stage(%s, %s, %s, %s, 1, %s)",
+        " FROM lifecycle.stage_start(%s, %s, %s, %s, 1, %s)",
         (exec_id, stage, capability, Jsonb(ancestors or {}), now),
     )
 
@@ -848,7 +848,7 @@ def _complete(conn: Conn, started: dict[str, Any], output: dict[str, Any], now: 
     return str(
         _scalar(
             conn,
-            "SELECT lifecycle_complete_stage(%s, %s, %s, %s) AS s",
+            "SELECT lifecycle.stage_complete(%s, %s, %s, %s) AS s",
             (started["log_id"], started["task_id"], Jsonb(output), now),
         )
     )

@@ -26,22 +26,27 @@ DAG = {"stages": [{"id": "a", "capability": "cap_a", "next": ["b"]}, {"id": "b",
 OUR_TABLES = [
     "agent_ontologies",
     "agents",
-    "lifecycle_adoption_rejects",
-    "lifecycle_artifacts",
-    "lifecycle_audit_checkpoints",
-    "lifecycle_breaker_outcomes",
-    "lifecycle_breakers",
-    "lifecycle_schema_definitions",
-    "lifecycle_schema_fingerprints",
-    "lifecycle_schema_migrations",
-    "lifecycle_transitions",
+    "lifecycle.adoption_rejects",
+    "lifecycle.artifacts",
+    "lifecycle.audit_checkpoints",
+    "lifecycle.breaker_outcomes",
+    "lifecycle.breakers",
+    "lifecycle.schema_files",
+    "lifecycle.schema_fingerprints",
+    "lifecycle.schema_migrations",
+    "lifecycle.transitions",
     "task_queue",
     "workflow_definitions",
     "workflow_events",
     "workflow_execution_logs",
     "workflow_executions",
 ]
-VIEWS = ["lifecycle_breaker_status", "workflow_audit_feed"]
+VIEWS = ["lifecycle.breaker_status", "workflow_audit_feed"]
+
+
+def _rel(name: str) -> sql.Composable:
+    """A table or view name, schema-qualified or not, as an identifier."""
+    return sql.Identifier(*name.split("."))
 
 
 def _ids(conn: Connection, query: Any, params: Any = None) -> list[str]:
@@ -56,8 +61,8 @@ def _execution(conn: Connection, definition_id: str, user: str | None, run_id: s
     ).fetchone()
     assert row is not None
     eid = str(row["id"])
-    conn.execute("SELECT lifecycle_ensure_execution(%s, %s, %s)", (definition_id, run_id, eid))
-    conn.execute("SELECT * FROM lifecycle_start_stage(%s, 'a', 'cap_a')", (eid,))
+    conn.execute("SELECT lifecycle.execution_ensure(%s, %s, %s)", (definition_id, run_id, eid))
+    conn.execute("SELECT * FROM lifecycle.stage_start(%s, 'a', 'cap_a')", (eid,))
     return eid
 
 
@@ -70,7 +75,7 @@ def world(db: str) -> dict[str, Any]:
         v1 = conn.execute("SELECT id::text AS id FROM workflow_definitions WHERE name = 'wf'").fetchone()
         assert v1 is not None
         v2 = conn.execute(
-            "SELECT definition_id::text AS id FROM lifecycle_publish_definition('wf', 'second', %s, false)",
+            "SELECT definition_id::text AS id FROM lifecycle.definition_publish('wf', 'second', %s, false)",
             (Jsonb({**DAG, "on_failure": "hold"}),),
         ).fetchone()
         assert v2 is not None
@@ -99,14 +104,14 @@ def test_a_user_sees_only_their_own_executions_logs_events_and_tasks(
         assert sorted((r["e"], r["event_type"]) for r in feed) == [(mine, "stage_started"), (mine, "workflow_started")]
         # active definitions only; agents, ontologies, breakers and the rest are service_role's
         assert _ids(conn, "SELECT id FROM workflow_definitions") == [world["v1"]]
-        for table in (
-            "agents",
-            "agent_ontologies",
-            "lifecycle_breakers",
-            "lifecycle_transitions",
-            "lifecycle_artifacts",
+        for table in ("agents", "agent_ontologies"):
+            assert _ids(conn, sql.SQL("SELECT 1 FROM {}").format(_rel(table))) == [], table
+    for table in ("lifecycle.breakers", "lifecycle.transitions", "lifecycle.artifacts"):
+        with (
+            as_role(world["db"], "authenticated", user) as conn,
+            pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied for schema lifecycle"),
         ):
-            assert _ids(conn, sql.SQL("SELECT 1 FROM {}").format(sql.Identifier(table))) == [], table
+            conn.execute(sql.SQL("SELECT 1 FROM {}").format(_rel(table)))
 
 
 def test_without_claims_an_authenticated_session_sees_no_execution(world: dict[str, Any]) -> None:
@@ -199,8 +204,13 @@ def test_an_authenticated_user_cannot_change_state_directly(world: dict[str, Any
 def test_anon_sees_nothing(world: dict[str, Any], table: str) -> None:
     with as_role(world["db"], "anon", USER_A) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as caught:
-            conn.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(table)))
-        assert str(caught.value).startswith(f"permission denied for {'view' if table in VIEWS else 'table'} {table}")
+            conn.execute(sql.SQL("SELECT * FROM {}").format(_rel(table)))
+        expected = (
+            "permission denied for schema lifecycle"  # anon has no usage on it at all
+            if table.startswith("lifecycle.")
+            else f"permission denied for {'view' if table in VIEWS else 'table'} {table}"
+        )
+        assert str(caught.value).startswith(expected)
 
 
 def test_anon_cannot_insert_an_execution(world: dict[str, Any]) -> None:
@@ -213,12 +223,12 @@ def test_anon_cannot_insert_an_execution(world: dict[str, Any]) -> None:
 def test_service_role_sees_and_does_everything(world: dict[str, Any]) -> None:
     with connect(world["db"]) as conn:
         owner = {
-            t: conn.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(sql.Identifier(t))).fetchone()
+            t: conn.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(_rel(t))).fetchone()
             for t in OUR_TABLES
         }
     with as_role(world["db"], "service_role") as conn:
         seen = {
-            t: conn.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(sql.Identifier(t))).fetchone()
+            t: conn.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(_rel(t))).fetchone()
             for t in OUR_TABLES
         }
         assert seen == owner
@@ -239,18 +249,23 @@ def test_service_role_sees_and_does_everything(world: dict[str, Any]) -> None:
     ("call", "function"),
     [
         ("SELECT perform_workflow_compensation(%(a)s, 'x')", "perform_workflow_compensation"),
-        ("SELECT * FROM lifecycle_task_claim('w', 'Agent A', 1, 30)", "lifecycle_task_claim"),
+        ("SELECT * FROM lifecycle.task_claim('w', 'Agent A', 1, 30)", "lifecycle.task_claim"),
         ("SELECT retry_stage(%(a)s)", "retry_stage"),
         ("SELECT trip_circuit_breaker(%(a)s, 'x')", "trip_circuit_breaker"),
-        ("SELECT lifecycle_cancel_execution(%(a)s, 'x', true)", "lifecycle_cancel_execution"),
-        ("SELECT lifecycle_breaker_reset('Agent A')", "lifecycle_breaker_reset"),
+        ("SELECT lifecycle.execution_cancel(%(a)s, 'x', true)", "lifecycle.execution_cancel"),
+        ("SELECT lifecycle.breaker_reset('Agent A')", "lifecycle.breaker_reset"),
     ],
 )
 def test_clients_cannot_execute_state_changes(world: dict[str, Any], role: str, call: str, function: str) -> None:
     with as_role(world["db"], role, USER_A) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as caught:
             conn.execute(call, {"a": world["a"]})
-        assert str(caught.value).startswith(f"permission denied for function {function}")
+        expected = (
+            "permission denied for schema lifecycle"
+            if function.startswith("lifecycle.")
+            else f"permission denied for function {function}"
+        )
+        assert str(caught.value).startswith(expected)
 
 
 def test_service_role_executes_them_with_the_owners_rights(world: dict[str, Any]) -> None:
@@ -262,7 +277,7 @@ def test_service_role_executes_them_with_the_owners_rights(world: dict[str, Any]
         )
     with as_role(world["db"], "service_role") as conn:
         claimed = conn.execute(
-            "SELECT execution_id::text AS e, stage_id FROM lifecycle_task_claim('w', 'Agent B', 5, 30)"
+            "SELECT execution_id::text AS e, stage_id FROM lifecycle.task_claim('w', 'Agent B', 5, 30)"
         ).fetchall()
         assert [dict(r) for r in claimed] == [{"e": world["b"], "stage_id": "b"}]
 
@@ -274,52 +289,64 @@ def test_service_role_executes_them_with_the_owners_rights(world: dict[str, Any]
 def test_every_table_has_rls_and_every_state_change_is_security_definer(db: str) -> None:
     with connect(db) as conn:
         tables = conn.execute(
-            "SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity FROM pg_class c"
-            " WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p') ORDER BY c.relname"
+            "SELECT n.nspname || '.' || c.relname AS rel, c.relrowsecurity, c.relforcerowsecurity"
+            " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname IN ('public', 'lifecycle') AND c.relkind IN ('r', 'p') ORDER BY 1"
         ).fetchall()
-        assert [(t["relname"], t["relrowsecurity"], t["relforcerowsecurity"]) for t in tables] == [
-            (t, True, False) for t in OUR_TABLES
-        ]
+        assert [(t["rel"], t["relrowsecurity"], t["relforcerowsecurity"]) for t in tables] == sorted(
+            (t if "." in t else f"public.{t}", True, False) for t in OUR_TABLES
+        )
         functions = conn.execute(
-            "SELECT p.proname, p.prosecdef, p.proconfig,"
+            "SELECT n.nspname || '.' || p.proname AS name, p.prosecdef, p.proconfig,"
             "       has_function_privilege('anon', p.oid, 'EXECUTE') AS anon,"
             "       has_function_privilege('authenticated', p.oid, 'EXECUTE') AS authenticated,"
             "       has_function_privilege('service_role', p.oid, 'EXECUTE') AS service_role"
-            " FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace AND p.provolatile = 'v'"
-            " ORDER BY p.proname"
+            " FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname IN ('public', 'lifecycle') AND p.provolatile = 'v' ORDER BY 1"
         ).fetchall()
         assert len(functions) > 40
+        client_api = {"public.start_workflow", "public.cancel_execution"}
         for f in functions:
-            assert (f["prosecdef"], f["proconfig"], f["anon"], f["authenticated"], f["service_role"]) == (
-                True,
+            assert f["prosecdef"], f["name"]
+            assert [c for c in f["proconfig"] if c.startswith("search_path=")] in (
                 ["search_path=public, pg_temp"],
-                False,
-                False,
-                True,
-            ), f["proname"]
-        names = {f["proname"] for f in functions}
+                ["search_path=pg_catalog, pg_temp"],
+            ), f["name"]
+            assert (f["anon"], f["authenticated"], f["service_role"]) == (False, f["name"] in client_api, True), f[
+                "name"
+            ]
+        names = {f["name"] for f in functions}
         assert {
-            "perform_workflow_compensation",
-            "retry_stage",
-            "trip_circuit_breaker",
-            "lifecycle_task_claim",
-            "lifecycle_breaker_reset",
-            "lifecycle_audit_chain",
-        } <= names
+            "public.perform_workflow_compensation",
+            "public.retry_stage",
+            "public.trip_circuit_breaker",
+            "lifecycle.task_claim",
+            "lifecycle.breaker_reset",
+            "lifecycle.audit_chain",
+        } | client_api <= names
         # the read-only functions stay SECURITY INVOKER (RLS applies to what they read)
         row = conn.execute(
             "SELECT bool_or(p.prosecdef) AS any FROM pg_proc p"
-            " WHERE p.pronamespace = 'public'::regnamespace AND p.provolatile <> 'v'"
+            " WHERE p.pronamespace IN ('public'::regnamespace, 'lifecycle'::regnamespace) AND p.provolatile <> 'v'"
         ).fetchone()
         assert row == {"any": False}
         views = conn.execute(
-            "SELECT c.relname, c.reloptions FROM pg_class c"
-            " WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'v' ORDER BY 1"
+            "SELECT n.nspname || '.' || c.relname AS relname, c.reloptions"
+            " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname IN ('public', 'lifecycle') AND c.relkind = 'v' ORDER BY 1"
         ).fetchall()
         assert [dict(v) for v in views] == [
-            {"relname": "lifecycle_breaker_status", "reloptions": ["security_invoker=true"]},
-            {"relname": "workflow_audit_feed", "reloptions": ["security_invoker=true"]},
+            {"relname": "lifecycle.breaker_status", "reloptions": ["security_invoker=true"]},
+            # the client's own artifacts: filtered by auth.uid() in the view (clients cannot reach lifecycle)
+            {
+                "relname": "public.execution_artifacts",
+                "reloptions": ["security_invoker=false", "security_barrier=true"],
+            },
+            {"relname": "public.workflow_audit_feed", "reloptions": ["security_invoker=true"]},
         ]
+        assert conn.execute("SELECT has_schema_privilege('authenticated', 'lifecycle', 'USAGE')").fetchone() == {
+            "has_schema_privilege": False
+        }
 
 
 def test_the_engine_inserting_without_claims_records_no_user(db: str) -> None:
@@ -352,7 +379,7 @@ def test_migrates_a_database_with_supabase_auth_and_keeps_its_auth_uid(new_db: A
         conn.execute("GRANT USAGE ON SCHEMA auth TO anon, authenticated, service_role")
         before = conn.execute("SELECT pg_get_functiondef('auth.uid()'::regprocedure)").fetchone()
     applied = migrate.upgrade(dsn)
-    assert "security" in [m.name for m in applied]
+    assert [m.name for m in applied] == ["baseline"]
     with psycopg.connect(dsn, autocommit=True) as conn:
         after = conn.execute("SELECT pg_get_functiondef('auth.uid()'::regprocedure)").fetchone()
         assert after == before

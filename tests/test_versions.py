@@ -101,7 +101,7 @@ def _sql_problems(conn: psycopg.Connection[Any], dag: Any) -> list[tuple[str, tu
         (r[0], tuple(r[1]), r[2])
         for r in conn.execute(
             'SELECT code, ARRAY(SELECT s FROM unnest(stages) AS s ORDER BY s COLLATE "C"), message'
-            " FROM lifecycle_validate_dag(%s)",
+            " FROM lifecycle.dag_validate(%s)",
             (Jsonb(dag),),
         ).fetchall()
     ]
@@ -394,7 +394,7 @@ def test_publish_refuses_an_invalid_dag_and_an_invalid_name(db: str) -> None:
         # the database refuses on its own too (a client that skips the Python check)
         with pytest.raises(psycopg.errors.CheckViolation, match="stage 'a': edge to unknown stage 'zz'"):
             conn.execute(
-                "SELECT * FROM lifecycle_publish_definition('wf', NULL, %s, true)",
+                "SELECT * FROM lifecycle.definition_publish('wf', NULL, %s, true)",
                 (Jsonb({"stages": [{"id": "a", "capability": "x", "next": ["zz"]}]}),),
             )
     assert rows(db, "SELECT count(*) AS n FROM workflow_definitions") == [{"n": 0}]
@@ -405,7 +405,7 @@ def test_publish_refuses_to_run_under_repeatable_read(db: str) -> None:
     with psycopg.connect(db) as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         with pytest.raises(psycopg.errors.InvalidTransactionState, match="must run in a READ COMMITTED transaction"):
-            conn.execute("SELECT * FROM lifecycle_publish_definition('wf', NULL, %s, true)", (Jsonb(_chain("a")),))
+            conn.execute("SELECT * FROM lifecycle.definition_publish('wf', NULL, %s, true)", (Jsonb(_chain("a")),))
 
 
 def test_a_stored_versions_dag_cannot_change(db: str) -> None:
@@ -899,7 +899,7 @@ def test_publish_and_activate_reload_a_running_webserver(
     assert not alive, f"code servers left behind: {[p.pid for p in alive]}"
 
 
-def test_publish_on_a_database_without_0007_says_to_upgrade(
+def test_publish_on_an_unmigrated_database_says_to_upgrade(
     new_db: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("DATABASE_URL", new_db())  # an empty database: no migrations at all

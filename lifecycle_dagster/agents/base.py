@@ -156,7 +156,7 @@ class Agent(Protocol):
     """Anything with a unique ``name`` and a deterministic ``run(task) -> JSON object``.
 
     Effects: an output may carry ``"artifacts": [{"kind": str, "key": str, "data": {...}}]``; the
-    engine stores them (table ``lifecycle_artifacts``) in the transaction that completes the stage.
+    engine stores them (table ``lifecycle.artifacts``) in the transaction that completes the stage.
     An agent that can undo its work also has ``compensate(task: CompensationTask) -> JSON object``
     returning ``{"summary": str, "void": [{"kind": str, "key": str}, ...]}``: the artifacts to void.
     """

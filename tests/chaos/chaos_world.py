@@ -235,7 +235,7 @@ class World:
         with connect(self.dsn) as conn:
             for name, dag in (("chaos", chaos_dag()), ("chaos_hold", chaos_dag("hold"))):
                 row = conn.execute(
-                    "SELECT definition_id::text AS id FROM lifecycle_publish_definition(%s, 'chaos', %s, true)",
+                    "SELECT definition_id::text AS id FROM lifecycle.definition_publish(%s, 'chaos', %s, true)",
                     (name, Jsonb(dag)),
                 ).fetchone()
                 assert row is not None
@@ -500,7 +500,7 @@ class World:
             rows = conn.execute(
                 "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()"
                 " AND wait_event_type = 'Lock' AND query LIKE %s AND application_name LIKE 'lifecycle-worker %%'",
-                ("%lifecycle_task_claim%",),
+                ("%lifecycle.task_claim%",),
             ).fetchall()
         pids: set[int] = set()
         for r in rows:
@@ -598,7 +598,7 @@ class World:
     def cancel(self, execution_id: str, compensate: bool) -> bool:
         with connect(self.dsn) as conn:
             row = conn.execute(
-                "SELECT cancelled FROM lifecycle_cancel_execution(%s, 'chaos cancel', %s)", (execution_id, compensate)
+                "SELECT cancelled FROM lifecycle.execution_cancel(%s, 'chaos cancel', %s)", (execution_id, compensate)
             ).fetchone()
         return bool(row and row["cancelled"])
 
@@ -606,7 +606,7 @@ class World:
         """Publish and activate a new version of ``chaos``; return it."""
         with connect(self.dsn) as conn:
             row = conn.execute(
-                "SELECT version FROM lifecycle_publish_definition('chaos', 'chaos', %s, true)",
+                "SELECT version FROM lifecycle.definition_publish('chaos', 'chaos', %s, true)",
                 (Jsonb(chaos_dag(note=note)),),
             ).fetchone()
         assert row is not None

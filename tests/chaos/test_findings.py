@@ -54,10 +54,10 @@ def test_a_queue_stage_timing_out_after_its_task_was_reaped_retries(db: str) -> 
         while not rows(db, "SELECT 1 FROM task_queue WHERE status = 'pending'") and time.monotonic() < deadline:
             time.sleep(0.05)
         with connect(db) as conn:  # a worker claims it and dies: its lease expires, the reaper takes it back
-            [claim] = conn.execute("SELECT * FROM lifecycle_task_claim('w1', 'Queue Agent', 1, 0.2)").fetchall()
+            [claim] = conn.execute("SELECT * FROM lifecycle.task_claim('w1', 'Queue Agent', 1, 0.2)").fetchall()
             assert claim["attempt"] == 1
             later = datetime.now(UTC) + timedelta(seconds=1)
-            assert conn.execute("SELECT lifecycle_task_reap(%s) AS n", (later,)).fetchone() == {"n": 1}
+            assert conn.execute("SELECT lifecycle.task_reap(%s) AS n", (later,)).fetchone() == {"n": 1}
     finally:
         op.join(30)
     error = outcome["error"]
@@ -79,20 +79,20 @@ def test_stages_of_http_and_queue_agents_have_nothing_to_undo(db: str, instance:
     row, eid = create_execution(db, "wf")
     with connect(db) as conn:  # a is done by a queue worker, b fails: compensation is due
         conn.execute("UPDATE agents SET kind = 'queue' WHERE name = 'Remote'")
-        conn.execute("SELECT lifecycle_ensure_execution(%s, 'run-0', %s)", (row["id"], eid))
-        conn.execute("SELECT * FROM lifecycle_start_stage(%s, 'a', 'remote')", (eid,))
-        [claim] = conn.execute("SELECT * FROM lifecycle_task_claim('w1', 'Remote', 1, 30)").fetchall()
+        conn.execute("SELECT lifecycle.execution_ensure(%s, 'run-0', %s)", (row["id"], eid))
+        conn.execute("SELECT * FROM lifecycle.stage_start(%s, 'a', 'remote')", (eid,))
+        [claim] = conn.execute("SELECT * FROM lifecycle.task_claim('w1', 'Remote', 1, 30)").fetchall()
         done = conn.execute(
-            "SELECT lifecycle_task_complete(%s, %s, %s) AS s",
+            "SELECT lifecycle.task_complete(%s, %s, %s) AS s",
             (claim["task_id"], claim["lease_token"], Jsonb({"summary": "done remotely"})),
         ).fetchone()
         assert done == {"s": "in_progress"}
         conn.execute("UPDATE agents SET kind = %s WHERE name = 'Remote'", (kind,))
         b = conn.execute(
-            "SELECT log_id, task_id FROM lifecycle_start_stage(%s, 'b', 'last', '{\"a\": \"remote\"}')", (eid,)
+            "SELECT log_id, task_id FROM lifecycle.stage_start(%s, 'b', 'last', '{\"a\": \"remote\"}')", (eid,)
         ).fetchone()
         assert b is not None
-        conn.execute("SELECT lifecycle_fail_stage(%s, %s, 'no', 'bad_request')", (b["log_id"], b["task_id"]))
+        conn.execute("SELECT lifecycle.stage_fail(%s, %s, 'no', 'bad_request')", (b["log_id"], b["task_id"]))
         conn.execute("SELECT perform_workflow_compensation(%s, 'b failed')", (eid,))
     [comp] = _compensate(db, instance, AgentRegistry())  # no agent registered here: Remote is not python
     assert comp.success
@@ -109,8 +109,8 @@ def _queue_stage(db: str) -> tuple[str, str]:
     row, eid = create_execution(db, "wf")
     with connect(db) as conn:
         conn.execute("UPDATE agents SET kind = 'queue' WHERE name = 'Queue Agent'")
-        conn.execute("SELECT lifecycle_ensure_execution(%s, 'run-1', %s)", (row["id"], eid))
-        started = conn.execute("SELECT log_id FROM lifecycle_start_stage(%s, 'a', 'q')", (eid,)).fetchone()
+        conn.execute("SELECT lifecycle.execution_ensure(%s, 'run-1', %s)", (row["id"], eid))
+        started = conn.execute("SELECT log_id FROM lifecycle.stage_start(%s, 'a', 'q')", (eid,)).fetchone()
         assert started is not None
     return eid, str(started["log_id"])
 
@@ -118,17 +118,17 @@ def _queue_stage(db: str) -> tuple[str, str]:
 def test_a_new_attempt_supersedes_the_open_task_of_the_old_one(db: str) -> None:
     eid, _ = _queue_stage(db)
     with connect(db) as conn:
-        [old] = conn.execute("SELECT * FROM lifecycle_task_claim('w1', 'Queue Agent', 1, 0.2)").fetchall()
+        [old] = conn.execute("SELECT * FROM lifecycle.task_claim('w1', 'Queue Agent', 1, 0.2)").fetchall()
         # the stage op runs the stage again (its connection was lost): attempt 2, a new task
-        conn.execute("SELECT * FROM lifecycle_start_stage(%s, 'a', 'q', '{}', 2, p_resume => true)", (eid,))
+        conn.execute("SELECT * FROM lifecycle.stage_start(%s, 'a', 'q', '{}', 2, p_resume => true)", (eid,))
         tasks = conn.execute("SELECT attempt, status FROM task_queue ORDER BY attempt").fetchall()
         assert [(t["attempt"], t["status"]) for t in tasks] == [(1, "cancelled"), (2, "pending")]
         late = conn.execute(
-            "SELECT lifecycle_task_complete(%s, %s, '{}') AS s", (old["task_id"], old["lease_token"])
+            "SELECT lifecycle.task_complete(%s, %s, '{}') AS s", (old["task_id"], old["lease_token"])
         ).fetchone()
         assert late is not None and late["s"].startswith("refused: lease token")
         later = datetime.now(UTC) + timedelta(seconds=5)
-        assert conn.execute("SELECT lifecycle_task_reap(%s) AS n", (later,)).fetchone() == {"n": 0}
+        assert conn.execute("SELECT lifecycle.task_reap(%s) AS n", (later,)).fetchone() == {"n": 0}
 
 
 def test_the_reaper_cancels_a_superseded_task_instead_of_failing(db: str) -> None:
@@ -144,7 +144,7 @@ def test_the_reaper_cancels_a_superseded_task_instead_of_failing(db: str) -> Non
             " 'w1', 1, now() - interval '1 s', now() - interval '5 s')",
             (eid, log_id),
         )
-        assert conn.execute("SELECT lifecycle_task_reap() AS n").fetchone() == {"n": 1}
+        assert conn.execute("SELECT lifecycle.task_reap() AS n").fetchone() == {"n": 1}
         tasks = conn.execute("SELECT attempt, status, error_message FROM task_queue ORDER BY attempt").fetchall()
         assert [(t["attempt"], t["status"]) for t in tasks] == [(1, "cancelled"), (2, "pending")]
         assert "superseded" in tasks[0]["error_message"]

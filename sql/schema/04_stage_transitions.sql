@@ -1,0 +1,802 @@
+-- Stage transitions: one execution and its stage logs. Each function is one transaction
+-- that locks the execution row first (GUARD / LOCK / TRANSITION).
+
+-- lifecycle.execution_cancel
+CREATE OR REPLACE FUNCTION lifecycle.execution_cancel(p_execution_id uuid, p_reason text DEFAULT 'cancelled'::text, p_compensate boolean DEFAULT true, p_now timestamp with time zone DEFAULT now()) RETURNS TABLE(cancelled boolean, status text, previous_status text, dagster_run_id text)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+DECLARE
+  v_exec workflow_executions;
+BEGIN
+  -- LOCK: execution
+  SELECT * INTO v_exec FROM workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown workflow execution %', p_execution_id USING ERRCODE = 'no_data_found';
+  END IF;
+  IF v_exec.status NOT IN ('pending', 'in_progress') THEN
+    RETURN QUERY SELECT false, v_exec.status, v_exec.status, v_exec.dagster_run_id;
+    RETURN;
+  END IF;
+
+  UPDATE workflow_executions e
+     SET status = 'cancelled', updated_at = p_now,
+         error_message = coalesce(nullif(p_reason, ''), 'cancelled')
+   WHERE e.id = p_execution_id;
+  UPDATE workflow_execution_logs l
+     SET status = 'skipped', completed_at = p_now, error_message = 'execution cancelled'
+   WHERE l.execution_id = p_execution_id AND l.status = 'pending';
+  UPDATE task_queue t
+     SET status = 'cancelled', updated_at = p_now, completed_at = p_now
+   WHERE t.workflow_execution_id = p_execution_id AND t.status = 'pending';
+  INSERT INTO workflow_events (execution_id, event_type, metadata, "timestamp")
+  VALUES (p_execution_id, 'workflow_cancelled',
+          jsonb_build_object('reason', coalesce(nullif(p_reason, ''), 'cancelled'),
+                             'previous_status', v_exec.status, 'compensate', p_compensate,
+                             'dagster_run_id', v_exec.dagster_run_id),
+          p_now);
+  RETURN QUERY SELECT true, 'cancelled'::text, v_exec.status, v_exec.dagster_run_id;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.execution_cancel(p_execution_id uuid, p_reason text, p_compensate boolean, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.execution_cancel(p_execution_id uuid, p_reason text, p_compensate boolean, p_now timestamp with time zone) TO service_role;
+
+
+-- lifecycle.stage_complete
+CREATE OR REPLACE FUNCTION lifecycle.stage_complete(p_log_id uuid, p_task_id uuid DEFAULT NULL::uuid, p_output jsonb DEFAULT '{}'::jsonb, p_now timestamp with time zone DEFAULT now(), p_attempt integer DEFAULT NULL::integer) RETURNS text
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+DECLARE
+  v_exec   workflow_executions;
+  v_log    workflow_execution_logs;
+  v_stages jsonb;
+  v_done   integer;
+  v_reason text;
+BEGIN
+  -- GUARD: output is a JSON object
+  IF jsonb_typeof(p_output) IS DISTINCT FROM 'object' THEN
+    RAISE EXCEPTION 'stage output must be a JSON object, got %', coalesce(jsonb_typeof(p_output), 'NULL')
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+
+  -- LOCK: execution, then stage log
+  SELECT e.* INTO v_exec FROM workflow_executions e
+   WHERE e.id = (SELECT l.execution_id FROM workflow_execution_logs l WHERE l.id = p_log_id)
+   FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown stage log %', p_log_id USING ERRCODE = 'no_data_found';
+  END IF;
+  SELECT * INTO v_log FROM workflow_execution_logs l WHERE l.id = p_log_id FOR UPDATE;
+
+  -- GUARD: fencing
+  v_reason := lifecycle.stage_refuse_late_result(v_exec, v_log, p_task_id, p_attempt, 'completed', p_now);
+  IF v_reason IS NOT NULL THEN
+    -- the current attempt of a running stage is refused only when it timed out
+    IF v_exec.status = 'in_progress' AND v_log.status = 'in_progress'
+       AND (p_attempt IS NULL OR p_attempt = v_log.attempt_number) THEN
+      PERFORM lifecycle.breaker_record_task(p_task_id, false, 'timeout', p_now);
+    END IF;
+    RETURN 'refused: ' || v_reason;
+  END IF;
+
+  -- TRANSITION: log, task
+  UPDATE workflow_execution_logs l
+     SET status = 'completed', output_data = p_output, completed_at = p_now, error_message = NULL
+   WHERE l.id = p_log_id;
+  IF p_task_id IS NOT NULL THEN
+    UPDATE task_queue t
+       SET status = 'completed', output_data = p_output, completed_at = p_now, updated_at = p_now
+     WHERE t.id = p_task_id AND t.stage_log_id = p_log_id;
+    IF NOT FOUND THEN
+      RAISE EXCEPTION 'task % does not belong to stage log %', p_task_id, p_log_id
+        USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+  END IF;
+  INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  VALUES (v_log.execution_id, 'stage_completed', v_log.stage_id,
+          jsonb_build_object('attempt', v_log.attempt_number, 'task_id', p_task_id,
+                             'duration_ms', round(extract(epoch FROM (p_now - v_log.started_at)) * 1000)),
+          p_now);
+
+  -- TRANSITION: breakers
+  PERFORM lifecycle.breaker_record_task(p_task_id, true, NULL, p_now);
+
+  -- TRANSITION: execution completes when all its definition's stages have
+  SELECT d.dag_schema -> 'stages' INTO v_stages
+    FROM workflow_definitions d WHERE d.id = v_exec.workflow_definition_id;
+  SELECT count(*) INTO v_done
+    FROM workflow_execution_logs l
+   WHERE l.execution_id = v_exec.id AND l.status = 'completed'
+     AND l.stage_id IN (SELECT s ->> 'id' FROM jsonb_array_elements(v_stages) s);
+  IF v_done = jsonb_array_length(v_stages) THEN
+    UPDATE workflow_executions e
+       SET status = 'completed', updated_at = p_now, error_message = NULL
+     WHERE e.id = v_exec.id;
+    INSERT INTO workflow_events (execution_id, event_type, metadata, "timestamp")
+    VALUES (v_exec.id, 'workflow_completed', jsonb_build_object('stages', v_done), p_now);
+    RETURN 'completed';
+  END IF;
+  RETURN v_exec.status;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.stage_complete(p_log_id uuid, p_task_id uuid, p_output jsonb, p_now timestamp with time zone, p_attempt integer) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.stage_complete(p_log_id uuid, p_task_id uuid, p_output jsonb, p_now timestamp with time zone, p_attempt integer) TO service_role;
+
+
+-- lifecycle.execution_ensure
+CREATE OR REPLACE FUNCTION lifecycle.execution_ensure(p_definition_id uuid, p_run_id text, p_execution_id uuid DEFAULT NULL::uuid, p_context jsonb DEFAULT '{}'::jsonb, p_now timestamp with time zone DEFAULT now(), p_resume boolean DEFAULT false) RETURNS public.workflow_executions
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+DECLARE
+  v workflow_executions;
+  v_previous_run text;
+BEGIN
+  -- GUARD: arguments
+  IF p_run_id IS NULL OR p_run_id = '' THEN
+    RAISE EXCEPTION 'lifecycle.execution_ensure: a Dagster run id is required'
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM workflow_definitions d WHERE d.id = p_definition_id) THEN
+    RAISE EXCEPTION 'unknown workflow definition %', p_definition_id
+      USING ERRCODE = 'no_data_found';
+  END IF;
+  IF p_resume AND p_execution_id IS NULL THEN
+    RAISE EXCEPTION 'lifecycle.execution_ensure: resuming needs an execution id'
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+
+  -- LOCK: the execution row
+  IF p_execution_id IS NOT NULL THEN
+    SELECT * INTO v FROM workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
+    IF NOT FOUND THEN
+      RAISE EXCEPTION 'unknown workflow execution %', p_execution_id
+        USING ERRCODE = 'no_data_found';
+    END IF;
+    IF v.workflow_definition_id <> p_definition_id THEN
+      RAISE EXCEPTION 'execution % belongs to definition %, but the run executes definition %',
+        v.id, v.workflow_definition_id, p_definition_id
+        USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v.dagster_run_id IS NOT NULL AND v.dagster_run_id <> p_run_id AND NOT p_resume THEN
+      RAISE EXCEPTION 'execution % is already bound to Dagster run %', v.id, v.dagster_run_id
+        USING ERRCODE = 'unique_violation';
+    END IF;
+  ELSE
+    INSERT INTO workflow_executions AS e (workflow_definition_id, status, context, dagster_run_id,
+                                          created_at, updated_at)
+    VALUES (p_definition_id, 'pending', coalesce(p_context, '{}'::jsonb), p_run_id, p_now, p_now)
+    ON CONFLICT (dagster_run_id) DO NOTHING;
+    SELECT * INTO v FROM workflow_executions e WHERE e.dagster_run_id = p_run_id FOR UPDATE;
+    IF v.workflow_definition_id <> p_definition_id THEN
+      RAISE EXCEPTION 'Dagster run % already executes definition %, not %',
+        p_run_id, v.workflow_definition_id, p_definition_id
+        USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+  END IF;
+
+  -- TRANSITION
+  IF p_resume AND v.dagster_run_id IS DISTINCT FROM p_run_id AND v.status IN ('in_progress', 'failed') THEN
+    v_previous_run := v.dagster_run_id;
+    UPDATE workflow_executions e
+       SET status = 'in_progress', dagster_run_id = p_run_id, updated_at = p_now,
+           error_message = CASE WHEN v.status = 'failed' THEN NULL ELSE e.error_message END
+     WHERE e.id = v.id
+    RETURNING * INTO v;
+    INSERT INTO workflow_events (execution_id, event_type, metadata, "timestamp")
+    VALUES (v.id, 'workflow_resumed',
+            jsonb_build_object('dagster_run_id', p_run_id, 'previous_dagster_run_id', v_previous_run),
+            p_now);
+  ELSIF v.status = 'pending' OR (v.status = 'in_progress' AND v.dagster_run_id IS NULL) THEN
+    UPDATE workflow_executions e
+       SET status = 'in_progress', dagster_run_id = p_run_id, updated_at = p_now
+     WHERE e.id = v.id
+    RETURNING * INTO v;
+    INSERT INTO workflow_events (execution_id, event_type, metadata, "timestamp")
+    VALUES (v.id, 'workflow_started', jsonb_build_object('dagster_run_id', p_run_id), p_now);
+  ELSIF v.status <> 'in_progress' THEN
+    RAISE EXCEPTION 'execution % is % and runs no more stages', v.id, v.status
+      USING ERRCODE = 'object_not_in_prerequisite_state';
+  END IF;
+  RETURN v;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.execution_ensure(p_definition_id uuid, p_run_id text, p_execution_id uuid, p_context jsonb, p_now timestamp with time zone, p_resume boolean) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.execution_ensure(p_definition_id uuid, p_run_id text, p_execution_id uuid, p_context jsonb, p_now timestamp with time zone, p_resume boolean) TO service_role;
+
+
+-- lifecycle.execution_fail
+CREATE OR REPLACE FUNCTION lifecycle.execution_fail(p_execution_id uuid, p_reason text, p_run_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT now()) RETURNS boolean
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+DECLARE
+  v_exec workflow_executions;
+BEGIN
+  -- LOCK: execution
+  SELECT * INTO v_exec FROM workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown workflow execution %', p_execution_id USING ERRCODE = 'no_data_found';
+  END IF;
+  IF v_exec.status <> 'in_progress' OR (p_run_id IS NOT NULL AND v_exec.dagster_run_id IS DISTINCT FROM p_run_id) THEN
+    RETURN false;
+  END IF;
+  UPDATE workflow_execution_logs l
+     SET status = 'failed', completed_at = p_now, error_message = p_reason
+   WHERE l.execution_id = p_execution_id AND l.status = 'in_progress';
+  UPDATE task_queue t
+     SET status = 'failed', completed_at = p_now, updated_at = p_now, error_message = p_reason
+   WHERE t.workflow_execution_id = p_execution_id AND t.status = 'in_progress';
+  UPDATE workflow_executions e
+     SET status = 'failed', error_message = p_reason, updated_at = p_now
+   WHERE e.id = p_execution_id;
+  INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  VALUES (p_execution_id, 'workflow_failed', v_exec.current_stage,
+          jsonb_build_object('error', p_reason, 'error_code', 'run_lost', 'dagster_run_id', v_exec.dagster_run_id),
+          p_now);
+  RETURN true;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.execution_fail(p_execution_id uuid, p_reason text, p_run_id text, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.execution_fail(p_execution_id uuid, p_reason text, p_run_id text, p_now timestamp with time zone) TO service_role;
+
+
+-- lifecycle.stage_fail
+CREATE OR REPLACE FUNCTION lifecycle.stage_fail(p_log_id uuid, p_task_id uuid DEFAULT NULL::uuid, p_error text DEFAULT NULL::text, p_error_code text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT now(), p_attempt integer DEFAULT NULL::integer) RETURNS text
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+DECLARE
+  v_exec   workflow_executions;
+  v_log    workflow_execution_logs;
+  v_msg    text := coalesce(nullif(p_error, ''), 'stage failed');
+  v_reason text;
+BEGIN
+  -- LOCK: execution, then stage log
+  SELECT e.* INTO v_exec FROM workflow_executions e
+   WHERE e.id = (SELECT l.execution_id FROM workflow_execution_logs l WHERE l.id = p_log_id)
+   FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown stage log %', p_log_id USING ERRCODE = 'no_data_found';
+  END IF;
+  SELECT * INTO v_log FROM workflow_execution_logs l WHERE l.id = p_log_id FOR UPDATE;
+
+  -- GUARD: fencing (a deadline that passed does not stop a failure from being recorded)
+  IF (p_attempt IS NOT NULL AND p_attempt <> v_log.attempt_number)
+     OR v_log.status <> 'in_progress' OR v_exec.status <> 'in_progress' THEN
+    v_reason := lifecycle.stage_refuse_late_result(v_exec, v_log, p_task_id, p_attempt, 'failed', p_now);
+    RETURN 'refused: ' || v_reason;
+  END IF;
+
+  -- TRANSITION: log, task
+  UPDATE workflow_execution_logs l
+     SET status = 'failed', error_message = v_msg, completed_at = p_now
+   WHERE l.id = p_log_id;
+  IF p_task_id IS NOT NULL THEN
+    UPDATE task_queue t
+       SET status = 'failed', error_message = v_msg, completed_at = p_now, updated_at = p_now
+     WHERE t.id = p_task_id AND t.stage_log_id = p_log_id AND t.status = 'in_progress';
+  END IF;
+  INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  VALUES (v_log.execution_id, 'stage_failed', v_log.stage_id,
+          jsonb_build_object('attempt', v_log.attempt_number, 'task_id', p_task_id,
+                             'error', v_msg, 'error_code', p_error_code),
+          p_now);
+
+  -- TRANSITION: breakers
+  PERFORM lifecycle.breaker_record_task(p_task_id, false, p_error_code, p_now);
+
+  -- TRANSITION: execution
+  UPDATE workflow_executions e
+     SET status = 'failed', updated_at = p_now,
+         error_message = format('stage %s failed: %s', v_log.stage_id, v_msg)
+   WHERE e.id = v_exec.id;
+  INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  VALUES (v_exec.id, 'workflow_failed', v_log.stage_id,
+          jsonb_build_object('stage', v_log.stage_id, 'error', v_msg, 'error_code', p_error_code),
+          p_now);
+  RETURN 'failed';
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.stage_fail(p_log_id uuid, p_task_id uuid, p_error text, p_error_code text, p_now timestamp with time zone, p_attempt integer) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.stage_fail(p_log_id uuid, p_task_id uuid, p_error text, p_error_code text, p_now timestamp with time zone, p_attempt integer) TO service_role;
+
+
+-- lifecycle.run_heartbeat
+CREATE OR REPLACE FUNCTION lifecycle.run_heartbeat(p_run_id text, p_now timestamp with time zone DEFAULT now()) RETURNS boolean
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+  WITH hit AS (
+    UPDATE workflow_executions SET heartbeat_at = p_now
+    WHERE dagster_run_id = p_run_id AND status = 'in_progress'
+    RETURNING 1
+  )
+  SELECT EXISTS (SELECT 1 FROM hit)
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.run_heartbeat(p_run_id text, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.run_heartbeat(p_run_id text, p_now timestamp with time zone) TO service_role;
+
+
+-- lifecycle.executions_launchable
+CREATE OR REPLACE FUNCTION lifecycle.executions_launchable(p_limit integer DEFAULT 100) RETURNS TABLE(execution_id uuid, workflow_name text, version integer, created_at timestamp with time zone, pending_reason text)
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT e.id, d.name, d.version, e.created_at, e.pending_reason
+  FROM workflow_executions e JOIN workflow_definitions d ON d.id = e.workflow_definition_id
+  WHERE e.status = 'pending' AND e.dagster_run_id IS NULL
+  ORDER BY e.created_at, e.id
+  LIMIT p_limit
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.executions_launchable(p_limit integer) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.executions_launchable(p_limit integer) TO service_role;
+
+
+-- lifecycle.stage_refuse_late_result
+CREATE OR REPLACE FUNCTION lifecycle.stage_refuse_late_result(v_exec public.workflow_executions, v_log public.workflow_execution_logs, p_task_id uuid, p_attempt integer, p_outcome text, p_now timestamp with time zone) RETURNS text
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+DECLARE
+  v_reason   text;
+  v_deadline timestamptz;
+BEGIN
+  SELECT t.deadline_at INTO v_deadline FROM task_queue t WHERE t.id = p_task_id FOR UPDATE;
+  IF p_attempt IS NOT NULL AND p_attempt <> v_log.attempt_number THEN
+    v_reason := format('attempt %s is not the current attempt %s', p_attempt, v_log.attempt_number);
+  ELSIF v_log.status <> 'in_progress' THEN
+    v_reason := format('stage is %s, not in_progress', v_log.status);
+  ELSIF v_exec.status <> 'in_progress' THEN
+    v_reason := format('execution is %s', v_exec.status);
+  ELSIF v_deadline IS NOT NULL AND p_now > v_deadline THEN
+    v_reason := format('attempt %s timed out at %s', v_log.attempt_number, v_deadline);
+  END IF;
+  IF v_reason IS NULL THEN
+    RETURN NULL;
+  END IF;
+
+  IF p_task_id IS NOT NULL THEN
+    UPDATE task_queue t
+       SET status = CASE WHEN v_exec.status = 'in_progress' THEN 'failed' ELSE 'cancelled' END,
+           error_message = 'result refused: ' || v_reason, completed_at = p_now, updated_at = p_now
+     WHERE t.id = p_task_id AND t.status = 'in_progress';
+  END IF;
+  IF v_log.status = 'in_progress' AND (p_attempt IS NULL OR p_attempt = v_log.attempt_number) THEN
+    IF v_exec.status = 'in_progress' THEN
+      -- timed out: the attempt failed (the caller decides on a retry)
+      NULL;
+    ELSE
+      UPDATE workflow_execution_logs l
+         SET status = 'skipped', completed_at = p_now, error_message = 'result refused: ' || v_reason
+       WHERE l.id = v_log.id;
+    END IF;
+  END IF;
+  INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  VALUES (v_log.execution_id, 'stage_result_refused', v_log.stage_id,
+          jsonb_build_object('attempt', coalesce(p_attempt, v_log.attempt_number),
+                             'outcome', p_outcome, 'reason', v_reason, 'task_id', p_task_id),
+          p_now);
+  RETURN v_reason;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.stage_refuse_late_result(v_exec public.workflow_executions, v_log public.workflow_execution_logs, p_task_id uuid, p_attempt integer, p_outcome text, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.stage_refuse_late_result(v_exec public.workflow_executions, v_log public.workflow_execution_logs, p_task_id uuid, p_attempt integer, p_outcome text, p_now timestamp with time zone) TO service_role;
+
+
+-- lifecycle.retry_delay
+CREATE OR REPLACE FUNCTION lifecycle.retry_delay(p_attempt integer, p_base double precision, p_cap double precision, p_multiplier double precision, p_jitter text, p_u double precision) RETURNS double precision
+    LANGUAGE plpgsql IMMUTABLE STRICT
+    AS $$
+DECLARE
+  v_exponent double precision;
+  v_raw      double precision;
+BEGIN
+  -- GUARD: arguments
+  IF p_attempt < 1 THEN
+    RAISE EXCEPTION 'attempt must be >= 1, got %', p_attempt USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  v_exponent := p_attempt::double precision - 1;
+  IF p_base < 0 OR p_cap < 0 OR p_base = 'Infinity' OR p_cap = 'Infinity' OR p_base = 'NaN' OR p_cap = 'NaN' THEN
+    RAISE EXCEPTION 'delays must be finite and >= 0, got base %, cap %', p_base, p_cap
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF NOT p_multiplier >= 1 OR p_multiplier = 'Infinity' OR p_multiplier = 'NaN' THEN  -- NaN sorts above all
+    RAISE EXCEPTION 'multiplier must be a finite number >= 1, got %', p_multiplier
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF NOT (p_u >= 0 AND p_u < 1) OR p_u = 'NaN' THEN
+    RAISE EXCEPTION 'u must be in [0, 1), got %', p_u USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+
+  IF p_base = 0 OR p_cap = 0 THEN
+    v_raw := 0;
+  ELSIF p_base >= p_cap THEN
+    v_raw := p_cap;
+  ELSIF p_multiplier = 1 OR v_exponent = 0 THEN
+    v_raw := p_base;
+  ELSIF v_exponent * ln(p_multiplier) >= ln(p_cap) - ln(p_base) THEN
+    v_raw := p_cap;  -- clamped: power() is never called with an exponent that could overflow
+  ELSE
+    v_raw := least(p_cap, p_base * power(p_multiplier, v_exponent));
+  END IF;
+
+  IF p_jitter = 'none' THEN
+    RETURN v_raw;
+  ELSIF p_jitter = 'full' THEN
+    RETURN p_u * v_raw;
+  ELSIF p_jitter = 'equal' THEN
+    RETURN v_raw / 2.0::double precision + p_u * v_raw / 2.0::double precision;
+  END IF;
+  RAISE EXCEPTION 'jitter must be one of none, full, equal; got %', p_jitter
+    USING ERRCODE = 'invalid_parameter_value';
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.retry_delay(p_attempt integer, p_base double precision, p_cap double precision, p_multiplier double precision, p_jitter text, p_u double precision) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.retry_delay(p_attempt integer, p_base double precision, p_cap double precision, p_multiplier double precision, p_jitter text, p_u double precision) TO service_role;
+
+
+-- lifecycle.stage_schedule_retry
+CREATE OR REPLACE FUNCTION lifecycle.stage_schedule_retry(p_log_id uuid, p_task_id uuid, p_attempt integer, p_error text, p_error_code text, p_error_class text, p_delay_s double precision, p_now timestamp with time zone DEFAULT now()) RETURNS text
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+DECLARE
+  v_exec   workflow_executions;
+  v_log    workflow_execution_logs;
+  v_reason text;
+BEGIN
+  -- GUARD: arguments
+  IF p_delay_s IS NULL OR NOT p_delay_s >= 0 OR p_delay_s = 'Infinity' THEN
+    RAISE EXCEPTION 'retry delay must be a finite number of seconds >= 0, got %', p_delay_s
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+
+  -- LOCK: execution, then stage log
+  SELECT e.* INTO v_exec FROM workflow_executions e
+   WHERE e.id = (SELECT l.execution_id FROM workflow_execution_logs l WHERE l.id = p_log_id)
+   FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown stage log %', p_log_id USING ERRCODE = 'no_data_found';
+  END IF;
+  SELECT * INTO v_log FROM workflow_execution_logs l WHERE l.id = p_log_id FOR UPDATE;
+
+  -- GUARD: fencing
+  IF p_attempt <> v_log.attempt_number OR v_log.status <> 'in_progress' OR v_exec.status <> 'in_progress' THEN
+    v_reason := lifecycle.stage_refuse_late_result(v_exec, v_log, p_task_id, p_attempt, 'retrying', p_now);
+    RETURN 'refused: ' || v_reason;
+  END IF;
+
+  -- TRANSITION: log -> pending, task -> failed
+  UPDATE workflow_execution_logs l
+     SET status = 'pending', error_message = p_error,
+         not_before = p_now + make_interval(secs => p_delay_s)
+   WHERE l.id = p_log_id;
+  IF p_task_id IS NOT NULL THEN
+    UPDATE task_queue t
+       SET status = 'failed', error_message = p_error, completed_at = p_now, updated_at = p_now
+     WHERE t.id = p_task_id AND t.stage_log_id = p_log_id AND t.status = 'in_progress';
+  END IF;
+  INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  VALUES (v_log.execution_id, 'stage_retrying', v_log.stage_id,
+          jsonb_build_object('attempt', p_attempt + 1, 'failed_attempt', p_attempt,
+                             'delay_s', p_delay_s, 'not_before', p_now + make_interval(secs => p_delay_s),
+                             'error_code', p_error_code, 'error_class', p_error_class,
+                             'error', p_error, 'task_id', p_task_id),
+          p_now);
+
+  -- TRANSITION: breakers
+  PERFORM lifecycle.breaker_record_task(p_task_id, false, p_error_code, p_now);
+  RETURN 'retrying';
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.stage_schedule_retry(p_log_id uuid, p_task_id uuid, p_attempt integer, p_error text, p_error_code text, p_error_class text, p_delay_s double precision, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.stage_schedule_retry(p_log_id uuid, p_task_id uuid, p_attempt integer, p_error text, p_error_code text, p_error_class text, p_delay_s double precision, p_now timestamp with time zone) TO service_role;
+
+
+-- lifecycle.execution_set_pending_reason
+CREATE OR REPLACE FUNCTION lifecycle.execution_set_pending_reason(p_execution_id uuid, p_reason text, p_now timestamp with time zone DEFAULT now()) RETURNS boolean
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+DECLARE
+  v_exec workflow_executions;
+BEGIN
+  SELECT * INTO v_exec FROM workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
+  IF NOT FOUND OR v_exec.status <> 'pending' OR v_exec.pending_reason IS NOT DISTINCT FROM p_reason THEN
+    RETURN false;
+  END IF;
+  UPDATE workflow_executions e SET pending_reason = p_reason, updated_at = p_now WHERE e.id = p_execution_id;
+  INSERT INTO workflow_events (execution_id, event_type, metadata, "timestamp")
+  VALUES (p_execution_id, 'launch_waiting', jsonb_build_object('reason', p_reason), p_now);
+  RETURN true;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.execution_set_pending_reason(p_execution_id uuid, p_reason text, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.execution_set_pending_reason(p_execution_id uuid, p_reason text, p_now timestamp with time zone) TO service_role;
+
+
+-- lifecycle.stage_retry_policy
+CREATE OR REPLACE FUNCTION lifecycle.stage_retry_policy(p_definition_id uuid, p_stage_id text) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  WITH d AS (
+    SELECT d.dag_schema FROM workflow_definitions d WHERE d.id = p_definition_id
+  ), s AS (
+    SELECT st FROM d, jsonb_array_elements(d.dag_schema -> 'stages') st WHERE st ->> 'id' = p_stage_id
+  ), merged AS (
+    SELECT '{"max_attempts": 3, "base_delay_s": 1.0, "max_delay_s": 60.0, "multiplier": 2.0,
+             "jitter": "full", "non_retryable": []}'::jsonb
+           || coalesce((SELECT d.dag_schema -> 'defaults' -> 'retry' FROM d), '{}'::jsonb)
+           || coalesce((SELECT s.st -> 'retry' FROM s), '{}'::jsonb) AS p,
+           ((SELECT d.dag_schema -> 'defaults' -> 'retry' FROM d) ? 'max_delay_s'
+             OR (SELECT s.st -> 'retry' FROM s) ? 'max_delay_s') AS cap_given
+  )
+  SELECT CASE
+    WHEN NOT coalesce(cap_given, false) AND (p ->> 'base_delay_s')::float8 > (p ->> 'max_delay_s')::float8
+    THEN p || jsonb_build_object('max_delay_s', p -> 'base_delay_s')
+    ELSE p END
+  FROM merged
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.stage_retry_policy(p_definition_id uuid, p_stage_id text) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.stage_retry_policy(p_definition_id uuid, p_stage_id text) TO service_role;
+
+
+-- lifecycle.executions_stale
+CREATE OR REPLACE FUNCTION lifecycle.executions_stale(p_timeout_s double precision, p_now timestamp with time zone DEFAULT now()) RETURNS TABLE(execution_id uuid, dagster_run_id text, last_seen timestamp with time zone)
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT e.id, e.dagster_run_id, greatest(e.heartbeat_at, e.updated_at)
+  FROM workflow_executions e
+  WHERE e.status = 'in_progress' AND e.dagster_run_id IS NOT NULL
+    AND greatest(e.heartbeat_at, e.updated_at) < p_now - make_interval(secs => p_timeout_s)
+    AND NOT EXISTS (SELECT 1 FROM workflow_execution_logs l
+                    WHERE l.execution_id = e.id AND l.status = 'pending'
+                      AND l.not_before > p_now - make_interval(secs => p_timeout_s))
+  ORDER BY e.updated_at
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.executions_stale(p_timeout_s double precision, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.executions_stale(p_timeout_s double precision, p_now timestamp with time zone) TO service_role;
+
+
+-- lifecycle.stage_start
+CREATE OR REPLACE FUNCTION lifecycle.stage_start(p_execution_id uuid, p_stage_id text, p_capability text, p_ancestors jsonb DEFAULT '{}'::jsonb, p_attempt integer DEFAULT 1, p_now timestamp with time zone DEFAULT now(), p_timeout_s double precision DEFAULT NULL::double precision, p_resume boolean DEFAULT false, p_max_attempts integer DEFAULT NULL::integer) RETURNS TABLE(log_id uuid, task_id uuid, agent_id uuid, agent_name text, agent_kind text, input_data jsonb, attempt_number integer, already_completed boolean, output_data jsonb)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+DECLARE
+  v_exec     workflow_executions;
+  v_missing  text;
+  v_upstream jsonb;
+  v_input    jsonb;
+  v_log_id   uuid;
+  v_attempt  integer;
+  v_agent    record;
+  v_task_id  uuid;
+  v_existing workflow_execution_logs;
+BEGIN
+  -- GUARD: arguments
+  IF p_attempt IS NULL OR p_attempt < 1 THEN
+    RAISE EXCEPTION 'stage %: attempt must be >= 1, got %', p_stage_id, p_attempt
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF p_timeout_s IS NOT NULL AND NOT p_timeout_s > 0 THEN
+    RAISE EXCEPTION 'stage %: timeout must be > 0 seconds, got %', p_stage_id, p_timeout_s
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF jsonb_typeof(coalesce(p_ancestors, '{}'::jsonb)) <> 'object' THEN
+    RAISE EXCEPTION 'stage %: p_ancestors must be a JSON object', p_stage_id
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+
+  -- LOCK: execution
+  SELECT * INTO v_exec FROM workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown workflow execution %', p_execution_id USING ERRCODE = 'no_data_found';
+  END IF;
+  IF v_exec.status <> 'in_progress' THEN
+    RAISE EXCEPTION 'execution % is %: stage % cannot start', p_execution_id, v_exec.status, p_stage_id
+      USING ERRCODE = 'object_not_in_prerequisite_state';
+  END IF;
+
+  -- GUARD: every ancestor completed
+  SELECT string_agg(a.key, ', ' ORDER BY a.key) INTO v_missing
+  FROM jsonb_each_text(coalesce(p_ancestors, '{}'::jsonb)) a
+  WHERE NOT EXISTS (
+    SELECT 1 FROM workflow_execution_logs l
+    WHERE l.execution_id = p_execution_id AND l.stage_id = a.key AND l.status = 'completed');
+  IF v_missing IS NOT NULL THEN
+    RAISE EXCEPTION 'stage % of execution % cannot start: upstream stage(s) % not completed',
+      p_stage_id, p_execution_id, v_missing
+      USING ERRCODE = 'object_not_in_prerequisite_state';
+  END IF;
+
+  SELECT coalesce(jsonb_object_agg(a.key, jsonb_build_object('capability', a.value,
+                                                             'output', l.output_data)),
+                  '{}'::jsonb)
+    INTO v_upstream
+  FROM jsonb_each_text(coalesce(p_ancestors, '{}'::jsonb)) a
+  JOIN workflow_execution_logs l ON l.execution_id = p_execution_id AND l.stage_id = a.key;
+  v_input := jsonb_build_object('context', v_exec.context, 'upstream', v_upstream);
+
+  -- RESUME: a completed stage is kept; a failed one becomes pending for its next attempt
+  IF p_resume THEN
+    SELECT * INTO v_existing FROM workflow_execution_logs l
+     WHERE l.execution_id = p_execution_id AND l.stage_id = p_stage_id FOR UPDATE;
+    IF v_existing.status = 'completed' THEN
+      RETURN QUERY SELECT v_existing.id, NULL::uuid, NULL::uuid, NULL::text, NULL::text,
+                          v_existing.input_data, v_existing.attempt_number, true, v_existing.output_data;
+      RETURN;
+    ELSIF v_existing.status = 'failed' THEN
+      UPDATE workflow_execution_logs l
+         SET status = 'pending', attempt_number = l.attempt_number + 1
+       WHERE l.id = v_existing.id;
+    END IF;
+  END IF;
+
+  -- TRANSITION: stage log -> in_progress (the transition guard refuses a completed stage)
+  INSERT INTO workflow_execution_logs AS l (execution_id, stage_id, status, attempt_number,
+                                            started_at, input_data)
+  VALUES (p_execution_id, p_stage_id, 'in_progress', p_attempt, p_now, v_input)
+  ON CONFLICT ON CONSTRAINT workflow_execution_logs_one_per_stage DO UPDATE
+    SET status = 'in_progress',
+        attempt_number = CASE WHEN l.status = 'pending'
+                              THEN greatest(l.attempt_number, EXCLUDED.attempt_number,
+                                            (SELECT max(t.attempt) + 1 FROM task_queue t WHERE t.stage_log_id = l.id))
+                              ELSE EXCLUDED.attempt_number END,
+        started_at = EXCLUDED.started_at, completed_at = NULL, not_before = NULL,
+        input_data = EXCLUDED.input_data, output_data = NULL, error_message = NULL
+  RETURNING l.id, l.attempt_number INTO v_log_id, v_attempt;
+
+  UPDATE workflow_executions e SET current_stage = p_stage_id, updated_at = p_now
+   WHERE e.id = p_execution_id;
+
+  SELECT r.agent_id, r.agent_name, r.agent_kind INTO v_agent
+  FROM lifecycle.capability_route(p_capability) r;
+
+  IF v_agent.agent_id IS NOT NULL THEN
+    -- python and http agents: the op is the worker, the task is claimed at once; queue agents: the
+    -- task waits, pending, for an external worker (lifecycle.task_claim)
+    INSERT INTO task_queue (workflow_execution_id, task_type, capability, input_data, status, agent_id,
+                            stage_log_id, attempt, max_attempts, created_at, updated_at, started_at,
+                            deadline_at, claimed_by, lease_token)
+    VALUES (p_execution_id, p_stage_id, p_capability, v_input,
+            CASE WHEN v_agent.agent_kind = 'queue' THEN 'pending' ELSE 'in_progress' END,
+            v_agent.agent_id, v_log_id, v_attempt, p_max_attempts, p_now, p_now,
+            CASE WHEN v_agent.agent_kind = 'queue' THEN NULL ELSE p_now END,
+            p_now + make_interval(secs => p_timeout_s),
+            CASE WHEN v_agent.agent_kind = 'queue' THEN NULL ELSE 'op' END,
+            CASE WHEN v_agent.agent_kind = 'queue' THEN 0 ELSE 1 END)
+    RETURNING id INTO v_task_id;
+  END IF;
+
+  INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  VALUES (p_execution_id, 'stage_started', p_stage_id,
+          jsonb_build_object('attempt', v_attempt, 'capability', p_capability,
+                             'agent', v_agent.agent_name, 'task_id', v_task_id,
+                             'timeout_s', p_timeout_s),
+          p_now);
+
+  RETURN QUERY SELECT v_log_id, v_task_id, v_agent.agent_id, v_agent.agent_name,
+                      v_agent.agent_kind, v_input, v_attempt, false, NULL::jsonb;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.stage_start(p_execution_id uuid, p_stage_id text, p_capability text, p_ancestors jsonb, p_attempt integer, p_now timestamp with time zone, p_timeout_s double precision, p_resume boolean, p_max_attempts integer) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.stage_start(p_execution_id uuid, p_stage_id text, p_capability text, p_ancestors jsonb, p_attempt integer, p_now timestamp with time zone, p_timeout_s double precision, p_resume boolean, p_max_attempts integer) TO service_role;
+
+
+-- lifecycle.stage_retry
+CREATE OR REPLACE FUNCTION lifecycle.stage_retry(p_log_id uuid, p_max_attempts integer DEFAULT 3, p_now timestamp with time zone DEFAULT now()) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+DECLARE
+  v_exec   workflow_executions;
+  v_log    workflow_execution_logs;
+  v_policy jsonb;
+  v_delay  double precision;
+BEGIN
+  -- GUARD: arguments
+  IF p_max_attempts IS NULL OR p_max_attempts < 1 THEN
+    RAISE EXCEPTION 'retry_stage: p_max_attempts must be >= 1, got %', p_max_attempts
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+
+  -- LOCK: execution, then stage log
+  SELECT e.* INTO v_exec FROM workflow_executions e
+   WHERE e.id = (SELECT l.execution_id FROM workflow_execution_logs l WHERE l.id = p_log_id)
+   FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'retry_stage: unknown stage log %', p_log_id USING ERRCODE = 'no_data_found';
+  END IF;
+  SELECT * INTO v_log FROM workflow_execution_logs l WHERE l.id = p_log_id FOR UPDATE;
+  IF v_log.status NOT IN ('pending', 'in_progress', 'failed') THEN
+    RAISE EXCEPTION 'retry_stage: stage % of execution % is % and cannot be retried',
+      v_log.stage_id, v_log.execution_id, v_log.status
+      USING ERRCODE = 'object_not_in_prerequisite_state';
+  END IF;
+  IF v_log.status = 'pending' AND v_log.not_before IS NOT NULL THEN
+    RAISE EXCEPTION 'retry_stage: stage % of execution % is already waiting to retry (attempt % not before %)',
+      v_log.stage_id, v_log.execution_id, v_log.attempt_number + 1, v_log.not_before
+      USING ERRCODE = 'object_not_in_prerequisite_state';
+  END IF;
+  IF v_exec.status NOT IN ('in_progress', 'failed') THEN
+    RAISE EXCEPTION 'retry_stage: execution % is %; its stages cannot be retried', v_exec.id, v_exec.status
+      USING ERRCODE = 'object_not_in_prerequisite_state';
+  END IF;
+
+  IF v_log.attempt_number >= p_max_attempts THEN
+    IF v_log.status = 'failed' AND v_exec.status = 'failed' THEN
+      RETURN;  -- already failed for good: a repeated call changes nothing and writes nothing
+    END IF;
+    IF v_log.status <> 'failed' THEN
+      IF v_log.status = 'pending' THEN
+        UPDATE workflow_execution_logs l SET status = 'in_progress' WHERE l.id = p_log_id;
+      END IF;
+      UPDATE workflow_execution_logs l
+         SET status = 'failed', completed_at = p_now, not_before = NULL,
+             error_message = coalesce(l.error_message, 'attempts exhausted')
+       WHERE l.id = p_log_id;
+    END IF;
+    INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+    VALUES (v_log.execution_id, 'stage_failed', v_log.stage_id,
+            jsonb_build_object('attempt', v_log.attempt_number, 'max_attempts', p_max_attempts,
+                               'error', 'attempts exhausted', 'error_code', 'attempts_exhausted',
+                               'source', 'retry_stage'),
+            p_now);
+    IF v_exec.status = 'in_progress' THEN
+      UPDATE workflow_executions e
+         SET status = 'failed', updated_at = p_now,
+             error_message = format('stage %s failed: attempts exhausted (%s)', v_log.stage_id, p_max_attempts)
+       WHERE e.id = v_exec.id;
+      INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+      VALUES (v_exec.id, 'workflow_failed', v_log.stage_id,
+              jsonb_build_object('stage', v_log.stage_id, 'error', 'attempts exhausted',
+                                 'error_code', 'attempts_exhausted'),
+              p_now);
+    END IF;
+    RETURN;
+  END IF;
+
+  v_policy := lifecycle.stage_retry_policy(v_exec.workflow_definition_id, v_log.stage_id);
+  -- no wait is longer than a year (lifecycle_dagster.retry.MAX_WAIT_S), whatever the policy's cap
+  v_delay := least(31536000, lifecycle.retry_delay(v_log.attempt_number,
+                                   (v_policy ->> 'base_delay_s')::float8,
+                                   (v_policy ->> 'max_delay_s')::float8,
+                                   (v_policy ->> 'multiplier')::float8,
+                                   v_policy ->> 'jitter', random()));
+  UPDATE workflow_execution_logs l
+     SET status = 'pending', attempt_number = v_log.attempt_number + 1, error_message = NULL,
+         completed_at = NULL,
+         not_before = p_now + make_interval(secs => v_delay)
+   WHERE l.id = p_log_id;
+  -- an explicit retry of a failed execution (only before any compensation) resumes it
+  IF v_exec.status = 'failed' THEN
+    UPDATE workflow_executions e SET status = 'in_progress', updated_at = p_now, error_message = NULL
+     WHERE e.id = v_exec.id;
+  END IF;
+  INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  VALUES (v_log.execution_id, 'stage_retrying', v_log.stage_id,
+          jsonb_build_object('attempt', v_log.attempt_number + 1, 'failed_attempt', v_log.attempt_number,
+                             'delay_s', v_delay, 'not_before', p_now + make_interval(secs => v_delay),
+                             'max_attempts', p_max_attempts, 'source', 'retry_stage'),
+          p_now);
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.stage_retry(p_log_id uuid, p_max_attempts integer, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.stage_retry(p_log_id uuid, p_max_attempts integer, p_now timestamp with time zone) TO service_role;

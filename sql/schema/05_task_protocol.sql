@@ -1,0 +1,414 @@
+-- The task protocol: claim (SKIP LOCKED, leases, fencing tokens), heartbeat, complete, fail,
+-- release, reap, abandon; NOTIFY carries ids only.
+
+-- lifecycle.task_abandon
+CREATE OR REPLACE FUNCTION lifecycle.task_abandon(p_task_id uuid, p_reason text, p_now timestamp with time zone DEFAULT now()) RETURNS text
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+DECLARE
+  v_task task_queue;
+BEGIN
+  SELECT * INTO v_task FROM task_queue t WHERE t.id = p_task_id FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown task %', p_task_id USING ERRCODE = 'no_data_found';
+  END IF;
+  IF v_task.status IN ('pending', 'in_progress') THEN
+    UPDATE task_queue t
+       SET status = 'cancelled', lease_token = t.lease_token + 1, error_message = p_reason,
+           completed_at = p_now, updated_at = p_now
+     WHERE t.id = p_task_id;
+  END IF;
+  RETURN v_task.status;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.task_abandon(p_task_id uuid, p_reason text, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.task_abandon(p_task_id uuid, p_reason text, p_now timestamp with time zone) TO service_role;
+
+
+-- lifecycle.task_claim
+CREATE OR REPLACE FUNCTION lifecycle.task_claim(p_worker text, p_agent_name text, p_limit integer DEFAULT 1, p_lease_s double precision DEFAULT 30, p_now timestamp with time zone DEFAULT now()) RETURNS TABLE(task_id uuid, lease_token bigint, execution_id uuid, stage_id text, capability text, attempt integer, input_data jsonb, lease_expires_at timestamp with time zone)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+DECLARE
+  v_agent agents;
+  v_caps  text[];
+  v_limit integer;
+  v_busy  integer;
+  v_n     integer;
+  v_task  record;
+BEGIN
+  -- GUARD: arguments (NaN is greater than every number in Postgres: the upper bound refuses it)
+  IF p_limit IS NULL OR p_limit < 1 OR p_lease_s IS NULL OR NOT (p_lease_s > 0 AND p_lease_s <= 31536000) THEN
+    RAISE EXCEPTION 'lifecycle.task_claim: p_limit must be >= 1 and p_lease_s a number of seconds in (0, 31536000] (got %, %)',
+      p_limit, p_lease_s
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+
+  -- LOCK: the agent (claims of one agent serialise)
+  SELECT * INTO v_agent FROM agents a WHERE a.name = p_agent_name FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown agent %', p_agent_name USING ERRCODE = 'no_data_found';
+  END IF;
+  IF NOT v_agent.is_active THEN
+    RETURN;
+  END IF;
+  v_caps := lifecycle.agent_capabilities(v_agent.id);
+  v_limit := nullif(v_agent.config ->> 'concurrency', '')::integer;
+  SELECT count(*) INTO v_busy FROM task_queue t WHERE t.agent_id = v_agent.id AND t.status = 'in_progress';
+  v_n := CASE WHEN v_limit IS NULL THEN p_limit ELSE least(p_limit, v_limit - v_busy) END;
+  IF v_n <= 0 THEN
+    RETURN;
+  END IF;
+
+  -- TRANSITION: pending -> in_progress, in one statement
+  FOR v_task IN
+    UPDATE task_queue t
+       SET status = 'in_progress', agent_id = v_agent.id, lease_token = t.lease_token + 1,
+           lease_expires_at = p_now + make_interval(secs => p_lease_s), claimed_by = p_worker,
+           started_at = p_now, updated_at = p_now
+      FROM (SELECT q.id FROM task_queue q
+             WHERE q.status = 'pending' AND q.capability = ANY (v_caps)
+               AND (q.agent_id IS NULL OR q.agent_id = v_agent.id)
+               AND (q.not_before IS NULL OR q.not_before <= p_now)
+             ORDER BY q.priority DESC, q.created_at, q.id
+             FOR UPDATE SKIP LOCKED
+             LIMIT v_n) c
+     WHERE t.id = c.id
+    RETURNING t.id, t.lease_token, t.workflow_execution_id, t.task_type, t.capability, t.attempt, t.input_data,
+              t.lease_expires_at, t.stage_log_id
+  LOOP
+    -- a task enqueued for a pending stage (the runbook's section 7) starts that stage
+    UPDATE workflow_execution_logs l
+       SET status = 'in_progress', attempt_number = v_task.attempt, started_at = p_now
+     WHERE l.id = v_task.stage_log_id AND l.status = 'pending'
+       AND EXISTS (SELECT 1 FROM workflow_executions e WHERE e.id = l.execution_id AND e.status = 'in_progress');
+    IF FOUND THEN
+      INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+      VALUES (v_task.workflow_execution_id, 'stage_started', v_task.task_type,
+              jsonb_build_object('attempt', v_task.attempt, 'agent', v_agent.name, 'task_id', v_task.id,
+                                 'worker', p_worker), p_now);
+    END IF;
+    task_id := v_task.id;
+    lease_token := v_task.lease_token;
+    execution_id := v_task.workflow_execution_id;
+    stage_id := v_task.task_type;
+    capability := v_task.capability;
+    attempt := v_task.attempt;
+    input_data := v_task.input_data;
+    lease_expires_at := v_task.lease_expires_at;
+    RETURN NEXT;
+  END LOOP;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.task_claim(p_worker text, p_agent_name text, p_limit integer, p_lease_s double precision, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.task_claim(p_worker text, p_agent_name text, p_limit integer, p_lease_s double precision, p_now timestamp with time zone) TO service_role;
+
+
+-- lifecycle.task_complete
+CREATE OR REPLACE FUNCTION lifecycle.task_complete(p_task_id uuid, p_token bigint, p_output jsonb, p_now timestamp with time zone DEFAULT now()) RETURNS text
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+DECLARE
+  v_task    task_queue;
+  v_reason  text;
+  v_problem text;
+BEGIN
+  -- LOCK: the execution first (the order every transition uses), then the task
+  PERFORM 1 FROM workflow_executions e
+   WHERE e.id = (SELECT t.workflow_execution_id FROM task_queue t WHERE t.id = p_task_id) FOR UPDATE;
+  SELECT * INTO v_task FROM task_queue t WHERE t.id = p_task_id FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown task %', p_task_id USING ERRCODE = 'no_data_found';
+  END IF;
+  v_reason := lifecycle.task_refusal(v_task, p_token, 'completed', p_now);
+  IF v_reason IS NOT NULL THEN
+    RETURN 'refused: ' || v_reason;
+  END IF;
+
+  -- GUARD: the output
+  v_problem := CASE WHEN jsonb_typeof(p_output) IS DISTINCT FROM 'object'
+                    THEN format('output must be a JSON object, got %s', coalesce(jsonb_typeof(p_output), 'NULL'))
+                    ELSE lifecycle.payload_problem(p_output, 'output') END;
+  IF v_problem IS NOT NULL THEN
+    v_problem := format('task %s (stage %s): %s', p_task_id, v_task.task_type, v_problem);
+    UPDATE task_queue t
+       SET status = 'failed', error_message = v_problem, error_code = 'bad_output', retryable = true,
+           retry_after_s = NULL, completed_at = p_now, updated_at = p_now
+     WHERE t.id = p_task_id;
+    INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+    VALUES (v_task.workflow_execution_id, 'task_result_refused', v_task.task_type,
+            jsonb_build_object('task_id', v_task.id, 'token', p_token, 'outcome', 'completed',
+                               'reason', v_problem, 'error_code', 'bad_output'),
+            p_now);
+    RETURN 'refused: ' || v_problem;
+  END IF;
+
+  IF v_task.stage_log_id IS NULL THEN
+    UPDATE task_queue t SET status = 'completed', output_data = p_output, completed_at = p_now, updated_at = p_now
+     WHERE t.id = p_task_id;
+    RETURN 'completed';
+  END IF;
+  RETURN lifecycle.stage_complete(v_task.stage_log_id, p_task_id, p_output, p_now, v_task.attempt);
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.task_complete(p_task_id uuid, p_token bigint, p_output jsonb, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.task_complete(p_task_id uuid, p_token bigint, p_output jsonb, p_now timestamp with time zone) TO service_role;
+
+
+-- lifecycle.task_fail
+CREATE OR REPLACE FUNCTION lifecycle.task_fail(p_task_id uuid, p_token bigint, p_error text, p_error_code text DEFAULT 'agent_error'::text, p_retryable boolean DEFAULT true, p_retry_after_s double precision DEFAULT NULL::double precision, p_now timestamp with time zone DEFAULT now()) RETURNS text
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+DECLARE
+  v_task   task_queue;
+  v_reason text;
+  v_after  double precision := CASE WHEN p_retry_after_s >= 0 AND p_retry_after_s <= 'Infinity'::float8
+                                    THEN least(p_retry_after_s, 31536000) END;
+BEGIN
+  PERFORM 1 FROM workflow_executions e
+   WHERE e.id = (SELECT t.workflow_execution_id FROM task_queue t WHERE t.id = p_task_id) FOR UPDATE;
+  SELECT * INTO v_task FROM task_queue t WHERE t.id = p_task_id FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown task %', p_task_id USING ERRCODE = 'no_data_found';
+  END IF;
+  v_reason := lifecycle.task_refusal(v_task, p_token, 'failed', p_now);
+  IF v_reason IS NOT NULL THEN
+    RETURN 'refused: ' || v_reason;
+  END IF;
+  UPDATE task_queue t
+     SET status = 'failed', error_message = coalesce(nullif(p_error, ''), 'task failed'),
+         error_code = coalesce(p_error_code, 'agent_error'), retryable = coalesce(p_retryable, true),
+         retry_after_s = v_after, completed_at = p_now, updated_at = p_now
+   WHERE t.id = p_task_id;
+  RETURN 'failed';
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.task_fail(p_task_id uuid, p_token bigint, p_error text, p_error_code text, p_retryable boolean, p_retry_after_s double precision, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.task_fail(p_task_id uuid, p_token bigint, p_error text, p_error_code text, p_retryable boolean, p_retry_after_s double precision, p_now timestamp with time zone) TO service_role;
+
+
+-- lifecycle.task_fill
+CREATE OR REPLACE FUNCTION lifecycle.task_fill() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+DECLARE
+  v_stage jsonb;
+BEGIN
+  IF NEW.workflow_execution_id IS NOT NULL THEN
+    SELECT s INTO v_stage
+    FROM workflow_executions e JOIN workflow_definitions d ON d.id = e.workflow_definition_id,
+         jsonb_array_elements(CASE WHEN jsonb_typeof(d.dag_schema -> 'stages') = 'array'
+                                   THEN d.dag_schema -> 'stages' ELSE '[]'::jsonb END) s
+    WHERE e.id = NEW.workflow_execution_id AND jsonb_typeof(s) = 'object' AND s ->> 'id' = NEW.task_type;
+    IF v_stage IS NULL AND EXISTS (SELECT 1 FROM workflow_executions e WHERE e.id = NEW.workflow_execution_id) THEN
+      RAISE EXCEPTION 'task_queue: stage % is not a stage of the DAG that execution % runs',
+        coalesce(NEW.task_type, 'NULL'), NEW.workflow_execution_id
+        USING ERRCODE = 'check_violation', TABLE = 'task_queue', COLUMN = 'task_type';
+    END IF;
+    IF NEW.capability IS NULL THEN
+      NEW.capability := v_stage ->> 'capability';
+    END IF;
+  END IF;
+  IF NEW.workflow_execution_id IS NOT NULL AND NEW.stage_log_id IS NULL THEN
+    SELECT l.id INTO NEW.stage_log_id FROM workflow_execution_logs l
+    WHERE l.execution_id = NEW.workflow_execution_id AND l.stage_id = NEW.task_type;
+  END IF;
+  RETURN NEW;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.task_fill() FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.task_fill() TO service_role;
+
+
+-- lifecycle.task_heartbeat
+CREATE OR REPLACE FUNCTION lifecycle.task_heartbeat(p_task_id uuid, p_token bigint, p_lease_s double precision DEFAULT 30, p_now timestamp with time zone DEFAULT now()) RETURNS boolean
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+BEGIN
+  -- GUARD: arguments
+  IF p_lease_s IS NULL OR NOT (p_lease_s > 0 AND p_lease_s <= 31536000) THEN
+    RAISE EXCEPTION 'lifecycle.task_heartbeat: p_lease_s must be a number of seconds in (0, 31536000], got %', p_lease_s
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  UPDATE task_queue t
+     SET lease_expires_at = p_now + make_interval(secs => p_lease_s), updated_at = p_now
+   WHERE t.id = p_task_id AND t.lease_token = p_token AND t.status = 'in_progress';
+  RETURN FOUND;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.task_heartbeat(p_task_id uuid, p_token bigint, p_lease_s double precision, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.task_heartbeat(p_task_id uuid, p_token bigint, p_lease_s double precision, p_now timestamp with time zone) TO service_role;
+
+
+-- lifecycle.task_notify
+CREATE OR REPLACE FUNCTION lifecycle.task_notify() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+BEGIN
+  IF NEW.status = 'pending' THEN
+    PERFORM pg_notify('lifecycle_task', NEW.id::text);
+  ELSIF NEW.status IN ('completed', 'failed', 'cancelled') THEN
+    PERFORM pg_notify('lifecycle_task_done', NEW.id::text);
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.task_notify() FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.task_notify() TO service_role;
+
+
+-- lifecycle.task_reap
+CREATE OR REPLACE FUNCTION lifecycle.task_reap(p_now timestamp with time zone DEFAULT now()) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+DECLARE
+  v_task       record;
+  v_n          integer := 0;
+  v_superseded boolean;
+BEGIN
+  FOR v_task IN
+    SELECT t.* FROM task_queue t
+     WHERE t.status = 'in_progress' AND t.lease_expires_at < p_now AND t.claimed_by IS DISTINCT FROM 'op'
+     ORDER BY t.lease_expires_at
+     FOR UPDATE SKIP LOCKED
+  LOOP
+    v_superseded := v_task.workflow_execution_id IS NOT NULL AND (
+      EXISTS (SELECT 1 FROM task_queue t2
+               WHERE t2.workflow_execution_id = v_task.workflow_execution_id AND t2.task_type = v_task.task_type
+                 AND t2.attempt > v_task.attempt)
+      OR EXISTS (SELECT 1 FROM workflow_execution_logs l
+                  WHERE l.id = v_task.stage_log_id
+                    AND (l.status <> 'in_progress' OR l.attempt_number > v_task.attempt)));
+    IF v_superseded THEN
+      UPDATE task_queue t
+         SET status = 'cancelled', lease_token = t.lease_token + 1,
+             error_message = format('lease of worker %s expired; its attempt %s was superseded', v_task.claimed_by,
+                                    v_task.attempt),
+             completed_at = p_now, updated_at = p_now
+       WHERE t.id = v_task.id;
+    ELSIF v_task.max_attempts IS NOT NULL AND v_task.attempt >= v_task.max_attempts THEN
+      UPDATE task_queue t
+         SET status = 'failed', error_message = format('lease of worker %s expired; attempts exhausted', v_task.claimed_by),
+             error_code = 'lease_expired', retryable = false, completed_at = p_now, updated_at = p_now
+       WHERE t.id = v_task.id;
+    ELSE
+      UPDATE task_queue t
+         SET status = 'pending', attempt = t.attempt + 1, lease_expires_at = NULL, claimed_by = NULL,
+             started_at = NULL, updated_at = p_now
+       WHERE t.id = v_task.id;
+      UPDATE workflow_execution_logs l SET attempt_number = v_task.attempt + 1
+       WHERE l.id = v_task.stage_log_id AND l.status = 'in_progress';
+    END IF;
+    INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+    VALUES (v_task.workflow_execution_id, 'task_reaped', v_task.task_type,
+            jsonb_build_object('task_id', v_task.id, 'worker', v_task.claimed_by, 'attempt', v_task.attempt,
+                               'lease_expires_at', v_task.lease_expires_at,
+                               'requeued', NOT v_superseded
+                                           AND (v_task.max_attempts IS NULL OR v_task.attempt < v_task.max_attempts),
+                               'superseded', v_superseded),
+            p_now);
+    v_n := v_n + 1;
+  END LOOP;
+  RETURN v_n;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.task_reap(p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.task_reap(p_now timestamp with time zone) TO service_role;
+
+
+-- lifecycle.task_refusal
+CREATE OR REPLACE FUNCTION lifecycle.task_refusal(p_task public.task_queue, p_token bigint, p_outcome text, p_now timestamp with time zone) RETURNS text
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+DECLARE
+  v_reason text;
+BEGIN
+  IF p_task.lease_token <> p_token THEN
+    v_reason := format('lease token %s is stale (current %s): the lease was lost', p_token, p_task.lease_token);
+  ELSIF p_task.status <> 'in_progress' THEN
+    v_reason := format('task is %s', p_task.status);
+  ELSIF p_task.claimed_by IS DISTINCT FROM 'op' AND p_task.lease_expires_at IS NOT NULL
+        AND p_now > p_task.lease_expires_at THEN
+    v_reason := format('the lease of worker %s expired at %s', p_task.claimed_by, p_task.lease_expires_at);
+  END IF;
+  IF v_reason IS NOT NULL THEN
+    INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+    VALUES (p_task.workflow_execution_id, 'task_result_refused', p_task.task_type,
+            jsonb_build_object('task_id', p_task.id, 'token', p_token, 'outcome', p_outcome, 'reason', v_reason),
+            p_now);
+  END IF;
+  RETURN v_reason;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.task_refusal(p_task public.task_queue, p_token bigint, p_outcome text, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.task_refusal(p_task public.task_queue, p_token bigint, p_outcome text, p_now timestamp with time zone) TO service_role;
+
+
+-- lifecycle.task_release
+CREATE OR REPLACE FUNCTION lifecycle.task_release(p_task_id uuid, p_token bigint, p_now timestamp with time zone DEFAULT now()) RETURNS boolean
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+  WITH hit AS (
+    UPDATE task_queue t
+       SET status = 'pending', lease_token = t.lease_token + 1, lease_expires_at = NULL, claimed_by = NULL,
+           started_at = NULL, updated_at = p_now
+     WHERE t.id = p_task_id AND t.lease_token = p_token AND t.status = 'in_progress'
+    RETURNING 1
+  )
+  SELECT EXISTS (SELECT 1 FROM hit)
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.task_release(p_task_id uuid, p_token bigint, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.task_release(p_task_id uuid, p_token bigint, p_now timestamp with time zone) TO service_role;
+
+
+-- lifecycle.task_supersede
+CREATE OR REPLACE FUNCTION lifecycle.task_supersede() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'public', 'pg_temp'
+    AS $$
+BEGIN
+  IF NEW.workflow_execution_id IS NULL THEN
+    RETURN NULL;
+  END IF;
+  UPDATE task_queue t
+     SET status = 'cancelled', lease_token = t.lease_token + 1, lease_expires_at = NULL,
+         error_message = format('superseded by attempt %s (task %s)', NEW.attempt, NEW.id),
+         completed_at = NEW.created_at, updated_at = NEW.created_at
+   WHERE t.workflow_execution_id = NEW.workflow_execution_id AND t.task_type = NEW.task_type
+     AND t.attempt < NEW.attempt AND t.status IN ('pending', 'in_progress');
+  RETURN NULL;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.task_supersede() FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.task_supersede() TO service_role;
+
+
+-- trigger task_queue task_queue_fill
+CREATE OR REPLACE TRIGGER task_queue_fill BEFORE INSERT ON public.task_queue FOR EACH ROW EXECUTE FUNCTION lifecycle.task_fill();
+
+-- trigger task_queue task_queue_notify
+CREATE OR REPLACE TRIGGER task_queue_notify AFTER INSERT OR UPDATE OF status ON public.task_queue FOR EACH ROW EXECUTE FUNCTION lifecycle.task_notify();
+
+-- trigger task_queue task_queue_supersede
+CREATE OR REPLACE TRIGGER task_queue_supersede AFTER INSERT ON public.task_queue FOR EACH ROW EXECUTE FUNCTION lifecycle.task_supersede();
