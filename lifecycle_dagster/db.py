@@ -8,9 +8,13 @@ with dict rows. Every state change is one call of a SQL function or one statemen
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.rows import DictRow, dict_row
 
 from lifecycle_dagster.settings import Settings
@@ -39,3 +43,36 @@ def connect(dsn: str, **kwargs: Any) -> Connection:
     """Open a connection with dict rows (autocommit unless ``autocommit=False`` is passed)."""
     kwargs.setdefault("autocommit", True)
     return psycopg.connect(dsn, row_factory=dict_row, **kwargs)
+
+
+#: one idle connection per DSN kept by this process for the next stage op: ``{dsn: (pid, conn)}``
+_idle: dict[str, tuple[int, Connection]] = {}
+_idle_lock = threading.Lock()
+
+
+@contextmanager
+def reused_connection(dsn: str) -> Iterator[Connection]:
+    """An autocommit connection (dict rows) that the stage ops of a run share: the one this process
+    kept idle for ``dsn`` when there is one, else a new one. It is kept again on a clean exit when
+    it is idle; closed when the block raised, when it is in a transaction, or when another one is
+    kept already (two ops at once in one process). A connection made before a fork is never used
+    (or closed) by the child. Saves a connect (a few ms) per stage after the first of a run."""
+    pid = os.getpid()
+    with _idle_lock:
+        kept = _idle.pop(dsn, None)
+    conn = kept[1] if kept is not None and kept[0] == pid and not kept[1].closed else None
+    if conn is None:
+        conn = connect(dsn)
+    ok = False
+    try:
+        yield conn
+        ok = True
+    finally:
+        keep = ok and not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE
+        if keep:
+            with _idle_lock:
+                keep = dsn not in _idle
+                if keep:
+                    _idle[dsn] = (pid, conn)
+        if not keep:
+            conn.close()

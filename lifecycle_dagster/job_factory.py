@@ -26,7 +26,7 @@ from lifecycle_dagster.compensation import (
     undo_op_name,
 )
 from lifecycle_dagster.dag import Dag, DagValidationError, parse_dag
-from lifecycle_dagster.db import connect
+from lifecycle_dagster.db import connect, reused_connection
 from lifecycle_dagster.heartbeat import Heartbeat
 from lifecycle_dagster.resources import ExecutionRequest, LifecycleDatabase, default_resources
 from lifecycle_dagster.retry import MAX_WAIT_S, resolve_policy
@@ -142,7 +142,7 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
         ctx = {} if execution_id else request.resolved_context()
         dsn = db.resolved_dsn()
         try:
-            with connect(dsn) as conn, Heartbeat(dsn, context.run_id):
+            with reused_connection(dsn) as conn, Heartbeat(dsn, context.run_id):
                 try:
                     outcome = run_stage(
                         conn,

@@ -152,6 +152,46 @@ def _one(conn: Connection, name: str, params: Mapping[str, Any]) -> dict[str, An
     return dict(row)
 
 
+#: executions this process ensured, by (database, run id, definition id, execution id, resume): their ids. A
+#: run's first stage op ensures its execution (creates or adopts it, binds it to the run, starts it);
+#: the others of the run in this process skip that round trip, and ``lifecycle.stage_start`` refuses
+#: them if another run has taken the execution over.
+_ENSURED: dict[tuple[str, str, str, str, bool], str] = {}
+_ENSURED_MAX = 256
+
+
+def _ensure_execution(
+    conn: Connection,
+    spec: StageSpec,
+    run_id: str,
+    execution_id: str | None,
+    context: Mapping[str, Any] | None,
+    resume: bool,
+) -> str:
+    """The id of the execution run ``run_id`` executes (``lifecycle.execution_ensure`` once per run
+    and process)."""
+    database = f"{conn.info.host}:{conn.info.port}/{conn.info.dbname}"
+    key = (database, run_id, spec.definition_id, execution_id or "", resume)
+    found = _ENSURED.get(key)
+    if found is not None:
+        return found
+    row = _one(
+        conn,
+        "ensure_execution",
+        {
+            "definition_id": spec.definition_id,
+            "run_id": run_id,
+            "execution_id": execution_id or None,
+            "context": Jsonb(dict(context or {})),
+            "resume": resume,
+        },
+    )
+    if len(_ENSURED) >= _ENSURED_MAX:
+        del _ENSURED[next(iter(_ENSURED))]
+    _ENSURED[key] = str(row["id"])
+    return _ENSURED[key]
+
+
 def run_stage(
     conn: Connection,
     spec: StageSpec,
@@ -178,18 +218,7 @@ def run_stage(
         psycopg.Error: the database could not be reached or refused an argument.
     """
     try:
-        execution = _one(
-            conn,
-            "ensure_execution",
-            {
-                "definition_id": spec.definition_id,
-                "run_id": run_id,
-                "execution_id": execution_id or None,
-                "context": Jsonb(dict(context or {})),
-                "resume": resume,
-            },
-        )
-        exec_id = str(execution["id"])
+        exec_id = _ensure_execution(conn, spec, run_id, execution_id, context, resume)
         started = _one(
             conn,
             "start_stage",
@@ -203,6 +232,7 @@ def run_stage(
                 "max_attempts": spec.policy.max_attempts,
                 # an adopted execution may hold stages done by hand or by an earlier run
                 "resume": resume or bool(execution_id),
+                "run_id": run_id,
             },
         )
     except (

@@ -56,7 +56,7 @@ SELECT log_id::text AS log_id, task_id::text AS task_id, agent_id::text AS agent
        agent_name, agent_kind, input_data, attempt_number, already_completed, output_data
 FROM lifecycle.stage_start(%(execution_id)s, %(stage_id)s, %(capability)s, %(ancestors)s,
                            %(attempt)s, p_timeout_s => %(timeout_s)s, p_resume => %(resume)s,
-                           p_max_attempts => %(max_attempts)s);
+                           p_max_attempts => %(max_attempts)s, p_run_id => %(run_id)s);
 
 -- name: resumable_executions
 -- In-progress executions with a stage set back to pending (retry_stage) whose not-before time has

@@ -103,13 +103,13 @@ BEGIN
   -- TRANSITION: breakers
   PERFORM lifecycle.breaker_record_task(p_task_id, true, NULL, p_now);
 
-  -- TRANSITION: execution completes when all its definition's stages have
-  SELECT d.dag_schema -> 'stages' INTO v_stages
+  -- TRANSITION: execution completes when all its definition's stages have (one pass)
+  SELECT d.dag_schema -> 'stages',
+         (SELECT count(*) FROM workflow_execution_logs l
+           WHERE l.execution_id = v_exec.id AND l.status = 'completed'
+             AND l.stage_id IN (SELECT s ->> 'id' FROM jsonb_array_elements(d.dag_schema -> 'stages') s))
+    INTO v_stages, v_done
     FROM workflow_definitions d WHERE d.id = v_exec.workflow_definition_id;
-  SELECT count(*) INTO v_done
-    FROM workflow_execution_logs l
-   WHERE l.execution_id = v_exec.id AND l.status = 'completed'
-     AND l.stage_id IN (SELECT s ->> 'id' FROM jsonb_array_elements(v_stages) s);
   IF v_done = jsonb_array_length(v_stages) THEN
     UPDATE workflow_executions e
        SET status = 'completed', updated_at = p_now, error_message = NULL
@@ -573,7 +573,7 @@ GRANT ALL ON FUNCTION lifecycle.executions_stale(p_timeout_s double precision, p
 
 
 -- lifecycle.stage_start
-CREATE OR REPLACE FUNCTION lifecycle.stage_start(p_execution_id uuid, p_stage_id text, p_capability text, p_ancestors jsonb DEFAULT '{}'::jsonb, p_attempt integer DEFAULT 1, p_now timestamp with time zone DEFAULT now(), p_timeout_s double precision DEFAULT NULL::double precision, p_resume boolean DEFAULT false, p_max_attempts integer DEFAULT NULL::integer) RETURNS TABLE(log_id uuid, task_id uuid, agent_id uuid, agent_name text, agent_kind text, input_data jsonb, attempt_number integer, already_completed boolean, output_data jsonb)
+CREATE OR REPLACE FUNCTION lifecycle.stage_start(p_execution_id uuid, p_stage_id text, p_capability text, p_ancestors jsonb DEFAULT '{}'::jsonb, p_attempt integer DEFAULT 1, p_now timestamp with time zone DEFAULT now(), p_timeout_s double precision DEFAULT NULL::double precision, p_resume boolean DEFAULT false, p_max_attempts integer DEFAULT NULL::integer, p_run_id text DEFAULT NULL::text) RETURNS TABLE(log_id uuid, task_id uuid, agent_id uuid, agent_name text, agent_kind text, input_data jsonb, attempt_number integer, already_completed boolean, output_data jsonb)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'public', 'pg_temp'
     AS $$
@@ -611,25 +611,27 @@ BEGIN
     RAISE EXCEPTION 'execution % is %: stage % cannot start', p_execution_id, v_exec.status, p_stage_id
       USING ERRCODE = 'object_not_in_prerequisite_state';
   END IF;
+  -- the op ensures its execution once per run (lifecycle.execution_ensure), not per stage: a run
+  -- that another run took over (a resume) starts no more stages
+  IF p_run_id IS NOT NULL AND v_exec.dagster_run_id IS DISTINCT FROM p_run_id THEN
+    RAISE EXCEPTION 'execution % is bound to Dagster run %, not %: stage % cannot start',
+      p_execution_id, v_exec.dagster_run_id, p_run_id, p_stage_id
+      USING ERRCODE = 'unique_violation';
+  END IF;
 
-  -- GUARD: every ancestor completed
-  SELECT string_agg(a.key, ', ' ORDER BY a.key) INTO v_missing
+  -- GUARD: every ancestor completed; their outputs are the stage's upstream input (one pass)
+  SELECT string_agg(a.key, ', ' ORDER BY a.key) FILTER (WHERE l.status IS DISTINCT FROM 'completed'),
+         coalesce(jsonb_object_agg(a.key, jsonb_build_object('capability', a.value, 'output', l.output_data))
+                    FILTER (WHERE l.id IS NOT NULL),
+                  '{}'::jsonb)
+    INTO v_missing, v_upstream
   FROM jsonb_each_text(coalesce(p_ancestors, '{}'::jsonb)) a
-  WHERE NOT EXISTS (
-    SELECT 1 FROM workflow_execution_logs l
-    WHERE l.execution_id = p_execution_id AND l.stage_id = a.key AND l.status = 'completed');
+  LEFT JOIN workflow_execution_logs l ON l.execution_id = p_execution_id AND l.stage_id = a.key;
   IF v_missing IS NOT NULL THEN
     RAISE EXCEPTION 'stage % of execution % cannot start: upstream stage(s) % not completed',
       p_stage_id, p_execution_id, v_missing
       USING ERRCODE = 'object_not_in_prerequisite_state';
   END IF;
-
-  SELECT coalesce(jsonb_object_agg(a.key, jsonb_build_object('capability', a.value,
-                                                             'output', l.output_data)),
-                  '{}'::jsonb)
-    INTO v_upstream
-  FROM jsonb_each_text(coalesce(p_ancestors, '{}'::jsonb)) a
-  JOIN workflow_execution_logs l ON l.execution_id = p_execution_id AND l.stage_id = a.key;
   v_input := jsonb_build_object('context', v_exec.context, 'upstream', v_upstream);
 
   -- RESUME: a completed stage is kept; a failed one becomes pending for its next attempt
@@ -690,13 +692,16 @@ BEGIN
                              'timeout_s', p_timeout_s),
           p_now);
 
-  RETURN QUERY SELECT v_log_id, v_task_id, v_agent.agent_id, v_agent.agent_name,
-                      v_agent.agent_kind, v_input, v_attempt, false, NULL::jsonb;
+  -- the row, as assignments (no statement of its own)
+  log_id := v_log_id; task_id := v_task_id; agent_id := v_agent.agent_id; agent_name := v_agent.agent_name;
+  agent_kind := v_agent.agent_kind; input_data := v_input; attempt_number := v_attempt;
+  already_completed := false; output_data := NULL;
+  RETURN NEXT;
 END
 $$;
 
-REVOKE ALL ON FUNCTION lifecycle.stage_start(p_execution_id uuid, p_stage_id text, p_capability text, p_ancestors jsonb, p_attempt integer, p_now timestamp with time zone, p_timeout_s double precision, p_resume boolean, p_max_attempts integer) FROM PUBLIC, anon, authenticated, service_role;
-GRANT ALL ON FUNCTION lifecycle.stage_start(p_execution_id uuid, p_stage_id text, p_capability text, p_ancestors jsonb, p_attempt integer, p_now timestamp with time zone, p_timeout_s double precision, p_resume boolean, p_max_attempts integer) TO service_role;
+REVOKE ALL ON FUNCTION lifecycle.stage_start(p_execution_id uuid, p_stage_id text, p_capability text, p_ancestors jsonb, p_attempt integer, p_now timestamp with time zone, p_timeout_s double precision, p_resume boolean, p_max_attempts integer, p_run_id text) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.stage_start(p_execution_id uuid, p_stage_id text, p_capability text, p_ancestors jsonb, p_attempt integer, p_now timestamp with time zone, p_timeout_s double precision, p_resume boolean, p_max_attempts integer, p_run_id text) TO service_role;
 
 
 -- lifecycle.stage_retry

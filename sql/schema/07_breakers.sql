@@ -158,10 +158,12 @@ GRANT ALL ON FUNCTION lifecycle.breaker_config_problem(p_config jsonb) TO servic
 
 -- lifecycle.breaker_defaults
 CREATE OR REPLACE FUNCTION lifecycle.breaker_defaults() RETURNS jsonb
-    LANGUAGE sql IMMUTABLE
+    LANGUAGE plpgsql IMMUTABLE
     AS $$
-  SELECT '{"window_s": 60, "failure_threshold": 5, "error_budget": 0.5, "latency_sla_ms": null,
-           "cooldown_s": 30, "half_open_probes": 1}'::jsonb
+BEGIN
+  RETURN '{"window_s": 60, "failure_threshold": 5, "error_budget": 0.5, "latency_sla_ms": null,
+           "cooldown_s": 30, "half_open_probes": 1}'::jsonb;
+END
 $$;
 
 REVOKE ALL ON FUNCTION lifecycle.breaker_defaults() FROM PUBLIC, anon, authenticated, service_role;
@@ -325,6 +327,7 @@ CREATE OR REPLACE FUNCTION lifecycle.breaker_record_task(p_task_id uuid, p_succe
 DECLARE
   v_task    record;
   v_latency double precision;
+  v_fast    boolean;
 BEGIN
   -- GUARD: nothing to count
   IF p_task_id IS NULL OR (NOT p_success AND lifecycle.breaker_caller_fault(p_error_code)) THEN
@@ -343,6 +346,32 @@ BEGIN
     RETURN;
   END IF;
   v_latency := greatest(0, extract(epoch FROM (p_now - coalesce(v_task.started_at, p_now))) * 1000);
+
+  -- FAST PATH: a success cannot change a closed breaker that judges no latency SLA (a success only
+  -- lowers the error rate). When both breakers exist and are so, share-lock them (agent, then
+  -- capability: the order of the path below; a transition elsewhere waits for this commit) and
+  -- record both outcomes in one statement: no second pass, no window count.
+  IF p_success THEN
+    SELECT count(*) = CASE WHEN v_task.capability IS NULL THEN 1 ELSE 2 END
+           AND bool_and(l.state = 'closed')
+           AND jsonb_typeof(lifecycle.breaker_config('agent', v_task.agent_id::text) -> 'latency_sla_ms')
+               IS DISTINCT FROM 'number'
+           AND jsonb_typeof(lifecycle.breaker_defaults() -> 'latency_sla_ms') IS DISTINCT FROM 'number'
+      INTO v_fast
+      FROM (SELECT b.state FROM lifecycle.breakers b
+             WHERE (b.scope = 'agent' AND b.key = v_task.agent_id::text)
+                OR (b.scope = 'capability' AND b.key = v_task.capability)
+             ORDER BY b.scope
+             FOR SHARE) l;
+    IF v_fast THEN
+      INSERT INTO lifecycle.breaker_outcomes (scope, key, at, success, latency_ms, task_id, error_code)
+      SELECT k.scope, k.key, p_now, true, v_latency, p_task_id, NULL
+      FROM (VALUES ('agent', v_task.agent_id::text), ('capability', v_task.capability)) k(scope, key)
+      WHERE k.key IS NOT NULL
+      ON CONFLICT ON CONSTRAINT lifecycle_breaker_outcomes_one_per_task DO NOTHING;
+      RETURN;
+    END IF;
+  END IF;
 
   -- LOCK + TRANSITION: the agent's breaker, then the capability's
   PERFORM lifecycle.breaker_record('agent', v_task.agent_id::text, p_success, v_latency, p_now,
@@ -558,6 +587,24 @@ DECLARE
   v_pick      record;
   v_found     boolean := false;
 BEGIN
+  -- FAST PATH: the first candidate, when its breaker and the capability's are closed (or not made
+  -- yet), is admitted with no lock and no probe: what the loop below decides in that case
+  SELECT c.agent_id, c.agent_name, c.agent_kind,
+         coalesce(ba.state, 'closed') = 'closed'
+         AND NOT EXISTS (SELECT 1 FROM lifecycle.breakers bc
+                          WHERE bc.scope = 'capability' AND bc.key = p_capability AND bc.state <> 'closed') AS clear
+    INTO v_pick
+    FROM (SELECT * FROM lifecycle.capability_agents(p_capability) LIMIT 1) c  -- its order: least loaded
+    LEFT JOIN lifecycle.breakers ba ON ba.scope = 'agent' AND ba.key = c.agent_id::text;
+  IF NOT FOUND THEN
+    RETURN;
+  END IF;
+  IF v_pick.clear THEN
+    agent_id := v_pick.agent_id; agent_name := v_pick.agent_name; agent_kind := v_pick.agent_kind;
+    RETURN NEXT;
+    RETURN;
+  END IF;
+
   -- LOCK + TRANSITION: agent breakers in name order, then the capability's
   FOR v_candidate IN SELECT * FROM lifecycle.capability_agents(p_capability) LOOP
     IF lifecycle.breaker_admit('agent', v_candidate.agent_id::text, p_now, false) THEN

@@ -120,9 +120,15 @@ GRANT ALL ON FUNCTION lifecycle.audit_guard() TO service_role;
 
 
 -- lifecycle.audit_hash
+-- plpgsql, not sql: its one RETURN is a simple expression that the trigger evaluates without a
+-- statement of its own (a sql function here runs as a nested query per event)
 CREATE OR REPLACE FUNCTION lifecycle.audit_hash(p_prev_hash text, p_canonical text) RETURNS text
-    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-    AS $$ SELECT encode(sha256(convert_to(p_prev_hash || E'\n' || p_canonical, 'UTF8')), 'hex') $$;
+    LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+    AS $$
+BEGIN
+  RETURN encode(sha256(convert_to(p_prev_hash || E'\n' || p_canonical, 'UTF8')), 'hex');
+END
+$$;
 
 REVOKE ALL ON FUNCTION lifecycle.audit_hash(p_prev_hash text, p_canonical text) FROM PUBLIC, anon, authenticated, service_role;
 GRANT ALL ON FUNCTION lifecycle.audit_hash(p_prev_hash text, p_canonical text) TO service_role;
