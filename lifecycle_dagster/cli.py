@@ -423,9 +423,9 @@ def _terminate_run(run_id: str) -> str:
 @click.option("--reason", default="compensation requested by operator", show_default=True)
 @click.option("--no-wait", is_flag=True, help="Only start compensation; the daemon's reconciler runs it.")
 def compensate_cmd(execution_id: str, reason: str, no_wait: bool) -> None:
-    """Compensate a failed or cancelled execution (the runbook's perform_workflow_compensation),
-    then run its compensation job in this process: completed stages are undone in reverse order.
-    Exits 0 when the execution ends rolled_back.
+    """Compensate a failed or cancelled execution (lifecycle.compensation_start, which the runbook's
+    perform_workflow_compensation wraps), then run its compensation job in this process: completed
+    stages are undone in reverse order. Exits 0 when the execution ends rolled_back.
     """
 
     from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, build_compensation_job

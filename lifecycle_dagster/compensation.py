@@ -219,5 +219,6 @@ def _undo(
 
 
 def perform_compensation(conn: Connection, execution_id: str, reason: str) -> None:
-    """The runbook's ``perform_workflow_compensation``: idempotent (see the SQL)."""
+    """Start compensating (``lifecycle.compensation_start``, which the runbook's
+    ``perform_workflow_compensation`` wraps): idempotent."""
     conn.execute(query("perform_compensation"), {"execution_id": execution_id, "reason": reason})

@@ -9,7 +9,7 @@ sensor sees it; the run's first op binds its run id to the row. A row whose job 
 
 ``lifecycle_run_failure_sensor``: a failed forward run is mirrored into Postgres: its execution
 fails (if it was still in progress under that run) and, when its DAG says ``on_failure:
-compensate`` (the default), compensation starts (``perform_workflow_compensation``). Keyed on the
+compensate`` (the default), compensation starts (``lifecycle.compensation_start``). Keyed on the
 execution id and idempotent: a failure delivered twice, or a run retried and failed again, changes
 nothing the second time.
 

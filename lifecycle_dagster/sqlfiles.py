@@ -1,8 +1,9 @@
 """Where the project's SQL lives, and how Python reads it.
 
 All SQL is in ``.sql`` files (the repository's ``sql/`` folder, shipped in the wheel as
-``lifecycle_dagster/_sql``): ``migrations/NNNN_name.sql`` are applied in order by
-:mod:`lifecycle_dagster.migrate`, ``seed.sql`` installs the runbook's lifecycle, and
+``lifecycle_dagster/_sql``): ``migrations/NNNN_name.sql`` (tables) are applied in order by
+:mod:`lifecycle_dagster.migrate`, then ``schema/NN_family.sql`` (every function, view, trigger,
+policy and privilege, written once; see ``sql/README.md``), ``seed.sql`` installs the runbook's lifecycle, and
 ``queries.sql`` holds every query the Python side runs, each introduced by ``-- name: <name>``.
 """
 

@@ -1,5 +1,25 @@
 -- The task protocol: claim (SKIP LOCKED, leases, fencing tokens), heartbeat, complete, fail,
 -- release, reap, abandon; NOTIFY carries ids only.
+--
+-- LOCK ORDER, one for every function here and every transition of 04_stage_transitions.sql,
+-- 06_compensation.sql and 07_breakers.sql (tests/test_lock_order.py races them):
+--   1. the execution row (workflow_executions, FOR UPDATE). A function that may take several
+--      (task_claim, task_reap; lifecycle.audit_prune) takes them SKIP LOCKED and never waits for
+--      one: an execution that another transaction is changing (a cancel, a stage completing) is
+--      skipped until its next call.
+--   2. the agent row (agents, FOR NO KEY UPDATE): task_claim only, so that the claims of one
+--      agent count its tasks in flight one at a time (its concurrency limit). After the
+--      execution, never before: stage_start routes a stage (breaker rows) and inserts its task (a
+--      foreign key check: KEY SHARE on the agent row, which NO KEY UPDATE does not block) with its
+--      execution locked.
+--   3. the stage log (workflow_execution_logs) of that execution;
+--   4. the task (task_queue) of that stage;
+--   then, as they are written, the breaker rows (the agent's, then the capability's) and the audit
+--   streams (pg_advisory_xact_lock: the execution's, then the global one).
+-- The logs and tasks of an execution are locked only by the transaction that holds its row, so
+-- they never take part in a wait cycle. A task without an execution has no rows 1 and 3: it is
+-- locked alone (SKIP LOCKED where a claim or the reaper may meet another). task_heartbeat locks
+-- one task row and takes nothing after it.
 
 -- lifecycle.task_abandon
 CREATE OR REPLACE FUNCTION lifecycle.task_abandon(p_task_id uuid, p_reason text, p_now timestamp with time zone DEFAULT now()) RETURNS text
@@ -9,10 +29,15 @@ CREATE OR REPLACE FUNCTION lifecycle.task_abandon(p_task_id uuid, p_reason text,
 DECLARE
   v_task task_queue;
 BEGIN
+  -- LOCK: the execution first, then the task
+  PERFORM 1 FROM workflow_executions e
+   WHERE e.id = (SELECT t.workflow_execution_id FROM task_queue t WHERE t.id = p_task_id) FOR UPDATE;
   SELECT * INTO v_task FROM task_queue t WHERE t.id = p_task_id FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'unknown task %', p_task_id USING ERRCODE = 'no_data_found';
   END IF;
+
+  -- TRANSITION: an open task -> cancelled (its lease, if any, is revoked)
   IF v_task.status IN ('pending', 'in_progress') THEN
     UPDATE task_queue t
        SET status = 'cancelled', lease_token = t.lease_token + 1, error_message = p_reason,
@@ -37,7 +62,11 @@ DECLARE
   v_caps  text[];
   v_limit integer;
   v_busy  integer;
+  v_want  integer;
   v_n     integer;
+  v_got   integer := 0;
+  v_execs uuid[];
+  v_cand  record;
   v_task  record;
 BEGIN
   -- GUARD: arguments (NaN is greater than every number in Postgres: the upper bound refuses it)
@@ -47,12 +76,37 @@ BEGIN
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
 
-  -- LOCK: the agent (claims of one agent serialise)
-  SELECT * INTO v_agent FROM agents a WHERE a.name = p_agent_name FOR UPDATE;
+  -- GUARD: the agent, read without a lock: how many tasks it may take at most
+  SELECT * INTO v_agent FROM agents a WHERE a.name = p_agent_name;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'unknown agent %', p_agent_name USING ERRCODE = 'no_data_found';
   END IF;
   IF NOT v_agent.is_active THEN
+    RETURN;
+  END IF;
+  v_caps := lifecycle.agent_capabilities(v_agent.id);
+  v_limit := nullif(v_agent.config ->> 'concurrency', '')::integer;
+  SELECT count(*) INTO v_busy FROM task_queue t WHERE t.agent_id = v_agent.id AND t.status = 'in_progress';
+  v_want := CASE WHEN v_limit IS NULL THEN p_limit ELSE least(p_limit, v_limit - v_busy) END;
+  IF v_want <= 0 THEN
+    RETURN;
+  END IF;
+
+  -- LOCK: the executions of the first claimable tasks, SKIP LOCKED (claimers do not wait for one
+  -- another, nor for an execution being cancelled or completed: its tasks wait for the next claim)
+  v_execs := ARRAY(
+    SELECT e.id
+      FROM task_queue q JOIN workflow_executions e ON e.id = q.workflow_execution_id
+     WHERE q.status = 'pending' AND q.capability = ANY (v_caps)
+       AND (q.agent_id IS NULL OR q.agent_id = v_agent.id)
+       AND (q.not_before IS NULL OR q.not_before <= p_now)
+     ORDER BY q.priority DESC, q.created_at, q.id
+     LIMIT v_want
+       FOR UPDATE OF e SKIP LOCKED);
+
+  -- LOCK: the agent (claims of one agent serialise: its concurrency limit is exact), read again
+  SELECT * INTO v_agent FROM agents a WHERE a.id = v_agent.id FOR NO KEY UPDATE;
+  IF NOT FOUND OR NOT v_agent.is_active THEN
     RETURN;
   END IF;
   v_caps := lifecycle.agent_capabilities(v_agent.id);
@@ -63,27 +117,39 @@ BEGIN
     RETURN;
   END IF;
 
-  -- TRANSITION: pending -> in_progress, in one statement
-  FOR v_task IN
+  -- TRANSITION: pending -> in_progress, in claim order, for the tasks of the executions locked
+  -- above and tasks without an execution
+  FOR v_cand IN
+    SELECT q.id, q.workflow_execution_id, q.stage_log_id FROM task_queue q
+     WHERE q.status = 'pending' AND q.capability = ANY (v_caps)
+       AND (q.agent_id IS NULL OR q.agent_id = v_agent.id)
+       AND (q.not_before IS NULL OR q.not_before <= p_now)
+       AND (q.workflow_execution_id = ANY (v_execs) OR q.workflow_execution_id IS NULL)
+     ORDER BY q.priority DESC, q.created_at, q.id
+  LOOP
+    EXIT WHEN v_got >= v_n;
+    -- LOCK: the stage log, then the task (SKIP LOCKED: a task without an execution may be another
+    -- claimer's)
+    IF v_cand.workflow_execution_id IS NOT NULL THEN
+      PERFORM 1 FROM workflow_execution_logs l
+       WHERE l.id = v_cand.stage_log_id AND l.execution_id = v_cand.workflow_execution_id FOR UPDATE;
+    END IF;
     UPDATE task_queue t
        SET status = 'in_progress', agent_id = v_agent.id, lease_token = t.lease_token + 1,
            lease_expires_at = p_now + make_interval(secs => p_lease_s), claimed_by = p_worker,
            started_at = p_now, updated_at = p_now
-      FROM (SELECT q.id FROM task_queue q
-             WHERE q.status = 'pending' AND q.capability = ANY (v_caps)
-               AND (q.agent_id IS NULL OR q.agent_id = v_agent.id)
-               AND (q.not_before IS NULL OR q.not_before <= p_now)
-             ORDER BY q.priority DESC, q.created_at, q.id
-             FOR UPDATE SKIP LOCKED
-             LIMIT v_n) c
-     WHERE t.id = c.id
+     WHERE t.id = (SELECT q.id FROM task_queue q WHERE q.id = v_cand.id AND q.status = 'pending'
+                     FOR UPDATE SKIP LOCKED)
     RETURNING t.id, t.lease_token, t.workflow_execution_id, t.task_type, t.capability, t.attempt, t.input_data,
               t.lease_expires_at, t.stage_log_id
-  LOOP
+    INTO v_task;
+    CONTINUE WHEN NOT FOUND;
+    v_got := v_got + 1;
+
     -- a task enqueued for a pending stage (the runbook's section 7) starts that stage
     UPDATE workflow_execution_logs l
        SET status = 'in_progress', attempt_number = v_task.attempt, started_at = p_now
-     WHERE l.id = v_task.stage_log_id AND l.status = 'pending'
+     WHERE l.id = v_task.stage_log_id AND l.execution_id = v_task.workflow_execution_id AND l.status = 'pending'
        AND EXISTS (SELECT 1 FROM workflow_executions e WHERE e.id = l.execution_id AND e.status = 'in_progress');
     IF FOUND THEN
       INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
@@ -118,9 +184,13 @@ DECLARE
   v_reason  text;
   v_problem text;
 BEGIN
-  -- LOCK: the execution first (the order every transition uses), then the task
+  -- LOCK: the execution first (the order every transition uses), then its stage log, then the task
   PERFORM 1 FROM workflow_executions e
    WHERE e.id = (SELECT t.workflow_execution_id FROM task_queue t WHERE t.id = p_task_id) FOR UPDATE;
+  PERFORM 1 FROM workflow_execution_logs l
+   WHERE l.id = (SELECT t.stage_log_id FROM task_queue t WHERE t.id = p_task_id)
+     AND l.execution_id = (SELECT t.workflow_execution_id FROM task_queue t WHERE t.id = p_task_id)
+     FOR UPDATE;
   SELECT * INTO v_task FROM task_queue t WHERE t.id = p_task_id FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'unknown task %', p_task_id USING ERRCODE = 'no_data_found';
@@ -172,6 +242,7 @@ DECLARE
   v_after  double precision := CASE WHEN p_retry_after_s >= 0 AND p_retry_after_s <= 'Infinity'::float8
                                     THEN least(p_retry_after_s, 31536000) END;
 BEGIN
+  -- LOCK: the execution first, then the task
   PERFORM 1 FROM workflow_executions e
    WHERE e.id = (SELECT t.workflow_execution_id FROM task_queue t WHERE t.id = p_task_id) FOR UPDATE;
   SELECT * INTO v_task FROM task_queue t WHERE t.id = p_task_id FOR UPDATE;
@@ -241,6 +312,7 @@ BEGIN
     RAISE EXCEPTION 'lifecycle.task_heartbeat: p_lease_s must be a number of seconds in (0, 31536000], got %', p_lease_s
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
+  -- LOCK: the task row only, and nothing after it (no status change: no trigger, no other row)
   UPDATE task_queue t
      SET lease_expires_at = p_now + make_interval(secs => p_lease_s), updated_at = p_now
    WHERE t.id = p_task_id AND t.lease_token = p_token AND t.status = 'in_progress';
@@ -277,16 +349,34 @@ CREATE OR REPLACE FUNCTION lifecycle.task_reap(p_now timestamp with time zone DE
     SET search_path TO 'public', 'pg_temp'
     AS $$
 DECLARE
-  v_task       record;
+  v_cand       record;
+  v_exec       workflow_executions;
+  v_task       task_queue;
   v_n          integer := 0;
   v_superseded boolean;
+  v_stopped    boolean;
 BEGIN
-  FOR v_task IN
-    SELECT t.* FROM task_queue t
+  FOR v_cand IN
+    SELECT t.id, t.workflow_execution_id, t.stage_log_id FROM task_queue t
      WHERE t.status = 'in_progress' AND t.lease_expires_at < p_now AND t.claimed_by IS DISTINCT FROM 'op'
      ORDER BY t.lease_expires_at
-     FOR UPDATE SKIP LOCKED
   LOOP
+    -- LOCK: the execution (SKIP LOCKED: the reaper holds the executions of the tasks it reaped so
+    -- far, it must not wait for another; an execution being changed is reaped next time), the stage
+    -- log, then the task (SKIP LOCKED, as before: a heartbeat or another reaper has it)
+    v_exec := NULL;
+    IF v_cand.workflow_execution_id IS NOT NULL THEN
+      SELECT * INTO v_exec FROM workflow_executions e WHERE e.id = v_cand.workflow_execution_id
+         FOR UPDATE SKIP LOCKED;
+      CONTINUE WHEN NOT FOUND;
+      PERFORM 1 FROM workflow_execution_logs l
+       WHERE l.id = v_cand.stage_log_id AND l.execution_id = v_cand.workflow_execution_id FOR UPDATE;
+    END IF;
+    SELECT * INTO v_task FROM task_queue t WHERE t.id = v_cand.id FOR UPDATE SKIP LOCKED;
+    -- GUARD: still expired, now that it is locked (a completion or a heartbeat may have come first)
+    CONTINUE WHEN NOT FOUND OR v_task.status <> 'in_progress' OR NOT coalesce(v_task.lease_expires_at < p_now, false)
+                  OR v_task.claimed_by IS NOT DISTINCT FROM 'op';
+
     v_superseded := v_task.workflow_execution_id IS NOT NULL AND (
       EXISTS (SELECT 1 FROM task_queue t2
                WHERE t2.workflow_execution_id = v_task.workflow_execution_id AND t2.task_type = v_task.task_type
@@ -294,6 +384,10 @@ BEGIN
       OR EXISTS (SELECT 1 FROM workflow_execution_logs l
                   WHERE l.id = v_task.stage_log_id
                     AND (l.status <> 'in_progress' OR l.attempt_number > v_task.attempt)));
+    -- an execution that runs no stage again (a cancelled one: execution_cancel left its running
+    -- stages to their workers) accepts no result of this task: it is not queued again
+    v_stopped := NOT v_superseded
+                 AND v_exec.status IN ('completed', 'cancelled', 'compensating', 'rolled_back', 'compensation_failed');
     IF v_superseded THEN
       UPDATE task_queue t
          SET status = 'cancelled', lease_token = t.lease_token + 1,
@@ -301,6 +395,17 @@ BEGIN
                                     v_task.attempt),
              completed_at = p_now, updated_at = p_now
        WHERE t.id = v_task.id;
+    ELSIF v_stopped THEN
+      UPDATE task_queue t
+         SET status = 'cancelled', lease_token = t.lease_token + 1,
+             error_message = format('lease of worker %s expired; execution is %s', v_task.claimed_by, v_exec.status),
+             completed_at = p_now, updated_at = p_now
+       WHERE t.id = v_task.id;
+      UPDATE workflow_execution_logs l
+         SET status = 'skipped', completed_at = p_now,
+             error_message = format('lease of worker %s expired; execution is %s', v_task.claimed_by, v_exec.status)
+       WHERE l.id = v_task.stage_log_id AND l.execution_id = v_exec.id AND l.status = 'in_progress'
+         AND l.attempt_number = v_task.attempt;
     ELSIF v_task.max_attempts IS NOT NULL AND v_task.attempt >= v_task.max_attempts THEN
       UPDATE task_queue t
          SET status = 'failed', error_message = format('lease of worker %s expired; attempts exhausted', v_task.claimed_by),
@@ -318,9 +423,10 @@ BEGIN
     VALUES (v_task.workflow_execution_id, 'task_reaped', v_task.task_type,
             jsonb_build_object('task_id', v_task.id, 'worker', v_task.claimed_by, 'attempt', v_task.attempt,
                                'lease_expires_at', v_task.lease_expires_at,
-                               'requeued', NOT v_superseded
+                               'requeued', NOT v_superseded AND NOT coalesce(v_stopped, false)
                                            AND (v_task.max_attempts IS NULL OR v_task.attempt < v_task.max_attempts),
-                               'superseded', v_superseded),
+                               'superseded', v_superseded)
+            || CASE WHEN v_stopped THEN jsonb_build_object('execution_status', v_exec.status) ELSE '{}'::jsonb END,
             p_now);
     v_n := v_n + 1;
   END LOOP;
@@ -364,17 +470,46 @@ GRANT ALL ON FUNCTION lifecycle.task_refusal(p_task public.task_queue, p_token b
 
 -- lifecycle.task_release
 CREATE OR REPLACE FUNCTION lifecycle.task_release(p_task_id uuid, p_token bigint, p_now timestamp with time zone DEFAULT now()) RETURNS boolean
-    LANGUAGE sql SECURITY DEFINER
+    LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'public', 'pg_temp'
     AS $$
-  WITH hit AS (
+DECLARE
+  v_exec workflow_executions;
+  v_task task_queue;
+BEGIN
+  -- LOCK: the execution first, then its stage log, then the task
+  SELECT * INTO v_exec FROM workflow_executions e
+   WHERE e.id = (SELECT t.workflow_execution_id FROM task_queue t WHERE t.id = p_task_id) FOR UPDATE;
+  PERFORM 1 FROM workflow_execution_logs l
+   WHERE l.id = (SELECT t.stage_log_id FROM task_queue t WHERE t.id = p_task_id) AND l.execution_id = v_exec.id
+     FOR UPDATE;
+  SELECT * INTO v_task FROM task_queue t WHERE t.id = p_task_id FOR UPDATE;
+  IF NOT FOUND OR v_task.lease_token <> p_token OR v_task.status <> 'in_progress' THEN
+    RETURN false;
+  END IF;
+
+  -- TRANSITION: the holder of the current token hands the task back: pending again, unless its
+  -- execution runs no stage again (a cancelled one): then, as task_reap does, the task is
+  -- cancelled and its running stage skipped (a result of it would only be refused)
+  IF v_exec.status IN ('completed', 'cancelled', 'compensating', 'rolled_back', 'compensation_failed') THEN
+    UPDATE task_queue t
+       SET status = 'cancelled', lease_token = t.lease_token + 1, lease_expires_at = NULL,
+           error_message = format('released by worker %s; execution is %s', t.claimed_by, v_exec.status),
+           completed_at = p_now, updated_at = p_now
+     WHERE t.id = p_task_id;
+    UPDATE workflow_execution_logs l
+       SET status = 'skipped', completed_at = p_now,
+           error_message = format('released by worker %s; execution is %s', v_task.claimed_by, v_exec.status)
+     WHERE l.id = v_task.stage_log_id AND l.execution_id = v_exec.id AND l.status = 'in_progress'
+       AND l.attempt_number = v_task.attempt;
+  ELSE
     UPDATE task_queue t
        SET status = 'pending', lease_token = t.lease_token + 1, lease_expires_at = NULL, claimed_by = NULL,
            started_at = NULL, updated_at = p_now
-     WHERE t.id = p_task_id AND t.lease_token = p_token AND t.status = 'in_progress'
-    RETURNING 1
-  )
-  SELECT EXISTS (SELECT 1 FROM hit)
+     WHERE t.id = p_task_id;
+  END IF;
+  RETURN true;
+END
 $$;
 
 REVOKE ALL ON FUNCTION lifecycle.task_release(p_task_id uuid, p_token bigint, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
