@@ -111,6 +111,20 @@ class _AttemptError:
     retry_after_s: float | None = None
 
 
+#: the status code a transition returns when its result came after the attempt's deadline
+REFUSED_TIMED_OUT = "refused_timed_out"
+
+
+def is_refusal(status: object) -> bool:
+    """Whether a status code returned by a stage or task transition (``lifecycle.stage_complete``,
+    ``stage_fail``, ``stage_schedule_retry``, ``task_complete``, ``task_fail``) is a refusal:
+    ``refused_stale_attempt``, ``refused_stage_not_running``, ``refused_execution_stopped``,
+    ``refused_timed_out``, ``refused_stale_token``, ``refused_task_finished``,
+    ``refused_lease_expired`` or ``refused_bad_output``. The reason in words is in the
+    ``*_result_refused`` event."""
+    return isinstance(status, str) and status.startswith("refused_")
+
+
 def classify(exc: BaseException) -> _AttemptError:
     """Map what an agent call raised to (code, message, retryable, error class)."""
     if isinstance(exc, AgentError):
@@ -316,7 +330,7 @@ def run_stage(
             "fail_stage",
             {"log_id": log_id, "task_id": task_id, "error": message, "error_code": err.code, "attempt": attempt},
         )["status"]
-        if str(status).startswith("refused"):
+        if is_refusal(status):
             return StageStopped(f"{status} ({err.message})", code="refused", **ids)
         return StageFailed(message, code=err.code, **ids)
 
@@ -377,11 +391,11 @@ def run_stage(
             )["status"]
         )
     except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded, psycopg.errors.StatementTooComplex) as exc:
-        # the database refused the output itself (its own payload limits, 0014): as unstorable as above
+        # the database refused the output itself (its own payload limits): as unstorable as above
         refusal = safe_text(exc.diag.message_primary or exc)
         raise record(_AttemptError("bad_output", f"{agent_name}: {refusal}", True, "BadOutput")) from exc
-    if status.startswith("refused"):
-        if "timed out" in status:
+    if is_refusal(status):
+        if status == REFUSED_TIMED_OUT:
             raise record(
                 _AttemptError(
                     "timeout", f"{agent_name}: result arrived after the deadline ({status})", True, "AgentTimeout"

@@ -34,7 +34,7 @@ from psycopg_pool import ConnectionPool
 from lifecycle_dagster.agents import AgentError, AgentRegistry, Task
 from lifecycle_dagster.invoke import AgentCrashed
 from lifecycle_dagster.payload import check_output, safe_text
-from lifecycle_dagster.runtime import classify
+from lifecycle_dagster.runtime import classify, is_refusal
 from lifecycle_dagster.sqlfiles import query
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class Worker:
                     status = conn.execute(
                         query("task_complete"), {"task_id": task_id, "token": token, "output": Jsonb(outcome[1])}
                     ).fetchone()
-                    if status and not str(status["status"]).startswith("refused"):
+                    if status and not is_refusal(status["status"]):
                         self.completed += 1
                 else:
                     _, code, message, retryable, retry_after = outcome

@@ -521,7 +521,13 @@ def test_a_timed_out_result_counts_once_and_other_refusals_not_at_all(db: str) -
         refused = conn.execute(
             'SELECT lifecycle.stage_complete(%s, %s, \'{"summary": "late"}\', %s) AS s', (log_id, task_id, at(2.5))
         ).fetchone()
-        assert refused is not None and refused["s"].startswith("refused: attempt 1 timed out at ")
+        assert refused == {"s": "refused_timed_out"}
+        reason = conn.execute(
+            "SELECT metadata ->> 'reason' AS r, metadata ->> 'code' AS c FROM workflow_events"
+            " WHERE event_type = 'stage_result_refused'"
+        ).fetchone()
+        assert reason is not None and reason["c"] == "refused_timed_out"
+        assert reason["r"].startswith("attempt 1 timed out at ")
         retry = conn.execute(
             "SELECT lifecycle.stage_schedule_retry(%s, %s, 1, 'late', 'timeout', 'AgentTimeout', 0, %s) AS s",
             (log_id, task_id, at(2.5)),
@@ -538,7 +544,7 @@ def test_a_timed_out_result_counts_once_and_other_refusals_not_at_all(db: str) -
         late = conn.execute(
             'SELECT lifecycle.stage_complete(%s, %s, \'{"summary": "x"}\') AS s', (log_id, task_id)
         ).fetchone()
-        assert late == {"s": "refused: execution is cancelled"}
+        assert late == {"s": "refused_execution_stopped"}
     assert len(_outcomes(db, "agent", worker)) == 1
 
 

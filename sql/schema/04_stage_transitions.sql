@@ -78,7 +78,7 @@ BEGIN
        AND (p_attempt IS NULL OR p_attempt = v_log.attempt_number) THEN
       PERFORM lifecycle.breaker_record_task(p_task_id, false, 'timeout', p_now);
     END IF;
-    RETURN 'refused: ' || v_reason;
+    RETURN v_reason;  -- a refused_* code
   END IF;
 
   -- TRANSITION: log, task
@@ -270,7 +270,7 @@ BEGIN
   IF (p_attempt IS NOT NULL AND p_attempt <> v_log.attempt_number)
      OR v_log.status <> 'in_progress' OR v_exec.status <> 'in_progress' THEN
     v_reason := lifecycle.stage_refuse_late_result(v_exec, v_log, p_task_id, p_attempt, 'failed', p_now);
-    RETURN 'refused: ' || v_reason;
+    RETURN v_reason;  -- a refused_* code
   END IF;
 
   -- TRANSITION: log, task
@@ -346,20 +346,28 @@ CREATE OR REPLACE FUNCTION lifecycle.stage_refuse_late_result(v_exec public.work
     SET search_path TO 'public', 'pg_temp'
     AS $$
 DECLARE
+  v_code     text;
   v_reason   text;
   v_deadline timestamptz;
 BEGIN
+  -- returns NULL (the result may be recorded) or a status code: refused_stale_attempt,
+  -- refused_stage_not_running, refused_execution_stopped, refused_timed_out; the reason in words
+  -- goes to the task, the stage log and the stage_result_refused event
   SELECT t.deadline_at INTO v_deadline FROM task_queue t WHERE t.id = p_task_id FOR UPDATE;
   IF p_attempt IS NOT NULL AND p_attempt <> v_log.attempt_number THEN
+    v_code := 'refused_stale_attempt';
     v_reason := format('attempt %s is not the current attempt %s', p_attempt, v_log.attempt_number);
   ELSIF v_log.status <> 'in_progress' THEN
+    v_code := 'refused_stage_not_running';
     v_reason := format('stage is %s, not in_progress', v_log.status);
   ELSIF v_exec.status <> 'in_progress' THEN
+    v_code := 'refused_execution_stopped';
     v_reason := format('execution is %s', v_exec.status);
   ELSIF v_deadline IS NOT NULL AND p_now > v_deadline THEN
+    v_code := 'refused_timed_out';
     v_reason := format('attempt %s timed out at %s', v_log.attempt_number, v_deadline);
   END IF;
-  IF v_reason IS NULL THEN
+  IF v_code IS NULL THEN
     RETURN NULL;
   END IF;
 
@@ -382,9 +390,9 @@ BEGIN
   INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
   VALUES (v_log.execution_id, 'stage_result_refused', v_log.stage_id,
           jsonb_build_object('attempt', coalesce(p_attempt, v_log.attempt_number),
-                             'outcome', p_outcome, 'reason', v_reason, 'task_id', p_task_id),
+                             'outcome', p_outcome, 'code', v_code, 'reason', v_reason, 'task_id', p_task_id),
           p_now);
-  RETURN v_reason;
+  RETURN v_code;
 END
 $$;
 
@@ -473,7 +481,7 @@ BEGIN
   -- GUARD: fencing
   IF p_attempt <> v_log.attempt_number OR v_log.status <> 'in_progress' OR v_exec.status <> 'in_progress' THEN
     v_reason := lifecycle.stage_refuse_late_result(v_exec, v_log, p_task_id, p_attempt, 'retrying', p_now);
-    RETURN 'refused: ' || v_reason;
+    RETURN v_reason;  -- a refused_* code
   END IF;
 
   -- TRANSITION: log -> pending, task -> failed

@@ -197,7 +197,7 @@ BEGIN
   END IF;
   v_reason := lifecycle.task_refusal(v_task, p_token, 'completed', p_now);
   IF v_reason IS NOT NULL THEN
-    RETURN 'refused: ' || v_reason;
+    RETURN v_reason;  -- a refused_* code
   END IF;
 
   -- GUARD: the output
@@ -215,7 +215,7 @@ BEGIN
             jsonb_build_object('task_id', v_task.id, 'token', p_token, 'outcome', 'completed',
                                'reason', v_problem, 'error_code', 'bad_output'),
             p_now);
-    RETURN 'refused: ' || v_problem;
+    RETURN 'refused_bad_output';  -- the reason is in the task and the event
   END IF;
 
   IF v_task.stage_log_id IS NULL THEN
@@ -251,7 +251,7 @@ BEGIN
   END IF;
   v_reason := lifecycle.task_refusal(v_task, p_token, 'failed', p_now);
   IF v_reason IS NOT NULL THEN
-    RETURN 'refused: ' || v_reason;
+    RETURN v_reason;  -- a refused_* code
   END IF;
   UPDATE task_queue t
      SET status = 'failed', error_message = coalesce(nullif(p_error, ''), 'task failed'),
@@ -444,23 +444,27 @@ CREATE OR REPLACE FUNCTION lifecycle.task_refusal(p_task public.task_queue, p_to
     SET search_path TO 'public', 'pg_temp'
     AS $$
 DECLARE
+  v_code   text;
   v_reason text;
 BEGIN
   IF p_task.lease_token <> p_token THEN
+    v_code := 'refused_stale_token';
     v_reason := format('lease token %s is stale (current %s): the lease was lost', p_token, p_task.lease_token);
   ELSIF p_task.status <> 'in_progress' THEN
+    v_code := 'refused_task_finished';
     v_reason := format('task is %s', p_task.status);
   ELSIF p_task.claimed_by IS DISTINCT FROM 'op' AND p_task.lease_expires_at IS NOT NULL
         AND p_now > p_task.lease_expires_at THEN
+    v_code := 'refused_lease_expired';
     v_reason := format('the lease of worker %s expired at %s', p_task.claimed_by, p_task.lease_expires_at);
   END IF;
   IF v_reason IS NOT NULL THEN
     INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
     VALUES (p_task.workflow_execution_id, 'task_result_refused', p_task.task_type,
-            jsonb_build_object('task_id', p_task.id, 'token', p_token, 'outcome', p_outcome, 'reason', v_reason),
+            jsonb_build_object('task_id', p_task.id, 'token', p_token, 'outcome', p_outcome, 'code', v_code, 'reason', v_reason),
             p_now);
   END IF;
-  RETURN v_reason;
+  RETURN v_code;  -- NULL, or refused_stale_token / refused_task_finished / refused_lease_expired
 END
 $$;
 
