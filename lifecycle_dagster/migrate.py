@@ -51,10 +51,9 @@ class MigrationError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Migration:
-    """One migration file: ``version`` (1-based), ``name``, file ``path`` and SHA-256 ``checksum``."""
+class SqlFile:
+    """One SQL file: ``name``, ``path`` and the SHA-256 ``checksum`` of its bytes."""
 
-    version: int
     name: str
     path: Path
     checksum: str
@@ -63,6 +62,13 @@ class Migration:
     def sql(self) -> LiteralString:
         """The file's SQL text."""
         return self.path.read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Migration(SqlFile):
+    """One migration file ``NNNN_name.sql``: ``name`` without the number, ``version`` (1-based)."""
+
+    version: int
 
 
 def discover(folder: Path | None = None) -> list[Migration]:
@@ -80,7 +86,7 @@ def discover(folder: Path | None = None) -> list[Migration]:
         if not m:
             raise MigrationError(f"{path.name}: migration files are named NNNN_snake_name.sql")
         data = path.read_bytes()
-        found.append(Migration(int(m.group(1)), m.group(2), path, hashlib.sha256(data).hexdigest()))
+        found.append(Migration(m.group(2), path, hashlib.sha256(data).hexdigest(), int(m.group(1))))
     for expected, mig in enumerate(found, start=1):
         if mig.version != expected:
             raise MigrationError(
@@ -247,18 +253,8 @@ def run_upgrade(dsn: str, folder: Path | None = None, *, check: bool = False, re
     return report
 
 
-@dataclass(frozen=True)
-class SchemaFile:
-    """One file of ``sql/schema/``: ``name`` (``NN_family.sql``), ``path`` and SHA-256 ``checksum``."""
-
-    name: str
-    path: Path
-    checksum: str
-
-    @property
-    def sql(self) -> LiteralString:
-        """The file's SQL text."""
-        return self.path.read_text(encoding="utf-8")
+class SchemaFile(SqlFile):
+    """One file of ``sql/schema/``; its ``name`` is the file name, ``NN_family.sql``."""
 
 
 _SCHEMA_FILE = re.compile(r"^(\d{2})_([a-z0-9_]+)\.sql$")
