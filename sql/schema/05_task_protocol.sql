@@ -7,8 +7,8 @@
 --      (task_claim, task_reap; lifecycle.audit_prune) takes them SKIP LOCKED and never waits for
 --      one: an execution that another transaction is changing (a cancel, a stage completing) is
 --      skipped until its next call.
---   2. the agent row (agents, FOR NO KEY UPDATE): task_claim only, so that the claims of one
---      agent count its tasks in flight one at a time (its concurrency limit). After the
+--   2. the agent row (agents, FOR NO KEY UPDATE): task_claim, for an agent with a concurrency
+--      limit only, so that its claims count its tasks in flight one at a time. After the
 --      execution, never before: stage_start routes a stage (breaker rows) and inserts its task (a
 --      foreign key check: KEY SHARE on the agent row, which NO KEY UPDATE does not block) with its
 --      execution locked.
@@ -86,10 +86,13 @@ BEGIN
   END IF;
   v_caps := lifecycle.agent_capabilities(v_agent.id);
   v_limit := nullif(v_agent.config ->> 'concurrency', '')::integer;
-  SELECT count(*) INTO v_busy FROM task_queue t WHERE t.agent_id = v_agent.id AND t.status = 'in_progress';
-  v_want := CASE WHEN v_limit IS NULL THEN p_limit ELSE least(p_limit, v_limit - v_busy) END;
-  IF v_want <= 0 THEN
-    RETURN;
+  v_want := p_limit;
+  IF v_limit IS NOT NULL THEN
+    SELECT count(*) INTO v_busy FROM task_queue t WHERE t.agent_id = v_agent.id AND t.status = 'in_progress';
+    v_want := least(p_limit, v_limit - v_busy);
+    IF v_want <= 0 THEN
+      RETURN;
+    END IF;
   END IF;
 
   -- LOCK: the executions of the first claimable tasks, SKIP LOCKED (claimers do not wait for one
@@ -104,17 +107,23 @@ BEGIN
      LIMIT v_want
        FOR UPDATE OF e SKIP LOCKED);
 
-  -- LOCK: the agent (claims of one agent serialise: its concurrency limit is exact), read again
-  SELECT * INTO v_agent FROM agents a WHERE a.id = v_agent.id FOR NO KEY UPDATE;
-  IF NOT FOUND OR NOT v_agent.is_active THEN
-    RETURN;
-  END IF;
-  v_caps := lifecycle.agent_capabilities(v_agent.id);
-  v_limit := nullif(v_agent.config ->> 'concurrency', '')::integer;
-  SELECT count(*) INTO v_busy FROM task_queue t WHERE t.agent_id = v_agent.id AND t.status = 'in_progress';
-  v_n := CASE WHEN v_limit IS NULL THEN p_limit ELSE least(p_limit, v_limit - v_busy) END;
-  IF v_n <= 0 THEN
-    RETURN;
+  -- LOCK: the agent, when it has a concurrency limit (its claims serialise, so the limit is exact),
+  -- read again; an agent with no limit is not locked: its workers claim side by side
+  v_n := p_limit;
+  IF v_limit IS NOT NULL THEN
+    SELECT * INTO v_agent FROM agents a WHERE a.id = v_agent.id FOR NO KEY UPDATE;
+    IF NOT FOUND OR NOT v_agent.is_active THEN
+      RETURN;
+    END IF;
+    v_caps := lifecycle.agent_capabilities(v_agent.id);
+    v_limit := nullif(v_agent.config ->> 'concurrency', '')::integer;
+    IF v_limit IS NOT NULL THEN
+      SELECT count(*) INTO v_busy FROM task_queue t WHERE t.agent_id = v_agent.id AND t.status = 'in_progress';
+      v_n := least(p_limit, v_limit - v_busy);
+      IF v_n <= 0 THEN
+        RETURN;
+      END IF;
+    END IF;
   END IF;
 
   -- TRANSITION: pending -> in_progress, in claim order, for the tasks of the executions locked
