@@ -243,7 +243,9 @@ class World:
             for agent, kind, caps, config in (
                 (PY, "python", ["chaos_py", "chaos_py2"], {"breaker": breaker}),
                 (HTTP, "http", ["chaos_http"], {"breaker": breaker, "url": url, "timeout_s": 2}),
-                (QUEUE, "queue", ["chaos_queue"], {"breaker": breaker}),
+                # a concurrency limit (above what its workers take) makes its claims lock the agent
+                # row: kill_worker_before_claim holds that row to catch a claim in flight
+                (QUEUE, "queue", ["chaos_queue"], {"breaker": breaker, "concurrency": 64}),
             ):
                 a = conn.execute(
                     "INSERT INTO agents (name, kind, config) VALUES (%s, %s, %s) RETURNING id",
@@ -478,8 +480,9 @@ class World:
 
     def kill_worker_before_claim(self) -> bool:
         """SIGKILL a queue worker while its claim is in flight: the agent row is locked so the claim
-        statement waits; the worker dies before its claim returns (the claim then commits for a
-        dead worker, whose lease the reaper takes back, or dies with its session)."""
+        statement waits (the queue agent has a concurrency limit, so its claims lock that row); the
+        worker dies before its claim returns (the claim then commits for a dead worker, whose lease
+        the reaper takes back, or dies with its session)."""
         with connect(self.dsn, autocommit=False) as locker:
             locker.execute("SELECT 1 FROM agents WHERE name = %s FOR UPDATE", (QUEUE,))
             victim = None
