@@ -1,9 +1,24 @@
 """lifecycle-dagster: multi-stage agent workflows kept in Postgres, run as Dagster jobs.
 
-Importing the package exposes the code location's ``defs`` (for ``dagster ... -m
-lifecycle_dagster``); building it reads the database only when Dagster loads the location.
+``lifecycle_dagster.defs`` is the code location's ``Definitions`` (for ``dagster ... -m
+lifecycle_dagster``), imported on first access: ``import lifecycle_dagster`` alone, or a module of
+it such as the pure DAG model or the queue worker, loads neither Dagster nor the job factory.
 """
 
-from lifecycle_dagster.definitions import defs
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["defs"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "defs":
+        from lifecycle_dagster.definitions import defs
+
+        return defs
+    raise AttributeError(f"module 'lifecycle_dagster' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "defs"})

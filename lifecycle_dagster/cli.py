@@ -18,16 +18,11 @@ from typing import Any
 import click
 
 from lifecycle_dagster import migrate
-from lifecycle_dagster.db import connect, resolve_dsn
+from lifecycle_dagster.cli_common import dagster_home, execute_here, main, print_execution
+from lifecycle_dagster.cli_common import dsn as _dsn
+from lifecycle_dagster.db import connect
 from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.sqlfiles import query, seed_sql
-
-
-def _dsn() -> str:
-    try:
-        return resolve_dsn()
-    except Exception as exc:  # the server could not be reached or started
-        raise click.ClickException(f"cannot reach the database: {exc}") from exc
 
 
 def _upgrade_and_seed(dsn: str) -> None:
@@ -37,25 +32,6 @@ def _upgrade_and_seed(dsn: str) -> None:
         raise click.ClickException(str(exc)) from exc
     with connect(dsn) as conn:
         conn.execute(seed_sql())
-
-
-class _Main(click.Group):
-    """Turns database errors into one clear line (exit 1) instead of a traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        import psycopg
-
-        try:
-            return super().invoke(ctx)
-        except psycopg.Error as exc:
-            diag = getattr(exc, "diag", None)
-            message = (diag.message_primary if diag is not None else None) or str(exc).strip()
-            raise click.ClickException(f"database error: {message}") from exc
-
-
-@click.group(cls=_Main)
-def main() -> None:
-    """Multi-stage agent workflows kept in Postgres, run as Dagster jobs."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,21 +140,7 @@ def home_cmd() -> None:
 
     dsn = _dsn()
     settings = Settings.from_env()
-    click.echo(str(_home(settings, dsn)))
-
-
-def _home(settings: Settings, dsn: str) -> Path:
-    """Prepare the Dagster home; warn when a home chosen by the user stores Dagster's runs elsewhere."""
-    from lifecycle_dagster.instance import prepare_home, stores_elsewhere
-
-    home = prepare_home(settings.dagster_home, dsn, managed=settings.dagster_home_managed)
-    if stores_elsewhere(home, dsn):
-        click.echo(
-            f"warning: {home / 'dagster.yaml'} was not written by this tool for this database: Dagster's runs "
-            "are stored where it says, not beside DATABASE_URL's workflow rows",
-            err=True,
-        )
-    return home
+    click.echo(str(dagster_home(settings, dsn)))
 
 
 #: the --context option of run and start
@@ -226,7 +188,7 @@ def run_cmd(workflow: str, context_file: Path) -> None:
     execution_id = str(created["id"])
     click.echo(f"execution {execution_id}  ({workflow} v{row['version']}, job {job.name})")
 
-    os.environ.setdefault("DAGSTER_HOME", str(_home(settings, dsn)))
+    os.environ.setdefault("DAGSTER_HOME", str(dagster_home(settings, dsn)))
     result = execute_here(dsn, job, {EXECUTION_ID_TAG: execution_id})
     status = print_execution(dsn, execution_id)
     click.echo(f"dagster run {result.run_id}: {'success' if result.success else 'failure'}")
@@ -323,42 +285,6 @@ def _read_context(path: Path) -> dict[str, Any]:
     return context
 
 
-def execute_here(dsn: str, job: Any, tags: dict[str, str]) -> Any:
-    """Execute the Dagster ``job`` in this process on the Dagster home of ``dsn`` (in-process
-    executor, console logging off) with run ``tags``; return its ExecuteInProcessResult. A failed
-    run is returned, not raised."""
-    from dagster import DagsterInstance
-
-    instance = DagsterInstance.from_config(str(_home(Settings.from_env(), dsn)))
-    try:
-        return job.execute_in_process(
-            instance=instance,
-            tags=tags,
-            run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
-            raise_on_error=False,
-        )
-    finally:
-        instance.dispose()
-
-
-def print_execution(dsn: str, execution_id: str) -> str:
-    """Print each stage's status and output summary; return the execution's status."""
-    with connect(dsn) as conn:
-        execution = conn.execute(query("execution"), {"execution_id": execution_id}).fetchone()
-        logs = conn.execute(query("stage_logs"), {"execution_id": execution_id}).fetchall()
-    assert execution is not None
-    for log in logs:
-        out: Any = log["output_data"] or {}
-        detail = out.get("summary") if isinstance(out, dict) else None
-        detail = detail or log["error_message"] or ""
-        click.echo(f"  {log['stage_id']:<20} {log['status']:<12} {detail}")
-    line = f"status: {execution['status']}"
-    if execution["error_message"]:
-        line += f"  ({execution['error_message']})"
-    click.echo(line)
-    return str(execution["status"])
-
-
 @main.command("cancel")
 @click.argument("execution_id")
 @click.option("--reason", default="cancelled by operator", show_default=True, help="Recorded with the event.")
@@ -453,7 +379,7 @@ def dev_cmd(ctx: click.Context) -> None:
 
     dsn = _dsn()
     _upgrade_and_seed(dsn)
-    home = _home(Settings.from_env(), dsn)
+    home = dagster_home(Settings.from_env(), dsn)
     target = ["-w", "workspace.yaml"] if Path("workspace.yaml").exists() else ["-m", "lifecycle_dagster"]
     env = {**os.environ, "DATABASE_URL": dsn, "DAGSTER_HOME": str(home)}
     args = [sys.executable, "-m", "dagster", "dev", *target, *ctx.args]
@@ -484,6 +410,7 @@ def _run_process_group(args: list[str], env: dict[str, str], grace_s: float = 10
     return proc.wait()
 
 
+# the other command groups register their commands on ``main`` when imported
 from lifecycle_dagster import cli_agent as _cli_agent  # noqa: E402,F401
 from lifecycle_dagster import cli_audit as _cli_audit  # noqa: E402,F401
 from lifecycle_dagster import cli_ops as _cli_ops  # noqa: E402,F401

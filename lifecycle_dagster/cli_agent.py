@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from lifecycle_dagster.cli import _dsn, main
+from lifecycle_dagster.cli_common import dsn as _dsn
+from lifecycle_dagster.cli_common import main
 
 
 @main.group("agent")
@@ -65,7 +66,7 @@ def limits_cmd() -> None:
     """
     from dagster import DagsterInstance
 
-    from lifecycle_dagster.cli import _home
+    from lifecycle_dagster.cli_common import dagster_home as _home
     from lifecycle_dagster.db import connect
     from lifecycle_dagster.job_factory import capability_pool
     from lifecycle_dagster.settings import Settings

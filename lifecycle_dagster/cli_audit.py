@@ -13,7 +13,8 @@ from typing import Any
 
 import click
 
-from lifecycle_dagster.cli import _dsn, main
+from lifecycle_dagster.cli_common import dsn as _dsn
+from lifecycle_dagster.cli_common import main
 from lifecycle_dagster.db import connect
 from lifecycle_dagster.sqlfiles import query
 

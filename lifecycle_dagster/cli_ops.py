@@ -21,7 +21,8 @@ from typing import Any
 import click
 
 from lifecycle_dagster import migrate
-from lifecycle_dagster.cli import _dsn, main
+from lifecycle_dagster.cli_common import dsn as _dsn
+from lifecycle_dagster.cli_common import main
 from lifecycle_dagster.db import Connection, connect
 from lifecycle_dagster.sqlfiles import query
 
@@ -429,7 +430,8 @@ def retry_cmd(execution_id: str) -> None:
     its next attempt. Exits 0 only when the execution completed."""
     from dagster import DagsterInstance
 
-    from lifecycle_dagster.cli import _home, execute_here, print_execution
+    from lifecycle_dagster.cli_common import dagster_home as _home
+    from lifecycle_dagster.cli_common import execute_here, print_execution
     from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, PARENT_RUN_TAG, ROOT_RUN_TAG, build_job
     from lifecycle_dagster.settings import Settings
 

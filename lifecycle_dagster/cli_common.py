@@ -1,0 +1,91 @@
+"""What the command groups share: the click group ``main``, reaching the database, the Dagster
+home, running a job in this process and printing an execution. Every ``cli*`` module imports from
+here (never from one another), so the command modules form no import cycle; ``cli`` imports them
+all to register their commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lifecycle_dagster.db import connect, resolve_dsn
+from lifecycle_dagster.settings import Settings
+from lifecycle_dagster.sqlfiles import query
+
+
+def dsn() -> str:
+    try:
+        return resolve_dsn()
+    except Exception as exc:  # the server could not be reached or started
+        raise click.ClickException(f"cannot reach the database: {exc}") from exc
+
+
+class _Main(click.Group):
+    """Turns database errors into one clear line (exit 1) instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        import psycopg
+
+        try:
+            return super().invoke(ctx)
+        except psycopg.Error as exc:
+            diag = getattr(exc, "diag", None)
+            message = (diag.message_primary if diag is not None else None) or str(exc).strip()
+            raise click.ClickException(f"database error: {message}") from exc
+
+
+@click.group(cls=_Main)
+def main() -> None:
+    """Multi-stage agent workflows kept in Postgres, run as Dagster jobs."""
+
+
+def dagster_home(settings: Settings, dsn: str) -> Path:
+    """Prepare the Dagster home; warn when a home chosen by the user stores Dagster's runs elsewhere."""
+    from lifecycle_dagster.instance import prepare_home, stores_elsewhere
+
+    home = prepare_home(settings.dagster_home, dsn, managed=settings.dagster_home_managed)
+    if stores_elsewhere(home, dsn):
+        click.echo(
+            f"warning: {home / 'dagster.yaml'} was not written by this tool for this database: Dagster's runs "
+            "are stored where it says, not beside DATABASE_URL's workflow rows",
+            err=True,
+        )
+    return home
+
+
+def execute_here(dsn: str, job: Any, tags: dict[str, str]) -> Any:
+    """Execute the Dagster ``job`` in this process on the Dagster home of ``dsn`` (in-process
+    executor, console logging off) with run ``tags``; return its ExecuteInProcessResult. A failed
+    run is returned, not raised."""
+    from dagster import DagsterInstance
+
+    instance = DagsterInstance.from_config(str(dagster_home(Settings.from_env(), dsn)))
+    try:
+        return job.execute_in_process(
+            instance=instance,
+            tags=tags,
+            run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
+            raise_on_error=False,
+        )
+    finally:
+        instance.dispose()
+
+
+def print_execution(dsn: str, execution_id: str) -> str:
+    """Print each stage's status and output summary; return the execution's status."""
+    with connect(dsn) as conn:
+        execution = conn.execute(query("execution"), {"execution_id": execution_id}).fetchone()
+        logs = conn.execute(query("stage_logs"), {"execution_id": execution_id}).fetchall()
+    assert execution is not None
+    for log in logs:
+        out: Any = log["output_data"] or {}
+        detail = out.get("summary") if isinstance(out, dict) else None
+        detail = detail or log["error_message"] or ""
+        click.echo(f"  {log['stage_id']:<20} {log['status']:<12} {detail}")
+    line = f"status: {execution['status']}"
+    if execution["error_message"]:
+        line += f"  ({execution['error_message']})"
+    click.echo(line)
+    return str(execution["status"])
