@@ -67,6 +67,9 @@ def db_upgrade(check: bool, repair: bool, as_json: bool) -> None:
                     "adopted": {t: {"copied": c, "rejected": r} for t, (c, r) in report.adopted.items()},
                     "rejects": [vars(r) for r in report.rejects],
                     "columns_not_carried": [{"table": t, "column": c} for t, c in report.columns_not_carried],
+                    "schema_applied": report.schema_applied,
+                    "schema_changed": report.schema_changed,
+                    "drift": [{"kind": k, "object": o, "problem": p} for k, o, p in report.drift],
                 },
                 ensure_ascii=False,
             )
@@ -84,6 +87,11 @@ def db_upgrade(check: bool, repair: bool, as_json: bool) -> None:
         )
     for m in report.applied:
         click.echo(f"{would}apply {m.version:04d}_{m.name}" if check else f"applied {m.version:04d}_{m.name}")
+    if report.schema_applied:
+        changed = report.schema_changed
+        what = "all new" if len(changed) == len(report.schema_applied) else f"changed: {', '.join(changed) or 'none'}"
+        verb = "would apply" if check else "applied"
+        click.echo(f"{verb} sql/schema/ ({len(report.schema_applied)} files; {what})")
     for table, (copied, rejected) in report.adopted.items():
         click.echo(f"{would}copy {table}: {copied} row{'s' if copied != 1 else ''}, {rejected} rejected")
     for r in report.rejects:
@@ -95,8 +103,14 @@ def db_upgrade(check: bool, repair: bool, as_json: bool) -> None:
         )
     for table, column in report.columns_not_carried:
         click.echo(f"column {table}.{column} is not ours: its values stay in lifecycle_adopted.{table}")
-    if not (report.applied or report.repaired or report.adopted):
+    if not (report.applied or report.repaired or report.adopted or report.schema_applied):
         click.echo("database is up to date")
+    if report.drift and not (repair or report.schema_applied):
+        n = len(report.drift)
+        click.echo(
+            f"but {n} object{'s' if n != 1 else ''} of ours differ{'s' if n == 1 else ''} from the shipped schema: "
+            "`lifecycle-dagster doctor` lists them, `lifecycle-dagster db upgrade --repair` restores them"
+        )
 
 
 @db.command("seed")

@@ -258,7 +258,7 @@ _RUNBOOK_SECTIONS = {
 class Problem:
     """One thing ``doctor`` found wrong: what, about which object, and what to do."""
 
-    kind: str  # migration | schema_file | function | view | table | trigger | policy | privileges | fingerprints
+    kind: str  # migration | schema_file | function | view | table | trigger | policy | privileges | role | fingerprints
     object: str
     problem: str  # missing | changed | extra | pending | unknown
     message: str
@@ -343,6 +343,22 @@ def schema_file_problems(applied: dict[str, str]) -> list[Problem]:
                 "lifecycle-dagster db upgrade",
             )
         )
+    return problems
+
+
+def role_problems(conn: Connection) -> list[Problem]:
+    """Supabase's client roles holding a role that reaches our objects (service_role, the owner of
+    schema lifecycle, a superuser or BYPASSRLS role) or such an attribute themselves."""
+    problems = []
+    for r in conn.execute(query("client_role_escalations")):
+        role, member_of = r["role"], r["member_of"]
+        if member_of:
+            message = f"role {role} is a member of {member_of}: it has that role's privileges on every object of ours"
+            fix = f"REVOKE {member_of} FROM {role};  (roles are cluster-wide: db upgrade --repair leaves them alone)"
+        else:
+            message = f"role {role} is a superuser or bypasses row-level security"
+            fix = f"ALTER ROLE {role} NOSUPERUSER NOBYPASSRLS;  (db upgrade --repair leaves roles alone)"
+        problems.append(Problem("role", role, "changed", message, fix))
     return problems
 
 
@@ -493,6 +509,7 @@ def doctor_cmd(as_json: bool, with_invariants: bool) -> None:
     problems = migration_problems(done) + schema_file_problems(files)
     with connect(dsn) as conn:
         checked, found = schema_problems(conn)
+        found += role_problems(conn)
         violations = _invariant_violations(conn) if with_invariants else None
     problems += found
     applied = len(done)

@@ -133,6 +133,7 @@ class UpgradeReport:
     repaired: list[tuple[str, str, str]] = field(default_factory=list)
     drift: list[tuple[str, str, str]] = field(default_factory=list)
     schema_applied: list[str] = field(default_factory=list)
+    schema_changed: list[str] = field(default_factory=list)
     check: bool = False
 
 
@@ -210,7 +211,9 @@ def run_upgrade(dsn: str, folder: Path | None = None, *, check: bool = False, re
         stale = [f for f in files if installed.get(f.name) != f.checksum] or (
             files if set(installed) != {f.name for f in files} else []
         )
+        report.schema_changed = [f.name for f in stale]
         drift = _drift(conn) if done else []
+        report.drift = drift
         if repair:
             if not done:
                 raise MigrationError(
@@ -219,7 +222,6 @@ def run_upgrade(dsn: str, folder: Path | None = None, *, check: bool = False, re
             report.repaired = _repair(conn, drift)
             stale = files
         elif (pending or stale) and drift:
-            report.drift = drift
             blocking = [d for d in drift if _blocks_migrating(d)]
             if blocking:
                 raise SchemaDriftError(blocking)

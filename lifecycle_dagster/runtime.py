@@ -141,7 +141,9 @@ def _unrouted(conn: Connection, spec: StageSpec) -> _AttemptError:
     if not any(b["scope"] == "agent" for b in breakers):
         return _AttemptError(
             "no_agent",
-            f"no active agent serves capability '{spec.capability}' (stage '{spec.stage_id}')",
+            f"no active agent serves capability '{spec.capability}' (stage '{spec.stage_id}'): give an active "
+            "agent that capability (an agent_ontologies row, domain 'orchestration') or activate a version "
+            "that does not need it",
             False,
             "NoAgent",
         )

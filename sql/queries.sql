@@ -423,6 +423,22 @@ SELECT kind, object, md5 FROM lifecycle.schema_fingerprints ORDER BY kind, objec
 -- name: schema_fingerprints_now
 SELECT kind, object, md5 FROM lifecycle.schema_catalog() ORDER BY kind, object;
 
+-- name: client_role_escalations
+-- Supabase's client roles (anon, authenticated) holding a role that reaches our objects: a
+-- membership of service_role, of the owner of schema lifecycle, or of a superuser or BYPASSRLS
+-- role, or such an attribute of their own. A membership hands over every privilege of that role,
+-- in every database of the cluster; roles are cluster-wide, so doctor reports and --repair leaves.
+SELECT r.rolname AS role, coalesce(g.rolname, '') AS member_of,
+       r.rolsuper OR r.rolbypassrls AS own_attribute
+FROM pg_roles r
+LEFT JOIN pg_auth_members m ON m.member = r.oid
+LEFT JOIN pg_roles g ON g.oid = m.roleid
+WHERE r.rolname IN ('anon', 'authenticated')
+  AND (r.rolsuper OR r.rolbypassrls
+       OR g.rolname = 'service_role' OR g.rolsuper OR g.rolbypassrls
+       OR g.oid = (SELECT n.nspowner FROM pg_namespace n WHERE n.nspname = 'lifecycle'))
+ORDER BY 1, 2;
+
 -- name: capability_limits
 -- Per capability: the sum of its active agents' concurrency limits, NULL when one has none.
 SELECT c AS capability,

@@ -216,7 +216,8 @@ def test_capability_no_agent_serves_fails_the_stage_clearly(seeded_db: str, inst
         {
             "status": "failed",
             "error_message": "stage target_design failed: no active agent serves capability 'design'"
-            " (stage 'target_design')",
+            " (stage 'target_design'): give an active agent that capability (an agent_ontologies row, domain"
+            " 'orchestration') or activate a version that does not need it",
         }
     ]
 

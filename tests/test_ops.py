@@ -408,3 +408,21 @@ def test_doctor_finds_security_and_migration_drift(db: str, dagster_home: Path) 
         ),
         ("table", "public.agents", "changed"),
     ]
+
+
+def test_doctor_names_a_client_role_that_holds_service_role(db: str) -> None:
+    from lifecycle_dagster.cli_ops import role_problems
+
+    with connect(db) as conn:
+        assert role_problems(conn) == []
+    # roles are cluster-wide: granted inside a transaction that is rolled back, so that no other
+    # database of the server ever sees it
+    with connect(db, autocommit=False) as conn:
+        conn.execute("GRANT service_role TO authenticated")
+        problems = role_problems(conn)
+        conn.rollback()
+    assert [(p.kind, p.object, p.problem) for p in problems] == [("role", "authenticated", "changed")]
+    assert problems[0].message == (
+        "role authenticated is a member of service_role: it has that role's privileges on every object of ours"
+    )
+    assert problems[0].fix.startswith("REVOKE service_role FROM authenticated;")
