@@ -41,7 +41,7 @@ OUR_TABLES = [
     "workflow_execution_logs",
     "workflow_executions",
 ]
-VIEWS = ["lifecycle.breaker_status", "workflow_audit_feed"]
+VIEWS = ["lifecycle.breaker_status", "workflow_audit_feed", "audit_feed"]
 
 
 def _rel(name: str) -> sql.Composable:
@@ -100,7 +100,7 @@ def test_a_user_sees_only_their_own_executions_logs_events_and_tasks(
         assert _ids(conn, "SELECT workflow_execution_id FROM task_queue") == [mine]
         events = conn.execute("SELECT execution_id::text AS e, event_type FROM workflow_events ORDER BY id").fetchall()
         assert [(r["e"], r["event_type"]) for r in events] == [(mine, "workflow_started"), (mine, "stage_started")]
-        feed = conn.execute("SELECT execution_id::text AS e, event_type FROM workflow_audit_feed").fetchall()
+        feed = conn.execute("SELECT execution_id::text AS e, event_type FROM audit_feed").fetchall()
         assert sorted((r["e"], r["event_type"]) for r in feed) == [(mine, "stage_started"), (mine, "workflow_started")]
         # active definitions only; agents, ontologies, breakers and the rest are service_role's
         assert _ids(conn, "SELECT id FROM workflow_definitions") == [world["v1"]]
@@ -337,6 +337,7 @@ def test_every_table_has_rls_and_every_state_change_is_security_definer(db: str)
         ).fetchall()
         assert [dict(v) for v in views] == [
             {"relname": "lifecycle.breaker_status", "reloptions": ["security_invoker=true"]},
+            {"relname": "public.audit_feed", "reloptions": ["security_invoker=true"]},
             # the client's own artifacts: filtered by auth.uid() in the view (clients cannot reach lifecycle)
             {
                 "relname": "public.execution_artifacts",

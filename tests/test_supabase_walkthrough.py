@@ -35,7 +35,7 @@ def _visible(dsn: str, role: str, sub: str | None, eid: str) -> dict[str, int]:
             ("executions", "SELECT count(*) AS n FROM workflow_executions WHERE id = %s"),
             ("logs", "SELECT count(*) AS n FROM workflow_execution_logs WHERE execution_id = %s"),
             ("events", "SELECT count(*) AS n FROM workflow_events WHERE execution_id = %s"),
-            ("feed", "SELECT count(*) AS n FROM workflow_audit_feed WHERE execution_id = %s"),
+            ("feed", "SELECT count(*) AS n FROM audit_feed WHERE execution_id = %s"),
         ):
             row = conn.execute(query, (eid,)).fetchone()
             assert row is not None

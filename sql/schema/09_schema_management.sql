@@ -134,7 +134,7 @@ CREATE OR REPLACE FUNCTION lifecycle.schema_catalog() RETURNS TABLE(kind text, o
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
   WITH fns AS (
-    SELECT p.oid, p.proacl,
+    SELECT p.oid, p.proacl, p.proowner,
            format('%s.%s(%s)', n.nspname, p.proname, pg_get_function_identity_arguments(p.oid)) AS object
     FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
     WHERE p.prokind IN ('f', 'p')
@@ -142,18 +142,21 @@ CREATE OR REPLACE FUNCTION lifecycle.schema_catalog() RETURNS TABLE(kind text, o
            OR (n.nspname = 'public' AND p.proname IN ('perform_workflow_compensation', 'retry_stage',
                                                       'trip_circuit_breaker', 'start_workflow', 'cancel_execution')))
   ), rels AS (
-    SELECT c.oid, format('%s.%s', n.nspname, c.relname) AS object, c.relkind, c.relacl, c.reloptions,
+    SELECT c.oid, format('%s.%s', n.nspname, c.relname) AS object, c.relkind, c.relacl, c.relowner, c.reloptions,
            c.relrowsecurity, c.relforcerowsecurity
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE c.relkind IN ('r', 'p', 'v', 'm')
       AND (n.nspname = 'lifecycle'
            OR (n.nspname = 'public' AND c.relname IN (
                  'workflow_definitions', 'workflow_executions', 'workflow_execution_logs', 'workflow_events',
-                 'agents', 'agent_ontologies', 'task_queue', 'workflow_audit_feed', 'execution_artifacts')))
+                 'agents', 'agent_ontologies', 'task_queue', 'workflow_audit_feed', 'audit_feed',
+                 'execution_artifacts')))
   )
   SELECT 'function', f.object, md5(pg_get_functiondef(f.oid)) FROM fns f
   UNION ALL
-  SELECT 'privileges', 'function ' || f.object, md5(coalesce(f.proacl::text, '')) FROM fns f
+  -- privileges and owner: a function owned by another role runs with that role's rights
+  SELECT 'privileges', 'function ' || f.object, md5(coalesce(f.proacl::text, '') || ' owner=' || f.proowner::regrole)
+  FROM fns f
   UNION ALL
   SELECT 'view', r.object, md5(pg_get_viewdef(r.oid) || coalesce(r.reloptions::text, ''))
   FROM rels r WHERE r.relkind IN ('v', 'm')
@@ -161,11 +164,19 @@ CREATE OR REPLACE FUNCTION lifecycle.schema_catalog() RETURNS TABLE(kind text, o
   SELECT 'table', r.object, md5(format('rls=%s force=%s', r.relrowsecurity, r.relforcerowsecurity))
   FROM rels r WHERE r.relkind IN ('r', 'p')
   UNION ALL
+  -- a table's column privileges and its identity sequences' privileges are part of its own
   SELECT 'privileges', CASE WHEN r.relkind IN ('v', 'm') THEN 'view ' ELSE 'table ' END || r.object,
-         md5(coalesce(r.relacl::text, ''))
+         md5(coalesce(r.relacl::text, '') || ' owner=' || r.relowner::regrole
+             || coalesce((SELECT string_agg(a.attname || '=' || a.attacl::text, ',' ORDER BY a.attnum)
+                            FROM pg_attribute a WHERE a.attrelid = r.oid AND a.attacl IS NOT NULL), '')
+             || coalesce((SELECT string_agg(s.relname || '=' || coalesce(s.relacl::text, ''), ',' ORDER BY s.relname)
+                            FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+                           WHERE d.refobjid = r.oid AND d.classid = 'pg_class'::regclass
+                             AND d.deptype IN ('a', 'i')), ''))
   FROM rels r
   UNION ALL
-  SELECT 'trigger', format('%s on %s', t.tgname, r.object), md5(pg_get_triggerdef(t.oid))
+  -- a disabled trigger is drift too (pg_get_triggerdef does not show it)
+  SELECT 'trigger', format('%s on %s', t.tgname, r.object), md5(pg_get_triggerdef(t.oid) || ' enabled=' || t.tgenabled::text)
   FROM pg_trigger t JOIN rels r ON r.oid = t.tgrelid
   WHERE NOT t.tgisinternal
   UNION ALL
@@ -173,6 +184,24 @@ CREATE OR REPLACE FUNCTION lifecycle.schema_catalog() RETURNS TABLE(kind text, o
          md5(concat_ws(' | ', pol.polcmd, pol.polpermissive, pol.polroles::regrole[]::text,
                        pg_get_expr(pol.polqual, pol.polrelid), pg_get_expr(pol.polwithcheck, pol.polrelid)))
   FROM pg_policy pol JOIN rels r ON r.oid = pol.polrelid
+  UNION ALL
+  -- we ship no rule: any rule on our tables (DO INSTEAD NOTHING on the events, say) is extra
+  SELECT 'rule', format('%s on %s', ru.rulename, r.object), md5(pg_get_ruledef(ru.oid))
+  FROM pg_rewrite ru JOIN rels r ON r.oid = ru.ev_class
+  WHERE ru.rulename <> '_RETURN'
+  UNION ALL
+  -- constraints and the state machine's rows come from migrations: doctor sees them change;
+  -- db upgrade --repair cannot restore them and refuses to record them as shipped
+  SELECT 'constraint', format('%s on %s', con.conname, r.object), md5(pg_get_constraintdef(con.oid))
+  FROM pg_constraint con JOIN rels r ON r.oid = con.conrelid
+  UNION ALL
+  SELECT 'data', 'lifecycle.transitions',
+         md5(coalesce(string_agg(format('%s:%s>%s', tr.entity, tr.from_status, tr.to_status), ','
+                                 ORDER BY tr.entity, tr.from_status, tr.to_status), ''))
+  FROM lifecycle.transitions tr
+  UNION ALL
+  SELECT 'schema', 'schema ' || n.nspname, md5(coalesce(n.nspacl::text, '') || ' owner=' || n.nspowner::regrole)
+  FROM pg_namespace n WHERE n.nspname = 'lifecycle'
 $$;
 
 REVOKE ALL ON FUNCTION lifecycle.schema_catalog() FROM PUBLIC, anon, authenticated, service_role;

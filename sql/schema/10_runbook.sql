@@ -41,9 +41,12 @@ $$;
 REVOKE ALL ON FUNCTION public.trip_circuit_breaker(p_execution_id uuid, p_reason text) FROM PUBLIC, anon, authenticated, service_role;
 GRANT ALL ON FUNCTION public.trip_circuit_breaker(p_execution_id uuid, p_reason text) TO service_role;
 
--- workflow_audit_feed (runbook section 5): one row per event, newest first, with its execution,
--- definition and stage log. security_invoker: a client sees the rows its policies allow.
-CREATE OR REPLACE VIEW public.workflow_audit_feed WITH (security_invoker='true') AS
+-- audit_feed: the audit feed, one row per event, newest first, with its execution, definition and
+-- stage log. security_invoker: a client sees the rows its policies allow (its own executions'); the
+-- engine, as the tables' owner, sees all. The client reads this view, never the runbook's name
+-- below: re-running the runbook's section 5 replaces workflow_audit_feed with a view that is not
+-- security_invoker (replacing a view drops that option), which would read as its owner.
+CREATE OR REPLACE VIEW public.audit_feed WITH (security_invoker='true') AS
  SELECT we.id AS execution_id,
     wd.name AS workflow_name,
     wd.version,
@@ -64,3 +67,15 @@ CREATE OR REPLACE VIEW public.workflow_audit_feed WITH (security_invoker='true')
      JOIN public.workflow_definitions wd ON ((wd.id = we.workflow_definition_id)))
      LEFT JOIN public.workflow_execution_logs wel ON (((wel.execution_id = e.execution_id) AND (wel.stage_id = e.stage_id))))
   ORDER BY e."timestamp" DESC, e.id DESC;
+
+REVOKE ALL ON TABLE public.audit_feed FROM PUBLIC, anon, authenticated, service_role;
+GRANT SELECT ON TABLE public.audit_feed TO service_role;
+GRANT SELECT ON TABLE public.audit_feed TO authenticated;
+
+-- workflow_audit_feed (runbook section 5): the same rows, under the runbook's name, for
+-- service_role and the owner only (see audit_feed).
+CREATE OR REPLACE VIEW public.workflow_audit_feed WITH (security_invoker='true') AS
+ SELECT execution_id, workflow_name, version, stage_id, stage_status, attempt_number, started_at,
+        completed_at, error_message, workflow_status, circuit_breaker_state, context, event_type,
+        metadata, event_timestamp
+   FROM public.audit_feed;

@@ -1,6 +1,10 @@
 -- Security: row-level security, policies and privileges of every table and view.
 -- anon: nothing. authenticated: its own rows (policies) and the client API. service_role: all.
 
+-- schema lifecycle: service_role's only (the clients reach our objects through public)
+REVOKE ALL ON SCHEMA lifecycle FROM PUBLIC, anon, authenticated, service_role;
+GRANT USAGE ON SCHEMA lifecycle TO service_role;
+
 -- rls agent_ontologies
 ALTER TABLE public.agent_ontologies ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.agent_ontologies NO FORCE ROW LEVEL SECURITY;
@@ -263,7 +267,6 @@ GRANT SELECT ON TABLE public.workflow_events TO authenticated;
 -- privileges workflow_audit_feed
 REVOKE ALL ON TABLE public.workflow_audit_feed FROM PUBLIC, anon, authenticated, service_role;
 GRANT SELECT ON TABLE public.workflow_audit_feed TO service_role;
-GRANT SELECT ON TABLE public.workflow_audit_feed TO authenticated;
 
 -- privileges workflow_events_id_seq
 REVOKE ALL ON SEQUENCE public.workflow_events_id_seq FROM PUBLIC, anon, authenticated, service_role;
