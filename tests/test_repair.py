@@ -145,3 +145,20 @@ def test_the_seed_does_not_drift_the_schema(db: str) -> None:
     with connect(db) as conn:
         conn.execute(seed_sql())
     assert _drift(db) == []
+
+
+def test_a_function_in_public_named_like_a_builtin_is_not_called_by_the_guards(seeded_db: str) -> None:
+    """The payload guard runs as the owner (inside SECURITY DEFINER triggers): a look-alike of
+    jsonb_path_exists in a writable public must not run."""
+    _sql(
+        seeded_db,
+        "CREATE FUNCTION public.jsonb_path_exists(jsonb, text) RETURNS boolean LANGUAGE plpgsql AS"
+        " $$ BEGIN RAISE EXCEPTION 'look-alike called'; END $$",
+    )
+    try:
+        with connect(seeded_db) as conn:
+            conn.execute("SELECT set_config('request.jwt.claims', %s, false)", (f'{{"sub": "{USER_A}"}}',))
+            row = conn.execute("SELECT start_workflow('lifecycle_v1', '{\"customer\": \"x\"}') AS id").fetchone()
+        assert row is not None and row["id"]
+    finally:
+        _sql(seeded_db, "DROP FUNCTION public.jsonb_path_exists(jsonb, text)")

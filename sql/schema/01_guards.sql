@@ -299,8 +299,11 @@ GRANT ALL ON FUNCTION lifecycle.payload_max_bytes() TO service_role;
 
 
 -- lifecycle.payload_problem
+-- its own search_path: it runs inside SECURITY DEFINER guards whose path holds public, where a
+-- function named like a built-in (jsonb_path_exists(jsonb, text)) would be the better match
 CREATE OR REPLACE FUNCTION lifecycle.payload_problem(p_value jsonb, p_what text) RETURNS text
     LANGUAGE plpgsql STABLE PARALLEL SAFE
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 DECLARE
   c_max_depth CONSTANT integer := 100;
