@@ -3,8 +3,9 @@
 A Python thread cannot be killed, so an attempt with a timeout (or that must notice a cancel)
 runs the agent in a forked child process: the parent waits on a pipe, polls ``should_stop`` every
 ``poll_s`` seconds and SIGKILLs the child on timeout or stop. Nothing the child did after that
-point is ever read, so a late result cannot be applied. Without a timeout the agent runs in
-this process (no fork cost).
+point is ever read, so a late result cannot be applied. The child dies with the thread that
+forked it (``PR_SET_PDEATHSIG``): a run worker killed with SIGKILL leaves no agent running. Without
+a timeout the agent runs in this process (no fork cost).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +29,25 @@ class AttemptStopped(Exception):
     """``should_stop`` said stop (the execution was cancelled) while the agent ran."""
 
 
-def _child(agent: Agent, task: Task, conn: Any) -> None:  # pragma: no cover - runs in the child
+#: prctl(2) option: the signal the kernel sends this process when the thread that forked it dies
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:  # pragma: no cover - runs in the child
+    """Have the kernel SIGKILL this child when the thread that forked it dies (Linux
+    ``prctl(PR_SET_PDEATHSIG)``; elsewhere nothing), and exit now if the parent died before that
+    was set: a child whose run worker was killed must not finish its work after the execution was
+    rolled back."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _child(agent: Agent, task: Task, conn: Any, parent: int) -> None:  # pragma: no cover - runs in the child
+    _die_with_parent(parent)
     try:
         try:
             out = agent.run(task)
@@ -69,7 +89,7 @@ def call_agent(
 
     ctx = multiprocessing.get_context("fork")
     receiver, sender = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(agent, task, sender), daemon=True)
+    child = ctx.Process(target=_child, args=(agent, task, sender, os.getpid()), daemon=True)
     child.start()
     sender.close()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
