@@ -348,9 +348,8 @@ def schema_file_problems(applied: dict[str, str]) -> list[Problem]:
 
 def role_problems(conn: Connection) -> list[Problem]:
     """Supabase's client roles holding a role that reaches our objects (service_role, the owner of
-    schema lifecycle, a superuser or BYPASSRLS role) or such an attribute themselves; PUBLIC, anon
-    or authenticated allowed to CREATE in schema public. Roles and that privilege are the
-    cluster's or the database's, not ours: doctor reports, --repair leaves them."""
+    schema lifecycle, a superuser or BYPASSRLS role) or such an attribute themselves. Roles are
+    the cluster's, not ours: doctor reports, --repair leaves them."""
     problems = []
     for r in conn.execute(query("client_role_escalations")):
         role, member_of = r["role"], r["member_of"]
@@ -361,18 +360,6 @@ def role_problems(conn: Connection) -> list[Problem]:
             message = f"role {role} is a superuser or bypasses row-level security"
             fix = f"ALTER ROLE {role} NOSUPERUSER NOBYPASSRLS;  (db upgrade --repair leaves roles alone)"
         problems.append(Problem("role", role, "changed", message, fix))
-    writers = [str(r["grantee"]) for r in conn.execute(query("public_schema_writable"))]
-    if writers:
-        problems.append(
-            Problem(
-                "schema",
-                "schema public",
-                "changed",
-                f"{', '.join(writers)} may CREATE in schema public: a function made there can take over a name "
-                "that our SECURITY DEFINER functions call (their search_path is public, pg_temp)",
-                f"REVOKE CREATE ON SCHEMA public FROM {', '.join(writers)};",
-            )
-        )
     return problems
 
 

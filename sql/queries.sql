@@ -423,16 +423,6 @@ SELECT kind, object, md5 FROM lifecycle.schema_fingerprints ORDER BY kind, objec
 -- name: schema_fingerprints_now
 SELECT kind, object, md5 FROM lifecycle.schema_catalog() ORDER BY kind, object;
 
--- name: public_schema_writable
--- Who may CREATE in schema public besides its owner: PUBLIC, anon or authenticated. A function
--- created there can take over a name that a SECURITY DEFINER function of ours calls unqualified
--- (their search_path is public, pg_temp): doctor reports it.
-SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END AS grantee
-FROM pg_namespace n, aclexplode(n.nspacl) a
-WHERE n.nspname = 'public' AND a.privilege_type = 'CREATE'
-  AND (a.grantee = 0 OR a.grantee::regrole::text IN ('anon', 'authenticated'))
-ORDER BY 1;
-
 -- name: client_role_escalations
 -- Supabase's client roles (anon, authenticated) holding a role that reaches our objects: a
 -- membership of service_role, of the owner of schema lifecycle, or of a superuser or BYPASSRLS

@@ -308,10 +308,9 @@ def test_every_table_has_rls_and_every_state_change_is_security_definer(db: str)
         client_api = {"public.start_workflow", "public.cancel_execution"}
         for f in functions:
             assert f["prosecdef"], f["name"]
-            assert [c for c in f["proconfig"] if c.startswith("search_path=")] in (
-                ["search_path=public, pg_temp"],
-                ["search_path=pg_catalog, pg_temp"],
-            ), f["name"]
+            assert [c for c in f["proconfig"] if c.startswith("search_path=")] == [
+                "search_path=pg_catalog, pg_temp"
+            ], f["name"]
             assert (f["anon"], f["authenticated"], f["service_role"]) == (False, f["name"] in client_api, True), f[
                 "name"
             ]

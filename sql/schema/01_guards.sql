@@ -4,7 +4,7 @@
 -- lifecycle.execution_clear_pending_reason
 CREATE OR REPLACE FUNCTION lifecycle.execution_clear_pending_reason() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
   IF NEW.status <> 'pending' THEN
@@ -32,7 +32,7 @@ GRANT ALL ON FUNCTION lifecycle.execution_is_final(p_status text) TO service_rol
 -- lifecycle.guard_agent_config
 CREATE OR REPLACE FUNCTION lifecycle.guard_agent_config() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_problem text := lifecycle.breaker_config_problem(NEW.config -> 'breaker');
@@ -53,7 +53,7 @@ GRANT ALL ON FUNCTION lifecycle.guard_agent_config() TO service_role;
 -- lifecycle.guard_definition_insert
 CREATE OR REPLACE FUNCTION lifecycle.guard_definition_insert() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_problem text;
@@ -80,7 +80,7 @@ GRANT ALL ON FUNCTION lifecycle.guard_definition_insert() TO service_role;
 -- lifecycle.guard_definition_update
 CREATE OR REPLACE FUNCTION lifecycle.guard_definition_update() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
   IF NEW.dag_schema IS DISTINCT FROM OLD.dag_schema THEN
@@ -106,7 +106,7 @@ GRANT ALL ON FUNCTION lifecycle.guard_definition_update() TO service_role;
 -- lifecycle.guard_execution_context
 CREATE OR REPLACE FUNCTION lifecycle.guard_execution_context() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_problem text := lifecycle.payload_problem(NEW.context, 'the context');
@@ -130,7 +130,7 @@ GRANT ALL ON FUNCTION lifecycle.guard_execution_context() TO service_role;
 -- lifecycle.guard_execution_insert
 CREATE OR REPLACE FUNCTION lifecycle.guard_execution_insert() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
   IF NEW.status NOT IN ('pending', 'in_progress') THEN
@@ -148,7 +148,7 @@ GRANT ALL ON FUNCTION lifecycle.guard_execution_insert() TO service_role;
 -- lifecycle.guard_execution_row
 CREATE OR REPLACE FUNCTION lifecycle.guard_execution_row() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_missing text;
@@ -161,9 +161,9 @@ BEGIN
   END IF;
   IF TG_OP = 'UPDATE' AND NEW.status = 'completed' AND OLD.status IS DISTINCT FROM 'completed' THEN
     SELECT string_agg(s ->> 'id', ', ' ORDER BY s ->> 'id') INTO v_missing
-    FROM workflow_definitions d, jsonb_array_elements(d.dag_schema -> 'stages') s
+    FROM public.workflow_definitions d, jsonb_array_elements(d.dag_schema -> 'stages') s
     WHERE d.id = NEW.workflow_definition_id
-      AND NOT EXISTS (SELECT 1 FROM workflow_execution_logs l
+      AND NOT EXISTS (SELECT 1 FROM public.workflow_execution_logs l
                       WHERE l.execution_id = NEW.id AND l.stage_id = s ->> 'id' AND l.status = 'completed');
     IF v_missing IS NOT NULL THEN
       RAISE EXCEPTION 'execution % cannot complete: stage(s) % not completed', NEW.id, v_missing
@@ -181,7 +181,7 @@ GRANT ALL ON FUNCTION lifecycle.guard_execution_row() TO service_role;
 -- lifecycle.guard_stage_identity
 CREATE OR REPLACE FUNCTION lifecycle.guard_stage_identity() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
   IF NEW.execution_id IS DISTINCT FROM OLD.execution_id OR NEW.stage_id IS DISTINCT FROM OLD.stage_id THEN
@@ -199,7 +199,7 @@ GRANT ALL ON FUNCTION lifecycle.guard_stage_identity() TO service_role;
 -- lifecycle.guard_stage_insert
 CREATE OR REPLACE FUNCTION lifecycle.guard_stage_insert() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_definition uuid;
@@ -210,7 +210,7 @@ BEGIN
     RAISE EXCEPTION 'a stage log cannot be inserted as % (stage %)', NEW.status, NEW.stage_id
       USING ERRCODE = 'check_violation';
   END IF;
-  SELECT e.workflow_definition_id INTO v_definition FROM workflow_executions e WHERE e.id = NEW.execution_id;
+  SELECT e.workflow_definition_id INTO v_definition FROM public.workflow_executions e WHERE e.id = NEW.execution_id;
   IF v_definition IS NOT NULL AND NOT lifecycle.dag_has_stage(v_definition, NEW.stage_id) THEN
     RAISE EXCEPTION 'stage % is not a stage of the DAG that execution % runs', NEW.stage_id, NEW.execution_id
       USING ERRCODE = 'check_violation';
@@ -226,7 +226,7 @@ GRANT ALL ON FUNCTION lifecycle.guard_stage_insert() TO service_role;
 -- lifecycle.guard_stage_output
 CREATE OR REPLACE FUNCTION lifecycle.guard_stage_output() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_problem text := lifecycle.payload_problem(NEW.output_data, 'stage output');
@@ -249,7 +249,7 @@ GRANT ALL ON FUNCTION lifecycle.guard_stage_output() TO service_role;
 -- lifecycle.guard_task_insert
 CREATE OR REPLACE FUNCTION lifecycle.guard_task_insert() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
   IF NEW.status NOT IN ('pending', 'in_progress') THEN
@@ -267,7 +267,7 @@ GRANT ALL ON FUNCTION lifecycle.guard_task_insert() TO service_role;
 -- lifecycle.guard_transition
 CREATE OR REPLACE FUNCTION lifecycle.guard_transition() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
   IF NEW.status IS DISTINCT FROM OLD.status AND NOT EXISTS (

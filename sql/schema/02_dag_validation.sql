@@ -178,7 +178,7 @@ CREATE OR REPLACE FUNCTION lifecycle.dag_has_stage(p_definition_id uuid, p_stage
     LANGUAGE sql STABLE
     AS $$
   SELECT EXISTS (
-    SELECT 1 FROM workflow_definitions d, jsonb_array_elements(
+    SELECT 1 FROM public.workflow_definitions d, jsonb_array_elements(
       CASE WHEN jsonb_typeof(d.dag_schema -> 'stages') = 'array' THEN d.dag_schema -> 'stages' ELSE '[]'::jsonb END
     ) s
     WHERE d.id = p_definition_id AND s ->> 'id' = p_stage_id)

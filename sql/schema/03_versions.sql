@@ -3,21 +3,21 @@
 -- lifecycle.definition_activate
 CREATE OR REPLACE FUNCTION lifecycle.definition_activate(p_name text, p_version integer, p_now timestamp with time zone DEFAULT now()) RETURNS TABLE(definition_id uuid, version integer, activated boolean, previous_version integer)
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 #variable_conflict use_column
 DECLARE
-  v_row   workflow_definitions;
-  v_prev  workflow_definitions;
+  v_row   public.workflow_definitions;
+  v_prev  public.workflow_definitions;
   v_known text;
 BEGIN
   -- LOCK: every publish and activation of this name
   PERFORM pg_advisory_xact_lock(hashtextextended(p_name, 0));
 
-  SELECT d.* INTO v_row FROM workflow_definitions d WHERE d.name = p_name AND d.version = p_version FOR UPDATE;
+  SELECT d.* INTO v_row FROM public.workflow_definitions d WHERE d.name = p_name AND d.version = p_version FOR UPDATE;
   IF v_row.id IS NULL THEN
     SELECT string_agg(d.version::text, ', ' ORDER BY d.version) INTO v_known
-      FROM workflow_definitions d WHERE d.name = p_name;
+      FROM public.workflow_definitions d WHERE d.name = p_name;
     IF v_known IS NULL THEN
       RAISE EXCEPTION 'no workflow named %', coalesce(quote_literal(p_name), 'NULL') USING ERRCODE = 'no_data_found';
     END IF;
@@ -25,16 +25,16 @@ BEGIN
       coalesce(p_version::text, 'NULL'), v_known
       USING ERRCODE = 'no_data_found';
   END IF;
-  SELECT d.* INTO v_prev FROM workflow_definitions d WHERE d.name = p_name AND d.is_active FOR UPDATE;
+  SELECT d.* INTO v_prev FROM public.workflow_definitions d WHERE d.name = p_name AND d.is_active FOR UPDATE;
   IF v_row.is_active THEN
     RETURN QUERY SELECT v_row.id, v_row.version, false, v_row.version;
     RETURN;
   END IF;
 
   -- TRANSITION: the previous active version off, this one on
-  UPDATE workflow_definitions d SET is_active = false WHERE d.name = p_name AND d.is_active;
-  UPDATE workflow_definitions d SET is_active = true WHERE d.id = v_row.id;
-  INSERT INTO workflow_events (execution_id, event_type, metadata, "timestamp")
+  UPDATE public.workflow_definitions d SET is_active = false WHERE d.name = p_name AND d.is_active;
+  UPDATE public.workflow_definitions d SET is_active = true WHERE d.id = v_row.id;
+  INSERT INTO public.workflow_events (execution_id, event_type, metadata, "timestamp")
   VALUES (NULL, 'definition_activated',
           jsonb_build_object('name', p_name, 'version', v_row.version, 'definition_id', v_row.id,
                              'previous_version', v_prev.version, 'previous_definition_id', v_prev.id),
@@ -50,12 +50,12 @@ GRANT ALL ON FUNCTION lifecycle.definition_activate(p_name text, p_version integ
 -- lifecycle.definition_publish
 CREATE OR REPLACE FUNCTION lifecycle.definition_publish(p_name text, p_description text, p_dag jsonb, p_activate boolean DEFAULT false, p_created_by uuid DEFAULT NULL::uuid, p_now timestamp with time zone DEFAULT now()) RETURNS TABLE(version integer, created boolean, active boolean, activated boolean, definition_id uuid, previous_version integer)
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 #variable_conflict use_column
 DECLARE
-  v_latest workflow_definitions;
-  v_prev   workflow_definitions;
+  v_latest public.workflow_definitions;
+  v_prev   public.workflow_definitions;
   v_id     uuid;
   v_ver    integer;
   v_by     uuid;
@@ -81,8 +81,8 @@ BEGIN
   -- LOCK: every publish and activation of this name
   PERFORM pg_advisory_xact_lock(hashtextextended(p_name, 0));
 
-  SELECT d.* INTO v_latest FROM workflow_definitions d WHERE d.name = p_name ORDER BY d.version DESC LIMIT 1;
-  SELECT d.* INTO v_prev FROM workflow_definitions d WHERE d.name = p_name AND d.is_active;
+  SELECT d.* INTO v_latest FROM public.workflow_definitions d WHERE d.name = p_name ORDER BY d.version DESC LIMIT 1;
+  SELECT d.* INTO v_prev FROM public.workflow_definitions d WHERE d.name = p_name AND d.is_active;
 
   IF v_latest.id IS NOT NULL AND v_latest.dag_schema = p_dag
      AND v_latest.description IS NOT DISTINCT FROM p_description THEN
@@ -99,19 +99,19 @@ BEGIN
   v_by := coalesce(p_created_by, auth.uid());
   -- TRANSITION: the previous active version (the one-active EXCLUDE is checked at commit anyway)
   IF p_activate AND v_prev.id IS NOT NULL THEN
-    UPDATE workflow_definitions d SET is_active = false WHERE d.id = v_prev.id;
+    UPDATE public.workflow_definitions d SET is_active = false WHERE d.id = v_prev.id;
   END IF;
-  INSERT INTO workflow_definitions (name, description, version, dag_schema, is_active, created_by, created_at)
+  INSERT INTO public.workflow_definitions (name, description, version, dag_schema, is_active, created_by, created_at)
   VALUES (p_name, p_description, v_ver, p_dag, p_activate, v_by, p_now)
   RETURNING id INTO v_id;
-  INSERT INTO workflow_events (execution_id, event_type, metadata, "timestamp")
+  INSERT INTO public.workflow_events (execution_id, event_type, metadata, "timestamp")
   VALUES (NULL, 'definition_published',
           jsonb_build_object('name', p_name, 'version', v_ver, 'definition_id', v_id,
                              'activate', p_activate, 'created_by', v_by,
                              'stage_count', jsonb_array_length(p_dag -> 'stages')),
           p_now);
   IF p_activate THEN
-    INSERT INTO workflow_events (execution_id, event_type, metadata, "timestamp")
+    INSERT INTO public.workflow_events (execution_id, event_type, metadata, "timestamp")
     VALUES (NULL, 'definition_activated',
             jsonb_build_object('name', p_name, 'version', v_ver, 'definition_id', v_id,
                                'previous_version', v_prev.version, 'previous_definition_id', v_prev.id),

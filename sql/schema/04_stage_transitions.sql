@@ -4,13 +4,13 @@
 -- lifecycle.execution_cancel
 CREATE OR REPLACE FUNCTION lifecycle.execution_cancel(p_execution_id uuid, p_reason text DEFAULT 'cancelled'::text, p_compensate boolean DEFAULT true, p_now timestamp with time zone DEFAULT now()) RETURNS TABLE(cancelled boolean, status text, previous_status text, dagster_run_id text)
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_exec workflow_executions;
+  v_exec public.workflow_executions;
 BEGIN
   -- LOCK: execution
-  SELECT * INTO v_exec FROM workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
+  SELECT * INTO v_exec FROM public.workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'unknown workflow execution %', p_execution_id USING ERRCODE = 'no_data_found';
   END IF;
@@ -19,17 +19,17 @@ BEGIN
     RETURN;
   END IF;
 
-  UPDATE workflow_executions e
+  UPDATE public.workflow_executions e
      SET status = 'cancelled', updated_at = p_now,
          error_message = coalesce(nullif(p_reason, ''), 'cancelled')
    WHERE e.id = p_execution_id;
-  UPDATE workflow_execution_logs l
+  UPDATE public.workflow_execution_logs l
      SET status = 'skipped', completed_at = p_now, error_message = 'execution cancelled'
    WHERE l.execution_id = p_execution_id AND l.status = 'pending';
-  UPDATE task_queue t
+  UPDATE public.task_queue t
      SET status = 'cancelled', updated_at = p_now, completed_at = p_now
    WHERE t.workflow_execution_id = p_execution_id AND t.status = 'pending';
-  INSERT INTO workflow_events (execution_id, event_type, metadata, "timestamp")
+  INSERT INTO public.workflow_events (execution_id, event_type, metadata, "timestamp")
   VALUES (p_execution_id, 'workflow_cancelled',
           jsonb_build_object('reason', coalesce(nullif(p_reason, ''), 'cancelled'),
                              'previous_status', v_exec.status, 'compensate', p_compensate,
@@ -46,11 +46,11 @@ GRANT ALL ON FUNCTION lifecycle.execution_cancel(p_execution_id uuid, p_reason t
 -- lifecycle.stage_complete
 CREATE OR REPLACE FUNCTION lifecycle.stage_complete(p_log_id uuid, p_task_id uuid DEFAULT NULL::uuid, p_output jsonb DEFAULT '{}'::jsonb, p_now timestamp with time zone DEFAULT now(), p_attempt integer DEFAULT NULL::integer) RETURNS text
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_exec   workflow_executions;
-  v_log    workflow_execution_logs;
+  v_exec   public.workflow_executions;
+  v_log    public.workflow_execution_logs;
   v_stages jsonb;
   v_done   integer;
   v_reason text;
@@ -62,13 +62,13 @@ BEGIN
   END IF;
 
   -- LOCK: execution, then stage log
-  SELECT e.* INTO v_exec FROM workflow_executions e
-   WHERE e.id = (SELECT l.execution_id FROM workflow_execution_logs l WHERE l.id = p_log_id)
+  SELECT e.* INTO v_exec FROM public.workflow_executions e
+   WHERE e.id = (SELECT l.execution_id FROM public.workflow_execution_logs l WHERE l.id = p_log_id)
    FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'unknown stage log %', p_log_id USING ERRCODE = 'no_data_found';
   END IF;
-  SELECT * INTO v_log FROM workflow_execution_logs l WHERE l.id = p_log_id FOR UPDATE;
+  SELECT * INTO v_log FROM public.workflow_execution_logs l WHERE l.id = p_log_id FOR UPDATE;
 
   -- GUARD: fencing
   v_reason := lifecycle.stage_refuse_late_result(v_exec, v_log, p_task_id, p_attempt, 'completed', p_now);
@@ -82,11 +82,11 @@ BEGIN
   END IF;
 
   -- TRANSITION: log, task
-  UPDATE workflow_execution_logs l
+  UPDATE public.workflow_execution_logs l
      SET status = 'completed', output_data = p_output, completed_at = p_now, error_message = NULL
    WHERE l.id = p_log_id;
   IF p_task_id IS NOT NULL THEN
-    UPDATE task_queue t
+    UPDATE public.task_queue t
        SET status = 'completed', output_data = p_output, completed_at = p_now, updated_at = p_now
      WHERE t.id = p_task_id AND t.stage_log_id = p_log_id;
     IF NOT FOUND THEN
@@ -94,7 +94,7 @@ BEGIN
         USING ERRCODE = 'invalid_parameter_value';
     END IF;
   END IF;
-  INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
   VALUES (v_log.execution_id, 'stage_completed', v_log.stage_id,
           jsonb_build_object('attempt', v_log.attempt_number, 'task_id', p_task_id,
                              'duration_ms', round(extract(epoch FROM (p_now - v_log.started_at)) * 1000)),
@@ -105,16 +105,16 @@ BEGIN
 
   -- TRANSITION: execution completes when all its definition's stages have (one pass)
   SELECT d.dag_schema -> 'stages',
-         (SELECT count(*) FROM workflow_execution_logs l
+         (SELECT count(*) FROM public.workflow_execution_logs l
            WHERE l.execution_id = v_exec.id AND l.status = 'completed'
              AND l.stage_id IN (SELECT s ->> 'id' FROM jsonb_array_elements(d.dag_schema -> 'stages') s))
     INTO v_stages, v_done
-    FROM workflow_definitions d WHERE d.id = v_exec.workflow_definition_id;
+    FROM public.workflow_definitions d WHERE d.id = v_exec.workflow_definition_id;
   IF v_done = jsonb_array_length(v_stages) THEN
-    UPDATE workflow_executions e
+    UPDATE public.workflow_executions e
        SET status = 'completed', updated_at = p_now, error_message = NULL
      WHERE e.id = v_exec.id;
-    INSERT INTO workflow_events (execution_id, event_type, metadata, "timestamp")
+    INSERT INTO public.workflow_events (execution_id, event_type, metadata, "timestamp")
     VALUES (v_exec.id, 'workflow_completed', jsonb_build_object('stages', v_done), p_now);
     RETURN 'completed';
   END IF;
@@ -129,10 +129,10 @@ GRANT ALL ON FUNCTION lifecycle.stage_complete(p_log_id uuid, p_task_id uuid, p_
 -- lifecycle.execution_ensure
 CREATE OR REPLACE FUNCTION lifecycle.execution_ensure(p_definition_id uuid, p_run_id text, p_execution_id uuid DEFAULT NULL::uuid, p_context jsonb DEFAULT '{}'::jsonb, p_now timestamp with time zone DEFAULT now(), p_resume boolean DEFAULT false) RETURNS public.workflow_executions
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v workflow_executions;
+  v public.workflow_executions;
   v_previous_run text;
 BEGIN
   -- GUARD: arguments
@@ -140,7 +140,7 @@ BEGIN
     RAISE EXCEPTION 'lifecycle.execution_ensure: a Dagster run id is required'
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  IF NOT EXISTS (SELECT 1 FROM workflow_definitions d WHERE d.id = p_definition_id) THEN
+  IF NOT EXISTS (SELECT 1 FROM public.workflow_definitions d WHERE d.id = p_definition_id) THEN
     RAISE EXCEPTION 'unknown workflow definition %', p_definition_id
       USING ERRCODE = 'no_data_found';
   END IF;
@@ -151,7 +151,7 @@ BEGIN
 
   -- LOCK: the execution row
   IF p_execution_id IS NOT NULL THEN
-    SELECT * INTO v FROM workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
+    SELECT * INTO v FROM public.workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
     IF NOT FOUND THEN
       RAISE EXCEPTION 'unknown workflow execution %', p_execution_id
         USING ERRCODE = 'no_data_found';
@@ -166,11 +166,11 @@ BEGIN
         USING ERRCODE = 'unique_violation';
     END IF;
   ELSE
-    INSERT INTO workflow_executions AS e (workflow_definition_id, status, context, dagster_run_id,
+    INSERT INTO public.workflow_executions AS e (workflow_definition_id, status, context, dagster_run_id,
                                           created_at, updated_at)
     VALUES (p_definition_id, 'pending', coalesce(p_context, '{}'::jsonb), p_run_id, p_now, p_now)
     ON CONFLICT (dagster_run_id) DO NOTHING;
-    SELECT * INTO v FROM workflow_executions e WHERE e.dagster_run_id = p_run_id FOR UPDATE;
+    SELECT * INTO v FROM public.workflow_executions e WHERE e.dagster_run_id = p_run_id FOR UPDATE;
     IF v.workflow_definition_id <> p_definition_id THEN
       RAISE EXCEPTION 'Dagster run % already executes definition %, not %',
         p_run_id, v.workflow_definition_id, p_definition_id
@@ -181,21 +181,21 @@ BEGIN
   -- TRANSITION
   IF p_resume AND v.dagster_run_id IS DISTINCT FROM p_run_id AND v.status IN ('in_progress', 'failed') THEN
     v_previous_run := v.dagster_run_id;
-    UPDATE workflow_executions e
+    UPDATE public.workflow_executions e
        SET status = 'in_progress', dagster_run_id = p_run_id, updated_at = p_now,
            error_message = CASE WHEN v.status = 'failed' THEN NULL ELSE e.error_message END
      WHERE e.id = v.id
     RETURNING * INTO v;
-    INSERT INTO workflow_events (execution_id, event_type, metadata, "timestamp")
+    INSERT INTO public.workflow_events (execution_id, event_type, metadata, "timestamp")
     VALUES (v.id, 'workflow_resumed',
             jsonb_build_object('dagster_run_id', p_run_id, 'previous_dagster_run_id', v_previous_run),
             p_now);
   ELSIF v.status = 'pending' OR (v.status = 'in_progress' AND v.dagster_run_id IS NULL) THEN
-    UPDATE workflow_executions e
+    UPDATE public.workflow_executions e
        SET status = 'in_progress', dagster_run_id = p_run_id, updated_at = p_now
      WHERE e.id = v.id
     RETURNING * INTO v;
-    INSERT INTO workflow_events (execution_id, event_type, metadata, "timestamp")
+    INSERT INTO public.workflow_events (execution_id, event_type, metadata, "timestamp")
     VALUES (v.id, 'workflow_started', jsonb_build_object('dagster_run_id', p_run_id), p_now);
   ELSIF v.status <> 'in_progress' THEN
     RAISE EXCEPTION 'execution % is % and runs no more stages', v.id, v.status
@@ -212,29 +212,29 @@ GRANT ALL ON FUNCTION lifecycle.execution_ensure(p_definition_id uuid, p_run_id 
 -- lifecycle.execution_fail
 CREATE OR REPLACE FUNCTION lifecycle.execution_fail(p_execution_id uuid, p_reason text, p_run_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT now()) RETURNS boolean
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_exec workflow_executions;
+  v_exec public.workflow_executions;
 BEGIN
   -- LOCK: execution
-  SELECT * INTO v_exec FROM workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
+  SELECT * INTO v_exec FROM public.workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'unknown workflow execution %', p_execution_id USING ERRCODE = 'no_data_found';
   END IF;
   IF v_exec.status <> 'in_progress' OR (p_run_id IS NOT NULL AND v_exec.dagster_run_id IS DISTINCT FROM p_run_id) THEN
     RETURN false;
   END IF;
-  UPDATE workflow_execution_logs l
+  UPDATE public.workflow_execution_logs l
      SET status = 'failed', completed_at = p_now, error_message = p_reason
    WHERE l.execution_id = p_execution_id AND l.status = 'in_progress';
-  UPDATE task_queue t
+  UPDATE public.task_queue t
      SET status = 'failed', completed_at = p_now, updated_at = p_now, error_message = p_reason
    WHERE t.workflow_execution_id = p_execution_id AND t.status = 'in_progress';
-  UPDATE workflow_executions e
+  UPDATE public.workflow_executions e
      SET status = 'failed', error_message = p_reason, updated_at = p_now
    WHERE e.id = p_execution_id;
-  INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
   VALUES (p_execution_id, 'workflow_failed', v_exec.current_stage,
           jsonb_build_object('error', p_reason, 'error_code', 'run_lost', 'dagster_run_id', v_exec.dagster_run_id),
           p_now);
@@ -249,22 +249,22 @@ GRANT ALL ON FUNCTION lifecycle.execution_fail(p_execution_id uuid, p_reason tex
 -- lifecycle.stage_fail
 CREATE OR REPLACE FUNCTION lifecycle.stage_fail(p_log_id uuid, p_task_id uuid DEFAULT NULL::uuid, p_error text DEFAULT NULL::text, p_error_code text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT now(), p_attempt integer DEFAULT NULL::integer) RETURNS text
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_exec   workflow_executions;
-  v_log    workflow_execution_logs;
+  v_exec   public.workflow_executions;
+  v_log    public.workflow_execution_logs;
   v_msg    text := coalesce(nullif(p_error, ''), 'stage failed');
   v_reason text;
 BEGIN
   -- LOCK: execution, then stage log
-  SELECT e.* INTO v_exec FROM workflow_executions e
-   WHERE e.id = (SELECT l.execution_id FROM workflow_execution_logs l WHERE l.id = p_log_id)
+  SELECT e.* INTO v_exec FROM public.workflow_executions e
+   WHERE e.id = (SELECT l.execution_id FROM public.workflow_execution_logs l WHERE l.id = p_log_id)
    FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'unknown stage log %', p_log_id USING ERRCODE = 'no_data_found';
   END IF;
-  SELECT * INTO v_log FROM workflow_execution_logs l WHERE l.id = p_log_id FOR UPDATE;
+  SELECT * INTO v_log FROM public.workflow_execution_logs l WHERE l.id = p_log_id FOR UPDATE;
 
   -- GUARD: fencing (a deadline that passed does not stop a failure from being recorded)
   IF (p_attempt IS NOT NULL AND p_attempt <> v_log.attempt_number)
@@ -274,15 +274,15 @@ BEGIN
   END IF;
 
   -- TRANSITION: log, task
-  UPDATE workflow_execution_logs l
+  UPDATE public.workflow_execution_logs l
      SET status = 'failed', error_message = v_msg, completed_at = p_now
    WHERE l.id = p_log_id;
   IF p_task_id IS NOT NULL THEN
-    UPDATE task_queue t
+    UPDATE public.task_queue t
        SET status = 'failed', error_message = v_msg, completed_at = p_now, updated_at = p_now
      WHERE t.id = p_task_id AND t.stage_log_id = p_log_id AND t.status = 'in_progress';
   END IF;
-  INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
   VALUES (v_log.execution_id, 'stage_failed', v_log.stage_id,
           jsonb_build_object('attempt', v_log.attempt_number, 'task_id', p_task_id,
                              'error', v_msg, 'error_code', p_error_code),
@@ -292,11 +292,11 @@ BEGIN
   PERFORM lifecycle.breaker_record_task(p_task_id, false, p_error_code, p_now);
 
   -- TRANSITION: execution
-  UPDATE workflow_executions e
+  UPDATE public.workflow_executions e
      SET status = 'failed', updated_at = p_now,
          error_message = format('stage %s failed: %s', v_log.stage_id, v_msg)
    WHERE e.id = v_exec.id;
-  INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
   VALUES (v_exec.id, 'workflow_failed', v_log.stage_id,
           jsonb_build_object('stage', v_log.stage_id, 'error', v_msg, 'error_code', p_error_code),
           p_now);
@@ -311,10 +311,10 @@ GRANT ALL ON FUNCTION lifecycle.stage_fail(p_log_id uuid, p_task_id uuid, p_erro
 -- lifecycle.run_heartbeat
 CREATE OR REPLACE FUNCTION lifecycle.run_heartbeat(p_run_id text, p_now timestamp with time zone DEFAULT now()) RETURNS boolean
     LANGUAGE sql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
   WITH hit AS (
-    UPDATE workflow_executions SET heartbeat_at = p_now
+    UPDATE public.workflow_executions SET heartbeat_at = p_now
     WHERE dagster_run_id = p_run_id AND status = 'in_progress'
     RETURNING 1
   )
@@ -330,7 +330,7 @@ CREATE OR REPLACE FUNCTION lifecycle.executions_launchable(p_limit integer DEFAU
     LANGUAGE sql STABLE
     AS $$
   SELECT e.id, d.name, d.version, e.created_at, e.pending_reason
-  FROM workflow_executions e JOIN workflow_definitions d ON d.id = e.workflow_definition_id
+  FROM public.workflow_executions e JOIN public.workflow_definitions d ON d.id = e.workflow_definition_id
   WHERE e.status = 'pending' AND e.dagster_run_id IS NULL
   ORDER BY e.created_at, e.id
   LIMIT p_limit
@@ -343,7 +343,7 @@ GRANT ALL ON FUNCTION lifecycle.executions_launchable(p_limit integer) TO servic
 -- lifecycle.stage_refuse_late_result
 CREATE OR REPLACE FUNCTION lifecycle.stage_refuse_late_result(v_exec public.workflow_executions, v_log public.workflow_execution_logs, p_task_id uuid, p_attempt integer, p_outcome text, p_now timestamp with time zone) RETURNS text
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_code     text;
@@ -353,7 +353,7 @@ BEGIN
   -- returns NULL (the result may be recorded) or a status code: refused_stale_attempt,
   -- refused_stage_not_running, refused_execution_stopped, refused_timed_out; the reason in words
   -- goes to the task, the stage log and the stage_result_refused event
-  SELECT t.deadline_at INTO v_deadline FROM task_queue t WHERE t.id = p_task_id FOR UPDATE;
+  SELECT t.deadline_at INTO v_deadline FROM public.task_queue t WHERE t.id = p_task_id FOR UPDATE;
   IF p_attempt IS NOT NULL AND p_attempt <> v_log.attempt_number THEN
     v_code := 'refused_stale_attempt';
     v_reason := format('attempt %s is not the current attempt %s', p_attempt, v_log.attempt_number);
@@ -372,7 +372,7 @@ BEGIN
   END IF;
 
   IF p_task_id IS NOT NULL THEN
-    UPDATE task_queue t
+    UPDATE public.task_queue t
        SET status = CASE WHEN v_exec.status = 'in_progress' THEN 'failed' ELSE 'cancelled' END,
            error_message = 'result refused: ' || v_reason, completed_at = p_now, updated_at = p_now
      WHERE t.id = p_task_id AND t.status = 'in_progress';
@@ -382,12 +382,12 @@ BEGIN
       -- timed out: the attempt failed (the caller decides on a retry)
       NULL;
     ELSE
-      UPDATE workflow_execution_logs l
+      UPDATE public.workflow_execution_logs l
          SET status = 'skipped', completed_at = p_now, error_message = 'result refused: ' || v_reason
        WHERE l.id = v_log.id;
     END IF;
   END IF;
-  INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
   VALUES (v_log.execution_id, 'stage_result_refused', v_log.stage_id,
           jsonb_build_object('attempt', coalesce(p_attempt, v_log.attempt_number),
                              'outcome', p_outcome, 'code', v_code, 'reason', v_reason, 'task_id', p_task_id),
@@ -456,11 +456,11 @@ GRANT ALL ON FUNCTION lifecycle.retry_delay(p_attempt integer, p_base double pre
 -- lifecycle.stage_schedule_retry
 CREATE OR REPLACE FUNCTION lifecycle.stage_schedule_retry(p_log_id uuid, p_task_id uuid, p_attempt integer, p_error text, p_error_code text, p_error_class text, p_delay_s double precision, p_now timestamp with time zone DEFAULT now()) RETURNS text
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_exec   workflow_executions;
-  v_log    workflow_execution_logs;
+  v_exec   public.workflow_executions;
+  v_log    public.workflow_execution_logs;
   v_reason text;
 BEGIN
   -- GUARD: arguments
@@ -470,13 +470,13 @@ BEGIN
   END IF;
 
   -- LOCK: execution, then stage log
-  SELECT e.* INTO v_exec FROM workflow_executions e
-   WHERE e.id = (SELECT l.execution_id FROM workflow_execution_logs l WHERE l.id = p_log_id)
+  SELECT e.* INTO v_exec FROM public.workflow_executions e
+   WHERE e.id = (SELECT l.execution_id FROM public.workflow_execution_logs l WHERE l.id = p_log_id)
    FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'unknown stage log %', p_log_id USING ERRCODE = 'no_data_found';
   END IF;
-  SELECT * INTO v_log FROM workflow_execution_logs l WHERE l.id = p_log_id FOR UPDATE;
+  SELECT * INTO v_log FROM public.workflow_execution_logs l WHERE l.id = p_log_id FOR UPDATE;
 
   -- GUARD: fencing
   IF p_attempt <> v_log.attempt_number OR v_log.status <> 'in_progress' OR v_exec.status <> 'in_progress' THEN
@@ -485,16 +485,16 @@ BEGIN
   END IF;
 
   -- TRANSITION: log -> pending, task -> failed
-  UPDATE workflow_execution_logs l
+  UPDATE public.workflow_execution_logs l
      SET status = 'pending', error_message = p_error,
          not_before = p_now + make_interval(secs => p_delay_s)
    WHERE l.id = p_log_id;
   IF p_task_id IS NOT NULL THEN
-    UPDATE task_queue t
+    UPDATE public.task_queue t
        SET status = 'failed', error_message = p_error, completed_at = p_now, updated_at = p_now
      WHERE t.id = p_task_id AND t.stage_log_id = p_log_id AND t.status = 'in_progress';
   END IF;
-  INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
   VALUES (v_log.execution_id, 'stage_retrying', v_log.stage_id,
           jsonb_build_object('attempt', p_attempt + 1, 'failed_attempt', p_attempt,
                              'delay_s', p_delay_s, 'not_before', p_now + make_interval(secs => p_delay_s),
@@ -515,17 +515,17 @@ GRANT ALL ON FUNCTION lifecycle.stage_schedule_retry(p_log_id uuid, p_task_id uu
 -- lifecycle.execution_set_pending_reason
 CREATE OR REPLACE FUNCTION lifecycle.execution_set_pending_reason(p_execution_id uuid, p_reason text, p_now timestamp with time zone DEFAULT now()) RETURNS boolean
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_exec workflow_executions;
+  v_exec public.workflow_executions;
 BEGIN
-  SELECT * INTO v_exec FROM workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
+  SELECT * INTO v_exec FROM public.workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
   IF NOT FOUND OR v_exec.status <> 'pending' OR v_exec.pending_reason IS NOT DISTINCT FROM p_reason THEN
     RETURN false;
   END IF;
-  UPDATE workflow_executions e SET pending_reason = p_reason, updated_at = p_now WHERE e.id = p_execution_id;
-  INSERT INTO workflow_events (execution_id, event_type, metadata, "timestamp")
+  UPDATE public.workflow_executions e SET pending_reason = p_reason, updated_at = p_now WHERE e.id = p_execution_id;
+  INSERT INTO public.workflow_events (execution_id, event_type, metadata, "timestamp")
   VALUES (p_execution_id, 'launch_waiting', jsonb_build_object('reason', p_reason), p_now);
   RETURN true;
 END
@@ -540,7 +540,7 @@ CREATE OR REPLACE FUNCTION lifecycle.stage_retry_policy(p_definition_id uuid, p_
     LANGUAGE sql STABLE
     AS $$
   WITH d AS (
-    SELECT d.dag_schema FROM workflow_definitions d WHERE d.id = p_definition_id
+    SELECT d.dag_schema FROM public.workflow_definitions d WHERE d.id = p_definition_id
   ), s AS (
     SELECT st FROM d, jsonb_array_elements(d.dag_schema -> 'stages') st WHERE st ->> 'id' = p_stage_id
   ), merged AS (
@@ -567,10 +567,10 @@ CREATE OR REPLACE FUNCTION lifecycle.executions_stale(p_timeout_s double precisi
     LANGUAGE sql STABLE
     AS $$
   SELECT e.id, e.dagster_run_id, greatest(e.heartbeat_at, e.updated_at)
-  FROM workflow_executions e
+  FROM public.workflow_executions e
   WHERE e.status = 'in_progress' AND e.dagster_run_id IS NOT NULL
     AND greatest(e.heartbeat_at, e.updated_at) < p_now - make_interval(secs => p_timeout_s)
-    AND NOT EXISTS (SELECT 1 FROM workflow_execution_logs l
+    AND NOT EXISTS (SELECT 1 FROM public.workflow_execution_logs l
                     WHERE l.execution_id = e.id AND l.status = 'pending'
                       AND l.not_before > p_now - make_interval(secs => p_timeout_s))
   ORDER BY e.updated_at
@@ -583,10 +583,10 @@ GRANT ALL ON FUNCTION lifecycle.executions_stale(p_timeout_s double precision, p
 -- lifecycle.stage_start
 CREATE OR REPLACE FUNCTION lifecycle.stage_start(p_execution_id uuid, p_stage_id text, p_capability text, p_ancestors jsonb DEFAULT '{}'::jsonb, p_attempt integer DEFAULT 1, p_now timestamp with time zone DEFAULT now(), p_timeout_s double precision DEFAULT NULL::double precision, p_resume boolean DEFAULT false, p_max_attempts integer DEFAULT NULL::integer, p_run_id text DEFAULT NULL::text) RETURNS TABLE(log_id uuid, task_id uuid, agent_id uuid, agent_name text, agent_kind text, input_data jsonb, attempt_number integer, already_completed boolean, output_data jsonb)
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_exec     workflow_executions;
+  v_exec     public.workflow_executions;
   v_missing  text;
   v_upstream jsonb;
   v_input    jsonb;
@@ -594,7 +594,7 @@ DECLARE
   v_attempt  integer;
   v_agent    record;
   v_task_id  uuid;
-  v_existing workflow_execution_logs;
+  v_existing public.workflow_execution_logs;
 BEGIN
   -- GUARD: arguments
   IF p_attempt IS NULL OR p_attempt < 1 THEN
@@ -611,7 +611,7 @@ BEGIN
   END IF;
 
   -- LOCK: execution
-  SELECT * INTO v_exec FROM workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
+  SELECT * INTO v_exec FROM public.workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'unknown workflow execution %', p_execution_id USING ERRCODE = 'no_data_found';
   END IF;
@@ -634,7 +634,7 @@ BEGIN
                   '{}'::jsonb)
     INTO v_missing, v_upstream
   FROM jsonb_each_text(coalesce(p_ancestors, '{}'::jsonb)) a
-  LEFT JOIN workflow_execution_logs l ON l.execution_id = p_execution_id AND l.stage_id = a.key;
+  LEFT JOIN public.workflow_execution_logs l ON l.execution_id = p_execution_id AND l.stage_id = a.key;
   IF v_missing IS NOT NULL THEN
     RAISE EXCEPTION 'stage % of execution % cannot start: upstream stage(s) % not completed',
       p_stage_id, p_execution_id, v_missing
@@ -644,34 +644,34 @@ BEGIN
 
   -- RESUME: a completed stage is kept; a failed one becomes pending for its next attempt
   IF p_resume THEN
-    SELECT * INTO v_existing FROM workflow_execution_logs l
+    SELECT * INTO v_existing FROM public.workflow_execution_logs l
      WHERE l.execution_id = p_execution_id AND l.stage_id = p_stage_id FOR UPDATE;
     IF v_existing.status = 'completed' THEN
       RETURN QUERY SELECT v_existing.id, NULL::uuid, NULL::uuid, NULL::text, NULL::text,
                           v_existing.input_data, v_existing.attempt_number, true, v_existing.output_data;
       RETURN;
     ELSIF v_existing.status = 'failed' THEN
-      UPDATE workflow_execution_logs l
+      UPDATE public.workflow_execution_logs l
          SET status = 'pending', attempt_number = l.attempt_number + 1
        WHERE l.id = v_existing.id;
     END IF;
   END IF;
 
   -- TRANSITION: stage log -> in_progress (the transition guard refuses a completed stage)
-  INSERT INTO workflow_execution_logs AS l (execution_id, stage_id, status, attempt_number,
+  INSERT INTO public.workflow_execution_logs AS l (execution_id, stage_id, status, attempt_number,
                                             started_at, input_data)
   VALUES (p_execution_id, p_stage_id, 'in_progress', p_attempt, p_now, v_input)
   ON CONFLICT ON CONSTRAINT workflow_execution_logs_one_per_stage DO UPDATE
     SET status = 'in_progress',
         attempt_number = CASE WHEN l.status = 'pending'
                               THEN greatest(l.attempt_number, EXCLUDED.attempt_number,
-                                            (SELECT max(t.attempt) + 1 FROM task_queue t WHERE t.stage_log_id = l.id))
+                                            (SELECT max(t.attempt) + 1 FROM public.task_queue t WHERE t.stage_log_id = l.id))
                               ELSE EXCLUDED.attempt_number END,
         started_at = EXCLUDED.started_at, completed_at = NULL, not_before = NULL,
         input_data = EXCLUDED.input_data, output_data = NULL, error_message = NULL
   RETURNING l.id, l.attempt_number INTO v_log_id, v_attempt;
 
-  UPDATE workflow_executions e SET current_stage = p_stage_id, updated_at = p_now
+  UPDATE public.workflow_executions e SET current_stage = p_stage_id, updated_at = p_now
    WHERE e.id = p_execution_id;
 
   SELECT r.agent_id, r.agent_name, r.agent_kind INTO v_agent
@@ -680,7 +680,7 @@ BEGIN
   IF v_agent.agent_id IS NOT NULL THEN
     -- python and http agents: the op is the worker, the task is claimed at once; queue agents: the
     -- task waits, pending, for an external worker (lifecycle.task_claim)
-    INSERT INTO task_queue (workflow_execution_id, task_type, capability, input_data, status, agent_id,
+    INSERT INTO public.task_queue (workflow_execution_id, task_type, capability, input_data, status, agent_id,
                             stage_log_id, attempt, max_attempts, created_at, updated_at, started_at,
                             deadline_at, claimed_by, lease_token)
     VALUES (p_execution_id, p_stage_id, p_capability, v_input,
@@ -693,7 +693,7 @@ BEGIN
     RETURNING id INTO v_task_id;
   END IF;
 
-  INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
   VALUES (p_execution_id, 'stage_started', p_stage_id,
           jsonb_build_object('attempt', v_attempt, 'capability', p_capability,
                              'agent', v_agent.agent_name, 'task_id', v_task_id,
@@ -715,11 +715,11 @@ GRANT ALL ON FUNCTION lifecycle.stage_start(p_execution_id uuid, p_stage_id text
 -- lifecycle.stage_retry
 CREATE OR REPLACE FUNCTION lifecycle.stage_retry(p_log_id uuid, p_max_attempts integer DEFAULT 3, p_now timestamp with time zone DEFAULT now()) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_exec   workflow_executions;
-  v_log    workflow_execution_logs;
+  v_exec   public.workflow_executions;
+  v_log    public.workflow_execution_logs;
   v_policy jsonb;
   v_delay  double precision;
 BEGIN
@@ -730,13 +730,13 @@ BEGIN
   END IF;
 
   -- LOCK: execution, then stage log
-  SELECT e.* INTO v_exec FROM workflow_executions e
-   WHERE e.id = (SELECT l.execution_id FROM workflow_execution_logs l WHERE l.id = p_log_id)
+  SELECT e.* INTO v_exec FROM public.workflow_executions e
+   WHERE e.id = (SELECT l.execution_id FROM public.workflow_execution_logs l WHERE l.id = p_log_id)
    FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'retry_stage: unknown stage log %', p_log_id USING ERRCODE = 'no_data_found';
   END IF;
-  SELECT * INTO v_log FROM workflow_execution_logs l WHERE l.id = p_log_id FOR UPDATE;
+  SELECT * INTO v_log FROM public.workflow_execution_logs l WHERE l.id = p_log_id FOR UPDATE;
   IF v_log.status NOT IN ('pending', 'in_progress', 'failed') THEN
     RAISE EXCEPTION 'retry_stage: stage % of execution % is % and cannot be retried',
       v_log.stage_id, v_log.execution_id, v_log.status
@@ -758,25 +758,25 @@ BEGIN
     END IF;
     IF v_log.status <> 'failed' THEN
       IF v_log.status = 'pending' THEN
-        UPDATE workflow_execution_logs l SET status = 'in_progress' WHERE l.id = p_log_id;
+        UPDATE public.workflow_execution_logs l SET status = 'in_progress' WHERE l.id = p_log_id;
       END IF;
-      UPDATE workflow_execution_logs l
+      UPDATE public.workflow_execution_logs l
          SET status = 'failed', completed_at = p_now, not_before = NULL,
              error_message = coalesce(l.error_message, 'attempts exhausted')
        WHERE l.id = p_log_id;
     END IF;
-    INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+    INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
     VALUES (v_log.execution_id, 'stage_failed', v_log.stage_id,
             jsonb_build_object('attempt', v_log.attempt_number, 'max_attempts', p_max_attempts,
                                'error', 'attempts exhausted', 'error_code', 'attempts_exhausted',
                                'source', 'retry_stage'),
             p_now);
     IF v_exec.status = 'in_progress' THEN
-      UPDATE workflow_executions e
+      UPDATE public.workflow_executions e
          SET status = 'failed', updated_at = p_now,
              error_message = format('stage %s failed: attempts exhausted (%s)', v_log.stage_id, p_max_attempts)
        WHERE e.id = v_exec.id;
-      INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+      INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
       VALUES (v_exec.id, 'workflow_failed', v_log.stage_id,
               jsonb_build_object('stage', v_log.stage_id, 'error', 'attempts exhausted',
                                  'error_code', 'attempts_exhausted'),
@@ -792,17 +792,17 @@ BEGIN
                                    (v_policy ->> 'max_delay_s')::float8,
                                    (v_policy ->> 'multiplier')::float8,
                                    v_policy ->> 'jitter', random()));
-  UPDATE workflow_execution_logs l
+  UPDATE public.workflow_execution_logs l
      SET status = 'pending', attempt_number = v_log.attempt_number + 1, error_message = NULL,
          completed_at = NULL,
          not_before = p_now + make_interval(secs => v_delay)
    WHERE l.id = p_log_id;
   -- an explicit retry of a failed execution (only before any compensation) resumes it
   IF v_exec.status = 'failed' THEN
-    UPDATE workflow_executions e SET status = 'in_progress', updated_at = p_now, error_message = NULL
+    UPDATE public.workflow_executions e SET status = 'in_progress', updated_at = p_now, error_message = NULL
      WHERE e.id = v_exec.id;
   END IF;
-  INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
   VALUES (v_log.execution_id, 'stage_retrying', v_log.stage_id,
           jsonb_build_object('attempt', v_log.attempt_number + 1, 'failed_attempt', v_log.attempt_number,
                              'delay_s', v_delay, 'not_before', p_now + make_interval(secs => v_delay),

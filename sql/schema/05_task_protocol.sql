@@ -24,22 +24,22 @@
 -- lifecycle.task_abandon
 CREATE OR REPLACE FUNCTION lifecycle.task_abandon(p_task_id uuid, p_reason text, p_now timestamp with time zone DEFAULT now()) RETURNS text
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_task task_queue;
+  v_task public.task_queue;
 BEGIN
   -- LOCK: the execution first, then the task
-  PERFORM 1 FROM workflow_executions e
-   WHERE e.id = (SELECT t.workflow_execution_id FROM task_queue t WHERE t.id = p_task_id) FOR UPDATE;
-  SELECT * INTO v_task FROM task_queue t WHERE t.id = p_task_id FOR UPDATE;
+  PERFORM 1 FROM public.workflow_executions e
+   WHERE e.id = (SELECT t.workflow_execution_id FROM public.task_queue t WHERE t.id = p_task_id) FOR UPDATE;
+  SELECT * INTO v_task FROM public.task_queue t WHERE t.id = p_task_id FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'unknown task %', p_task_id USING ERRCODE = 'no_data_found';
   END IF;
 
   -- TRANSITION: an open task -> cancelled (its lease, if any, is revoked)
   IF v_task.status IN ('pending', 'in_progress') THEN
-    UPDATE task_queue t
+    UPDATE public.task_queue t
        SET status = 'cancelled', lease_token = t.lease_token + 1, error_message = p_reason,
            completed_at = p_now, updated_at = p_now
      WHERE t.id = p_task_id;
@@ -55,10 +55,10 @@ GRANT ALL ON FUNCTION lifecycle.task_abandon(p_task_id uuid, p_reason text, p_no
 -- lifecycle.task_claim
 CREATE OR REPLACE FUNCTION lifecycle.task_claim(p_worker text, p_agent_name text, p_limit integer DEFAULT 1, p_lease_s double precision DEFAULT 30, p_now timestamp with time zone DEFAULT now()) RETURNS TABLE(task_id uuid, lease_token bigint, execution_id uuid, stage_id text, capability text, attempt integer, input_data jsonb, lease_expires_at timestamp with time zone)
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_agent agents;
+  v_agent public.agents;
   v_caps  text[];
   v_limit integer;
   v_busy  integer;
@@ -77,7 +77,7 @@ BEGIN
   END IF;
 
   -- GUARD: the agent, read without a lock: how many tasks it may take at most
-  SELECT * INTO v_agent FROM agents a WHERE a.name = p_agent_name;
+  SELECT * INTO v_agent FROM public.agents a WHERE a.name = p_agent_name;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'unknown agent %', p_agent_name USING ERRCODE = 'no_data_found';
   END IF;
@@ -88,7 +88,7 @@ BEGIN
   v_limit := nullif(v_agent.config ->> 'concurrency', '')::integer;
   v_want := p_limit;
   IF v_limit IS NOT NULL THEN
-    SELECT count(*) INTO v_busy FROM task_queue t WHERE t.agent_id = v_agent.id AND t.status = 'in_progress';
+    SELECT count(*) INTO v_busy FROM public.task_queue t WHERE t.agent_id = v_agent.id AND t.status = 'in_progress';
     v_want := least(p_limit, v_limit - v_busy);
     IF v_want <= 0 THEN
       RETURN;
@@ -99,7 +99,7 @@ BEGIN
   -- another, nor for an execution being cancelled or completed: its tasks wait for the next claim)
   v_execs := ARRAY(
     SELECT e.id
-      FROM task_queue q JOIN workflow_executions e ON e.id = q.workflow_execution_id
+      FROM public.task_queue q JOIN public.workflow_executions e ON e.id = q.workflow_execution_id
      WHERE q.status = 'pending' AND q.capability = ANY (v_caps)
        AND (q.agent_id IS NULL OR q.agent_id = v_agent.id)
        AND (q.not_before IS NULL OR q.not_before <= p_now)
@@ -111,14 +111,14 @@ BEGIN
   -- read again; an agent with no limit is not locked: its workers claim side by side
   v_n := p_limit;
   IF v_limit IS NOT NULL THEN
-    SELECT * INTO v_agent FROM agents a WHERE a.id = v_agent.id FOR NO KEY UPDATE;
+    SELECT * INTO v_agent FROM public.agents a WHERE a.id = v_agent.id FOR NO KEY UPDATE;
     IF NOT FOUND OR NOT v_agent.is_active THEN
       RETURN;
     END IF;
     v_caps := lifecycle.agent_capabilities(v_agent.id);
     v_limit := nullif(v_agent.config ->> 'concurrency', '')::integer;
     IF v_limit IS NOT NULL THEN
-      SELECT count(*) INTO v_busy FROM task_queue t WHERE t.agent_id = v_agent.id AND t.status = 'in_progress';
+      SELECT count(*) INTO v_busy FROM public.task_queue t WHERE t.agent_id = v_agent.id AND t.status = 'in_progress';
       v_n := least(p_limit, v_limit - v_busy);
       IF v_n <= 0 THEN
         RETURN;
@@ -129,7 +129,7 @@ BEGIN
   -- TRANSITION: pending -> in_progress, in claim order, for the tasks of the executions locked
   -- above and tasks without an execution
   FOR v_cand IN
-    SELECT q.id, q.workflow_execution_id, q.stage_log_id FROM task_queue q
+    SELECT q.id, q.workflow_execution_id, q.stage_log_id FROM public.task_queue q
      WHERE q.status = 'pending' AND q.capability = ANY (v_caps)
        AND (q.agent_id IS NULL OR q.agent_id = v_agent.id)
        AND (q.not_before IS NULL OR q.not_before <= p_now)
@@ -140,14 +140,14 @@ BEGIN
     -- LOCK: the stage log, then the task (SKIP LOCKED: a task without an execution may be another
     -- claimer's)
     IF v_cand.workflow_execution_id IS NOT NULL THEN
-      PERFORM 1 FROM workflow_execution_logs l
+      PERFORM 1 FROM public.workflow_execution_logs l
        WHERE l.id = v_cand.stage_log_id AND l.execution_id = v_cand.workflow_execution_id FOR UPDATE;
     END IF;
-    UPDATE task_queue t
+    UPDATE public.task_queue t
        SET status = 'in_progress', agent_id = v_agent.id, lease_token = t.lease_token + 1,
            lease_expires_at = p_now + make_interval(secs => p_lease_s), claimed_by = p_worker,
            started_at = p_now, updated_at = p_now
-     WHERE t.id = (SELECT q.id FROM task_queue q WHERE q.id = v_cand.id AND q.status = 'pending'
+     WHERE t.id = (SELECT q.id FROM public.task_queue q WHERE q.id = v_cand.id AND q.status = 'pending'
                      FOR UPDATE SKIP LOCKED)
     RETURNING t.id, t.lease_token, t.workflow_execution_id, t.task_type, t.capability, t.attempt, t.input_data,
               t.lease_expires_at, t.stage_log_id
@@ -156,12 +156,12 @@ BEGIN
     v_got := v_got + 1;
 
     -- a task enqueued for a pending stage (the runbook's section 7) starts that stage
-    UPDATE workflow_execution_logs l
+    UPDATE public.workflow_execution_logs l
        SET status = 'in_progress', attempt_number = v_task.attempt, started_at = p_now
      WHERE l.id = v_task.stage_log_id AND l.execution_id = v_task.workflow_execution_id AND l.status = 'pending'
-       AND EXISTS (SELECT 1 FROM workflow_executions e WHERE e.id = l.execution_id AND e.status = 'in_progress');
+       AND EXISTS (SELECT 1 FROM public.workflow_executions e WHERE e.id = l.execution_id AND e.status = 'in_progress');
     IF FOUND THEN
-      INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+      INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
       VALUES (v_task.workflow_execution_id, 'stage_started', v_task.task_type,
               jsonb_build_object('attempt', v_task.attempt, 'agent', v_agent.name, 'task_id', v_task.id,
                                  'worker', p_worker), p_now);
@@ -186,21 +186,21 @@ GRANT ALL ON FUNCTION lifecycle.task_claim(p_worker text, p_agent_name text, p_l
 -- lifecycle.task_complete
 CREATE OR REPLACE FUNCTION lifecycle.task_complete(p_task_id uuid, p_token bigint, p_output jsonb, p_now timestamp with time zone DEFAULT now()) RETURNS text
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_task    task_queue;
+  v_task    public.task_queue;
   v_reason  text;
   v_problem text;
 BEGIN
   -- LOCK: the execution first (the order every transition uses), then its stage log, then the task
-  PERFORM 1 FROM workflow_executions e
-   WHERE e.id = (SELECT t.workflow_execution_id FROM task_queue t WHERE t.id = p_task_id) FOR UPDATE;
-  PERFORM 1 FROM workflow_execution_logs l
-   WHERE l.id = (SELECT t.stage_log_id FROM task_queue t WHERE t.id = p_task_id)
-     AND l.execution_id = (SELECT t.workflow_execution_id FROM task_queue t WHERE t.id = p_task_id)
+  PERFORM 1 FROM public.workflow_executions e
+   WHERE e.id = (SELECT t.workflow_execution_id FROM public.task_queue t WHERE t.id = p_task_id) FOR UPDATE;
+  PERFORM 1 FROM public.workflow_execution_logs l
+   WHERE l.id = (SELECT t.stage_log_id FROM public.task_queue t WHERE t.id = p_task_id)
+     AND l.execution_id = (SELECT t.workflow_execution_id FROM public.task_queue t WHERE t.id = p_task_id)
      FOR UPDATE;
-  SELECT * INTO v_task FROM task_queue t WHERE t.id = p_task_id FOR UPDATE;
+  SELECT * INTO v_task FROM public.task_queue t WHERE t.id = p_task_id FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'unknown task %', p_task_id USING ERRCODE = 'no_data_found';
   END IF;
@@ -215,11 +215,11 @@ BEGIN
                     ELSE lifecycle.payload_problem(p_output, 'output') END;
   IF v_problem IS NOT NULL THEN
     v_problem := format('task %s (stage %s): %s', p_task_id, v_task.task_type, v_problem);
-    UPDATE task_queue t
+    UPDATE public.task_queue t
        SET status = 'failed', error_message = v_problem, error_code = 'bad_output', retryable = true,
            retry_after_s = NULL, completed_at = p_now, updated_at = p_now
      WHERE t.id = p_task_id;
-    INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+    INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
     VALUES (v_task.workflow_execution_id, 'task_result_refused', v_task.task_type,
             jsonb_build_object('task_id', v_task.id, 'token', p_token, 'outcome', 'completed',
                                'reason', v_problem, 'error_code', 'bad_output'),
@@ -228,7 +228,7 @@ BEGIN
   END IF;
 
   IF v_task.stage_log_id IS NULL THEN
-    UPDATE task_queue t SET status = 'completed', output_data = p_output, completed_at = p_now, updated_at = p_now
+    UPDATE public.task_queue t SET status = 'completed', output_data = p_output, completed_at = p_now, updated_at = p_now
      WHERE t.id = p_task_id;
     RETURN 'completed';
   END IF;
@@ -243,18 +243,18 @@ GRANT ALL ON FUNCTION lifecycle.task_complete(p_task_id uuid, p_token bigint, p_
 -- lifecycle.task_fail
 CREATE OR REPLACE FUNCTION lifecycle.task_fail(p_task_id uuid, p_token bigint, p_error text, p_error_code text DEFAULT 'agent_error'::text, p_retryable boolean DEFAULT true, p_retry_after_s double precision DEFAULT NULL::double precision, p_now timestamp with time zone DEFAULT now()) RETURNS text
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_task   task_queue;
+  v_task   public.task_queue;
   v_reason text;
   v_after  double precision := CASE WHEN p_retry_after_s >= 0 AND p_retry_after_s <= 'Infinity'::float8
                                     THEN least(p_retry_after_s, 31536000) END;
 BEGIN
   -- LOCK: the execution first, then the task
-  PERFORM 1 FROM workflow_executions e
-   WHERE e.id = (SELECT t.workflow_execution_id FROM task_queue t WHERE t.id = p_task_id) FOR UPDATE;
-  SELECT * INTO v_task FROM task_queue t WHERE t.id = p_task_id FOR UPDATE;
+  PERFORM 1 FROM public.workflow_executions e
+   WHERE e.id = (SELECT t.workflow_execution_id FROM public.task_queue t WHERE t.id = p_task_id) FOR UPDATE;
+  SELECT * INTO v_task FROM public.task_queue t WHERE t.id = p_task_id FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'unknown task %', p_task_id USING ERRCODE = 'no_data_found';
   END IF;
@@ -262,7 +262,7 @@ BEGIN
   IF v_reason IS NOT NULL THEN
     RETURN v_reason;  -- a refused_* code
   END IF;
-  UPDATE task_queue t
+  UPDATE public.task_queue t
      SET status = 'failed', error_message = coalesce(nullif(p_error, ''), 'task failed'),
          error_code = coalesce(p_error_code, 'agent_error'), retryable = coalesce(p_retryable, true),
          retry_after_s = v_after, completed_at = p_now, updated_at = p_now
@@ -278,18 +278,18 @@ GRANT ALL ON FUNCTION lifecycle.task_fail(p_task_id uuid, p_token bigint, p_erro
 -- lifecycle.task_fill
 CREATE OR REPLACE FUNCTION lifecycle.task_fill() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_stage jsonb;
 BEGIN
   IF NEW.workflow_execution_id IS NOT NULL THEN
     SELECT s INTO v_stage
-    FROM workflow_executions e JOIN workflow_definitions d ON d.id = e.workflow_definition_id,
+    FROM public.workflow_executions e JOIN public.workflow_definitions d ON d.id = e.workflow_definition_id,
          jsonb_array_elements(CASE WHEN jsonb_typeof(d.dag_schema -> 'stages') = 'array'
                                    THEN d.dag_schema -> 'stages' ELSE '[]'::jsonb END) s
     WHERE e.id = NEW.workflow_execution_id AND jsonb_typeof(s) = 'object' AND s ->> 'id' = NEW.task_type;
-    IF v_stage IS NULL AND EXISTS (SELECT 1 FROM workflow_executions e WHERE e.id = NEW.workflow_execution_id) THEN
+    IF v_stage IS NULL AND EXISTS (SELECT 1 FROM public.workflow_executions e WHERE e.id = NEW.workflow_execution_id) THEN
       RAISE EXCEPTION 'task_queue: stage % is not a stage of the DAG that execution % runs',
         coalesce(NEW.task_type, 'NULL'), NEW.workflow_execution_id
         USING ERRCODE = 'check_violation', TABLE = 'task_queue', COLUMN = 'task_type';
@@ -299,7 +299,7 @@ BEGIN
     END IF;
   END IF;
   IF NEW.workflow_execution_id IS NOT NULL AND NEW.stage_log_id IS NULL THEN
-    SELECT l.id INTO NEW.stage_log_id FROM workflow_execution_logs l
+    SELECT l.id INTO NEW.stage_log_id FROM public.workflow_execution_logs l
     WHERE l.execution_id = NEW.workflow_execution_id AND l.stage_id = NEW.task_type;
   END IF;
   RETURN NEW;
@@ -313,7 +313,7 @@ GRANT ALL ON FUNCTION lifecycle.task_fill() TO service_role;
 -- lifecycle.task_heartbeat
 CREATE OR REPLACE FUNCTION lifecycle.task_heartbeat(p_task_id uuid, p_token bigint, p_lease_s double precision DEFAULT 30, p_now timestamp with time zone DEFAULT now()) RETURNS boolean
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
   -- GUARD: arguments
@@ -322,7 +322,7 @@ BEGIN
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
   -- LOCK: the task row only, and nothing after it (no status change: no trigger, no other row)
-  UPDATE task_queue t
+  UPDATE public.task_queue t
      SET lease_expires_at = p_now + make_interval(secs => p_lease_s), updated_at = p_now
    WHERE t.id = p_task_id AND t.lease_token = p_token AND t.status = 'in_progress';
   RETURN FOUND;
@@ -336,7 +336,7 @@ GRANT ALL ON FUNCTION lifecycle.task_heartbeat(p_task_id uuid, p_token bigint, p
 -- lifecycle.task_notify
 CREATE OR REPLACE FUNCTION lifecycle.task_notify() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
   IF NEW.status = 'pending' THEN
@@ -355,18 +355,18 @@ GRANT ALL ON FUNCTION lifecycle.task_notify() TO service_role;
 -- lifecycle.task_reap
 CREATE OR REPLACE FUNCTION lifecycle.task_reap(p_now timestamp with time zone DEFAULT now()) RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_cand       record;
-  v_exec       workflow_executions;
-  v_task       task_queue;
+  v_exec       public.workflow_executions;
+  v_task       public.task_queue;
   v_n          integer := 0;
   v_superseded boolean;
   v_stopped    boolean;
 BEGIN
   FOR v_cand IN
-    SELECT t.id, t.workflow_execution_id, t.stage_log_id FROM task_queue t
+    SELECT t.id, t.workflow_execution_id, t.stage_log_id FROM public.task_queue t
      WHERE t.status = 'in_progress' AND t.lease_expires_at < p_now AND t.claimed_by IS DISTINCT FROM 'op'
      ORDER BY t.lease_expires_at
   LOOP
@@ -375,22 +375,22 @@ BEGIN
     -- log, then the task (SKIP LOCKED, as before: a heartbeat or another reaper has it)
     v_exec := NULL;
     IF v_cand.workflow_execution_id IS NOT NULL THEN
-      SELECT * INTO v_exec FROM workflow_executions e WHERE e.id = v_cand.workflow_execution_id
+      SELECT * INTO v_exec FROM public.workflow_executions e WHERE e.id = v_cand.workflow_execution_id
          FOR UPDATE SKIP LOCKED;
       CONTINUE WHEN NOT FOUND;
-      PERFORM 1 FROM workflow_execution_logs l
+      PERFORM 1 FROM public.workflow_execution_logs l
        WHERE l.id = v_cand.stage_log_id AND l.execution_id = v_cand.workflow_execution_id FOR UPDATE;
     END IF;
-    SELECT * INTO v_task FROM task_queue t WHERE t.id = v_cand.id FOR UPDATE SKIP LOCKED;
+    SELECT * INTO v_task FROM public.task_queue t WHERE t.id = v_cand.id FOR UPDATE SKIP LOCKED;
     -- GUARD: still expired, now that it is locked (a completion or a heartbeat may have come first)
     CONTINUE WHEN NOT FOUND OR v_task.status <> 'in_progress' OR NOT coalesce(v_task.lease_expires_at < p_now, false)
                   OR v_task.claimed_by IS NOT DISTINCT FROM 'op';
 
     v_superseded := v_task.workflow_execution_id IS NOT NULL AND (
-      EXISTS (SELECT 1 FROM task_queue t2
+      EXISTS (SELECT 1 FROM public.task_queue t2
                WHERE t2.workflow_execution_id = v_task.workflow_execution_id AND t2.task_type = v_task.task_type
                  AND t2.attempt > v_task.attempt)
-      OR EXISTS (SELECT 1 FROM workflow_execution_logs l
+      OR EXISTS (SELECT 1 FROM public.workflow_execution_logs l
                   WHERE l.id = v_task.stage_log_id
                     AND (l.status <> 'in_progress' OR l.attempt_number > v_task.attempt)));
     -- an execution that runs no stage again (a cancelled one: execution_cancel left its running
@@ -398,37 +398,37 @@ BEGIN
     v_stopped := NOT v_superseded
                  AND v_exec.status IN ('completed', 'cancelled', 'compensating', 'rolled_back', 'compensation_failed');
     IF v_superseded THEN
-      UPDATE task_queue t
+      UPDATE public.task_queue t
          SET status = 'cancelled', lease_token = t.lease_token + 1,
              error_message = format('lease of worker %s expired; its attempt %s was superseded', v_task.claimed_by,
                                     v_task.attempt),
              completed_at = p_now, updated_at = p_now
        WHERE t.id = v_task.id;
     ELSIF v_stopped THEN
-      UPDATE task_queue t
+      UPDATE public.task_queue t
          SET status = 'cancelled', lease_token = t.lease_token + 1,
              error_message = format('lease of worker %s expired; execution is %s', v_task.claimed_by, v_exec.status),
              completed_at = p_now, updated_at = p_now
        WHERE t.id = v_task.id;
-      UPDATE workflow_execution_logs l
+      UPDATE public.workflow_execution_logs l
          SET status = 'skipped', completed_at = p_now,
              error_message = format('lease of worker %s expired; execution is %s', v_task.claimed_by, v_exec.status)
        WHERE l.id = v_task.stage_log_id AND l.execution_id = v_exec.id AND l.status = 'in_progress'
          AND l.attempt_number = v_task.attempt;
     ELSIF v_task.max_attempts IS NOT NULL AND v_task.attempt >= v_task.max_attempts THEN
-      UPDATE task_queue t
+      UPDATE public.task_queue t
          SET status = 'failed', error_message = format('lease of worker %s expired; attempts exhausted', v_task.claimed_by),
              error_code = 'lease_expired', retryable = false, completed_at = p_now, updated_at = p_now
        WHERE t.id = v_task.id;
     ELSE
-      UPDATE task_queue t
+      UPDATE public.task_queue t
          SET status = 'pending', attempt = t.attempt + 1, lease_expires_at = NULL, claimed_by = NULL,
              started_at = NULL, updated_at = p_now
        WHERE t.id = v_task.id;
-      UPDATE workflow_execution_logs l SET attempt_number = v_task.attempt + 1
+      UPDATE public.workflow_execution_logs l SET attempt_number = v_task.attempt + 1
        WHERE l.id = v_task.stage_log_id AND l.status = 'in_progress';
     END IF;
-    INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+    INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
     VALUES (v_task.workflow_execution_id, 'task_reaped', v_task.task_type,
             jsonb_build_object('task_id', v_task.id, 'worker', v_task.claimed_by, 'attempt', v_task.attempt,
                                'lease_expires_at', v_task.lease_expires_at,
@@ -450,7 +450,7 @@ GRANT ALL ON FUNCTION lifecycle.task_reap(p_now timestamp with time zone) TO ser
 -- lifecycle.task_refusal
 CREATE OR REPLACE FUNCTION lifecycle.task_refusal(p_task public.task_queue, p_token bigint, p_outcome text, p_now timestamp with time zone) RETURNS text
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_code   text;
@@ -468,7 +468,7 @@ BEGIN
     v_reason := format('the lease of worker %s expired at %s', p_task.claimed_by, p_task.lease_expires_at);
   END IF;
   IF v_reason IS NOT NULL THEN
-    INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+    INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
     VALUES (p_task.workflow_execution_id, 'task_result_refused', p_task.task_type,
             jsonb_build_object('task_id', p_task.id, 'token', p_token, 'outcome', p_outcome, 'code', v_code, 'reason', v_reason),
             p_now);
@@ -484,19 +484,19 @@ GRANT ALL ON FUNCTION lifecycle.task_refusal(p_task public.task_queue, p_token b
 -- lifecycle.task_release
 CREATE OR REPLACE FUNCTION lifecycle.task_release(p_task_id uuid, p_token bigint, p_now timestamp with time zone DEFAULT now()) RETURNS boolean
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_exec workflow_executions;
-  v_task task_queue;
+  v_exec public.workflow_executions;
+  v_task public.task_queue;
 BEGIN
   -- LOCK: the execution first, then its stage log, then the task
-  SELECT * INTO v_exec FROM workflow_executions e
-   WHERE e.id = (SELECT t.workflow_execution_id FROM task_queue t WHERE t.id = p_task_id) FOR UPDATE;
-  PERFORM 1 FROM workflow_execution_logs l
-   WHERE l.id = (SELECT t.stage_log_id FROM task_queue t WHERE t.id = p_task_id) AND l.execution_id = v_exec.id
+  SELECT * INTO v_exec FROM public.workflow_executions e
+   WHERE e.id = (SELECT t.workflow_execution_id FROM public.task_queue t WHERE t.id = p_task_id) FOR UPDATE;
+  PERFORM 1 FROM public.workflow_execution_logs l
+   WHERE l.id = (SELECT t.stage_log_id FROM public.task_queue t WHERE t.id = p_task_id) AND l.execution_id = v_exec.id
      FOR UPDATE;
-  SELECT * INTO v_task FROM task_queue t WHERE t.id = p_task_id FOR UPDATE;
+  SELECT * INTO v_task FROM public.task_queue t WHERE t.id = p_task_id FOR UPDATE;
   IF NOT FOUND OR v_task.lease_token <> p_token OR v_task.status <> 'in_progress' THEN
     RETURN false;
   END IF;
@@ -505,18 +505,18 @@ BEGIN
   -- execution runs no stage again (a cancelled one): then, as task_reap does, the task is
   -- cancelled and its running stage skipped (a result of it would only be refused)
   IF v_exec.status IN ('completed', 'cancelled', 'compensating', 'rolled_back', 'compensation_failed') THEN
-    UPDATE task_queue t
+    UPDATE public.task_queue t
        SET status = 'cancelled', lease_token = t.lease_token + 1, lease_expires_at = NULL,
            error_message = format('released by worker %s; execution is %s', t.claimed_by, v_exec.status),
            completed_at = p_now, updated_at = p_now
      WHERE t.id = p_task_id;
-    UPDATE workflow_execution_logs l
+    UPDATE public.workflow_execution_logs l
        SET status = 'skipped', completed_at = p_now,
            error_message = format('released by worker %s; execution is %s', v_task.claimed_by, v_exec.status)
      WHERE l.id = v_task.stage_log_id AND l.execution_id = v_exec.id AND l.status = 'in_progress'
        AND l.attempt_number = v_task.attempt;
   ELSE
-    UPDATE task_queue t
+    UPDATE public.task_queue t
        SET status = 'pending', lease_token = t.lease_token + 1, lease_expires_at = NULL, claimed_by = NULL,
            started_at = NULL, updated_at = p_now
      WHERE t.id = p_task_id;
@@ -532,13 +532,13 @@ GRANT ALL ON FUNCTION lifecycle.task_release(p_task_id uuid, p_token bigint, p_n
 -- lifecycle.task_supersede
 CREATE OR REPLACE FUNCTION lifecycle.task_supersede() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
   IF NEW.workflow_execution_id IS NULL THEN
     RETURN NULL;
   END IF;
-  UPDATE task_queue t
+  UPDATE public.task_queue t
      SET status = 'cancelled', lease_token = t.lease_token + 1, lease_expires_at = NULL,
          error_message = format('superseded by attempt %s (task %s)', NEW.attempt, NEW.id),
          completed_at = NEW.created_at, updated_at = NEW.created_at

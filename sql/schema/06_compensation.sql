@@ -5,13 +5,13 @@ CREATE OR REPLACE FUNCTION lifecycle.compensation_due() RETURNS TABLE(execution_
     LANGUAGE sql STABLE
     AS $$
   SELECT e.id, coalesce(e.error_message, e.status)
-  FROM workflow_executions e JOIN workflow_definitions d ON d.id = e.workflow_definition_id
+  FROM public.workflow_executions e JOIN public.workflow_definitions d ON d.id = e.workflow_definition_id
   WHERE e.status = 'failed' AND coalesce(d.dag_schema ->> 'on_failure', 'compensate') = 'compensate'
   UNION ALL
   SELECT e.id, coalesce(e.error_message, 'cancelled')
-  FROM workflow_executions e
+  FROM public.workflow_executions e
   WHERE e.status = 'cancelled'
-    AND coalesce((SELECT (ev.metadata ->> 'compensate')::boolean FROM workflow_events ev
+    AND coalesce((SELECT (ev.metadata ->> 'compensate')::boolean FROM public.workflow_events ev
                   WHERE ev.execution_id = e.id AND ev.event_type = 'workflow_cancelled'
                   ORDER BY ev.id DESC LIMIT 1), true)
 $$;
@@ -23,11 +23,11 @@ GRANT ALL ON FUNCTION lifecycle.compensation_due() TO service_role;
 -- lifecycle.undo_complete
 CREATE OR REPLACE FUNCTION lifecycle.undo_complete(p_log_id uuid, p_void jsonb DEFAULT '[]'::jsonb, p_result jsonb DEFAULT '{}'::jsonb, p_attempt integer DEFAULT 1, p_now timestamp with time zone DEFAULT now()) RETURNS text
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_exec   workflow_executions;
-  v_log    workflow_execution_logs;
+  v_exec   public.workflow_executions;
+  v_log    public.workflow_execution_logs;
   v_voided integer;
   v_done   jsonb;
 BEGIN
@@ -37,12 +37,12 @@ BEGIN
   END IF;
 
   -- LOCK: execution, then stage log
-  SELECT e.* INTO v_exec FROM workflow_executions e
-   WHERE e.id = (SELECT l.execution_id FROM workflow_execution_logs l WHERE l.id = p_log_id) FOR UPDATE;
+  SELECT e.* INTO v_exec FROM public.workflow_executions e
+   WHERE e.id = (SELECT l.execution_id FROM public.workflow_execution_logs l WHERE l.id = p_log_id) FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'unknown stage log %', p_log_id USING ERRCODE = 'no_data_found';
   END IF;
-  SELECT * INTO v_log FROM workflow_execution_logs l WHERE l.id = p_log_id FOR UPDATE;
+  SELECT * INTO v_log FROM public.workflow_execution_logs l WHERE l.id = p_log_id FOR UPDATE;
   IF v_exec.status <> 'compensating' OR v_log.status <> 'completed' THEN
     RAISE EXCEPTION 'stage % of execution % is % (execution %): its compensation cannot complete',
       v_log.stage_id, v_log.execution_id, v_log.status, v_exec.status
@@ -56,8 +56,8 @@ BEGIN
      AND EXISTS (SELECT 1 FROM jsonb_array_elements(coalesce(p_void, '[]'::jsonb)) v
                  WHERE v ->> 'kind' = a.kind AND v ->> 'key' = a.key);
   GET DIAGNOSTICS v_voided = ROW_COUNT;
-  UPDATE workflow_execution_logs l SET status = 'compensated' WHERE l.id = p_log_id;
-  INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  UPDATE public.workflow_execution_logs l SET status = 'compensated' WHERE l.id = p_log_id;
+  INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
   VALUES (v_log.execution_id, 'stage_compensated', v_log.stage_id,
           jsonb_build_object('attempt', p_attempt, 'voided', v_voided,
                              'summary', p_result ->> 'summary', 'undo', p_result ->> 'undo'),
@@ -66,11 +66,11 @@ BEGIN
   -- TRANSITION: execution rolled back once nothing is left
   IF cardinality(lifecycle.compensation_stages(v_exec.id)) = 0 THEN
     SELECT coalesce(jsonb_agg(l.stage_id ORDER BY ev.id), '[]'::jsonb) INTO v_done
-    FROM workflow_events ev JOIN workflow_execution_logs l
+    FROM public.workflow_events ev JOIN public.workflow_execution_logs l
       ON l.execution_id = ev.execution_id AND l.stage_id = ev.stage_id
     WHERE ev.execution_id = v_exec.id AND ev.event_type = 'stage_compensated';
-    UPDATE workflow_executions e SET status = 'rolled_back', updated_at = p_now WHERE e.id = v_exec.id;
-    INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+    UPDATE public.workflow_executions e SET status = 'rolled_back', updated_at = p_now WHERE e.id = v_exec.id;
+    INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
     VALUES (v_exec.id, 'workflow_rolled_back', 'compensation',
             jsonb_build_object('reason', v_exec.error_message, 'compensated', v_done), p_now);
     RETURN 'rolled_back';
@@ -86,20 +86,20 @@ GRANT ALL ON FUNCTION lifecycle.undo_complete(p_log_id uuid, p_void jsonb, p_res
 -- lifecycle.undo_fail
 CREATE OR REPLACE FUNCTION lifecycle.undo_fail(p_log_id uuid, p_error text, p_final boolean, p_attempt integer DEFAULT 1, p_delay_s double precision DEFAULT NULL::double precision, p_now timestamp with time zone DEFAULT now()) RETURNS text
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_exec workflow_executions;
-  v_log  workflow_execution_logs;
+  v_exec public.workflow_executions;
+  v_log  public.workflow_execution_logs;
   v_msg  text := coalesce(nullif(p_error, ''), 'compensation failed');
 BEGIN
   -- LOCK: execution, then stage log
-  SELECT e.* INTO v_exec FROM workflow_executions e
-   WHERE e.id = (SELECT l.execution_id FROM workflow_execution_logs l WHERE l.id = p_log_id) FOR UPDATE;
+  SELECT e.* INTO v_exec FROM public.workflow_executions e
+   WHERE e.id = (SELECT l.execution_id FROM public.workflow_execution_logs l WHERE l.id = p_log_id) FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'unknown stage log %', p_log_id USING ERRCODE = 'no_data_found';
   END IF;
-  SELECT * INTO v_log FROM workflow_execution_logs l WHERE l.id = p_log_id FOR UPDATE;
+  SELECT * INTO v_log FROM public.workflow_execution_logs l WHERE l.id = p_log_id FOR UPDATE;
   IF v_exec.status <> 'compensating' OR v_log.status <> 'completed' THEN
     RAISE EXCEPTION 'stage % of execution % is % (execution %): no compensation to fail',
       v_log.stage_id, v_log.execution_id, v_log.status, v_exec.status
@@ -107,19 +107,19 @@ BEGIN
   END IF;
 
   IF NOT p_final THEN
-    INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+    INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
     VALUES (v_log.execution_id, 'stage_compensation_retrying', v_log.stage_id,
             jsonb_build_object('attempt', p_attempt + 1, 'failed_attempt', p_attempt, 'delay_s', p_delay_s,
                                'error', v_msg), p_now);
     RETURN 'compensating';
   END IF;
 
-  UPDATE workflow_execution_logs l SET status = 'compensation_failed', error_message = v_msg WHERE l.id = p_log_id;
-  UPDATE workflow_executions e
+  UPDATE public.workflow_execution_logs l SET status = 'compensation_failed', error_message = v_msg WHERE l.id = p_log_id;
+  UPDATE public.workflow_executions e
      SET status = 'compensation_failed', updated_at = p_now,
          error_message = format('compensation of stage %s failed: %s', v_log.stage_id, v_msg)
    WHERE e.id = v_exec.id;
-  INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
   VALUES (v_log.execution_id, 'stage_compensation_failed', v_log.stage_id,
           jsonb_build_object('attempt', p_attempt, 'error', v_msg), p_now),
          (v_log.execution_id, 'workflow_compensation_failed', v_log.stage_id,
@@ -138,7 +138,7 @@ CREATE OR REPLACE FUNCTION lifecycle.stage_compensable(p_definition_id uuid, p_s
     AS $$
   SELECT coalesce((
     SELECT NOT (s ? 'compensate' AND s -> 'compensate' = 'false'::jsonb)
-    FROM workflow_definitions d, jsonb_array_elements(d.dag_schema -> 'stages') s
+    FROM public.workflow_definitions d, jsonb_array_elements(d.dag_schema -> 'stages') s
     WHERE d.id = p_definition_id AND s ->> 'id' = p_stage_id), false)
 $$;
 
@@ -152,12 +152,12 @@ CREATE OR REPLACE FUNCTION lifecycle.compensation_stages(p_execution_id uuid) RE
     AS $$
   SELECT coalesce(array_agg(l.stage_id ORDER BY l.stage_id), '{}')
   FROM (SELECT jsonb_object_agg(s ->> 'id', NOT (s ? 'compensate' AND s -> 'compensate' = 'false'::jsonb)) AS m
-        FROM workflow_executions e
-        JOIN workflow_definitions d ON d.id = e.workflow_definition_id,
+        FROM public.workflow_executions e
+        JOIN public.workflow_definitions d ON d.id = e.workflow_definition_id,
              jsonb_array_elements(CASE WHEN jsonb_typeof(d.dag_schema -> 'stages') = 'array'
                                        THEN d.dag_schema -> 'stages' END) s
         WHERE e.id = p_execution_id AND s ->> 'id' IS NOT NULL) c,
-       workflow_execution_logs l
+       public.workflow_execution_logs l
   WHERE l.execution_id = p_execution_id AND l.status = 'completed'
     AND c.m -> l.stage_id = 'true'::jsonb
 $$;
@@ -169,17 +169,17 @@ GRANT ALL ON FUNCTION lifecycle.compensation_stages(p_execution_id uuid) TO serv
 -- lifecycle.undo_start
 CREATE OR REPLACE FUNCTION lifecycle.undo_start(p_execution_id uuid, p_stage_id text, p_run_id text, p_dependents text[] DEFAULT '{}'::text[], p_attempt integer DEFAULT 1, p_takeover boolean DEFAULT false, p_now timestamp with time zone DEFAULT now()) RETURNS TABLE(action text, log_id uuid, output_data jsonb, context jsonb, agent_name text)
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_exec    workflow_executions;
-  v_log     workflow_execution_logs;
+  v_exec    public.workflow_executions;
+  v_log     public.workflow_execution_logs;
   v_blocked text;
   v_agent   text;
   v_pending text[];
 BEGIN
   -- LOCK: execution
-  SELECT * INTO v_exec FROM workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
+  SELECT * INTO v_exec FROM public.workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'unknown workflow execution %', p_execution_id USING ERRCODE = 'no_data_found';
   END IF;
@@ -194,13 +194,13 @@ BEGIN
 
   -- GUARD: one compensation run at a time
   IF v_exec.compensation_run_id IS NULL OR p_takeover THEN
-    UPDATE workflow_executions e SET compensation_run_id = p_run_id WHERE e.id = p_execution_id;
+    UPDATE public.workflow_executions e SET compensation_run_id = p_run_id WHERE e.id = p_execution_id;
   ELSIF v_exec.compensation_run_id <> p_run_id THEN
     RAISE EXCEPTION 'execution % is being compensated by Dagster run %', p_execution_id, v_exec.compensation_run_id
       USING ERRCODE = 'lock_not_available';
   END IF;
 
-  SELECT * INTO v_log FROM workflow_execution_logs l
+  SELECT * INTO v_log FROM public.workflow_execution_logs l
    WHERE l.execution_id = p_execution_id AND l.stage_id = p_stage_id FOR UPDATE;
   IF NOT FOUND OR v_log.status IN ('pending', 'in_progress', 'failed', 'skipped')
      OR NOT lifecycle.stage_compensable(v_exec.workflow_definition_id, p_stage_id) THEN
@@ -227,11 +227,11 @@ BEGIN
   END IF;
 
   SELECT a.name INTO v_agent
-  FROM task_queue t JOIN agents a ON a.id = t.agent_id
+  FROM public.task_queue t JOIN public.agents a ON a.id = t.agent_id
   WHERE t.stage_log_id = v_log.id AND t.status = 'completed'
   ORDER BY t.attempt DESC LIMIT 1;
 
-  INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
   VALUES (p_execution_id, 'stage_compensating', p_stage_id,
           jsonb_build_object('attempt', p_attempt, 'dagster_run_id', p_run_id, 'agent', v_agent), p_now);
   RETURN QUERY SELECT 'compensate'::text, v_log.id, v_log.output_data, v_exec.context, v_agent;
@@ -245,7 +245,7 @@ GRANT ALL ON FUNCTION lifecycle.undo_start(p_execution_id uuid, p_stage_id text,
 -- lifecycle.artifacts_store
 CREATE OR REPLACE FUNCTION lifecycle.artifacts_store() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_items jsonb := NEW.output_data -> 'artifacts';
@@ -277,15 +277,15 @@ GRANT ALL ON FUNCTION lifecycle.artifacts_store() TO service_role;
 -- lifecycle.compensation_start
 CREATE OR REPLACE FUNCTION lifecycle.compensation_start(p_execution_id uuid, p_reason text, p_now timestamp with time zone DEFAULT now()) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_exec    workflow_executions;
+  v_exec    public.workflow_executions;
   v_pending text[];
   v_reason  text := coalesce(nullif(p_reason, ''), 'compensation requested');
 BEGIN
   -- LOCK: execution
-  SELECT * INTO v_exec FROM workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
+  SELECT * INTO v_exec FROM public.workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'perform_workflow_compensation: unknown workflow execution %', p_execution_id
       USING ERRCODE = 'no_data_found';
@@ -302,37 +302,37 @@ BEGIN
 
   -- TRANSITION: to a state compensation may start from
   IF v_exec.status = 'pending' THEN
-    UPDATE workflow_executions e SET status = 'cancelled', error_message = v_reason, updated_at = p_now
+    UPDATE public.workflow_executions e SET status = 'cancelled', error_message = v_reason, updated_at = p_now
      WHERE e.id = p_execution_id;
-    INSERT INTO workflow_events (execution_id, event_type, metadata, "timestamp")
+    INSERT INTO public.workflow_events (execution_id, event_type, metadata, "timestamp")
     VALUES (p_execution_id, 'workflow_cancelled',
             jsonb_build_object('reason', v_reason, 'previous_status', 'pending', 'compensate', true), p_now);
   ELSIF v_exec.status = 'in_progress' THEN
-    UPDATE workflow_executions e SET status = 'failed', error_message = v_reason, updated_at = p_now
+    UPDATE public.workflow_executions e SET status = 'failed', error_message = v_reason, updated_at = p_now
      WHERE e.id = p_execution_id;
-    INSERT INTO workflow_events (execution_id, event_type, metadata, "timestamp")
+    INSERT INTO public.workflow_events (execution_id, event_type, metadata, "timestamp")
     VALUES (p_execution_id, 'workflow_failed', jsonb_build_object('error', v_reason, 'error_code', 'compensation_requested'), p_now);
   END IF;
 
-  UPDATE workflow_execution_logs l
+  UPDATE public.workflow_execution_logs l
      SET status = 'skipped', completed_at = p_now, error_message = coalesce(l.error_message, v_reason)
    WHERE l.execution_id = p_execution_id AND l.status IN ('pending', 'in_progress');
-  UPDATE task_queue t
+  UPDATE public.task_queue t
      SET status = 'cancelled', completed_at = p_now, updated_at = p_now
    WHERE t.workflow_execution_id = p_execution_id AND t.status IN ('pending', 'in_progress');
 
-  UPDATE workflow_executions e
+  UPDATE public.workflow_executions e
      SET status = 'compensating', updated_at = p_now,
          error_message = coalesce(e.error_message, v_reason)
    WHERE e.id = p_execution_id;
   v_pending := lifecycle.compensation_stages(p_execution_id);
-  INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
   VALUES (p_execution_id, 'workflow_compensating', 'compensation',
           jsonb_build_object('reason', v_reason, 'stages', to_jsonb(v_pending)), p_now);
 
   IF cardinality(v_pending) = 0 THEN
-    UPDATE workflow_executions e SET status = 'rolled_back', updated_at = p_now WHERE e.id = p_execution_id;
-    INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+    UPDATE public.workflow_executions e SET status = 'rolled_back', updated_at = p_now WHERE e.id = p_execution_id;
+    INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
     VALUES (p_execution_id, 'workflow_rolled_back', 'compensation',
             jsonb_build_object('reason', v_reason, 'compensated', '[]'::jsonb), p_now);
   END IF;

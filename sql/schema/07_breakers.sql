@@ -7,7 +7,7 @@ CREATE OR REPLACE FUNCTION lifecycle.agent_capabilities(p_agent_id uuid) RETURNS
     AS $$
   SELECT coalesce(array_agg(DISTINCT c), '{}')
   FROM (
-    SELECT o.knowledge FROM agent_ontologies o
+    SELECT o.knowledge FROM public.agent_ontologies o
     WHERE o.agent_id = p_agent_id AND o.domain = 'orchestration'
     ORDER BY o.version DESC LIMIT 1
   ) latest,
@@ -27,7 +27,7 @@ GRANT ALL ON FUNCTION lifecycle.agent_capabilities(p_agent_id uuid) TO service_r
 -- lifecycle.breaker_admit
 CREATE OR REPLACE FUNCTION lifecycle.breaker_admit(p_scope text, p_key text, p_now timestamp with time zone, p_take_probe boolean) RETURNS boolean
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_b      lifecycle.breakers;
@@ -98,7 +98,7 @@ CREATE OR REPLACE FUNCTION lifecycle.breaker_config(p_scope text, p_key text) RE
     LANGUAGE sql STABLE
     AS $$
   SELECT lifecycle.breaker_defaults()
-         || coalesce((SELECT nullif(a.config -> 'breaker', 'null'::jsonb) FROM agents a
+         || coalesce((SELECT nullif(a.config -> 'breaker', 'null'::jsonb) FROM public.agents a
                       WHERE p_scope = 'agent' AND a.id::text = p_key), '{}'::jsonb)
 $$;
 
@@ -187,7 +187,7 @@ GRANT ALL ON FUNCTION lifecycle.breaker_numbers(p_scope text, p_key text, p_conf
 -- lifecycle.breaker_record
 CREATE OR REPLACE FUNCTION lifecycle.breaker_record(p_scope text, p_key text, p_success boolean, p_latency_ms double precision DEFAULT NULL::double precision, p_now timestamp with time zone DEFAULT now(), p_task_id uuid DEFAULT NULL::uuid, p_error_code text DEFAULT NULL::text) RETURNS text
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_b         lifecycle.breakers;
@@ -322,7 +322,7 @@ GRANT ALL ON FUNCTION lifecycle.breaker_record(p_scope text, p_key text, p_succe
 -- lifecycle.breaker_record_task
 CREATE OR REPLACE FUNCTION lifecycle.breaker_record_task(p_task_id uuid, p_success boolean, p_error_code text, p_now timestamp with time zone) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_task    record;
@@ -334,10 +334,10 @@ BEGIN
     RETURN;
   END IF;
   SELECT t.agent_id, t.started_at, st.s ->> 'capability' AS capability INTO v_task
-  FROM task_queue t
-  JOIN workflow_execution_logs l ON l.id = t.stage_log_id
-  JOIN workflow_executions e ON e.id = l.execution_id
-  JOIN workflow_definitions d ON d.id = e.workflow_definition_id
+  FROM public.task_queue t
+  JOIN public.workflow_execution_logs l ON l.id = t.stage_log_id
+  JOIN public.workflow_executions e ON e.id = l.execution_id
+  JOIN public.workflow_definitions d ON d.id = e.workflow_definition_id
   LEFT JOIN LATERAL (
     SELECT s FROM jsonb_array_elements(d.dag_schema -> 'stages') s WHERE s ->> 'id' = l.stage_id LIMIT 1
   ) st ON true
@@ -390,15 +390,15 @@ GRANT ALL ON FUNCTION lifecycle.breaker_record_task(p_task_id uuid, p_success bo
 -- lifecycle.breaker_reset
 CREATE OR REPLACE FUNCTION lifecycle.breaker_reset(p_agent_name text, p_now timestamp with time zone DEFAULT now()) RETURNS text
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_agent      agents;
+  v_agent      public.agents;
   v_b          lifecycle.breakers;
   v_capability text;
 BEGIN
   -- GUARD: the agent
-  SELECT * INTO v_agent FROM agents a WHERE a.name = p_agent_name;
+  SELECT * INTO v_agent FROM public.agents a WHERE a.name = p_agent_name;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'lifecycle.breaker_reset: unknown agent %', coalesce(quote_literal(p_agent_name), 'NULL')
       USING ERRCODE = 'no_data_found',
@@ -417,10 +417,10 @@ BEGIN
      SET state = 'closed', state_since = p_now, probes_left = 0, probe_at = NULL, updated_at = p_now
    WHERE b.scope = 'agent' AND b.key = v_agent.id::text;
   SELECT latest.knowledge ->> 'capability' INTO v_capability
-  FROM (SELECT o.knowledge FROM agent_ontologies o
+  FROM (SELECT o.knowledge FROM public.agent_ontologies o
         WHERE o.agent_id = v_agent.id AND o.domain = 'orchestration'
         ORDER BY o.version DESC LIMIT 1) latest;
-  INSERT INTO workflow_events (execution_id, event_type, metadata, "timestamp")
+  INSERT INTO public.workflow_events (execution_id, event_type, metadata, "timestamp")
   VALUES (NULL, 'breaker_closed',
           jsonb_build_object('scope', 'agent', 'key', v_agent.id::text, 'agent', v_agent.name,
                              'capability', v_capability, 'from', v_b.state, 'reason', 'reset',
@@ -437,7 +437,7 @@ GRANT ALL ON FUNCTION lifecycle.breaker_reset(p_agent_name text, p_now timestamp
 -- lifecycle.breaker_set_state
 CREATE OR REPLACE FUNCTION lifecycle.breaker_set_state(p_scope text, p_key text, p_state text, p_probes integer, p_metadata jsonb, p_now timestamp with time zone) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_from       text;
@@ -459,16 +459,16 @@ BEGIN
    WHERE b.scope = p_scope AND b.key = p_key;
   IF p_scope = 'agent' THEN
     SELECT a.name, latest.knowledge ->> 'capability' INTO v_agent, v_capability
-    FROM agents a
+    FROM public.agents a
     LEFT JOIN LATERAL (
-      SELECT o.knowledge FROM agent_ontologies o
+      SELECT o.knowledge FROM public.agent_ontologies o
       WHERE o.agent_id = a.id AND o.domain = 'orchestration' ORDER BY o.version DESC LIMIT 1
     ) latest ON true
     WHERE a.id::text = p_key;
   ELSE
     v_capability := p_key;
   END IF;
-  INSERT INTO workflow_events (execution_id, event_type, metadata, "timestamp")
+  INSERT INTO public.workflow_events (execution_id, event_type, metadata, "timestamp")
   VALUES (NULL,
           CASE p_state WHEN 'open' THEN 'breaker_opened' WHEN 'half_open' THEN 'breaker_half_open'
                        ELSE 'breaker_closed' END,
@@ -486,7 +486,7 @@ GRANT ALL ON FUNCTION lifecycle.breaker_set_state(p_scope text, p_key text, p_st
 -- lifecycle.breaker_trip
 CREATE OR REPLACE FUNCTION lifecycle.breaker_trip(p_scope text, p_key text, p_metadata jsonb, p_now timestamp with time zone) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_b   lifecycle.breakers;
@@ -540,10 +540,10 @@ CREATE OR REPLACE FUNCTION lifecycle.capability_agents(p_capability text) RETURN
     LANGUAGE sql STABLE
     AS $$
   SELECT a.id, a.name, a.kind
-  FROM agents a
+  FROM public.agents a
   JOIN LATERAL (
     SELECT o.knowledge
-    FROM agent_ontologies o
+    FROM public.agent_ontologies o
     WHERE o.agent_id = a.id AND o.domain = 'orchestration'
     ORDER BY o.version DESC
     LIMIT 1
@@ -552,7 +552,7 @@ CREATE OR REPLACE FUNCTION lifecycle.capability_agents(p_capability text) RETURN
     AND (latest.knowledge ->> 'capability' = p_capability
          OR (jsonb_typeof(latest.knowledge -> 'capabilities') = 'array'
              AND latest.knowledge -> 'capabilities' ? p_capability))
-  ORDER BY (SELECT count(*) FROM task_queue t WHERE t.agent_id = a.id AND t.status = 'in_progress'), a.name
+  ORDER BY (SELECT count(*) FROM public.task_queue t WHERE t.agent_id = a.id AND t.status = 'in_progress'), a.name
 $$;
 
 REVOKE ALL ON FUNCTION lifecycle.capability_agents(p_capability text) FROM PUBLIC, anon, authenticated, service_role;
@@ -580,7 +580,7 @@ GRANT ALL ON FUNCTION lifecycle.capability_breakers(p_capability text) TO servic
 -- lifecycle.capability_route
 CREATE OR REPLACE FUNCTION lifecycle.capability_route(p_capability text, p_now timestamp with time zone DEFAULT now()) RETURNS TABLE(agent_id uuid, agent_name text, agent_kind text)
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_candidate record;
@@ -631,16 +631,16 @@ GRANT ALL ON FUNCTION lifecycle.capability_route(p_capability text, p_now timest
 -- lifecycle.execution_trip
 CREATE OR REPLACE FUNCTION lifecycle.execution_trip(p_execution_id uuid, p_reason text, p_now timestamp with time zone DEFAULT now()) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_exec   workflow_executions;
+  v_exec   public.workflow_executions;
   v_task   record;
   v_reason text := coalesce(nullif(p_reason, ''), 'circuit breaker tripped');
   v_state  jsonb;
 BEGIN
   -- LOCK: execution
-  SELECT * INTO v_exec FROM workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
+  SELECT * INTO v_exec FROM public.workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'trip_circuit_breaker: unknown workflow execution %', p_execution_id
       USING ERRCODE = 'no_data_found';
@@ -648,7 +648,7 @@ BEGIN
 
   -- the agent of the most recently failed task
   SELECT t.id, t.agent_id, t.task_type AS stage_id, a.name AS agent_name INTO v_task
-  FROM task_queue t JOIN agents a ON a.id = t.agent_id
+  FROM public.task_queue t JOIN public.agents a ON a.id = t.agent_id
   WHERE t.workflow_execution_id = p_execution_id AND t.status = 'failed'
   ORDER BY coalesce(t.completed_at, t.updated_at) DESC, t.created_at DESC
   LIMIT 1;
@@ -658,22 +658,22 @@ BEGIN
 
   -- TRANSITION: execution
   IF v_exec.status = 'pending' THEN
-    UPDATE workflow_executions e SET status = 'in_progress', updated_at = p_now WHERE e.id = p_execution_id;
+    UPDATE public.workflow_executions e SET status = 'in_progress', updated_at = p_now WHERE e.id = p_execution_id;
   END IF;
   IF v_exec.status IN ('pending', 'in_progress') THEN
-    UPDATE workflow_executions e
+    UPDATE public.workflow_executions e
        SET status = 'failed', circuit_breaker_state = v_state, updated_at = p_now,
            error_message = format('circuit breaker tripped: %s', v_reason)
      WHERE e.id = p_execution_id;
-    INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+    INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
     VALUES (p_execution_id, 'workflow_failed', v_task.stage_id,
             jsonb_build_object('reason', v_reason, 'error_code', 'circuit_breaker_tripped',
                                'agent', v_task.agent_name, 'previous_status', v_exec.status),
             p_now);
   ELSE
-    UPDATE workflow_executions e SET circuit_breaker_state = v_state, updated_at = p_now
+    UPDATE public.workflow_executions e SET circuit_breaker_state = v_state, updated_at = p_now
      WHERE e.id = p_execution_id;
-    INSERT INTO workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+    INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
     VALUES (p_execution_id, 'circuit_breaker_tripped', v_task.stage_id,
             jsonb_build_object('reason', v_reason, 'agent', v_task.agent_name, 'status', v_exec.status),
             p_now);

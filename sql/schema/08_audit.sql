@@ -21,7 +21,7 @@ GRANT ALL ON FUNCTION lifecycle.audit_canonical_event(p_id bigint, p_execution_i
 -- lifecycle.audit_chain
 CREATE OR REPLACE FUNCTION lifecycle.audit_chain() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_head_id   bigint;
@@ -47,10 +47,10 @@ BEGIN
   -- the head, as committed now (READ COMMITTED: this statement takes a fresh snapshot)
   IF NEW.execution_id IS NULL THEN
     SELECT ev.id, ev.hash INTO v_head_id, v_head_hash
-      FROM workflow_events ev WHERE ev.execution_id IS NULL ORDER BY ev.id DESC LIMIT 1;
+      FROM public.workflow_events ev WHERE ev.execution_id IS NULL ORDER BY ev.id DESC LIMIT 1;
   ELSE
     SELECT ev.id, ev.hash INTO v_head_id, v_head_hash
-      FROM workflow_events ev WHERE ev.execution_id = NEW.execution_id ORDER BY ev.id DESC LIMIT 1;
+      FROM public.workflow_events ev WHERE ev.execution_id = NEW.execution_id ORDER BY ev.id DESC LIMIT 1;
   END IF;
   v_found := FOUND;
   IF NOT v_found THEN
@@ -66,7 +66,7 @@ BEGIN
   -- identity values are drawn before this trigger waits for the lock: an inserter that drew a
   -- smaller id may come second. Keep id order = chain order by drawing a new one then.
   IF v_head_id IS NOT NULL AND NEW.id <= v_head_id THEN
-    NEW.id := nextval(pg_get_serial_sequence('workflow_events', 'id'));
+    NEW.id := nextval(pg_get_serial_sequence('public.workflow_events', 'id'));
   END IF;
 
   NEW.prev_hash := coalesce(v_head_hash, lifecycle.audit_genesis());
@@ -94,13 +94,13 @@ GRANT ALL ON FUNCTION lifecycle.audit_genesis() TO service_role;
 -- lifecycle.audit_guard
 CREATE OR REPLACE FUNCTION lifecycle.audit_guard() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
   IF TG_OP = 'DELETE' AND TG_TABLE_NAME = 'workflow_events'
      AND coalesce(current_setting('lifecycle.audit_retention', true), '') = 'on' THEN
     IF OLD.execution_id IS NOT NULL AND NOT EXISTS (
-         SELECT 1 FROM workflow_executions e
+         SELECT 1 FROM public.workflow_executions e
           WHERE e.id = OLD.execution_id AND e.status IN ('completed', 'rolled_back', 'compensation_failed')) THEN
       RAISE EXCEPTION 'audit retention: event % belongs to execution %, which is not finished',
         OLD.id, OLD.execution_id
@@ -137,7 +137,7 @@ GRANT ALL ON FUNCTION lifecycle.audit_hash(p_prev_hash text, p_canonical text) T
 -- lifecycle.audit_prune
 CREATE OR REPLACE FUNCTION lifecycle.audit_prune(p_before timestamp with time zone, p_max_streams integer DEFAULT 1000) RETURNS TABLE(executions integer, events bigint, global_events bigint)
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_exec       record;
@@ -166,21 +166,21 @@ BEGIN
   -- executions: locked (the engine locks the execution row before writing its events), then
   -- their stream; re-checked under the lock.
   FOR v_exec IN
-    SELECT e.id FROM workflow_executions e
+    SELECT e.id FROM public.workflow_executions e
      WHERE e.status IN ('completed', 'rolled_back', 'compensation_failed')
-       AND EXISTS (SELECT 1 FROM workflow_events ev WHERE ev.execution_id = e.id)
-       AND NOT EXISTS (SELECT 1 FROM workflow_events ev WHERE ev.execution_id = e.id AND ev."timestamp" >= p_before)
+       AND EXISTS (SELECT 1 FROM public.workflow_events ev WHERE ev.execution_id = e.id)
+       AND NOT EXISTS (SELECT 1 FROM public.workflow_events ev WHERE ev.execution_id = e.id AND ev."timestamp" >= p_before)
      ORDER BY e.id
      LIMIT p_max_streams
      FOR UPDATE OF e SKIP LOCKED
   LOOP
     PERFORM pg_advisory_xact_lock(lifecycle.audit_stream_key(v_exec.id));
-    CONTINUE WHEN EXISTS (SELECT 1 FROM workflow_events ev
+    CONTINUE WHEN EXISTS (SELECT 1 FROM public.workflow_events ev
                            WHERE ev.execution_id = v_exec.id AND ev."timestamp" >= p_before);
     SELECT ev.id, ev.hash INTO v_last
-      FROM workflow_events ev WHERE ev.execution_id = v_exec.id ORDER BY ev.id DESC LIMIT 1;
+      FROM public.workflow_events ev WHERE ev.execution_id = v_exec.id ORDER BY ev.id DESC LIMIT 1;
     CONTINUE WHEN NOT FOUND;
-    DELETE FROM workflow_events ev WHERE ev.execution_id = v_exec.id;
+    DELETE FROM public.workflow_events ev WHERE ev.execution_id = v_exec.id;
     GET DIAGNOSTICS v_n = ROW_COUNT;
     INSERT INTO lifecycle.audit_checkpoints (execution_id, last_event_id, last_hash, events_pruned, cutoff)
     VALUES (v_exec.id, v_last.id, v_last.hash, v_n, p_before);
@@ -190,14 +190,14 @@ BEGIN
 
   -- the global stream: its prefix older than the cutoff
   PERFORM pg_advisory_xact_lock(lifecycle.audit_stream_key(NULL));
-  SELECT min(ev.id) INTO v_stop FROM workflow_events ev
+  SELECT min(ev.id) INTO v_stop FROM public.workflow_events ev
    WHERE ev.execution_id IS NULL AND ev."timestamp" >= p_before;
   SELECT ev.id, ev.hash INTO v_last
-    FROM workflow_events ev
+    FROM public.workflow_events ev
    WHERE ev.execution_id IS NULL AND (v_stop IS NULL OR ev.id < v_stop)
    ORDER BY ev.id DESC LIMIT 1;
   IF FOUND THEN
-    DELETE FROM workflow_events ev WHERE ev.execution_id IS NULL AND ev.id <= v_last.id;
+    DELETE FROM public.workflow_events ev WHERE ev.execution_id IS NULL AND ev.id <= v_last.id;
     GET DIAGNOSTICS v_global = ROW_COUNT;
     INSERT INTO lifecycle.audit_checkpoints (execution_id, last_event_id, last_hash, events_pruned, cutoff)
     VALUES (NULL, v_last.id, v_last.hash, v_global, p_before);
@@ -206,7 +206,7 @@ BEGIN
   PERFORM set_config('lifecycle.audit_retention', 'off', true);
 
   IF v_execs > 0 OR v_global > 0 THEN
-    INSERT INTO workflow_events (execution_id, event_type, metadata)
+    INSERT INTO public.workflow_events (execution_id, event_type, metadata)
     VALUES (NULL, 'audit_pruned', jsonb_build_object(
       'before', to_char(p_before AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), 'executions', v_execs, 'events', v_events, 'global_events', v_global));
   END IF;

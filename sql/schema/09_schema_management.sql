@@ -4,7 +4,7 @@
 -- lifecycle.adopt_rows
 CREATE OR REPLACE FUNCTION lifecycle.adopt_rows(p_table text, OUT copied bigint, OUT rejected bigint) RETURNS record
     LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'public', 'pg_temp'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 DECLARE
   v_target regclass;
