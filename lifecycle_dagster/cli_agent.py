@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import signal
 import threading
-from typing import Any
 
 import click
 
@@ -32,23 +30,22 @@ def agent_group() -> None:
     "registry_ref",
     default="lifecycle_dagster.agents:default_registry",
     show_default=True,
-    help="MODULE:FUNCTION returning the AgentRegistry that holds the agent's code.",
+    help="MODULE:FUNCTION returning the AgentRegistry that holds the agent's code (MODULE alone: MODULE:registry).",
 )
 def serve_cmd(
     agent_name: str, concurrency: int, lease_s: float, poll_s: float, grace_s: float, registry_ref: str
 ) -> None:
     """Claim and run the agent's tasks until SIGTERM or SIGINT (running tasks finish first)."""
+    from lifecycle_dagster.agents.loading import load_registry
     from lifecycle_dagster.worker import Worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    module_name, _, attr = registry_ref.partition(":")
     try:
-        factory: Any = getattr(importlib.import_module(module_name), attr or "default_registry")
-        registry = factory()
+        registry = load_registry(registry_ref)
         worker = Worker(
             _dsn(), agent_name, registry, concurrency=concurrency, lease_s=lease_s, poll_s=poll_s, grace_s=grace_s
         )
-    except (ImportError, AttributeError, KeyError) as exc:
+    except (ValueError, KeyError) as exc:
         raise click.ClickException(str(exc.args[0] if exc.args else exc)) from exc
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import uuid
@@ -20,7 +19,8 @@ from typing import Any
 import dagster as dg
 import pydantic
 
-from lifecycle_dagster.agents import AgentRegistry, default_registry
+from lifecycle_dagster.agents import AgentRegistry
+from lifecycle_dagster.agents.loading import load_registry
 from lifecycle_dagster.db import resolve_dsn
 
 
@@ -86,23 +86,17 @@ AGENTS_ENV = "LIFECYCLE_DAGSTER_AGENTS"
 
 
 def configured_registry() -> AgentRegistry:
-    """The registry ``LIFECYCLE_DAGSTER_AGENTS`` names (``MODULE:FUNCTION`` returning an
-    AgentRegistry), else the five built-in agents.
+    """The registry ``LIFECYCLE_DAGSTER_AGENTS`` names (see
+    :func:`lifecycle_dagster.agents.loading.load_registry`), else the five built-in agents.
 
     Raises:
-        ValueError: the module, the function or what it returned is not usable.
+        ValueError: the module, the function or what it returned is not usable (naming the variable).
     """
-    ref = os.environ.get(AGENTS_ENV, "").strip()
-    if not ref:
-        return default_registry()
-    module_name, _, attr = ref.partition(":")
+    ref = os.environ.get(AGENTS_ENV, "")
     try:
-        registry = getattr(importlib.import_module(module_name), attr or "registry")()
-    except (ImportError, AttributeError, TypeError) as exc:
-        raise ValueError(f"{AGENTS_ENV}={ref!r}: {exc}") from exc
-    if not isinstance(registry, AgentRegistry):
-        raise ValueError(f"{AGENTS_ENV}={ref!r} returned {type(registry).__name__}, not an AgentRegistry")
-    return registry
+        return load_registry(ref)
+    except ValueError as exc:
+        raise ValueError(f"{AGENTS_ENV}: {exc}") from exc
 
 
 def agents_resource(registry: AgentRegistry | None = None) -> dg.ResourceDefinition:
