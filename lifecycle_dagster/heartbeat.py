@@ -5,19 +5,19 @@ worker stops beating)."""
 
 from __future__ import annotations
 
-import os
 import threading
 from types import TracebackType
 
 import psycopg
 
 from lifecycle_dagster.db import connect
+from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.sqlfiles import query
 
 
 def heartbeat_interval_s() -> float:
     """Seconds between heartbeats (``LIFECYCLE_DAGSTER_HEARTBEAT_S``, default 5)."""
-    return float(os.environ.get("LIFECYCLE_DAGSTER_HEARTBEAT_S") or 5.0)
+    return Settings.from_env().heartbeat_s
 
 
 class Heartbeat:

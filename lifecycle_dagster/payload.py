@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from typing import Any
 
-#: default limit of one agent output, in bytes of UTF-8 JSON (LIFECYCLE_DAGSTER_MAX_OUTPUT_BYTES)
-DEFAULT_MAX_OUTPUT_BYTES = 8 * 1024 * 1024
+from lifecycle_dagster.settings import Settings
+
 #: longest error text stored, in characters
 MAX_ERROR_CHARS = 4000
 #: deepest nesting of objects and arrays in a payload (``{}`` is 1 level, ``{"a": []}`` 2)
@@ -38,13 +37,7 @@ def max_output_bytes() -> int:
     Raises:
         ValueError: the variable is not a positive integer.
     """
-    raw = os.environ.get("LIFECYCLE_DAGSTER_MAX_OUTPUT_BYTES")
-    if not raw:
-        return DEFAULT_MAX_OUTPUT_BYTES
-    value = int(raw)
-    if value <= 0:
-        raise ValueError(f"LIFECYCLE_DAGSTER_MAX_OUTPUT_BYTES must be > 0, got {raw!r}")
-    return value
+    return Settings.from_env().max_output_bytes
 
 
 def json_path(parts: list[str | int]) -> str:

@@ -17,7 +17,6 @@ v1 finishes on v1, and its compensation job exists, after v2 is activated (named
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,6 +29,7 @@ from psycopg.types.json import Jsonb
 from lifecycle_dagster.dag import Dag, DagValidationError, parse_dag
 from lifecycle_dagster.db import Connection
 from lifecycle_dagster.payload import check_output
+from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.sqlfiles import query
 
 #: execution statuses with no way out (lifecycle.transitions); any other status pins its version
@@ -377,7 +377,7 @@ def reload_hint() -> str:
 
 def webserver_url() -> str | None:
     """:data:`WEBSERVER_URL_ENV`'s value, or ``None`` when unset or empty."""
-    return os.environ.get(WEBSERVER_URL_ENV) or None
+    return Settings.from_env().webserver_url
 
 
 __all__ = [

@@ -27,16 +27,15 @@ from lifecycle_dagster.agents import (
 )
 from lifecycle_dagster.db import Connection
 from lifecycle_dagster.invoke import AttemptStopped
+from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.sqlfiles import query
 
-#: how long a stage waits for a queue task when it has no timeout (LIFECYCLE_DAGSTER_QUEUE_WAIT_S)
-DEFAULT_QUEUE_WAIT_S = 3600.0
 FINAL_TASK_STATES = ("completed", "failed", "cancelled")
 
 
 def queue_wait_s() -> float:
     """Seconds a stage without a timeout waits for its queue task (default 3600)."""
-    return float(os.environ.get("LIFECYCLE_DAGSTER_QUEUE_WAIT_S") or DEFAULT_QUEUE_WAIT_S)
+    return Settings.from_env().queue_wait_s
 
 
 def wait_for_task(

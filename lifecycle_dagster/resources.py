@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import pydantic
 from lifecycle_dagster.agents import AgentRegistry
 from lifecycle_dagster.agents.loading import load_registry
 from lifecycle_dagster.db import resolve_dsn
+from lifecycle_dagster.settings import Settings
 
 
 class LifecycleDatabase(dg.ConfigurableResource):  # type: ignore[type-arg]
@@ -92,7 +92,7 @@ def configured_registry() -> AgentRegistry:
     Raises:
         ValueError: the module, the function or what it returned is not usable (naming the variable).
     """
-    ref = os.environ.get(AGENTS_ENV, "")
+    ref = Settings.from_env().agents
     try:
         return load_registry(ref)
     except ValueError as exc:

@@ -33,7 +33,6 @@ often the sensor ticks or however many daemons run it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -43,6 +42,7 @@ import dagster as dg
 from lifecycle_dagster.compensation import TAKEOVER_TAG, compensation_job_name
 from lifecycle_dagster.db import Connection, connect, resolve_dsn
 from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, RESUME_TAG, job_name
+from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.sqlfiles import query
 
 #: executions looked at per tick
@@ -54,8 +54,7 @@ def sensor_interval_s(default: int) -> int:
     sensor when set (read when the code location loads), else ``default``. The daemon evaluates
     sensors every 5 s at most, so a value just under 5 (4) gives a steady 5 s cadence where 5
     often waits 10 s (a tick found 4.9 s after the last one is skipped)."""
-    value = os.environ.get("LIFECYCLE_DAGSTER_SENSOR_INTERVAL_S")
-    return max(1, int(value)) if value else default
+    return Settings.from_env().sensor_interval_s or default
 
 
 IN_PROCESS: dict[str, Any] = {"execution": {"config": {"in_process": {}}}}
@@ -107,7 +106,7 @@ _FAILED = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 
 def heartbeat_timeout_s() -> float:
     """``LIFECYCLE_DAGSTER_HEARTBEAT_TIMEOUT_S`` (default 120 s)."""
-    return float(os.environ.get("LIFECYCLE_DAGSTER_HEARTBEAT_TIMEOUT_S") or 120.0)
+    return Settings.from_env().heartbeat_timeout_s
 
 
 def compensate_if_due(conn: Connection, execution_id: str) -> bool:

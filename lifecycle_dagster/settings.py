@@ -1,4 +1,4 @@
-"""Where the database and the Dagster home are, from the environment.
+"""Every setting of the product, from the environment, in one object.
 
 ``DATABASE_URL``
     libpq URI of the orchestration database (e.g. a Supabase connection string). Unset: the
@@ -8,12 +8,31 @@
     (default: the user data dir, e.g. ``~/.local/share/lifecycle-dagster``).
 ``DAGSTER_HOME``
     Dagster's instance folder (default: ``<data dir>/dagster_home``).
+``LIFECYCLE_DAGSTER_AGENTS``
+    ``MODULE:FUNCTION`` returning the code location's agent registry (default: the five built-in).
+``LIFECYCLE_DAGSTER_WEBSERVER_URL``
+    a running Dagster webserver that ``publish --activate`` / ``activate`` ask to reload.
+``LIFECYCLE_DAGSTER_SENSOR_INTERVAL_S``
+    seconds between every sensor's ticks (integer >= 1; default: each sensor's own).
+``LIFECYCLE_DAGSTER_HEARTBEAT_S``
+    seconds between a running stage op's heartbeats (default 5).
+``LIFECYCLE_DAGSTER_HEARTBEAT_TIMEOUT_S``
+    seconds without a heartbeat after which the reconciler fails an execution (default 120).
+``LIFECYCLE_DAGSTER_QUEUE_WAIT_S``
+    seconds a stage without a timeout waits for its queue task (default 3600).
+``LIFECYCLE_DAGSTER_MAX_OUTPUT_BYTES``
+    the largest stage output stored, in bytes (default 8 MiB).
+
+Each number is read when it is used and a bad value raises ``ValueError`` naming the variable,
+so one bad setting stops only what needs it.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import platformdirs
@@ -22,6 +41,10 @@ import platformdirs
 EMBEDDED_DATABASE = "lifecycle"
 #: the schema Dagster's own tables live in, inside the orchestration database
 DAGSTER_SCHEMA = "dagster"
+#: the largest stage output stored, in bytes (the database's own limit is the same by default)
+DEFAULT_MAX_OUTPUT_BYTES = 8 * 1024 * 1024
+#: how long a stage with no timeout waits for its queue task, in seconds
+DEFAULT_QUEUE_WAIT_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +56,8 @@ class Settings:
     dagster_home: Path
     #: True when DAGSTER_HOME was not set: the tool owns the home and rewrites its dagster.yaml
     dagster_home_managed: bool = True
+    #: the raw ``LIFECYCLE_DAGSTER_*`` values, parsed by the properties below when used
+    env: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -51,7 +76,66 @@ class Settings:
             data_dir=data_dir,
             dagster_home=Path(home).expanduser().resolve() if home else data_dir / "dagster_home",
             dagster_home_managed=not home,
+            env={k: v for k, v in os.environ.items() if k.startswith("LIFECYCLE_DAGSTER_")},
         )
+
+    def _text(self, name: str) -> str | None:
+        return (self.env.get(f"LIFECYCLE_DAGSTER_{name}") or "").strip() or None
+
+    def _number(self, name: str, default: float, *, integer: bool = False, minimum: float = 0.0) -> float:
+        """``LIFECYCLE_DAGSTER_<name>`` as a finite number > ``minimum`` (>= for integers), else ``default``.
+
+        Raises:
+            ValueError: the value is not such a number (the message names the variable).
+        """
+        raw = self._text(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw) if integer else float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or (value < minimum if integer else value <= minimum):
+            kind = f"an integer >= {minimum:g}" if integer else f"a number > {minimum:g}"
+            raise ValueError(f"LIFECYCLE_DAGSTER_{name} must be {kind}, got {raw!r}")
+        return value
+
+    @property
+    def agents(self) -> str | None:
+        """``LIFECYCLE_DAGSTER_AGENTS``: the registry reference, or None for the built-in agents."""
+        return self._text("AGENTS")
+
+    @property
+    def webserver_url(self) -> str | None:
+        """``LIFECYCLE_DAGSTER_WEBSERVER_URL``, or None."""
+        return self._text("WEBSERVER_URL")
+
+    @property
+    def sensor_interval_s(self) -> int | None:
+        """``LIFECYCLE_DAGSTER_SENSOR_INTERVAL_S`` (an integer >= 1), or None for each sensor's own."""
+        if self._text("SENSOR_INTERVAL_S") is None:
+            return None
+        return int(self._number("SENSOR_INTERVAL_S", 0, integer=True, minimum=1))
+
+    @property
+    def heartbeat_s(self) -> float:
+        """``LIFECYCLE_DAGSTER_HEARTBEAT_S`` in seconds (default 5)."""
+        return self._number("HEARTBEAT_S", 5.0)
+
+    @property
+    def heartbeat_timeout_s(self) -> float:
+        """``LIFECYCLE_DAGSTER_HEARTBEAT_TIMEOUT_S`` in seconds (default 120)."""
+        return self._number("HEARTBEAT_TIMEOUT_S", 120.0)
+
+    @property
+    def queue_wait_s(self) -> float:
+        """``LIFECYCLE_DAGSTER_QUEUE_WAIT_S`` in seconds (default 3600)."""
+        return self._number("QUEUE_WAIT_S", DEFAULT_QUEUE_WAIT_S)
+
+    @property
+    def max_output_bytes(self) -> int:
+        """``LIFECYCLE_DAGSTER_MAX_OUTPUT_BYTES`` (default 8 MiB)."""
+        return int(self._number("MAX_OUTPUT_BYTES", DEFAULT_MAX_OUTPUT_BYTES, integer=True, minimum=1))
 
     @property
     def embedded(self) -> bool:
