@@ -40,7 +40,7 @@ class Context:
 
 
 def _prepare(c: Cluster, quick: bool, out_dir: Path) -> Context:
-    from lifecycle_dagster.instance import prepare_home
+    from lifecycle_dagster.location.instance import prepare_home
 
     admin = c.dsn()
     with common.connect(admin) as conn:

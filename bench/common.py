@@ -21,9 +21,9 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from lifecycle_dagster import migrate
 from lifecycle_dagster.agents import AgentError, AgentRegistry, CompensationTask, Task
-from lifecycle_dagster.sqlfiles import seed_sql
+from lifecycle_dagster.store import migrate
+from lifecycle_dagster.store.sqlfiles import seed_sql
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent

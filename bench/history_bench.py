@@ -28,13 +28,13 @@ from bench.common import (
     prepare_app_db,
     summary,
 )
-from lifecycle_dagster.compensation import UndoSpec, perform_compensation, run_undo
-from lifecycle_dagster.dag import Dag, parse_dag
-from lifecycle_dagster.db import connect as ld_connect
-from lifecycle_dagster.job_factory import DefinitionRow
-from lifecycle_dagster.retry import resolve_policy
-from lifecycle_dagster.runtime import StageFailed, StageSpec, run_stage
-from lifecycle_dagster.sqlfiles import query
+from lifecycle_dagster.core.dag import Dag, parse_dag
+from lifecycle_dagster.core.retry import resolve_policy
+from lifecycle_dagster.engine.compensation import UndoSpec, perform_compensation, run_undo
+from lifecycle_dagster.engine.stage import StageFailed, StageSpec, run_stage
+from lifecycle_dagster.location.job_factory import DefinitionRow
+from lifecycle_dagster.store.db import connect as ld_connect
+from lifecycle_dagster.store.sqlfiles import query
 
 EVENTS_PER_EXECUTION = 10
 

@@ -15,8 +15,8 @@ import dagster as dg
 from pyinstrument import Profiler
 
 from bench.common import CONTEXT, bench_sql, connect, lifecycle_row, noop_registry, summary
-from lifecycle_dagster.job_factory import build_job
-from lifecycle_dagster.resources import agents_resource
+from lifecycle_dagster.location.job_factory import build_job
+from lifecycle_dagster.location.resources import agents_resource
 
 STAGES = 5
 #: both jobs log to the console at WARNING (Dagster's default console logger is DEBUG)

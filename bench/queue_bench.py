@@ -1,5 +1,5 @@
 """Section 2, the task queue: throughput of the project's workers (``lifecycle-dagster agent serve``:
-:class:`lifecycle_dagster.worker.Worker`, one process each, concurrency 1, a no-op agent) against a
+:class:`lifecycle_dagster.queue.worker.Worker`, one process each, concurrency 1, a no-op agent) against a
 raw ``FOR UPDATE SKIP LOCKED`` claim-and-complete loop on a minimal table (the same number of
 processes, the same driver) and ``pgbench -N``, all on the same server; dead tuples and sizes
 afterwards; enqueue → pickup latency with LISTEN/NOTIFY and with polling alone.
@@ -39,7 +39,7 @@ REPEATS = 2
 
 def _worker_main(dsn: str, ready: Any, stop: Any, listen: bool, poll_s: float) -> None:
     from bench.common import queue_registry
-    from lifecycle_dagster.worker import Worker
+    from lifecycle_dagster.queue.worker import Worker
 
     worker = Worker(dsn, QUEUE_AGENT, queue_registry(), poll_s=poll_s, listen=listen, lease_s=30.0, grace_s=5.0)
     ready.put(os.getpid())

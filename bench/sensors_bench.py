@@ -27,11 +27,11 @@ import yaml
 from psycopg.types.json import Jsonb
 
 from bench.common import REPO, connect, lifecycle_row, prepare_app_db, summary
-from lifecycle_dagster.instance import prepare_home
-from lifecycle_dagster.sqlfiles import query
+from lifecycle_dagster.location.instance import prepare_home
+from lifecycle_dagster.store.sqlfiles import query
 
 EXECUTION_TAG = "lifecycle/execution_id"
-#: the shipped sensor intervals (lifecycle_dagster/sensors.py), seconds
+#: the shipped sensor intervals (lifecycle_dagster/location/sensors.py), seconds
 DEFAULT_INTERVALS = {"launch": 4, "failure": 4, "reconciler": 10}
 
 

@@ -14,7 +14,7 @@ __all__ = ["defs"]
 
 def __getattr__(name: str) -> Any:
     if name == "defs":
-        from lifecycle_dagster.definitions import defs
+        from lifecycle_dagster.location.definitions import defs
 
         return defs
     raise AttributeError(f"module 'lifecycle_dagster' has no attribute {name!r}")

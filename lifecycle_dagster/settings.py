@@ -2,7 +2,7 @@
 
 ``DATABASE_URL``
     libpq URI of the orchestration database (e.g. a Supabase connection string). Unset: the
-    embedded PostgreSQL server of :mod:`lifecycle_dagster.embedded` is used.
+    embedded PostgreSQL server of :mod:`lifecycle_dagster.store.embedded` is used.
 ``LIFECYCLE_DAGSTER_DATA_DIR``
     folder for the embedded server's data and the default Dagster home
     (default: the user data dir, e.g. ``~/.local/share/lifecycle-dagster``).

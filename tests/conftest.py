@@ -15,9 +15,9 @@ import psycopg
 import pytest
 from psycopg import conninfo, sql
 
-from lifecycle_dagster import migrate
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.sqlfiles import seed_sql
+from lifecycle_dagster.store import migrate
+from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.store.sqlfiles import seed_sql
 
 REPO = Path(__file__).resolve().parent.parent
 RUNBOOK = REPO.parent / "shared" / "seed" / "000_e3ce442ac9e1577a.txt"
@@ -45,7 +45,7 @@ def server_dsn() -> Iterator[str]:
     if url:
         yield _with_db(url, "postgres")
         return
-    from lifecycle_dagster.embedded import ensure_server, stop_server
+    from lifecycle_dagster.store.embedded import ensure_server, stop_server
 
     data = Path(tempfile.mkdtemp(prefix="ld-embedded-"))
     os.chmod(data, 0o755)
@@ -113,7 +113,7 @@ def seeded_db(db: str) -> str:
 @pytest.fixture(scope="session")
 def dagster_home(server_dsn: str) -> Iterator[Path]:
     """A DAGSTER_HOME stored with dagster-postgres in its own database (schema ``dagster``)."""
-    from lifecycle_dagster.instance import prepare_home
+    from lifecycle_dagster.location.instance import prepare_home
 
     name = f"ld_dagster_{os.getpid()}"
     _drop_db(server_dsn, name)

@@ -18,10 +18,10 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.agents import AgentRegistry
-from lifecycle_dagster.db import Connection, connect
-from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, build_job
-from lifecycle_dagster.resources import agents_resource
-from lifecycle_dagster.sqlfiles import query
+from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG, build_job
+from lifecycle_dagster.location.resources import agents_resource
+from lifecycle_dagster.store.db import Connection, connect
+from lifecycle_dagster.store.sqlfiles import query
 
 
 def install(dsn: str, name: str, dag_schema: dict[str, Any], agents: dict[str, str]) -> None:

@@ -13,11 +13,11 @@ import pytest
 from click.testing import CliRunner, Result
 from psycopg.rows import dict_row
 
-from lifecycle_dagster import audit, migrate
-from lifecycle_dagster.cli import main
-from lifecycle_dagster.cli_ops import schema_problems
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.sqlfiles import sql_dir
+from lifecycle_dagster.cli.main import main
+from lifecycle_dagster.cli.ops import schema_problems
+from lifecycle_dagster.store import audit, migrate
+from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.store.sqlfiles import sql_dir
 
 from helpers import runbook_section
 

@@ -1,4 +1,4 @@
-"""The tamper-evident audit feed (0009_audit, lifecycle_dagster.audit, `lifecycle-dagster audit`):
+"""The tamper-evident audit feed (0009_audit, lifecycle_dagster.store.audit, `lifecycle-dagster audit`):
 append-only events, per-stream hash chains (also under concurrency), retention, the one-row-per-event
 feed and its indexes, and verification in Python with the database's canonical form.
 """
@@ -17,10 +17,10 @@ import pytest
 from click.testing import CliRunner
 from psycopg.types.json import Jsonb
 
-from lifecycle_dagster.audit import GENESIS, canonical_event, canonical_json, event_hash, verify
-from lifecycle_dagster.cli import main
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.sqlfiles import query
+from lifecycle_dagster.cli.main import main
+from lifecycle_dagster.store.audit import GENESIS, canonical_event, canonical_json, event_hash, verify
+from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.store.sqlfiles import query
 
 from helpers import create_execution, install, rows
 

@@ -35,15 +35,15 @@ from psycopg import conninfo, sql
 from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.agents import AgentRegistry, Task
-from lifecycle_dagster.cli import main
-from lifecycle_dagster.dag import MAX_EDGES, MAX_STAGES, DagValidationError, validate_dag
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.job_factory import build_compensation_job, build_job, build_jobs, capability_pool
-from lifecycle_dagster.payload import MAX_JSON_DEPTH, check_output
-from lifecycle_dagster.publish import DefinitionFileError, checked_for_publishing, read_definition_file
-from lifecycle_dagster.retry import RetryPolicy, retry_delay
-from lifecycle_dagster.runtime import StageFailed, StageSpec, run_stage
+from lifecycle_dagster.cli.main import main
+from lifecycle_dagster.core.dag import MAX_EDGES, MAX_STAGES, DagValidationError, validate_dag
+from lifecycle_dagster.core.payload import MAX_JSON_DEPTH, check_output
+from lifecycle_dagster.core.retry import RetryPolicy, retry_delay
+from lifecycle_dagster.engine.stage import StageFailed, StageSpec, run_stage
+from lifecycle_dagster.location.job_factory import build_compensation_job, build_job, build_jobs, capability_pool
 from lifecycle_dagster.settings import DEFAULT_MAX_OUTPUT_BYTES
+from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.store.versions import DefinitionFileError, checked_for_publishing, read_definition_file
 
 from helpers import events, install, rows, run, send_json
 

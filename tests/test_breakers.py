@@ -14,10 +14,10 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from lifecycle_dagster import migrate
 from lifecycle_dagster.agents import AgentBadRequest, AgentOverloaded, AgentRegistry, Task
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.sqlfiles import query
+from lifecycle_dagster.store import migrate
+from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.store.sqlfiles import query
 
 from helpers import create_execution, events, install, rows, run, runbook_section
 

@@ -16,8 +16,8 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.agents import AgentRegistry, Task
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.sqlfiles import query
+from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.store.sqlfiles import query
 
 from helpers import create_execution, events, install, rows, run
 
@@ -121,8 +121,8 @@ def test_cancel_racing_completion_50_times(db: str, instance: Any) -> None:
 
         t = threading.Thread(target=canceller)
         t.start()
-        from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, build_job
-        from lifecycle_dagster.resources import agents_resource
+        from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG, build_job
+        from lifecycle_dagster.location.resources import agents_resource
 
         result = build_job(row).execute_in_process(
             instance=instance,
@@ -174,8 +174,8 @@ def test_cancel_stops_a_running_agent(db: str, instance: Any, tmp_path: Path) ->
     row, eid = create_execution(db, "wf")
     threading.Timer(0.8, lambda: _cancel(db, eid)).start()
     t0 = time.monotonic()
-    from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, build_job
-    from lifecycle_dagster.resources import agents_resource
+    from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG, build_job
+    from lifecycle_dagster.location.resources import agents_resource
 
     result = build_job(row).execute_in_process(
         instance=instance,

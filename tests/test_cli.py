@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from lifecycle_dagster.cli import main
+from lifecycle_dagster.cli.main import main
 
 from helpers import rows
 

@@ -13,8 +13,8 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from lifecycle_dagster.db import Connection, connect
-from lifecycle_dagster.migrate import run_upgrade
+from lifecycle_dagster.store.db import Connection, connect
+from lifecycle_dagster.store.migrate import run_upgrade
 
 from helpers import as_role
 

@@ -13,11 +13,11 @@ import psycopg
 import pytest
 
 from lifecycle_dagster.agents import AgentBadRequest, AgentRegistry, CompensationTask, Task, artifacts, default_registry
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.definitions import definitions_from_snapshot, fetch_snapshot
-from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, build_compensation_job
-from lifecycle_dagster.resources import agents_resource
-from lifecycle_dagster.sensors import reconcile
+from lifecycle_dagster.location.definitions import definitions_from_snapshot, fetch_snapshot
+from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG, build_compensation_job
+from lifecycle_dagster.location.resources import agents_resource
+from lifecycle_dagster.location.sensors import reconcile
+from lifecycle_dagster.store.db import connect
 
 from helpers import create_execution, events, install, rows, run
 
@@ -45,8 +45,8 @@ def _lifecycle_failing_at_realization(seeded_db: str, instance: Any) -> tuple[st
             "SELECT id::text AS id, name, version, description, dag_schema FROM workflow_definitions"
         ).fetchone()
     assert row is not None
-    from lifecycle_dagster.job_factory import build_job
-    from lifecycle_dagster.sqlfiles import query
+    from lifecycle_dagster.location.job_factory import build_job
+    from lifecycle_dagster.store.sqlfiles import query
 
     with connect(seeded_db) as conn:
         created = conn.execute(
@@ -363,7 +363,7 @@ def test_failure_sensor_delivers_a_failed_run(db: str, instance: Any) -> None:
 def test_cli_compensate_runs_the_compensation(db: str, instance: Any, dagster_home: Path) -> None:
     from click.testing import CliRunner
 
-    from lifecycle_dagster.cli import main
+    from lifecycle_dagster.cli.main import main
 
     undone: list[str] = []
     install(db, "wf", {**DIAMOND_PLUS, "on_failure": "hold"}, {c: c.upper() for c in "abcde"})
@@ -380,9 +380,9 @@ def test_cli_compensate_runs_the_compensation(db: str, instance: Any, dagster_ho
 WORKER = """
 import json, sys, time
 from lifecycle_dagster.agents import AgentRegistry, artifacts
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, build_job
-from lifecycle_dagster.resources import agents_resource
+from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG, build_job
+from lifecycle_dagster.location.resources import agents_resource
 from dagster import DagsterInstance
 
 class A:

@@ -1,4 +1,4 @@
-"""Tests of lifecycle_dagster.dag against the shared case table tests/dag_cases.json (no database)."""
+"""Tests of lifecycle_dagster.core.dag against the shared case table tests/dag_cases.json (no database)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from lifecycle_dagster.dag import (
+from lifecycle_dagster.core.dag import (
     STAGE_ID_PATTERN,
     Dag,
     DagValidationError,

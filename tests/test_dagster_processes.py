@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from psycopg.types.json import Jsonb
 
-from lifecycle_dagster.db import connect
+from lifecycle_dagster.store.db import connect
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

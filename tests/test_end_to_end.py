@@ -11,10 +11,10 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.agents import AgentRegistry, Task, default_registry
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, build_job
-from lifecycle_dagster.resources import agents_resource
-from lifecycle_dagster.sqlfiles import query
+from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG, build_job
+from lifecycle_dagster.location.resources import agents_resource
+from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.store.sqlfiles import query
 
 REPO = Path(__file__).resolve().parent.parent
 LIFECYCLE_ORDER = ["discover", "qualify", "target_design", "value_realization", "integrity"]

@@ -47,7 +47,7 @@ def test_the_package_has_no_import_cycle() -> None:
 
 @pytest.mark.parametrize(
     ("module", "loads_psycopg"),
-    [("lifecycle_dagster", False), ("lifecycle_dagster.dag", False), ("lifecycle_dagster.worker", True)],
+    [("lifecycle_dagster", False), ("lifecycle_dagster.core.dag", False), ("lifecycle_dagster.queue.worker", True)],
 )
 def test_importing_loads_no_dagster(module: str, loads_psycopg: bool) -> None:
     code = f"import sys, {module}; print('dagster' in sys.modules, 'psycopg' in sys.modules)"

@@ -1,4 +1,4 @@
-"""The invariant checker (lifecycle_dagster.invariants) on real Postgres: a clean set of executions
+"""The invariant checker (lifecycle_dagster.store.invariants) on real Postgres: a clean set of executions
 (completed, rolled back, held, cancelled without compensation) has no violation; each rule is then
 broken on a copy of it, as a superuser going around the guards where needed (triggers disabled with
 session_replication_role = replica), and the checker names it. Also `doctor --invariants`."""
@@ -20,12 +20,12 @@ from psycopg import conninfo, sql
 from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.agents import AgentBadRequest, AgentRegistry, Task, default_registry
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.definitions import definitions_from_snapshot, fetch_snapshot
-from lifecycle_dagster.invariants import RULES, at_rest, check
-from lifecycle_dagster.resources import agents_resource
-from lifecycle_dagster.sensors import reconcile
-from lifecycle_dagster.sqlfiles import seed_sql
+from lifecycle_dagster.location.definitions import definitions_from_snapshot, fetch_snapshot
+from lifecycle_dagster.location.resources import agents_resource
+from lifecycle_dagster.location.sensors import reconcile
+from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.store.invariants import RULES, at_rest, check
+from lifecycle_dagster.store.sqlfiles import seed_sql
 
 from helpers import install, rows, run
 
@@ -327,7 +327,7 @@ def test_every_rule_is_named() -> None:
 
 
 def test_doctor_invariants_text_and_json(world: dict[str, Any]) -> None:
-    from lifecycle_dagster.cli import main
+    from lifecycle_dagster.cli.main import main
 
     ok = CliRunner().invoke(main, ["doctor", "--invariants"], env={"DATABASE_URL": world["dsn"]})
     assert ok.exit_code == 0, ok.output

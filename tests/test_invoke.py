@@ -16,7 +16,7 @@ SCRIPT = """
 import sys, time
 from pathlib import Path
 from lifecycle_dagster.agents import Task
-from lifecycle_dagster.invoke import call_agent
+from lifecycle_dagster.engine.invoke import call_agent
 
 class Slow:
     name = "slow"

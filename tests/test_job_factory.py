@@ -16,10 +16,10 @@ from dagster._utils.test.definitions import (
 )
 from psycopg.types.json import Jsonb
 
-from lifecycle_dagster.dag import DagValidationError
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.definitions import SNAPSHOT_KEY, definitions_from_snapshot, defs, fetch_snapshot
-from lifecycle_dagster.job_factory import build_job, build_jobs
+from lifecycle_dagster.core.dag import DagValidationError
+from lifecycle_dagster.location.definitions import SNAPSHOT_KEY, definitions_from_snapshot, defs, fetch_snapshot
+from lifecycle_dagster.location.job_factory import build_job, build_jobs
+from lifecycle_dagster.store.db import connect
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -146,7 +146,7 @@ def test_reconstruction_uses_the_snapshot_not_the_table(seeded_db: str) -> None:
 
 
 def test_compensation_job_reverses_the_edges() -> None:
-    from lifecycle_dagster.job_factory import build_compensation_job
+    from lifecycle_dagster.location.job_factory import build_compensation_job
 
     job = build_compensation_job(_fixture("diamond"))
     assert job.name == "diamond__v1__compensate"

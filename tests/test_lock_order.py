@@ -27,9 +27,9 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from lifecycle_dagster.db import Connection, connect
-from lifecycle_dagster.invariants import check
-from lifecycle_dagster.sqlfiles import query
+from lifecycle_dagster.store.db import Connection, connect
+from lifecycle_dagster.store.invariants import check
+from lifecycle_dagster.store.sqlfiles import query
 
 from helpers import install
 

@@ -1,4 +1,4 @@
-"""Tests of lifecycle_dagster.migrate against real Postgres: ordering, checksums, concurrency, atomicity."""
+"""Tests of lifecycle_dagster.store.migrate against real Postgres: ordering, checksums, concurrency, atomicity."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from lifecycle_dagster import migrate
-from lifecycle_dagster.sqlfiles import sql_dir
+from lifecycle_dagster.store import migrate
+from lifecycle_dagster.store.sqlfiles import sql_dir
 
 MIGRATIONS = sql_dir() / "migrations"
 RUNBOOK_TABLES = (

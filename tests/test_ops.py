@@ -11,10 +11,10 @@ import psycopg
 import pytest
 from click.testing import CliRunner, Result
 
-from lifecycle_dagster import migrate
 from lifecycle_dagster.agents import AgentError, AgentRegistry, Task
-from lifecycle_dagster.cli import main
-from lifecycle_dagster.db import connect
+from lifecycle_dagster.cli.main import main
+from lifecycle_dagster.store import migrate
+from lifecycle_dagster.store.db import connect
 
 from helpers import install, rows, run, runbook_section
 
@@ -411,7 +411,7 @@ def test_doctor_finds_security_and_migration_drift(db: str, dagster_home: Path) 
 
 
 def test_doctor_names_a_client_role_that_holds_service_role(db: str) -> None:
-    from lifecycle_dagster.cli_ops import role_problems
+    from lifecycle_dagster.cli.ops import role_problems
 
     with connect(db) as conn:
         assert role_problems(conn) == []

@@ -20,8 +20,8 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.agents import AgentRegistry, Task, default_registry
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.worker import Worker
+from lifecycle_dagster.queue.worker import Worker
+from lifecycle_dagster.store.db import connect
 
 from helpers import events, install, rows, run, send_json
 
@@ -489,8 +489,8 @@ def test_lifecycle_survives_its_design_worker_being_killed(seeded_db: str, insta
 def test_stage_ops_use_their_capability_pool_and_agent_limits_set_it(seeded_db: str, dagster_home: Path) -> None:
     from click.testing import CliRunner
 
-    from lifecycle_dagster.cli import main
-    from lifecycle_dagster.job_factory import build_job
+    from lifecycle_dagster.cli.main import main
+    from lifecycle_dagster.location.job_factory import build_job
 
     with connect(seeded_db) as conn:
         row = conn.execute(

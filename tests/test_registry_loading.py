@@ -6,7 +6,7 @@ import pytest
 
 from lifecycle_dagster.agents import AgentRegistry
 from lifecycle_dagster.agents.loading import load_registry
-from lifecycle_dagster.resources import configured_registry
+from lifecycle_dagster.location.resources import configured_registry
 
 
 def test_empty_means_the_builtin_agents() -> None:

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from lifecycle_dagster import migrate
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.sqlfiles import seed_sql
+from lifecycle_dagster.store import migrate
+from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.store.sqlfiles import seed_sql
 
 from helpers import as_role, runbook_section
 

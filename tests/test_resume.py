@@ -12,11 +12,11 @@ import dagster as dg
 from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.agents import AgentBadRequest, AgentRegistry, Task
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.definitions import definitions_from_snapshot, fetch_snapshot
-from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, PARENT_RUN_TAG, RESUME_TAG, build_job
-from lifecycle_dagster.resources import agents_resource
-from lifecycle_dagster.sensors import resume_requests
+from lifecycle_dagster.location.definitions import definitions_from_snapshot, fetch_snapshot
+from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG, PARENT_RUN_TAG, RESUME_TAG, build_job
+from lifecycle_dagster.location.resources import agents_resource
+from lifecycle_dagster.location.sensors import resume_requests
+from lifecycle_dagster.store.db import connect
 
 from helpers import events, install, rows, run
 

@@ -18,8 +18,8 @@ from lifecycle_dagster.agents import (
     AgentRegistry,
     Task,
 )
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.retry import retry_delay
+from lifecycle_dagster.core.retry import retry_delay
+from lifecycle_dagster.store.db import connect
 
 from helpers import events, install, rows, run
 

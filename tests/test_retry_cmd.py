@@ -12,7 +12,7 @@ from click.testing import CliRunner, Result
 from dagster import DagsterInstance
 
 from lifecycle_dagster.agents import AgentBadRequest, AgentRegistry, Task
-from lifecycle_dagster.cli import main
+from lifecycle_dagster.cli.main import main
 
 from helpers import events, install, rows
 

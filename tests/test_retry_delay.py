@@ -13,8 +13,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.retry import retry_delay
+from lifecycle_dagster.core.retry import retry_delay
+from lifecycle_dagster.store.db import connect
 
 CASES: list[dict[str, Any]] = json.loads((Path(__file__).parent / "retry_delay_cases.json").read_text())
 ARGS = ("attempt", "base", "cap", "multiplier", "jitter", "u")

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 from click.testing import CliRunner, Result
 
-from lifecycle_dagster.cli import main
+from lifecycle_dagster.cli.main import main
 
 from helpers import runbook_section, runbook_statements
 

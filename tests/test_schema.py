@@ -22,7 +22,7 @@ from psycopg import conninfo, sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from lifecycle_dagster.sqlfiles import seed_sql
+from lifecycle_dagster.store.sqlfiles import seed_sql
 
 REPO = Path(__file__).resolve().parent.parent
 RUNBOOK = REPO.parent / "shared" / "seed" / "000_e3ce442ac9e1577a.txt"

@@ -15,8 +15,8 @@ import pytest
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from lifecycle_dagster import migrate
-from lifecycle_dagster.db import Connection, connect
+from lifecycle_dagster.store import migrate
+from lifecycle_dagster.store.db import Connection, connect
 
 from helpers import as_role, install
 

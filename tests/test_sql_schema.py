@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psycopg
 
-from lifecycle_dagster import migrate
+from lifecycle_dagster.store import migrate
 
 SQL = Path(__file__).resolve().parent.parent / "sql"
 _ROUTINE = re.compile(r"CREATE\s+(?:OR\s+REPLACE\s+)?(FUNCTION|VIEW)\s+([\w.]+)", re.IGNORECASE)

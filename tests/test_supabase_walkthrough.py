@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 from psycopg.types.json import Jsonb
 
-from lifecycle_dagster.cli import main
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.definitions import definitions_from_snapshot, fetch_snapshot
-from lifecycle_dagster.job_factory import EXECUTION_ID_TAG
+from lifecycle_dagster.cli.main import main
+from lifecycle_dagster.location.definitions import definitions_from_snapshot, fetch_snapshot
+from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG
+from lifecycle_dagster.store.db import connect
 
 from helpers import as_role
 

@@ -26,11 +26,12 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.agents import AgentOverloaded, AgentRegistry, Task
-from lifecycle_dagster.cli import main
-from lifecycle_dagster.dag import parse_dag, validate_dag
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.definitions import definitions_from_snapshot, fetch_snapshot
-from lifecycle_dagster.publish import (
+from lifecycle_dagster.cli.main import main
+from lifecycle_dagster.core.dag import parse_dag, validate_dag
+from lifecycle_dagster.location.definitions import definitions_from_snapshot, fetch_snapshot
+from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.store.sqlfiles import query
+from lifecycle_dagster.store.versions import (
     FINAL_STATUSES,
     WEBSERVER_URL_ENV,
     PublishError,
@@ -40,7 +41,6 @@ from lifecycle_dagster.publish import (
     publish,
     reload_code_location,
 )
-from lifecycle_dagster.sqlfiles import query
 
 from helpers import install, rows, run
 

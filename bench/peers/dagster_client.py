@@ -20,10 +20,10 @@ def client(variant: str, client: int, app_dsn: str, dagster_home: str, **_: Any)
 
     import dagster as dg
 
-    from lifecycle_dagster.compensation import perform_compensation
-    from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, build_compensation_job, build_job
-    from lifecycle_dagster.resources import agents_resource
-    from lifecycle_dagster.sqlfiles import query
+    from lifecycle_dagster.engine.compensation import perform_compensation
+    from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG, build_compensation_job, build_job
+    from lifecycle_dagster.location.resources import agents_resource
+    from lifecycle_dagster.store.sqlfiles import query
 
     os.environ["DATABASE_URL"] = app_dsn
     os.environ["DAGSTER_HOME"] = dagster_home

@@ -103,7 +103,7 @@ def registry() -> AgentRegistry:
 def _install_worker_hooks(hook_dir: Path) -> None:
     """Pause a worker after its agent returned and before it records the result, for the tasks
     whose plan says ``pause_after_return`` (first attempt only)."""
-    from lifecycle_dagster import worker
+    from lifecycle_dagster.queue import worker
 
     if getattr(worker.Worker, "_chaos_hooked", False):
         return

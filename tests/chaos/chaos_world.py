@@ -42,9 +42,9 @@ import psycopg
 from psycopg import conninfo, sql
 from psycopg.types.json import Jsonb
 
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.instance import prepare_home
-from lifecycle_dagster.invariants import Violation, check
+from lifecycle_dagster.location.instance import prepare_home
+from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.store.invariants import Violation, check
 
 from helpers import send_json
 
@@ -215,7 +215,7 @@ class World:
                 ),
             )
         else:
-            from lifecycle_dagster import migrate
+            from lifecycle_dagster.store import migrate
 
             _admin(self.admin_dsn, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.name)))
             migrate.upgrade(self.dsn)
@@ -620,7 +620,7 @@ class World:
         the daemon's own tick launches them)."""
         from dagster import DagsterInstance, RunRequest
 
-        from lifecycle_dagster.sensors import reconcile
+        from lifecycle_dagster.location.sensors import reconcile
 
         instance = DagsterInstance.from_config(str(self.home))
         try:

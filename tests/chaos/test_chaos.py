@@ -2,7 +2,7 @@
 queue workers and Dagster run workers, a Postgres restart, pg_terminate_backend of random sessions,
 agents that hang, return garbage or 10 MB or fail half their calls, and cancels, publishes and
 reconciler runs concurrent with it all. After each scenario the invariant checker
-(lifecycle_dagster.invariants) must report nothing within a bounded time once the faults stop.
+(lifecycle_dagster.store.invariants) must report nothing within a bounded time once the faults stop.
 
 Scale with ``pytest tests/chaos --chaos-scale N`` (executions and faults times N). Each scenario's
 figures (executions, faults injected, time to quiesce, violations, outcomes) are printed at the end

@@ -20,10 +20,10 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.agents import AgentRegistry
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.invariants import check
-from lifecycle_dagster.retry import RetryPolicy
-from lifecycle_dagster.runtime import StageError, StageRetry, StageSpec, run_stage
+from lifecycle_dagster.core.retry import RetryPolicy
+from lifecycle_dagster.engine.stage import StageError, StageRetry, StageSpec, run_stage
+from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.store.invariants import check
 
 from helpers import create_execution, install, rows
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import click
 
-from lifecycle_dagster.db import connect, resolve_dsn
 from lifecycle_dagster.settings import Settings
-from lifecycle_dagster.sqlfiles import query
+from lifecycle_dagster.store.db import connect, resolve_dsn
+from lifecycle_dagster.store.sqlfiles import query
 
 
 def dsn() -> str:
@@ -43,7 +43,7 @@ def main() -> None:
 
 def dagster_home(settings: Settings, dsn: str) -> Path:
     """Prepare the Dagster home; warn when a home chosen by the user stores Dagster's runs elsewhere."""
-    from lifecycle_dagster.instance import prepare_home, stores_elsewhere
+    from lifecycle_dagster.location.instance import prepare_home, stores_elsewhere
 
     home = prepare_home(settings.dagster_home, dsn, managed=settings.dagster_home_managed)
     if stores_elsewhere(home, dsn):

@@ -1,7 +1,7 @@
 """``lifecycle-dagster validate | publish | activate | versions``: versioned publishing.
 
-Registered on :data:`lifecycle_dagster.cli.main` (cli.py imports this module last). Exit codes as
-in :mod:`lifecycle_dagster.cli`: 0 success (warnings included, and "identical: nothing
+Registered on :data:`lifecycle_dagster.cli.main.main` (cli.py imports this module last). Exit codes as
+in :mod:`lifecycle_dagster.cli.main`: 0 success (warnings included, and "identical: nothing
 published"); 1 an invalid DAG or file, a refusal by the database, an unknown workflow or version;
 2 usage errors.
 """
@@ -13,11 +13,13 @@ from pathlib import Path
 
 import click
 
-from lifecycle_dagster.cli_common import dsn as _dsn
-from lifecycle_dagster.cli_common import main
-from lifecycle_dagster.dag import Dag, DagValidationError, parse_dag
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.publish import (
+from lifecycle_dagster.cli.common import dsn as _dsn
+from lifecycle_dagster.cli.common import main
+from lifecycle_dagster.core.dag import Dag, DagValidationError, parse_dag
+from lifecycle_dagster.settings import Settings
+from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.store.sqlfiles import query
+from lifecycle_dagster.store.versions import (
     DefinitionFileError,
     PublishError,
     activate,
@@ -31,8 +33,6 @@ from lifecycle_dagster.publish import (
     unserved_capabilities,
     webserver_url,
 )
-from lifecycle_dagster.settings import Settings
-from lifecycle_dagster.sqlfiles import query
 
 
 def _warn(text: str) -> None:
@@ -45,7 +45,7 @@ def _reachable_dsn() -> tuple[str | None, str]:
     settings = Settings.from_env()
     if settings.database_url:
         return settings.database_url, ""
-    from lifecycle_dagster.embedded import _server_running
+    from lifecycle_dagster.store.embedded import _server_running
 
     if not _server_running(settings.pgdata):
         return None, "no DATABASE_URL and the embedded server is not running (lifecycle-dagster db start)"
@@ -108,7 +108,7 @@ def validate_cmd(file: Path | None, check_all: bool, offline: bool) -> None:
     database is reachable (DATABASE_URL, or the embedded server already running) and --offline is
     not given, a capability that no active agent serves.
     """
-    from lifecycle_dagster.job_factory import build_jobs
+    from lifecycle_dagster.location.job_factory import build_jobs
 
     if file is None and not check_all:
         raise click.UsageError("give a FILE or --all")

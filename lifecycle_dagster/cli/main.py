@@ -17,12 +17,12 @@ from typing import Any
 
 import click
 
-from lifecycle_dagster import migrate
-from lifecycle_dagster.cli_common import dagster_home, execute_here, main, print_execution
-from lifecycle_dagster.cli_common import dsn as _dsn
-from lifecycle_dagster.db import connect
+from lifecycle_dagster.cli.common import dagster_home, execute_here, main, print_execution
+from lifecycle_dagster.cli.common import dsn as _dsn
 from lifecycle_dagster.settings import Settings
-from lifecycle_dagster.sqlfiles import query, seed_sql
+from lifecycle_dagster.store import migrate
+from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.store.sqlfiles import query, seed_sql
 
 
 def _upgrade_and_seed(dsn: str) -> None:
@@ -127,7 +127,7 @@ def db_start() -> None:
     settings = Settings.from_env()
     if not settings.embedded:
         raise click.ClickException("DATABASE_URL is set: there is no embedded server to start")
-    from lifecycle_dagster.embedded import ensure_server
+    from lifecycle_dagster.store.embedded import ensure_server
 
     click.echo(ensure_server(settings.pgdata, keep_running=True))
 
@@ -135,7 +135,7 @@ def db_start() -> None:
 @db.command("stop")
 def db_stop() -> None:
     """Stop the embedded server."""
-    from lifecycle_dagster.embedded import stop_server
+    from lifecycle_dagster.store.embedded import stop_server
 
     stopped = stop_server(Settings.from_env().pgdata)
     click.echo("stopped" if stopped else "not running")
@@ -183,8 +183,8 @@ def run_cmd(workflow: str, context_file: Path) -> None:
     _upgrade_and_seed(dsn)
     from psycopg.types.json import Jsonb
 
-    from lifecycle_dagster.dag import DagValidationError
-    from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, build_job
+    from lifecycle_dagster.core.dag import DagValidationError
+    from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG, build_job
 
     with connect(dsn) as conn:
         row = conn.execute(query("active_definition_by_name"), {"name": workflow}).fetchone()
@@ -285,7 +285,7 @@ def _strict_json(text: str) -> Any:
 
 def _read_context(path: Path) -> dict[str, Any]:
     """The execution context in ``path``: a JSON object Postgres can store."""
-    from lifecycle_dagster.payload import check_output
+    from lifecycle_dagster.core.payload import check_output
 
     try:
         context = _strict_json(path.read_text(encoding="utf-8"))
@@ -368,7 +368,7 @@ def compensate_cmd(execution_id: str, reason: str, no_wait: bool) -> None:
     stages are undone in reverse order. Exits 0 when the execution ends rolled_back.
     """
 
-    from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, build_compensation_job
+    from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG, build_compensation_job
 
     dsn = _dsn()
     with connect(dsn) as conn:
@@ -425,7 +425,7 @@ def _run_process_group(args: list[str], env: dict[str, str], grace_s: float = 10
 
 
 # the other command groups register their commands on ``main`` when imported
-from lifecycle_dagster import cli_agent as _cli_agent  # noqa: E402,F401
-from lifecycle_dagster import cli_audit as _cli_audit  # noqa: E402,F401
-from lifecycle_dagster import cli_ops as _cli_ops  # noqa: E402,F401
-from lifecycle_dagster import cli_versions as _cli_versions  # noqa: E402,F401
+from lifecycle_dagster.cli import agent as _cli_agent  # noqa: E402,F401
+from lifecycle_dagster.cli import audit as _cli_audit  # noqa: E402,F401
+from lifecycle_dagster.cli import ops as _cli_ops  # noqa: E402,F401
+from lifecycle_dagster.cli import versions as _cli_versions  # noqa: E402,F401

@@ -1,9 +1,9 @@
 """``lifecycle-dagster list | status | breakers | doctor``: what an operator looks at.
 
-Registered on :data:`lifecycle_dagster.cli.main` (cli.py imports this module last). Each command
+Registered on :data:`lifecycle_dagster.cli.main.main` (cli.py imports this module last). Each command
 prints a readable table, or with ``--json`` ONE JSON document on stdout (an object; times are ISO
 8601 with their UTC offset, durations in seconds, absent values null) for scripts. Exit codes as in
-:mod:`lifecycle_dagster.cli`: 0 success; 1 an unknown execution or agent, or (``doctor``) anything
+:mod:`lifecycle_dagster.cli.main`: 0 success; 1 an unknown execution or agent, or (``doctor``) anything
 wrong with the database's schema; 2 usage errors.
 """
 
@@ -20,11 +20,11 @@ from typing import Any
 
 import click
 
-from lifecycle_dagster import migrate
-from lifecycle_dagster.cli_common import dsn as _dsn
-from lifecycle_dagster.cli_common import main
-from lifecycle_dagster.db import Connection, connect
-from lifecycle_dagster.sqlfiles import query
+from lifecycle_dagster.cli.common import dsn as _dsn
+from lifecycle_dagster.cli.common import main
+from lifecycle_dagster.store import migrate
+from lifecycle_dagster.store.db import Connection, connect
+from lifecycle_dagster.store.sqlfiles import query
 
 EXECUTION_STATUSES = (
     "pending",
@@ -283,7 +283,7 @@ def _runbook_note(name: str) -> str:
 
 
 def migration_problems(done: dict[int, tuple[str, str]]) -> list[Problem]:
-    """Every migration applied (``done``: :func:`lifecycle_dagster.migrate.applied`), with the
+    """Every migration applied (``done``: :func:`lifecycle_dagster.store.migrate.applied`), with the
     checksum of the file shipped now."""
     problems: list[Problem] = []
     shipped = migrate.discover()
@@ -325,7 +325,7 @@ def migration_problems(done: dict[int, tuple[str, str]]) -> list[Problem]:
 
 def schema_file_problems(applied: dict[str, str]) -> list[Problem]:
     """Every ``sql/schema/`` file whose text differs from what the database last applied
-    (``applied``: :func:`lifecycle_dagster.migrate.applied_schema`), or that it never applied."""
+    (``applied``: :func:`lifecycle_dagster.store.migrate.applied_schema`), or that it never applied."""
     problems: list[Problem] = []
     shipped = {f.name: f.checksum for f in migrate.discover_schema()}
     for name in sorted(shipped.keys() | applied.keys()):
@@ -447,9 +447,9 @@ def retry_cmd(execution_id: str) -> None:
     its next attempt. Exits 0 only when the execution completed."""
     from dagster import DagsterInstance
 
-    from lifecycle_dagster.cli_common import dagster_home as _home
-    from lifecycle_dagster.cli_common import execute_here, print_execution
-    from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, PARENT_RUN_TAG, ROOT_RUN_TAG, build_job
+    from lifecycle_dagster.cli.common import dagster_home as _home
+    from lifecycle_dagster.cli.common import execute_here, print_execution
+    from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG, PARENT_RUN_TAG, ROOT_RUN_TAG, build_job
     from lifecycle_dagster.settings import Settings
 
     eid = _execution_id(execution_id)
@@ -499,7 +499,7 @@ def doctor_cmd(as_json: bool, with_invariants: bool) -> None:
     and every function, view, trigger, policy, RLS setting and privilege of ours still as the
     upgrade left it (fingerprints recorded after applying sql/schema/). Lists each difference (a function
     body replaced, an extra overload, a view redefined) with what to do; exits 1 when anything is
-    wrong. With ``--invariants``, also every violation of lifecycle_dagster.invariants (an
+    wrong. With ``--invariants``, also every violation of lifecycle_dagster.store.invariants (an
     execution not at rest is reported as not quiesced: run it when the work has settled)."""
     import psycopg
 
@@ -544,8 +544,8 @@ def doctor_cmd(as_json: bool, with_invariants: bool) -> None:
 
 
 def _invariant_violations(conn: Connection) -> list[Any]:
-    """Every violation of :mod:`lifecycle_dagster.invariants` (``Violation`` dataclasses)."""
-    from lifecycle_dagster.invariants import check
+    """Every violation of :mod:`lifecycle_dagster.store.invariants` (``Violation`` dataclasses)."""
+    from lifecycle_dagster.store.invariants import check
 
     return list(check(conn))
 

@@ -26,11 +26,11 @@ from typing import Any, cast
 import psycopg
 from psycopg.types.json import Jsonb
 
-from lifecycle_dagster.dag import Dag, DagValidationError, parse_dag
-from lifecycle_dagster.db import Connection
-from lifecycle_dagster.payload import check_output
+from lifecycle_dagster.core.dag import Dag, DagValidationError, parse_dag
+from lifecycle_dagster.core.payload import check_output
 from lifecycle_dagster.settings import Settings
-from lifecycle_dagster.sqlfiles import query
+from lifecycle_dagster.store.db import Connection
+from lifecycle_dagster.store.sqlfiles import query
 
 #: execution statuses with no way out (lifecycle.transitions); any other status pins its version
 FINAL_STATUSES = ("completed", "rolled_back", "compensation_failed")
@@ -201,7 +201,7 @@ def publish(
     ``lifecycle.definition_publish``): validated; nothing stored when it and ``description`` equal
     the latest version's; with ``activate`` the version becomes the only active one (an identical
     latest version that is inactive is activated). One transaction: the connection's own when it
-    is in autocommit mode (:func:`~lifecycle_dagster.db.connect`'s default), else the caller's.
+    is in autocommit mode (:func:`~lifecycle_dagster.store.db.connect`'s default), else the caller's.
 
     Raises:
         DagValidationError: the DAG is invalid (checked before the database is asked).

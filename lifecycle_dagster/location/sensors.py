@@ -39,11 +39,11 @@ from typing import Any
 
 import dagster as dg
 
-from lifecycle_dagster.compensation import TAKEOVER_TAG, compensation_job_name
-from lifecycle_dagster.db import Connection, connect, resolve_dsn
-from lifecycle_dagster.job_factory import EXECUTION_ID_TAG, RESUME_TAG, job_name
+from lifecycle_dagster.engine.compensation import TAKEOVER_TAG, compensation_job_name
+from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG, RESUME_TAG, job_name
 from lifecycle_dagster.settings import Settings
-from lifecycle_dagster.sqlfiles import query
+from lifecycle_dagster.store.db import Connection, connect, resolve_dsn
+from lifecycle_dagster.store.sqlfiles import query
 
 #: executions looked at per tick
 RESUME_BATCH = 50

@@ -16,7 +16,9 @@ from typing import Any
 import dagster as dg
 import psycopg
 
-from lifecycle_dagster.compensation import (
+from lifecycle_dagster.core.dag import Dag, DagValidationError, parse_dag
+from lifecycle_dagster.core.retry import MAX_WAIT_S, resolve_policy
+from lifecycle_dagster.engine.compensation import (
     TAKEOVER_TAG,
     UndoFailed,
     UndoRetry,
@@ -25,12 +27,10 @@ from lifecycle_dagster.compensation import (
     run_undo,
     undo_op_name,
 )
-from lifecycle_dagster.dag import Dag, DagValidationError, parse_dag
-from lifecycle_dagster.db import connect, reused_connection
-from lifecycle_dagster.heartbeat import Heartbeat
-from lifecycle_dagster.resources import ExecutionRequest, LifecycleDatabase, default_resources
-from lifecycle_dagster.retry import MAX_WAIT_S, resolve_policy
-from lifecycle_dagster.runtime import StageError, StageRetry, StageSpec, run_stage
+from lifecycle_dagster.engine.heartbeat import Heartbeat
+from lifecycle_dagster.engine.stage import StageError, StageRetry, StageSpec, run_stage
+from lifecycle_dagster.location.resources import ExecutionRequest, LifecycleDatabase, default_resources
+from lifecycle_dagster.store.db import connect, reused_connection
 
 #: run tag naming the workflow_executions row a run executes
 EXECUTION_ID_TAG = "lifecycle/execution_id"
@@ -212,7 +212,7 @@ def build_job(definition: Mapping[str, Any]) -> dg.JobDefinition:
 
     Raises:
         ValueError: the row lacks a column.
-        lifecycle_dagster.dag.DagValidationError: the DAG is invalid (every problem listed).
+        lifecycle_dagster.core.dag.DagValidationError: the DAG is invalid (every problem listed).
     """
     row = DefinitionRow.from_mapping(definition)
     dag = parse_dag(row.dag_schema)

@@ -32,10 +32,10 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from lifecycle_dagster.agents import AgentError, AgentRegistry, Task
-from lifecycle_dagster.invoke import AgentCrashed
-from lifecycle_dagster.payload import check_output, safe_text
-from lifecycle_dagster.runtime import classify, is_refusal
-from lifecycle_dagster.sqlfiles import query
+from lifecycle_dagster.core.payload import check_output, safe_text
+from lifecycle_dagster.engine.invoke import AgentCrashed
+from lifecycle_dagster.engine.stage import classify, is_refusal
+from lifecycle_dagster.store.sqlfiles import query
 
 log = logging.getLogger(__name__)
 

@@ -20,15 +20,15 @@ import pydantic
 
 from lifecycle_dagster.agents import AgentRegistry
 from lifecycle_dagster.agents.loading import load_registry
-from lifecycle_dagster.db import resolve_dsn
 from lifecycle_dagster.settings import Settings
+from lifecycle_dagster.store.db import resolve_dsn
 
 
 class LifecycleDatabase(dg.ConfigurableResource):  # type: ignore[type-arg]
     """The orchestration database.
 
     ``dsn``: libpq URI; empty (the default) means ``DATABASE_URL``, or the embedded server when
-    that is unset (:func:`lifecycle_dagster.db.resolve_dsn`).
+    that is unset (:func:`lifecycle_dagster.store.db.resolve_dsn`).
     """
 
     dsn: str = ""

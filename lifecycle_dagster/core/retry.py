@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lifecycle_dagster.dag import Dag, RetrySpec
+from lifecycle_dagster.core.dag import Dag, RetrySpec
 
 #: the policy of a stage that says nothing (the runbook's retry_stage defaults to 3 attempts)
 DEFAULT_MAX_ATTEMPTS = 3

@@ -14,8 +14,8 @@ import yaml
 from psycopg import conninfo, sql
 from sqlalchemy.engine import URL
 
-from lifecycle_dagster.db import connect
 from lifecycle_dagster.settings import DAGSTER_SCHEMA
+from lifecycle_dagster.store.db import connect
 
 
 def storage_url(dsn: str, schema: str = DAGSTER_SCHEMA) -> str:

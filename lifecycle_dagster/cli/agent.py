@@ -8,8 +8,8 @@ import threading
 
 import click
 
-from lifecycle_dagster.cli_common import dsn as _dsn
-from lifecycle_dagster.cli_common import main
+from lifecycle_dagster.cli.common import dsn as _dsn
+from lifecycle_dagster.cli.common import main
 
 
 @main.group("agent")
@@ -37,7 +37,7 @@ def serve_cmd(
 ) -> None:
     """Claim and run the agent's tasks until SIGTERM or SIGINT (running tasks finish first)."""
     from lifecycle_dagster.agents.loading import load_registry
-    from lifecycle_dagster.worker import Worker
+    from lifecycle_dagster.queue.worker import Worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -63,11 +63,11 @@ def limits_cmd() -> None:
     """
     from dagster import DagsterInstance
 
-    from lifecycle_dagster.cli_common import dagster_home as _home
-    from lifecycle_dagster.db import connect
-    from lifecycle_dagster.job_factory import capability_pool
+    from lifecycle_dagster.cli.common import dagster_home as _home
+    from lifecycle_dagster.location.job_factory import capability_pool
     from lifecycle_dagster.settings import Settings
-    from lifecycle_dagster.sqlfiles import query
+    from lifecycle_dagster.store.db import connect
+    from lifecycle_dagster.store.sqlfiles import query
 
     dsn = _dsn()
     with connect(dsn) as conn:

@@ -13,10 +13,10 @@ from typing import Any
 
 import click
 
-from lifecycle_dagster.cli_common import dsn as _dsn
-from lifecycle_dagster.cli_common import main
-from lifecycle_dagster.db import connect
-from lifecycle_dagster.sqlfiles import query
+from lifecycle_dagster.cli.common import dsn as _dsn
+from lifecycle_dagster.cli.common import main
+from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.store.sqlfiles import query
 
 _TABLE_COLUMNS = (
     ("event_timestamp", "time (UTC)", 27),
@@ -49,7 +49,7 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, datetime):
-        from lifecycle_dagster.audit import format_timestamp
+        from lifecycle_dagster.store.audit import format_timestamp
 
         return format_timestamp(value)
     return str(value)
@@ -105,7 +105,7 @@ def verify_cmd(execution_id: str | None, as_json: bool) -> None:
     exits 1. Events stored before the chain existed (no hash) are counted and skipped. --json prints
     the same as one JSON document (same exit codes).
     """
-    from lifecycle_dagster.audit import verify
+    from lifecycle_dagster.store.audit import verify
 
     eid = _execution_id(execution_id) if execution_id is not None else None
     with connect(_dsn()) as conn:

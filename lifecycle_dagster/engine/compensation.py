@@ -27,11 +27,11 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.agents import AgentRegistry, CompensationTask, Task, can_compensate
-from lifecycle_dagster.db import Connection
-from lifecycle_dagster.payload import check_output, safe_text
-from lifecycle_dagster.retry import MAX_WAIT_S, RetryPolicy
-from lifecycle_dagster.runtime import classify
-from lifecycle_dagster.sqlfiles import query
+from lifecycle_dagster.core.payload import check_output, safe_text
+from lifecycle_dagster.core.retry import MAX_WAIT_S, RetryPolicy
+from lifecycle_dagster.engine.stage import classify
+from lifecycle_dagster.store.db import Connection
+from lifecycle_dagster.store.sqlfiles import query
 
 #: run tag of a compensation run that takes over from a finished compensation run
 TAKEOVER_TAG = "lifecycle/takeover"

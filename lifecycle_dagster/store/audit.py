@@ -31,8 +31,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from lifecycle_dagster.db import Connection
-from lifecycle_dagster.sqlfiles import query
+from lifecycle_dagster.store.db import Connection
+from lifecycle_dagster.store.sqlfiles import query
 
 GENESIS = "0" * 64
 """``prev_hash`` of the first event of a stream with no retention checkpoint (64 hex zeros)."""
@@ -265,7 +265,7 @@ def verify(conn: Connection, execution_id: str | None = None, *, itersize: int =
 
     Reads the rows with a server-side cursor (``itersize`` rows at a time) inside one read-only
     REPEATABLE READ transaction, so the rows and the checkpoints are one consistent snapshot.
-    ``conn`` must be in autocommit mode (as :func:`lifecycle_dagster.db.connect` opens it).
+    ``conn`` must be in autocommit mode (as :func:`lifecycle_dagster.store.db.connect` opens it).
 
     Raises:
         psycopg.Error: the database refused a query (e.g. ``execution_id`` is not a UUID).

@@ -24,7 +24,7 @@ from typing import Any, LiteralString
 
 import psycopg
 
-from lifecycle_dagster.sqlfiles import sql_dir
+from lifecycle_dagster.store.sqlfiles import sql_dir
 
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # an arbitrary constant: the key of the advisory lock that serialises upgrades
@@ -196,7 +196,7 @@ def run_upgrade(dsn: str, folder: Path | None = None, *, check: bool = False, re
     Raises:
         MigrationError: see :func:`upgrade`; SchemaDriftError; psycopg.Error (nothing committed).
     """
-    from lifecycle_dagster.sqlfiles import query
+    from lifecycle_dagster.store.sqlfiles import query
 
     migrations = discover(folder)
     files = discover_schema()
@@ -305,7 +305,7 @@ def _apply_schema(conn: psycopg.Connection, files: list[SchemaFile]) -> None:
 
 
 def _drift(conn: psycopg.Connection) -> list[tuple[str, str, str]]:
-    from lifecycle_dagster.sqlfiles import query
+    from lifecycle_dagster.store.sqlfiles import query
 
     if not _exists(conn, "SELECT to_regprocedure('lifecycle.schema_drift()') IS NOT NULL"):
         return []

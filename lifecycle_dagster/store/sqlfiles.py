@@ -2,7 +2,7 @@
 
 All SQL is in ``.sql`` files (the repository's ``sql/`` folder, shipped in the wheel as
 ``lifecycle_dagster/_sql``): ``migrations/NNNN_name.sql`` (tables) are applied in order by
-:mod:`lifecycle_dagster.migrate`, then ``schema/NN_family.sql`` (every function, view, trigger,
+:mod:`lifecycle_dagster.store.migrate`, then ``schema/NN_family.sql`` (every function, view, trigger,
 policy and privilege, written once; see ``sql/README.md``), ``seed.sql`` installs the runbook's lifecycle, and
 ``queries.sql`` holds every query the Python side runs, each introduced by ``-- name: <name>``.
 """
@@ -23,7 +23,7 @@ def sql_dir() -> Path:
     Raises:
         FileNotFoundError: neither the installed copy nor the source tree's ``sql/`` exists.
     """
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent
     for candidate in (package / "_sql", package.parent / "sql"):
         if (candidate / "migrations").is_dir():
             return candidate

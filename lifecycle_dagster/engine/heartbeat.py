@@ -10,9 +10,9 @@ from types import TracebackType
 
 import psycopg
 
-from lifecycle_dagster.db import connect
 from lifecycle_dagster.settings import Settings
-from lifecycle_dagster.sqlfiles import query
+from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.store.sqlfiles import query
 
 
 def heartbeat_interval_s() -> float:

@@ -24,7 +24,7 @@ Rules (``Violation.rule``):
     outcomes of the calls recorded in the audit trail (one per call and breaker, success as
     recorded); each breaker's state is the one its latest transition event names.
 ``audit_chain``
-    every hash chain of ``workflow_events`` verifies (:mod:`lifecycle_dagster.audit`).
+    every hash chain of ``workflow_events`` verifies (:mod:`lifecycle_dagster.store.audit`).
 ``completed_after_lease``
     no task was completed by a worker after its lease had expired (``sql/schema/05_task_protocol.sql``).
 
@@ -39,10 +39,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lifecycle_dagster import audit
-from lifecycle_dagster.dag import Dag, DagValidationError, parse_dag
-from lifecycle_dagster.db import Connection
-from lifecycle_dagster.sqlfiles import query
+from lifecycle_dagster.core.dag import Dag, DagValidationError, parse_dag
+from lifecycle_dagster.store import audit
+from lifecycle_dagster.store.db import Connection
+from lifecycle_dagster.store.sqlfiles import query
 
 #: statuses an execution may rest in whatever its DAG says
 FINAL = ("completed", "rolled_back", "compensation_failed")
@@ -89,7 +89,7 @@ def at_rest(status: str, on_failure: str, cancel_compensates: bool) -> bool:
 
 def check(conn: Connection, *, idle_s: float = 0.0) -> list[Violation]:
     """Every violation of the invariants in the database of ``conn`` (autocommit, as
-    :func:`lifecycle_dagster.db.connect` opens it), rule by rule.
+    :func:`lifecycle_dagster.store.db.connect` opens it), rule by rule.
 
     ``idle_s``: an execution that is not at rest is reported (``not_quiesced``) only when nothing
     happened to it (a change, a heartbeat) for at least this many seconds; 0 reports them all.

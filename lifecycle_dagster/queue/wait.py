@@ -25,10 +25,10 @@ from lifecycle_dagster.agents import (
     RetryableAgentError,
     Task,
 )
-from lifecycle_dagster.db import Connection
-from lifecycle_dagster.invoke import AttemptStopped
+from lifecycle_dagster.engine.invoke import AttemptStopped
 from lifecycle_dagster.settings import Settings
-from lifecycle_dagster.sqlfiles import query
+from lifecycle_dagster.store.db import Connection
+from lifecycle_dagster.store.sqlfiles import query
 
 FINAL_TASK_STATES = ("completed", "failed", "cancelled")
 

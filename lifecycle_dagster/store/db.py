@@ -32,7 +32,7 @@ def resolve_dsn(settings: Settings | None = None) -> str:
     settings = settings or Settings.from_env()
     if settings.database_url:
         return settings.database_url
-    from lifecycle_dagster.embedded import ensure_server
+    from lifecycle_dagster.store.embedded import ensure_server
 
     dsn = ensure_server(settings.pgdata)
     os.environ["DATABASE_URL"] = dsn

@@ -1,0 +1,1 @@
+"""The Dagster code location: definitions, the job factory, resources, sensors, the Dagster instance."""
