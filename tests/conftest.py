@@ -20,7 +20,6 @@ from lifecycle_dagster.store.db import connect
 from lifecycle_dagster.store.sqlfiles import seed_sql
 
 REPO = Path(__file__).resolve().parent.parent
-RUNBOOK = REPO.parent / "shared" / "seed" / "000_e3ce442ac9e1577a.txt"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

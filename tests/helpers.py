@@ -113,7 +113,10 @@ def running_daemon(env: dict[str, str], log_path: Path) -> Iterator[subprocess.P
                     continue
 
 
-RUNBOOK = Path(__file__).resolve().parent.parent.parent / "shared" / "seed" / "000_e3ce442ac9e1577a.txt"
+#: the tests folder (shared case tables, fixtures, helper modules)
+TESTS = Path(__file__).resolve().parent
+#: the runbook, in ../shared beside the repository
+RUNBOOK = TESTS.parent.parent / "shared" / "seed" / "000_e3ce442ac9e1577a.txt"
 _SECTION = re.compile(r"^## (\d+)\)", re.MULTILINE)
 _HEREDOC = re.compile(r"<<'?SQL'?\n(.*?)\nSQL$", re.DOTALL | re.MULTILINE)
 

@@ -29,7 +29,7 @@ from lifecycle_dagster.store.sqlfiles import seed_sql
 
 from helpers import install, rows, run
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ACME = json.loads((REPO / "examples/acme.json").read_text())
 GLOBEX = json.loads((REPO / "examples/globex.json").read_text())
 #: a second completion of qualify, recorded by an ordinary insert (the audit chain stays intact)

@@ -21,7 +21,7 @@ from lifecycle_dagster.store.db import connect
 
 from helpers import create_execution, events, install, rows, run
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ACME = json.loads((REPO / "examples/acme.json").read_text())
 
 

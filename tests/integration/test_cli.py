@@ -14,7 +14,7 @@ from lifecycle_dagster.cli.main import main
 
 from helpers import rows
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> Any:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -33,7 +32,6 @@ CALLER_FAULTS = [
     "cancelled",
     "breaker_open",
 ]
-RUNBOOK = Path(__file__).resolve().parent.parent.parent / "shared" / "seed" / "000_e3ce442ac9e1577a.txt"
 
 
 def at(seconds: float) -> datetime:

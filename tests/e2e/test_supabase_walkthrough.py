@@ -22,7 +22,7 @@ from lifecycle_dagster.store.db import connect
 
 from helpers import as_role
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ACME = json.loads((REPO / "examples/acme.json").read_text())
 ALICE = "aaaaaaaa-0000-4000-8000-00000000000a"
 BOB = "bbbbbbbb-0000-4000-8000-00000000000b"

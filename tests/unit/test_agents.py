@@ -21,7 +21,7 @@ from lifecycle_dagster.agents import (
     default_registry,
 )
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 RUNBOOK = [  # stage id, capability (the runbook order)
     ("discover", "opportunity"),
     ("qualify", "assessment"),

@@ -17,7 +17,7 @@ from lifecycle_dagster.cli.main import main
 
 from helpers import runbook_section, runbook_statements
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _cli(db: str, home: Path, *args: str) -> Result:

@@ -16,7 +16,7 @@ import pytest
 from lifecycle_dagster.core.retry import retry_delay
 from lifecycle_dagster.store.db import connect
 
-CASES: list[dict[str, Any]] = json.loads((Path(__file__).parent / "retry_delay_cases.json").read_text())
+CASES: list[dict[str, Any]] = json.loads((Path(__file__).resolve().parents[1] / "retry_delay_cases.json").read_text())
 ARGS = ("attempt", "base", "cap", "multiplier", "jitter", "u")
 SQL = "SELECT lifecycle.retry_delay(%s, %s, %s, %s, %s, %s) AS d"
 

@@ -16,7 +16,7 @@ from lifecycle_dagster.location.resources import agents_resource
 from lifecycle_dagster.store.db import connect
 from lifecycle_dagster.store.sqlfiles import query
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LIFECYCLE_ORDER = ["discover", "qualify", "target_design", "value_realization", "integrity"]
 
 

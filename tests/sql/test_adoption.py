@@ -21,7 +21,7 @@ from lifecycle_dagster.store.sqlfiles import sql_dir
 
 from helpers import runbook_section
 
-FIXTURE = Path(__file__).parent / "fixtures" / "supabase_existing_schema.sql"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "supabase_existing_schema.sql"
 TABLES = migrate.ADOPTED_TABLES
 
 # (table, id, rule) of each fixture row that breaks one of our rules

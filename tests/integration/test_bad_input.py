@@ -45,7 +45,7 @@ from lifecycle_dagster.settings import DEFAULT_MAX_OUTPUT_BYTES
 from lifecycle_dagster.store.db import connect
 from lifecycle_dagster.store.versions import DefinitionFileError, checked_for_publishing, read_definition_file
 
-from helpers import events, install, rows, run, send_json
+from helpers import TESTS, events, install, rows, run, send_json
 
 TABLES = ("workflow_definitions", "workflow_executions", "workflow_execution_logs", "workflow_events", "task_queue")
 ID_RULE = "id must match ^[a-z][a-z0-9_]{0,62}$"
@@ -1376,8 +1376,8 @@ RETRY_KEYS = ["max_attempts", "base_delay_s", "max_delay_s", "multiplier", "jitt
 
 
 def _bases() -> list[dict[str, Any]]:
-    cases = json.loads((Path(__file__).parent / "dag_cases.json").read_text(encoding="utf-8"))
-    fixture = json.loads((Path(__file__).parent / "fixtures" / "lifecycle_v1.json").read_text(encoding="utf-8"))
+    cases = json.loads((TESTS / "dag_cases.json").read_text(encoding="utf-8"))
+    fixture = json.loads((TESTS / "fixtures" / "lifecycle_v1.json").read_text(encoding="utf-8"))
     return [fixture["dag_schema"], *(c["dag"] for c in cases if c["valid"])]
 
 

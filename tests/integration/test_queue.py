@@ -25,8 +25,8 @@ from lifecycle_dagster.store.db import connect
 
 from helpers import events, install, rows, run, send_json
 
-REPO = Path(__file__).resolve().parent.parent
-TESTS = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[2]
+TESTS = Path(__file__).resolve().parents[1]
 ACME = json.loads((REPO / "examples/acme.json").read_text())
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 

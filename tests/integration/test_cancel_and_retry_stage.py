@@ -21,7 +21,7 @@ from lifecycle_dagster.store.sqlfiles import query
 
 from helpers import create_execution, events, install, rows, run
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CHAIN = {
     "stages": [
         {"id": "a", "capability": "a", "next": ["b"]},

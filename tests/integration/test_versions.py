@@ -42,12 +42,11 @@ from lifecycle_dagster.store.versions import (
     reload_code_location,
 )
 
-from helpers import install, rows, run
+from helpers import RUNBOOK, TESTS, install, rows, run
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-RUNBOOK = REPO.parent / "shared" / "seed" / "000_e3ce442ac9e1577a.txt"
-CASES: list[dict[str, Any]] = json.loads((Path(__file__).parent / "dag_cases.json").read_text(encoding="utf-8"))
+CASES: list[dict[str, Any]] = json.loads((TESTS / "dag_cases.json").read_text(encoding="utf-8"))
 
 
 def _cli(*args: str) -> Any:

@@ -22,7 +22,7 @@ from lifecycle_dagster.store.db import connect
 
 from helpers import events, rows, running_daemon
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 ACME = json.loads((REPO / "examples/acme.json").read_text())
 

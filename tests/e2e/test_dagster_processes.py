@@ -15,7 +15,7 @@ from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.store.db import connect
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 

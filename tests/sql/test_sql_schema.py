@@ -12,7 +12,7 @@ import psycopg
 
 from lifecycle_dagster.store import migrate
 
-SQL = Path(__file__).resolve().parent.parent / "sql"
+SQL = Path(__file__).resolve().parents[2] / "sql"
 _ROUTINE = re.compile(r"CREATE\s+(?:OR\s+REPLACE\s+)?(FUNCTION|VIEW)\s+([\w.]+)", re.IGNORECASE)
 _ON_TABLE = re.compile(
     r"CREATE\s+(?:OR\s+REPLACE\s+)?(?:CONSTRAINT\s+)?(TRIGGER|POLICY)\s+(\w+)\s.*?\bON\s+([\w.]+)",

@@ -13,7 +13,7 @@ import pytest
 
 from helpers import events, rows, running_daemon
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,6 @@ import json
 import pickle
 import random
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +21,8 @@ from lifecycle_dagster.core.dag import (
     parse_dag,
     validate_dag,
 )
+
+from helpers import TESTS
 
 CODES = {
     "not_an_object",
@@ -45,7 +46,7 @@ def _reject_constant(name: str) -> Any:
 
 
 CASES: list[dict[str, Any]] = json.loads(
-    (Path(__file__).parent / "dag_cases.json").read_text(encoding="utf-8"), parse_constant=_reject_constant
+    (TESTS / "dag_cases.json").read_text(encoding="utf-8"), parse_constant=_reject_constant
 )
 BY_NAME = {c["name"]: c for c in CASES}
 

@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.store.sqlfiles import seed_sql
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RUNBOOK = REPO.parent / "shared" / "seed" / "000_e3ce442ac9e1577a.txt"
 LIFECYCLE_FIXTURE = REPO / "tests" / "fixtures" / "lifecycle_v1.json"
 NOW = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)

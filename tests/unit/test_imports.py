@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "lifecycle_dagster"
+PACKAGE = Path(__file__).resolve().parents[2] / "lifecycle_dagster"
 
 
 def _modules() -> dict[str, Path]:

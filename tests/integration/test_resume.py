@@ -163,7 +163,7 @@ def test_a_run_adopts_an_execution_driven_by_hand(seeded_db: str, instance: Any)
     A run that adopts it skips that stage and runs the rest."""
     from lifecycle_dagster.agents import default_registry
 
-    context = json.loads((Path(__file__).parent.parent / "examples/acme.json").read_text())
+    context = json.loads((Path(__file__).resolve().parents[2] / "examples/acme.json").read_text())
     with connect(seeded_db) as conn:
         row = conn.execute(
             "SELECT id::text AS id, name, version, description, dag_schema FROM workflow_definitions"

@@ -21,7 +21,7 @@ from lifecycle_dagster.location.definitions import SNAPSHOT_KEY, definitions_fro
 from lifecycle_dagster.location.job_factory import build_job, build_jobs
 from lifecycle_dagster.store.db import connect
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def _fixture(name: str) -> dict[str, Any]:
