@@ -47,7 +47,14 @@ def test_the_package_has_no_import_cycle() -> None:
 
 @pytest.mark.parametrize(
     ("module", "loads_psycopg"),
-    [("lifecycle_dagster", False), ("lifecycle_dagster.core.dag", False), ("lifecycle_dagster.queue.worker", True)],
+    [
+        ("lifecycle_dagster", False),
+        ("lifecycle_dagster.core.dag", False),
+        ("lifecycle_dagster.queue.worker", True),
+        # the command (and so `agent serve`) loads Dagster only inside the commands that need it
+        ("lifecycle_dagster.cli.main", True),
+        ("lifecycle_dagster.agents.builtin", False),
+    ],
 )
 def test_importing_loads_no_dagster(module: str, loads_psycopg: bool) -> None:
     code = f"import sys, {module}; print('dagster' in sys.modules, 'psycopg' in sys.modules)"
