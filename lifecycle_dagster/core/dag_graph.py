@@ -98,7 +98,7 @@ class GraphRules:
                 adj[a].append(b)
         for component in _components(stuck, adj, rank):
             path = " -> ".join(_cycle_path(component, adj))
-            where = Where(f"stages[{rank[component[0]]}]", "cycle", tuple(component))
+            where = Where(f"stages[{self.ids.index(component[0])}]", "cycle", tuple(component))
             self.report.add("cycle", where, "", f"{path} (stages {', '.join(map(quote, component))})")
 
 
