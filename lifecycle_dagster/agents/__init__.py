@@ -1,4 +1,7 @@
-"""Pure, deterministic lifecycle agents and the registry that names them."""
+"""Pure, deterministic lifecycle agents and the registry that names them.
+
+The ``http`` agent kind (a network call) is :mod:`lifecycle_dagster.agents.http`, imported on its own.
+"""
 
 from lifecycle_dagster.agents.base import (
     Agent,

@@ -40,46 +40,38 @@ Rules the database-side validator shares with this one (``tests/dag_cases.json``
 
 from __future__ import annotations
 
-import heapq
-import math
-import re
-from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, cast
 
-STAGE_ID_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
-ON_FAILURE_MODES = ("compensate", "hold")
-JITTER_MODES = ("none", "full", "equal")
-#: most entries ``stages`` may have (the database's lifecycle.dag_validate has the same limit)
-MAX_STAGES = 500
-#: most edge entries a DAG may have: the entries of ``edges`` plus those of every ``next`` array
-MAX_EDGES = 5000
+from lifecycle_dagster.core.dag_graph import GraphRules, topological_order
+from lifecycle_dagster.core.dag_structure import (
+    JITTER_MODES,
+    MAX_EDGES,
+    MAX_STAGES,
+    ON_FAILURE_MODES,
+    STAGE_ID_PATTERN,
+    TOP,
+    Problem,
+    StructureRules,
+    kind,
+)
 
-_ID_RE = re.compile(STAGE_ID_PATTERN)
-_TOP_KEYS = ("stages", "edges", "defaults", "on_failure")
-_STAGE_KEYS = ("id", "capability", "next", "description", "retry", "timeout_s", "compensate")
-_RETRY_KEYS = ("max_attempts", "base_delay_s", "max_delay_s", "multiplier", "jitter", "non_retryable")
-_MISSING: Any = object()
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a ``dag_schema``.
-
-    ``code``: not_an_object, empty_dag, duplicate_stage, bad_stage_id, unknown_stage, self_loop,
-    cycle, missing_capability, unknown_key, wrong_type, bad_value, next_edges_mismatch or
-    duplicate_edge. ``stages``: the ids concerned (never ``''``; empty for DAG-level problems).
-    ``path``: where, e.g. ``"stages[2].retry.max_attempts"``, ``"edges[0].to"``, ``""`` for the
-    whole document. ``message``: a sentence quoting each of ``stages`` in single quotes.
-    """
-
-    code: str
-    stages: tuple[str, ...]
-    path: str
-    message: str
+__all__ = [
+    "JITTER_MODES",
+    "MAX_EDGES",
+    "MAX_STAGES",
+    "ON_FAILURE_MODES",
+    "STAGE_ID_PATTERN",
+    "Dag",
+    "DagValidationError",
+    "Problem",
+    "RetrySpec",
+    "Stage",
+    "parse_dag",
+    "validate_dag",
+]
 
 
 class DagValidationError(ValueError):
@@ -204,360 +196,55 @@ class Dag:
         return self.topological_order()
 
     def topological_order(self) -> tuple[str, ...]:
-        """Every stage id, parents first (Kahn's algorithm; among the ready stages the one declared
-        first goes first). ``ValueError`` if the edges have a cycle (never for a parsed Dag)."""
-        index = {s.id: i for i, s in enumerate(self.stages)}
-        indegree = [0] * len(self.stages)
-        children: list[list[int]] = [[] for _ in self.stages]
-        for a, b in self.edges:
-            indegree[index[b]] += 1
-            children[index[a]].append(index[b])
-        ready = [i for i, d in enumerate(indegree) if d == 0]  # ascending, hence already a heap
-        order: list[str] = []
-        while ready:
-            i = heapq.heappop(ready)
-            order.append(self.stages[i].id)
-            for c in children[i]:
-                indegree[c] -= 1
-                if indegree[c] == 0:
-                    heapq.heappush(ready, c)
-        if len(order) != len(self.stages):
-            raise ValueError("workflow DAG has a cycle")
-        return tuple(order)
+        """Every stage id, parents first (Kahn's algorithm with :class:`graphlib.TopologicalSorter`;
+        among the ready stages the one declared first goes first). ``ValueError`` if the edges have
+        a cycle (never for a parsed Dag)."""
+        return topological_order([s.id for s in self.stages], self.edges)
 
 
-def _q(text: str) -> str:
-    """``text`` in single quotes, control characters and lone surrogates escaped (a message stays
-    one line and can be printed and stored)."""
-    return "'" + re.sub("[\x00-\x1f\x7f\ud800-\udfff]", lambda m: repr(m[0])[1:-1], text) + "'"
-
-
-def _kind(value: object) -> str:
-    names = {
-        type(None): "null",
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        str: "a string",
-        list: "an array",
-        dict: "an object",
-    }
-    return "nothing" if value is _MISSING else names.get(type(value), type(value).__name__)
-
-
-def _finite(value: float) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:  # an int too large for a double
-        return False
-
-
-def _show(value: float) -> str:
-    try:
-        text = repr(value)
-    except ValueError:  # an int with more digits than Python will print
-        return "a huge number"
-    return text if len(text) <= 24 else text[:20] + "..."
-
-
-@dataclass(frozen=True)
-class _Where:
-    path: str  # JSON path of the object being checked
-    label: str  # how messages name it: "stage 'a'", "stages[3]", "defaults", ...
-    stages: tuple[str, ...]  # the stages its problems concern
-    field: str = ""  # how messages name its keys' parent: "retry." inside a retry object
-
-
-class _Validator:
-    def __init__(self) -> None:
-        self.problems: list[Problem] = []
-
-    def add(self, code: str, where: _Where, rel: str, text: str, stages: Iterable[str] = ()) -> None:
-        path = where.path + ("." if where.path and rel[:1] not in ("", "[") else "") + rel
-        ids = tuple(dict.fromkeys(s for s in (*where.stages, *stages) if s))
-        self.problems.append(Problem(code, ids, path, f"{where.label}: {text}"))
-
-    def keys(self, obj: Mapping[Any, Any], allowed: tuple[str, ...], where: _Where) -> None:
-        for key in obj:
-            if key not in allowed:
-                self.add("unknown_key", where, str(key), f"unknown key {_q(where.field + str(key))}")
-
-    def string(self, value: object, rel: str, where: _Where, choices: tuple[str, ...] = ()) -> None:
-        """Check an optional string (absent: ``_MISSING``), one of ``choices`` if given."""
-        name = where.field + rel
-        if value is _MISSING:
-            return
-        if not isinstance(value, str):
-            self.add("wrong_type", where, rel, f"{name} must be a string, got {_kind(value)}")
-        elif choices and value not in choices:
-            self.add("bad_value", where, rel, f"{name} must be one of {', '.join(choices)}, got {_q(value)}")
-        elif "\0" in value:
-            self.add("bad_value", where, rel, f"{name} must not contain a NUL character")
-        elif _SURROGATE.search(value):
-            self.add("bad_value", where, rel, f"{name} must not contain a lone UTF-16 surrogate")
-
-    def number(
-        self,
-        obj: Mapping[str, Any],
-        key: str,
-        where: _Where,
-        minimum: float,
-        positive: bool = False,
-        integral: bool = False,
-    ) -> float | None:
-        """Check an optional number; return it when present and valid."""
-        value, name = obj.get(key, _MISSING), where.field + key
-        if value is _MISSING:
-            return None
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            self.add("wrong_type", where, key, f"{name} must be a number, got {_kind(value)}")
-            return None
-        ok = _finite(value) and (value > minimum if positive else value >= minimum)
-        if integral:
-            ok = ok and float(value).is_integer() and value <= 1000
-        if not ok:
-            rule = "an integer from 1 to 1000" if integral else f"{'>' if positive else '>='} {minimum:g}"
-            self.add("bad_value", where, key, f"{name} must be {rule}, got {_show(value)}")
-            return None
-        return value
-
-    def retry(self, value: object, where: _Where) -> None:
-        if not isinstance(value, dict):
-            self.add("wrong_type", where, "", f"retry must be an object, got {_kind(value)}")
-            return
-        self.keys(value, _RETRY_KEYS, where)
-        self.number(value, "max_attempts", where, 1, integral=True)
-        base = self.number(value, "base_delay_s", where, 0)
-        most = self.number(value, "max_delay_s", where, 0)
-        if base is not None and most is not None and most < base:
-            self.add(
-                "bad_value",
-                where,
-                "max_delay_s",
-                f"retry.max_delay_s ({most:g}) must be >= retry.base_delay_s ({base:g})",
-            )
-        self.number(value, "multiplier", where, 1)
-        self.string(value.get("jitter", _MISSING), "jitter", where, JITTER_MODES)
-        names = value.get("non_retryable", [])
-        if not isinstance(names, list):
-            self.add("wrong_type", where, "non_retryable", f"retry.non_retryable must be an array, got {_kind(names)}")
-            return
-        for k, name in enumerate(names):
-            if name == "":
-                self.add("bad_value", where, f"non_retryable[{k}]", f"retry.non_retryable[{k}] is empty")
-            self.string(name, f"non_retryable[{k}]", where)
-
-    def stage(self, i: int, raw: object, declared: set[str]) -> list[tuple[str, str]]:
-        """Check ``stages[i]``; return its well-formed ``next`` edges."""
-        sid = raw.get("id", _MISSING) if isinstance(raw, dict) else _MISSING
-        label = sid if isinstance(sid, str) else ""
-        where = _Where(f"stages[{i}]", f"stage {_q(label)}" if label else f"stages[{i}]", (label,))
-        if not isinstance(raw, dict):
-            self.add("wrong_type", where, "", f"a stage must be an object, got {_kind(raw)}")
-            return []
-        if not _ID_RE.fullmatch(label):
-            shown = _q(label) if isinstance(sid, str) else _kind(sid)
-            self.add("bad_stage_id", where, "id", f"id must match {STAGE_ID_PATTERN}, got {shown}")
-        self.keys(raw, _STAGE_KEYS, where)
-        capability = raw.get("capability", _MISSING)
-        if capability is _MISSING or capability == "":
-            self.add("missing_capability", where, "capability", "capability is missing or empty")
-        self.string(capability, "capability", where)
-        self.string(raw.get("description", _MISSING), "description", where)
-        if "retry" in raw:
-            self.retry(raw["retry"], _Where(f"{where.path}.retry", where.label, where.stages, "retry."))
-        self.number(raw, "timeout_s", where, 0, positive=True)
-        compensate = raw.get("compensate", False)
-        if compensate is True or compensate == "":
-            self.add("bad_value", where, "compensate", "compensate must be a capability name or false")
-        elif compensate is not False:
-            self.string(compensate, "compensate", where)
-        targets = raw.get("next", [])
-        if not isinstance(targets, list):
-            self.add("wrong_type", where, "next", f"next must be an array, got {_kind(targets)}")
-            return []
-        edges: list[tuple[str, str]] = []
-        for k, target in enumerate(targets):
-            rel = f"next[{k}]"
-            if not isinstance(target, str):
-                self.add("wrong_type", where, rel, f"{rel} must be a stage id, got {_kind(target)}")
-            elif target not in declared:
-                self.add("unknown_stage", where, rel, f"edge to unknown stage {_q(target)}")
-            elif target == label:
-                self.add("self_loop", where, rel, f"edge to itself ({rel})")
-            elif (label, target) in edges:
-                self.add("duplicate_edge", where, rel, f"edge to {_q(target)} is listed twice", [target])
-            else:
-                edges.append((label, target))
-        return edges
-
-    def edge(self, k: int, raw: object, declared: set[str], seen: set[tuple[str, str]]) -> None:
-        """Check ``edges[k]``; add it to ``seen`` when well-formed."""
-        ends = [raw.get(e, _MISSING) if isinstance(raw, dict) else _MISSING for e in ("from", "to")]
-        shown = [_q(e) if isinstance(e, str) else _kind(e) for e in ends]
-        known = tuple(e for e in ends if isinstance(e, str) and e in declared)
-        label = f"edges[{k}] (from {shown[0]} to {shown[1]})" if isinstance(raw, dict) else f"edges[{k}]"
-        where = _Where(f"edges[{k}]", label, known)
-        if not isinstance(raw, dict):
-            self.add("wrong_type", where, "", f"an edge must be an object, got {_kind(raw)}")
-            return
-        self.keys(raw, ("from", "to"), where)
-        for key, end in zip(("from", "to"), ends, strict=True):
-            if not isinstance(end, str):
-                self.add("wrong_type", where, key, f"{key} must be a stage id, got {_kind(end)}")
-            elif end not in declared:
-                self.add("unknown_stage", where, key, f"unknown stage {_q(end)}")
-        if len(known) == 2:
-            pair = (known[0], known[1])
-            if pair[0] == pair[1]:
-                self.add("self_loop", where, "", f"edge from stage {_q(pair[0])} to itself")
-            elif pair in seen:
-                self.add("duplicate_edge", where, "", "edge is listed twice")
-            else:
-                seen.add(pair)
+class _Validator(StructureRules):
+    """Walks a document, applying the structure rules (:mod:`~lifecycle_dagster.core.dag_structure`)
+    and the graph rules (:mod:`~lifecycle_dagster.core.dag_graph`) in the order the database's
+    ``lifecycle.dag_validate`` reports them."""
 
     def run(self, obj: object) -> None:
-        top = _Where("", "workflow DAG", ())
         if not isinstance(obj, dict):
-            self.add("not_an_object", top, "", f"must be a JSON object, got {_kind(obj)}")
+            self.add("not_an_object", TOP, "", f"must be a JSON object, got {kind(obj)}")
             return
-        if self.too_big(obj, top):
+        if self.too_big(obj):
             return
-        self.keys(obj, _TOP_KEYS, top)
-        self.string(obj.get("on_failure", _MISSING), "on_failure", top, ON_FAILURE_MODES)
-        defaults = obj.get("defaults", {})
-        if not isinstance(defaults, dict):
-            self.add("wrong_type", top, "defaults", f"defaults must be an object, got {_kind(defaults)}")
-        else:
-            self.keys(defaults, ("retry", "timeout_s"), _Where("defaults", "defaults", ()))
-            if "retry" in defaults:
-                self.retry(defaults["retry"], _Where("defaults.retry", "defaults", (), "retry."))
-            self.number(defaults, "timeout_s", _Where("defaults", "defaults", ()), 0, positive=True)
-        raw_stages = obj.get("stages", [])
-        if not isinstance(raw_stages, list):
-            self.add("wrong_type", top, "stages", f"stages must be an array, got {_kind(raw_stages)}")
-            raw_stages = []
-        elif not raw_stages:
-            self.add("empty_dag", top, "stages", "stages is missing or empty")
-        ids = [s.get("id") if isinstance(s, dict) else None for s in raw_stages]
-        declared = {s for s in ids if isinstance(s, str) and s}
-        counts = Counter(s for s in ids if isinstance(s, str) and _ID_RE.fullmatch(s))
-        for sid, count in counts.items():
-            if count > 1:
-                at = [f"stages[{i}]" for i, s in enumerate(ids) if s == sid]
-                self.add(
-                    "duplicate_stage",
-                    _Where(at[1], f"stage {_q(sid)}", (sid,)),
-                    "",
-                    f"declared {count} times ({', '.join(at)})",
-                )
-        nodes = {s for s, count in counts.items() if count == 1}
-        graph = {edge for i, raw in enumerate(raw_stages) for edge in self.stage(i, raw, declared)}
+        raw_stages = self.top(obj)
+        graph = GraphRules(self, raw_stages)
+        graph.duplicates()
+        for i, raw in enumerate(raw_stages):
+            self.stage_edges(i, raw, graph)
         raw_edges = obj.get("edges", [])
         if not isinstance(raw_edges, list):
-            self.add("wrong_type", top, "edges", f"edges must be an array, got {_kind(raw_edges)}")
+            self.add("wrong_type", TOP, "edges", f"edges must be an array, got {kind(raw_edges)}")
         elif "edges" in obj:
-            listed: set[tuple[str, str]] = set()
             for k, raw_edge in enumerate(raw_edges):
-                self.edge(k, raw_edge, declared, listed)
-            graph |= listed
-            self.mismatches(raw_stages, raw_edges, nodes)
-        order = [s for s in ids if isinstance(s, str) and s in nodes]
-        self.cycles(order, [(a, b) for a, b in graph if a in nodes and b in nodes])
+                self.edge_entry(k, raw_edge, graph)
+            self.mismatches(raw_stages, raw_edges, graph.nodes)
+        graph.cycles()
 
-    def too_big(self, obj: Mapping[str, Any], top: _Where) -> bool:
-        """Check the size limits; True when the document is over one (then nothing else is checked)."""
-        raw_stages, raw_edges = obj.get("stages"), obj.get("edges")
-        stages = len(raw_stages) if isinstance(raw_stages, list) else 0
-        edges = len(raw_edges) if isinstance(raw_edges, list) else 0
-        if isinstance(raw_stages, list):
-            edges += sum(len(s["next"]) for s in raw_stages if isinstance(s, dict) and isinstance(s.get("next"), list))
-        if stages > MAX_STAGES:
-            self.add("bad_value", top, "stages", f"stages has {stages} entries, over the limit of {MAX_STAGES}")
-        if edges > MAX_EDGES:
-            self.add(
-                "bad_value",
-                top,
-                "edges",
-                f"the DAG has {edges} edge entries (edges and next), over the limit of {MAX_EDGES}",
-            )
-        return stages > MAX_STAGES or edges > MAX_EDGES
+    def stage_edges(self, i: int, raw: object, graph: GraphRules) -> None:
+        """Check ``stages[i]``, then each entry of its ``next``: the first of wrong_type,
+        unknown_stage, self_loop, duplicate_edge."""
+        where, targets = self.stage(i, raw)
+        local: list[str] = []
+        for k, target in enumerate(targets or ()):
+            if self.is_stage_id(target, where, f"next[{k}]"):
+                graph.next_target(where, f"next[{k}]", where.stages[0], target, local)
 
-    def mismatches(self, raw_stages: list[Any], raw_edges: list[Any], nodes: set[str]) -> None:
-        for i, raw in enumerate(raw_stages):
-            sid = raw.get("id") if isinstance(raw, dict) else None
-            if not (isinstance(sid, str) and sid in nodes and isinstance(raw.get("next"), list)):
-                continue
-            listed: set[str] = {t for t in raw["next"] if isinstance(t, str)}
-            linked: set[str] = {
-                e["to"]
-                for e in raw_edges
-                if isinstance(e, dict) and e.get("from") == sid and isinstance(e.get("to"), str)
-            }
-            if listed != linked:
-                self.add(
-                    "next_edges_mismatch",
-                    _Where(f"stages[{i}]", f"stage {_q(sid)}", (sid,)),
-                    "next",
-                    f"next {sorted(listed)} disagrees with the edges from {_q(sid)} to {sorted(linked)}",
-                )
-
-    def cycles(self, nodes: list[str], edges: list[tuple[str, str]]) -> None:
-        """One problem per strongly connected component of 2+ stages (Kosaraju, iterative)."""
-        rank = {n: i for i, n in enumerate(nodes)}
-        adj: dict[str, list[str]] = {n: [] for n in nodes}
-        radj: dict[str, list[str]] = {n: [] for n in nodes}
-        for a, b in sorted(edges, key=lambda e: (rank[e[0]], rank[e[1]])):
-            adj[a].append(b)
-            radj[b].append(a)
-        finished: list[str] = []
-        seen: set[str] = set()
-        for root in nodes:
-            stack = [] if root in seen else [(root, iter(adj[root]))]
-            seen.add(root)
-            while stack:
-                child = next((c for c in stack[-1][1] if c not in seen), None)
-                if child is None:
-                    finished.append(stack.pop()[0])
-                else:
-                    seen.add(child)
-                    stack.append((child, iter(adj[child])))
-        components: list[list[str]] = []
-        seen.clear()
-        for root in reversed(finished):
-            component, todo = ([], []) if root in seen else ([root], [root])
-            seen.add(root)
-            while todo:
-                for parent in radj[todo.pop()]:
-                    if parent not in seen:
-                        seen.add(parent)
-                        component.append(parent)
-                        todo.append(parent)
-            if len(component) > 1:
-                components.append(sorted(component, key=rank.__getitem__))
-        for component in sorted(components, key=lambda c: rank[c[0]]):
-            path = " -> ".join(_cycle_path(component, adj))
-            where = _Where(f"stages[{rank[component[0]]}]", "cycle", tuple(component))
-            self.add("cycle", where, "", f"{path} (stages {', '.join(map(_q, component))})")
-
-
-def _cycle_path(component: list[str], adj: dict[str, list[str]]) -> list[str]:
-    """A shortest cycle through the component's first stage, e.g. ``[a, b, c, a]``."""
-    start, members = component[0], set(component)
-    previous: dict[str, str] = {}
-    queue = deque([start])
-    while queue:
-        node = queue.popleft()
-        for child in adj[node]:
-            if child == start:
-                path = [node]
-                while path[-1] != start:
-                    path.append(previous[path[-1]])
-                return [*reversed(path), start]
-            if child in members and child not in previous:
-                previous[child] = node
-                queue.append(child)
-    raise AssertionError("a strongly connected component always has a cycle")
+    def edge_entry(self, k: int, raw: object, graph: GraphRules) -> None:
+        """Check ``edges[k]``: its shape, each end (wrong_type or unknown_stage), then the pair."""
+        where, ends = self.edge(k, raw, graph.declared)
+        if ends is None:
+            return
+        for key, end in zip(("from", "to"), ends, strict=True):
+            if self.is_stage_id(end, where, key):
+                graph.edge_end(where, key, end)
+        graph.listed_edge(where, ends)
 
 
 def validate_dag(obj: object) -> list[Problem]:

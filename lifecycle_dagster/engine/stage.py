@@ -33,10 +33,11 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.agents import AgentError, AgentRegistry, AgentTimeout, Task
+from lifecycle_dagster.agents.http import http_agent
 from lifecycle_dagster.core.payload import check_output, safe_text
 from lifecycle_dagster.core.retry import MAX_WAIT_S, RetryPolicy
 from lifecycle_dagster.engine.invoke import AgentCrashed, AttemptStopped, call_agent
-from lifecycle_dagster.queue.wait import http_agent, queue_wait_s, wait_for_task
+from lifecycle_dagster.queue.wait import queue_wait_s, wait_for_task
 from lifecycle_dagster.store.db import Connection
 from lifecycle_dagster.store.sqlfiles import query
 

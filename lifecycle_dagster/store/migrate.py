@@ -12,6 +12,10 @@ in ``sql/schema/NN_family.sql``. After the pending migrations, in the same trans
 upgrader applies every schema file when any of them changed (Flyway's repeatable migrations), then
 records the fingerprints of the installed objects (``lifecycle.schema_fingerprints``) that
 ``doctor`` compares against. See ``sql/README.md``.
+
+This module is the runner; in the same transaction it calls :mod:`lifecycle_dagster.store.adopt`
+(a database that already holds the runbook's tables) and :mod:`lifecycle_dagster.store.repair`
+(drift of the installed schema, and ``--repair``).
 """
 
 from __future__ import annotations
@@ -20,10 +24,13 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, LiteralString
+from typing import LiteralString
 
 import psycopg
 
+from lifecycle_dagster.store import adopt
+from lifecycle_dagster.store import repair as schema_repair
+from lifecycle_dagster.store.adopt import Reject
 from lifecycle_dagster.store.sqlfiles import sql_dir
 
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -104,17 +111,6 @@ def applied(conn: psycopg.Connection) -> dict[int, tuple[str, str]]:
     return {int(v): (str(n), str(c)) for v, n, c in rows}
 
 
-@dataclass(frozen=True)
-class Reject:
-    """A row of an adopted table that breaks one of our rules: not copied, kept in
-    ``lifecycle_adopted.<table>`` and listed in ``lifecycle.adoption_rejects``."""
-
-    table: str
-    row_id: str
-    rule: str
-    message: str
-
-
 @dataclass
 class UpgradeReport:
     """What one upgrade did (or, with ``check``, would do).
@@ -151,18 +147,6 @@ class SchemaDriftError(MigrationError):
         )
 
 
-# the runbook's tables in foreign-key order (parents first): the order adoption copies them in
-ADOPTED_TABLES = (
-    "workflow_definitions",
-    "agents",
-    "agent_ontologies",
-    "workflow_executions",
-    "workflow_execution_logs",
-    "workflow_events",
-    "task_queue",
-)
-
-
 def upgrade(dsn: str, folder: Path | None = None) -> list[Migration]:
     """Apply every pending migration to the database at ``dsn``; return the ones applied.
 
@@ -196,8 +180,6 @@ def run_upgrade(dsn: str, folder: Path | None = None, *, check: bool = False, re
     Raises:
         MigrationError: see :func:`upgrade`; SchemaDriftError; psycopg.Error (nothing committed).
     """
-    from lifecycle_dagster.store.sqlfiles import query
-
     migrations = discover(folder)
     files = discover_schema()
     report = UpgradeReport(check=check)
@@ -207,27 +189,13 @@ def run_upgrade(dsn: str, folder: Path | None = None, *, check: bool = False, re
         done = applied(conn)
         _check_applied(done, migrations)
         pending = [m for m in migrations if m.version not in done]
-        installed = applied_schema(conn)
-        stale = [f for f in files if installed.get(f.name) != f.checksum] or (
-            files if set(installed) != {f.name for f in files} else []
-        )
+        stale = _stale_schema(conn, files)
         report.schema_changed = [f.name for f in stale]
-        drift = _drift(conn) if done else []
-        report.drift = drift
-        if repair:
-            if not done:
-                raise MigrationError(
-                    "this database has no lifecycle schema yet: run `lifecycle-dagster db upgrade` first"
-                )
-            report.repaired = _repair(conn, drift)
+        if _check_drift(conn, report, migrated=bool(done), work=bool(pending or stale), repair=repair):
             stale = files
-        elif (pending or stale) and drift:
-            blocking = [d for d in drift if _blocks_migrating(d)]
-            if blocking:
-                raise SchemaDriftError(blocking)
-        adopt = [str(r[0]) for r in conn.execute(query("adopt_existing_tables")).fetchall()] if not done else []
-        if adopt:
-            conn.execute(query("adopt_move_aside"))
+        tables = adopt.tables_to_adopt(conn) if not done else []
+        if tables:
+            adopt.move_aside(conn)
         for mig in pending:
             conn.execute(mig.sql)
             conn.execute(
@@ -236,16 +204,8 @@ def run_upgrade(dsn: str, folder: Path | None = None, *, check: bool = False, re
             )
         if pending or stale:
             _apply_schema(conn, files)
-        if adopt:
-            for table in ADOPTED_TABLES:
-                if table in adopt:
-                    row = conn.execute(query("adopt_rows"), {"table": table}).fetchone()
-                    assert row is not None
-                    report.adopted[table] = (int(row[0]), int(row[1]))
-            report.rejects = [Reject(*map(str, r)) for r in conn.execute(query("adoption_rejects")).fetchall()]
-            report.columns_not_carried = [
-                (str(t), str(c)) for t, c in conn.execute(query("adopt_dropped_columns")).fetchall()
-            ]
+        if tables:
+            report.adopted, report.rejects, report.columns_not_carried = adopt.copy_rows(conn, tables)
         report.applied = pending
         report.schema_applied = [f.name for f in files] if (pending or stale) else []
         if check:
@@ -253,6 +213,46 @@ def run_upgrade(dsn: str, folder: Path | None = None, *, check: bool = False, re
         else:
             conn.commit()
     return report
+
+
+def _stale_schema(conn: psycopg.Connection, files: list[SchemaFile]) -> list[SchemaFile]:
+    """The schema files whose checksum differs from the one last applied; all of them when the set
+    of files differs from the one last applied."""
+    installed = applied_schema(conn)
+    return [f for f in files if installed.get(f.name) != f.checksum] or (
+        files if set(installed) != {f.name for f in files} else []
+    )
+
+
+def _check_drift(conn: psycopg.Connection, report: UpgradeReport, *, migrated: bool, work: bool, repair: bool) -> bool:
+    """Read the drift into ``report``; with ``repair`` repair it (into ``report.repaired``) and
+    return True: every schema file must then be re-applied. Without, refuse an upgrade with
+    ``work`` to do on a drifted schema.
+
+    Raises:
+        MigrationError: ``repair`` on a database with no lifecycle schema (not ``migrated``), or a
+            difference re-applying sql/schema/ cannot undo (nothing is repaired then).
+        SchemaDriftError: ``work`` to do, no ``repair``, and the schema drifted.
+    """
+    drift = schema_repair.read_drift(conn) if migrated else []
+    report.drift = drift
+    if not repair:
+        blocking = [d for d in drift if _blocks_migrating(d)] if work else []
+        if blocking:
+            raise SchemaDriftError(blocking)
+        return False
+    if not migrated:
+        raise MigrationError("this database has no lifecycle schema yet: run `lifecycle-dagster db upgrade` first")
+    left = schema_repair.unrepairable(drift)
+    if left:
+        listed = "; ".join(f"{k} {o} ({p})" for k, o, p in left[:5])
+        raise MigrationError(
+            f"--repair cannot restore {listed}{' and more' if len(left) > 5 else ''}: tables, their "
+            "constraints and the state machine's rows come from sql/migrations/ (restore them from a backup, "
+            "or move an extra table out of schema lifecycle); nothing was repaired"
+        )
+    report.repaired = schema_repair.repair(conn, drift)
+    return True
 
 
 class SchemaFile(SqlFile):
@@ -302,181 +302,6 @@ def _apply_schema(conn: psycopg.Connection, files: list[SchemaFile]) -> None:
             "INSERT INTO lifecycle.schema_files (name, checksum) VALUES (%s, %s)", [(f.name, f.checksum) for f in files]
         )
     conn.execute("SELECT lifecycle.schema_fingerprints_record()")
-
-
-def _drift(conn: psycopg.Connection) -> list[tuple[str, str, str]]:
-    from lifecycle_dagster.store.sqlfiles import query
-
-    if not _exists(conn, "SELECT to_regprocedure('lifecycle.schema_drift()') IS NOT NULL"):
-        return []
-    return [(str(k), str(o), str(p)) for k, o, p in conn.execute(query("schema_drift")).fetchall()]
-
-
-#: kinds whose objects come from migrations (tables and their constraints, the state machine's
-#: rows): re-applying sql/schema/ cannot restore them, so --repair refuses to record them as shipped
-UNREPAIRABLE = ("table", "constraint", "data")
-
-
-def _repair(conn: psycopg.Connection, drift: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
-    """Drop what is extra among our objects (a second overload of a runbook function, a policy,
-    trigger or rule added to one of our tables, a function or view in schema lifecycle that no file
-    defines) and take back every privilege and ownership of the objects whose privileges drifted;
-    the caller then re-applies every schema file, which restores what was changed or missing.
-    Returns ``(kind, object, action)`` for each difference.
-
-    Raises:
-        MigrationError: a difference that re-applying sql/schema/ cannot undo (a table, constraint
-            or state-machine row, an extra table in schema lifecycle): recording it as shipped would
-            hide it from doctor, so nothing is repaired.
-    """
-    left = [(k, o, p) for k, o, p in drift if k in UNREPAIRABLE and not (k == "table" and p == "changed")]
-    if left:
-        listed = "; ".join(f"{k} {o} ({p})" for k, o, p in left[:5])
-        raise MigrationError(
-            f"--repair cannot restore {listed}{' and more' if len(left) > 5 else ''}: tables, their "
-            "constraints and the state machine's rows come from sql/migrations/ (restore them from a backup, "
-            "or move an extra table out of schema lifecycle); nothing was repaired"
-        )
-    done: list[tuple[str, str, str]] = []
-    for kind, obj, problem in drift:
-        if problem == "extra" and kind in ("function", "trigger", "policy", "rule", "view"):
-            _drop_extra(conn, kind, obj)
-            done.append((kind, obj, "dropped"))
-            continue
-        if kind == "privileges" and problem == "changed":
-            _revoke_from_everyone(conn, obj)
-        elif kind == "schema" and problem == "changed":
-            _revoke_schema_from_everyone(conn, obj.split(" ", 1)[1])
-        done.append((kind, obj, "restored"))
-    return done
-
-
-#: how each kind of extra object is found by its catalog name and dropped
-_EXTRA = {
-    "function": (
-        "SELECT p.oid::regprocedure::text AS target FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
-        " WHERE format('%%s.%%s(%%s)', n.nspname, p.proname, pg_get_function_identity_arguments(p.oid)) = %s",
-        "DROP FUNCTION IF EXISTS {target} CASCADE",
-    ),
-    "view": (
-        "SELECT c.oid::regclass::text AS target, c.relkind FROM pg_class c"
-        " JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE c.relkind IN ('v', 'm') AND format('%%s.%%s', n.nspname, c.relname) = %s",
-        "DROP {kind} IF EXISTS {target} CASCADE",
-    ),
-    "trigger": (
-        "SELECT quote_ident(t.tgname) AS name, t.tgrelid::regclass::text AS target FROM pg_trigger t"
-        " JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE NOT t.tgisinternal AND format('%%s on %%s.%%s', t.tgname, n.nspname, c.relname) = %s",
-        "DROP TRIGGER IF EXISTS {name} ON {target}",
-    ),
-    "policy": (
-        "SELECT quote_ident(pol.polname) AS name, pol.polrelid::regclass::text AS target FROM pg_policy pol"
-        " JOIN pg_class c ON c.oid = pol.polrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE format('%%s on %%s.%%s', pol.polname, n.nspname, c.relname) = %s",
-        "DROP POLICY IF EXISTS {name} ON {target}",
-    ),
-    "rule": (
-        "SELECT quote_ident(ru.rulename) AS name, ru.ev_class::regclass::text AS target FROM pg_rewrite ru"
-        " JOIN pg_class c ON c.oid = ru.ev_class JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE format('%%s on %%s.%%s', ru.rulename, n.nspname, c.relname) = %s",
-        "DROP RULE IF EXISTS {name} ON {target}",
-    ),
-}
-
-
-def _drop_extra(conn: psycopg.Connection, kind: str, obj: str) -> None:
-    """Drop the extra object the catalog names ``obj``, found by that exact name in the system
-    catalogs (never parsed out of it: a name may hold " on " or parentheses)."""
-    from psycopg import sql
-
-    find, drop = _EXTRA[kind]
-    for row in conn.execute(find, (obj,)).fetchall():
-        target, *rest = row if kind in ("function", "view") else (row[1], row[0])
-        parts = {"target": sql.SQL(str(target))}
-        if kind == "view":
-            parts["kind"] = sql.SQL("MATERIALIZED VIEW" if rest and rest[0] == "m" else "VIEW")
-        if kind in ("trigger", "policy", "rule"):
-            parts["name"] = sql.SQL(str(rest[0]))
-        conn.execute(sql.SQL(drop).format(**parts))
-
-
-def _revoke_from_everyone(conn: psycopg.Connection, obj: str) -> None:
-    """Give the object the catalog calls ``obj`` (``function schema.name(args)``, ``table
-    schema.name`` or ``view schema.name``) back to the migrating role and revoke every privilege
-    on it, on its columns and identity sequences, from every other role: the schema files then
-    grant what is shipped, so a grant made by hand to any role, or a new owner, is gone."""
-    from psycopg import sql
-
-    kind, name = obj.split(" ", 1)
-    if kind == "function":
-        row = conn.execute(_EXTRA["function"][0], (name,)).fetchone()
-        if row is None:
-            return  # missing: the schema files create it with its grants
-        target = sql.SQL(str(row[0]))
-        conn.execute(sql.SQL("ALTER FUNCTION {} OWNER TO CURRENT_USER").format(target))
-        grantees = "SELECT p.proacl AS acl, p.proowner AS owner FROM pg_proc p WHERE p.oid = %s::regprocedure"
-        _revoke_acl(conn, grantees, str(row[0]), sql.SQL("FUNCTION {}").format(target))
-        return
-    row = conn.execute(
-        "SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE format('%%s.%%s', n.nspname, c.relname) = %s",
-        (name,),
-    ).fetchone()
-    if row is None:
-        return
-    target = sql.SQL(str(row[0]))
-    conn.execute(sql.SQL("ALTER TABLE {} OWNER TO CURRENT_USER").format(target))
-    grantees = "SELECT c.relacl AS acl, c.relowner AS owner FROM pg_class c WHERE c.oid = %s::regclass"
-    _revoke_acl(conn, grantees, str(row[0]), sql.SQL("TABLE {}").format(target))
-    for (column,) in conn.execute(
-        "SELECT quote_ident(a.attname) FROM pg_attribute a WHERE a.attrelid = %s::regclass AND a.attacl IS NOT NULL",
-        (str(row[0]),),
-    ).fetchall():
-        for (grantee,) in conn.execute(
-            "SELECT DISTINCT CASE WHEN x.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(x.grantee::regrole::text) END"
-            " FROM pg_attribute a, aclexplode(a.attacl) x"
-            " WHERE a.attrelid = %s::regclass AND quote_ident(a.attname) = %s",
-            (str(row[0]), column),
-        ).fetchall():
-            conn.execute(
-                sql.SQL("REVOKE ALL ({}) ON TABLE {} FROM {}").format(
-                    sql.SQL(str(column)), target, sql.SQL(str(grantee))
-                )
-            )
-    for (seq,) in conn.execute(
-        "SELECT s.oid::regclass::text FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'"
-        " WHERE d.refobjid = %s::regclass AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')",
-        (str(row[0]),),
-    ).fetchall():
-        grantees = "SELECT c.relacl AS acl, c.relowner AS owner FROM pg_class c WHERE c.oid = %s::regclass"
-        _revoke_acl(conn, grantees, str(seq), sql.SQL("SEQUENCE {}").format(sql.SQL(str(seq))))
-
-
-def _revoke_schema_from_everyone(conn: psycopg.Connection, schema: str) -> None:
-    from psycopg import sql
-
-    grantees = "SELECT n.nspacl AS acl, n.nspowner AS owner FROM pg_namespace n WHERE n.nspname = %s"
-    _revoke_acl(conn, grantees, schema, sql.SQL("SCHEMA {}").format(sql.Identifier(schema)))
-
-
-def _revoke_acl(conn: psycopg.Connection, acl_query: str, key: str, target: Any) -> None:
-    """REVOKE ALL ON ``target`` from every grantee in the ACL that ``acl_query`` (one ``%s``:
-    ``key``) returns, but its owner."""
-    from psycopg import sql
-
-    rows = conn.execute(
-        "SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(a.grantee::regrole::text) END"
-        " FROM (" + acl_query + ") o, aclexplode(o.acl) a WHERE a.grantee <> o.owner",
-        (key,),
-    ).fetchall()
-    for (grantee,) in rows:
-        conn.execute(sql.SQL("REVOKE ALL ON {} FROM {}").format(target, sql.SQL(str(grantee))))
-
-
-def _exists(conn: psycopg.Connection, sql: LiteralString) -> bool:
-    row = conn.execute(sql).fetchone()
-    return bool(row and row[0])
 
 
 def _blocks_migrating(drift: tuple[str, str, str]) -> bool:

@@ -20,6 +20,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.agents import AgentRegistry, Task, default_registry
+from lifecycle_dagster.agents.http import http_agent
 from lifecycle_dagster.queue.worker import Worker
 from lifecycle_dagster.store.db import connect
 
@@ -436,6 +437,12 @@ def test_http_agent(db: str, instance: Any, mode: str, status: str, code: str | 
     tasks = rows(db, "SELECT id::text AS id FROM task_queue ORDER BY attempt")
     assert [k for k, _ in server.seen] == [t["id"] for t in tasks][: len(server.seen)]  # the task id is the key
 
+
+
+def test_http_agent_of_a_missing_agents_row_names_the_id(db: str) -> None:
+    missing = "00000000-0000-4000-8000-000000000013"
+    with connect(db) as conn, pytest.raises(KeyError, match=f"http agent: no agents row has id {missing}"):
+        http_agent(conn, missing, None)
 
 @pytest.mark.slow
 def test_lifecycle_survives_its_design_worker_being_killed(seeded_db: str, instance: Any) -> None:

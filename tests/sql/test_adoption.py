@@ -15,14 +15,14 @@ from psycopg.rows import dict_row
 
 from lifecycle_dagster.cli.main import main
 from lifecycle_dagster.cli.ops import schema_problems
-from lifecycle_dagster.store import audit, migrate
+from lifecycle_dagster.store import adopt, audit, migrate
 from lifecycle_dagster.store.db import connect
 from lifecycle_dagster.store.sqlfiles import sql_dir
 
 from helpers import runbook_section
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "supabase_existing_schema.sql"
-TABLES = migrate.ADOPTED_TABLES
+TABLES = adopt.ADOPTED_TABLES
 
 # (table, id, rule) of each fixture row that breaks one of our rules
 EXPECTED_REJECTS = [

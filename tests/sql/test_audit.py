@@ -9,7 +9,7 @@ import hashlib
 import itertools
 import json
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.cli.main import main
-from lifecycle_dagster.store.audit import GENESIS, canonical_event, canonical_json, event_hash, verify
+from lifecycle_dagster.core.canonical import CANONICAL_FORM_VERSION, canonical_event, canonical_json, event_hash
+from lifecycle_dagster.store.audit import GENESIS, verify
 from lifecycle_dagster.store.db import connect
 from lifecycle_dagster.store.sqlfiles import query
 
@@ -355,6 +356,26 @@ def test_canonical_json_exact_values(db: str) -> None:
         canonical_json(float("nan"))
     with pytest.raises(TypeError, match="set is not a JSON value"):
         canonical_json({1, 2})
+
+
+def test_canonical_form_version_1_known_answer() -> None:
+    """Version 1 of the canonical form, pinned: a change to it must come with a new version."""
+    row = {
+        "id": 7,
+        "execution_id": None,
+        "event_type": "x",
+        "stage_id": "a\n",
+        "metadata": '{"b": 1.50, "a": [-0, "é", 1e2]}',
+        "timestamp": datetime(2024, 1, 2, 4, 4, 5, 6, tzinfo=timezone(timedelta(hours=1))),
+    }
+    expected = (
+        '{"event_type":"x","execution_id":null,"id":7,"metadata":{"a":[0,"é",100],"b":1.50},'
+        '"stage_id":"a\\n","timestamp":"2024-01-02T03:04:05.000006Z"}'
+    ).encode()
+    assert CANONICAL_FORM_VERSION == 1
+    assert canonical_event(row) == expected
+    assert event_hash(GENESIS, row) == hashlib.sha256(GENESIS.encode() + b"\n" + expected).hexdigest()
+    assert event_hash(GENESIS, row) == "ca7490c1dcd24dddbb5bd453c225193b9fa223669f16a1115270a5796ffccc78"
 
 
 # ---------------------------------------------------------------------------------------------

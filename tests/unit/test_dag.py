@@ -155,6 +155,15 @@ def test_cycle_message_prints_the_cycle() -> None:
     assert problem.stages == ("y", "z") and problem.message.startswith("cycle: y -> z -> y")
 
 
+def test_cycle_path_is_the_index_of_its_first_stage_in_stages() -> None:
+    # as lifecycle.dag_validate reports it: an invalid stage declared before counts in the index
+    chain = [{"id": s, "capability": "work", "next": [t]} for s, t in ("ab", "ba")]
+    doc = {"stages": [{"id": "Bad", "capability": "work"}, *chain]}
+    [bad, cycle] = validate_dag(doc)
+    assert (bad.code, bad.path) == ("bad_stage_id", "stages[0].id")
+    assert (cycle.code, cycle.path, cycle.message) == ("cycle", "stages[1]", "cycle: a -> b -> a (stages 'a', 'b')")
+
+
 @pytest.mark.parametrize(
     "weird",
     [
