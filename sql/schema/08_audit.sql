@@ -256,7 +256,7 @@ $$;
 REVOKE ALL ON FUNCTION lifecycle.canonical_json(p_value jsonb) FROM PUBLIC, anon, authenticated, service_role;
 GRANT ALL ON FUNCTION lifecycle.canonical_json(p_value jsonb) TO service_role;
 
-COMMENT ON FUNCTION lifecycle.canonical_json(p_value jsonb) IS 'Canonical JSON text (RFC 8785 as far as practical: sorted keys by code point, compact separators, to_json string escaping; numbers as jsonb prints them). Mirrored by lifecycle_dagster.audit.canonical_json.';
+COMMENT ON FUNCTION lifecycle.canonical_json(p_value jsonb) IS 'Canonical JSON text, form version 1: keys sorted by code point, compact separators, to_json string escaping, numbers as jsonb prints them (not RFC 8785). Mirrored by lifecycle_dagster.core.canonical.canonical_json.';
 
 
 -- trigger lifecycle_audit_checkpoints lifecycle_audit_checkpoints_append_only
