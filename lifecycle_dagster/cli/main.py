@@ -20,7 +20,7 @@ import click
 from lifecycle_dagster.cli.common import dagster_home, execute_here, main, print_execution
 from lifecycle_dagster.cli.common import dsn as _dsn
 from lifecycle_dagster.settings import Settings
-from lifecycle_dagster.store import migrate
+from lifecycle_dagster.store import migrate, transitions
 from lifecycle_dagster.store.db import connect
 from lifecycle_dagster.store.sqlfiles import query, seed_sql
 
@@ -181,8 +181,6 @@ def run_cmd(workflow: str, context_file: Path) -> None:
     settings = Settings.from_env()
     dsn = _dsn()
     _upgrade_and_seed(dsn)
-    from psycopg.types.json import Jsonb
-
     from lifecycle_dagster.core.dag import DagValidationError
     from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG, build_job
 
@@ -194,12 +192,7 @@ def run_cmd(workflow: str, context_file: Path) -> None:
             job = build_job(row)
         except (DagValidationError, ValueError) as exc:
             raise click.ClickException(f"{workflow} v{row['version']}: {exc}") from exc
-        created = conn.execute(
-            query("create_execution"),
-            {"definition_id": row["id"], "context": Jsonb(context), "created_by": None},
-        ).fetchone()
-    assert created is not None
-    execution_id = str(created["id"])
+        execution_id = transitions.execution_create(conn, definition_id=row["id"], context=context, created_by=None)
     click.echo(f"execution {execution_id}  ({workflow} v{row['version']}, job {job.name})")
 
     os.environ.setdefault("DAGSTER_HOME", str(dagster_home(settings, dsn)))
@@ -225,19 +218,13 @@ def start_cmd(workflow: str, context_file: Path, wait: bool, timeout_s: float) -
     """
     import time
 
-    from psycopg.types.json import Jsonb
-
     context = _read_context(context_file)
     dsn = _dsn()
     with connect(dsn) as conn:
         row = conn.execute(query("active_definition_by_name"), {"name": workflow}).fetchone()
         if row is None:
             raise click.ClickException(f"no active version of workflow '{workflow}'")
-        created = conn.execute(
-            query("create_execution"), {"definition_id": row["id"], "context": Jsonb(context), "created_by": None}
-        ).fetchone()
-    assert created is not None
-    execution_id = str(created["id"])
+        execution_id = transitions.execution_create(conn, definition_id=row["id"], context=context, created_by=None)
     click.echo(execution_id)
     if not wait:
         return
@@ -314,23 +301,21 @@ def cancel_cmd(execution_id: str, reason: str, no_compensate: bool) -> None:
     dsn = _dsn()
     try:
         with connect(dsn) as conn:
-            row = conn.execute(
-                query("cancel_execution"),
-                {"execution_id": execution_id, "reason": reason, "compensate": not no_compensate},
-            ).fetchone()
+            row = transitions.execution_cancel(
+                conn, execution_id=execution_id, reason=reason, compensate=not no_compensate
+            )
     except (psycopg.errors.NoDataFound, psycopg.errors.InvalidTextRepresentation) as exc:
         raise click.ClickException(exc.diag.message_primary or str(exc)) from exc
-    assert row is not None
-    if not row["cancelled"]:
-        click.echo(f"not cancelled: execution {execution_id} is already {row['status']}")
+    if not row.cancelled:
+        click.echo(f"not cancelled: execution {execution_id} is already {row.status}")
         sys.exit(1)
-    click.echo(f"cancelled execution {execution_id} (was {row['previous_status']})")
+    click.echo(f"cancelled execution {execution_id} (was {row.previous_status})")
     if not no_compensate:
         click.echo(
             "its completed stages are undone by the reconciler (dagster-daemon) or by: "
             f"lifecycle-dagster compensate {execution_id}"
         )
-    run_id = row["dagster_run_id"]
+    run_id = row.dagster_run_id
     if run_id:
         click.echo(f"dagster run {run_id}: {_terminate_run(run_id)}")
 
@@ -372,7 +357,7 @@ def compensate_cmd(execution_id: str, reason: str, no_wait: bool) -> None:
 
     dsn = _dsn()
     with connect(dsn) as conn:
-        conn.execute(query("perform_compensation"), {"execution_id": execution_id, "reason": reason})
+        transitions.compensation_start(conn, execution_id=execution_id, reason=reason)
         execution = conn.execute(query("execution"), {"execution_id": execution_id}).fetchone()
         assert execution is not None
         row = conn.execute(query("definition_of_execution"), {"execution_id": execution_id}).fetchone()

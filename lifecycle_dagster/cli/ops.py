@@ -22,7 +22,7 @@ import click
 
 from lifecycle_dagster.cli.common import dsn as _dsn
 from lifecycle_dagster.cli.common import main
-from lifecycle_dagster.store import migrate
+from lifecycle_dagster.store import migrate, transitions
 from lifecycle_dagster.store.db import Connection, connect
 from lifecycle_dagster.store.sqlfiles import query
 
@@ -202,13 +202,11 @@ def breakers_cmd(reset_agent: str | None, as_json: bool) -> None:
     with connect(_dsn()) as conn:
         if reset_agent is not None:
             try:
-                row = conn.execute(query("breaker_reset"), {"agent": reset_agent}).fetchone()
+                previous = transitions.breaker_reset(conn, agent=reset_agent).value
             except psycopg.errors.NoDataFound as exc:
                 raise click.ClickException(
                     f"unknown agent {reset_agent!r} (lifecycle-dagster breakers lists them)"
                 ) from exc
-            assert row is not None
-            previous = str(row["previous_state"])
             reset = {"agent": reset_agent, "previous_state": previous, "closed": previous != "closed"}
         rows = [dict(r) for r in conn.execute(query("ops_breakers")).fetchall()]
     if as_json:

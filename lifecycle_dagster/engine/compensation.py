@@ -24,14 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from psycopg.types.json import Jsonb
-
 from lifecycle_dagster.agents import AgentRegistry, CompensationTask, Task, can_compensate
 from lifecycle_dagster.core.payload import check_output, safe_text
 from lifecycle_dagster.core.retry import MAX_WAIT_S, RetryPolicy
 from lifecycle_dagster.engine.stage import classify
 from lifecycle_dagster.store.db import Connection
 from lifecycle_dagster.store.sqlfiles import query
+from lifecycle_dagster.store.transitions import UndoAction, compensation_start, undo_complete, undo_fail, undo_start
 
 #: run tag of a compensation run that takes over from a finished compensation run
 TAKEOVER_TAG = "lifecycle/takeover"
@@ -111,63 +110,66 @@ def run_undo(
         UndoRetry: a retry was recorded. UndoFailed: the undo failed for good (recorded).
         psycopg.Error: the database refused (not compensating, order violated, another run owns
             the compensation).
+        UnknownStatusError: a transition returned a code the seam does not know.
     """
-    started = conn.execute(
-        query("start_compensation"),
-        {
-            "execution_id": execution_id,
-            "stage_id": spec.stage_id,
-            "run_id": run_id,
-            "dependents": list(spec.dependents),
-            "attempt": attempt,
-            "takeover": takeover,
-        },
-    ).fetchone()
-    assert started is not None
-    if started["action"] != "compensate":
-        return UndoOutcome(action=str(started["action"]))
-    log_id = str(started["log_id"])
-    output: dict[str, Any] = dict(started["output_data"] or {})
-    context: dict[str, Any] = dict(started["context"] or {})
-    policy = undo_policy(spec.policy)
+    started = undo_start(
+        conn,
+        execution_id=execution_id,
+        stage_id=spec.stage_id,
+        run_id=run_id,
+        dependents=list(spec.dependents),
+        attempt=attempt,
+        takeover=takeover,
+    )
+    if started.action is not UndoAction.COMPENSATE:
+        return UndoOutcome(action=started.action.value)
+    log_id = str(started.log_id)
     try:
-        result = _undo(conn, spec, registry, execution_id, attempt, context, output, started["agent_name"])
-        problem = check_output(result, what="the undo's result")
-        void = result.get("void", [])
-        if problem is None and not (
-            isinstance(void, list) and all(isinstance(v, dict) and {"kind", "key"} <= v.keys() for v in void)
-        ):
-            problem = 'the undo\'s result: "void" must be a list of {"kind", "key"}'
-        if problem is not None:
-            raise ValueError(problem)
+        result = _undo(conn, spec, registry, execution_id, attempt, started.context, started.output, started.agent_name)
+        void = _checked_void(result)
     except Exception as exc:
-        message = safe_text(classify(exc).message)
-        if attempt < policy.max_attempts and not isinstance(exc, NoUndoAgent):
-            delay = min(policy.delay(attempt, draw()), MAX_WAIT_S)
-            conn.execute(
-                query("fail_compensation"),
-                {"log_id": log_id, "error": message, "final": False, "attempt": attempt, "delay_s": delay},
-            )
-            raise UndoRetry(
-                f"undo of stage '{spec.stage_id}' failed ({message}); retrying", delay, policy.max_attempts
-            ) from exc
-        final = f"{message} (attempt {attempt} of {policy.max_attempts})"
-        conn.execute(
-            query("fail_compensation"),
-            {"log_id": log_id, "error": final, "final": True, "attempt": attempt, "delay_s": None},
-        )
-        raise UndoFailed(f"compensation of stage '{spec.stage_id}' failed: {final}") from exc
-    row = conn.execute(
-        query("complete_compensation"),
-        {"log_id": log_id, "void": Jsonb(void), "result": Jsonb(result), "attempt": attempt},
-    ).fetchone()
-    assert row is not None
+        raise _record_undo_failure(conn, spec, log_id, attempt, exc, draw) from exc
+    status = undo_complete(conn, log_id=log_id, void=void, result=result, attempt=attempt)
     return UndoOutcome(
         action="compensated",
-        execution_status=str(row["status"]),
+        execution_status=status.value,
         voided=len(void),
         summary=str(result.get("summary", "")),
     )
+
+
+def _checked_void(result: dict[str, Any]) -> list[Any]:
+    """The artifacts an undo's result names to void (``void``: a list of ``{"kind", "key"}``).
+
+    Raises:
+        ValueError: the result is not a storable JSON object, or its ``void`` has another shape.
+    """
+    problem = check_output(result, what="the undo's result")
+    void = result.get("void", [])
+    if problem is None and not (
+        isinstance(void, list) and all(isinstance(v, dict) and {"kind", "key"} <= v.keys() for v in void)
+    ):
+        problem = 'the undo\'s result: "void" must be a list of {"kind", "key"}'
+    if problem is not None:
+        raise ValueError(problem)
+    return list(void)
+
+
+def _record_undo_failure(
+    conn: Connection, spec: UndoSpec, log_id: str, attempt: int, exc: Exception, draw: Callable[[], float]
+) -> UndoRetry | UndoFailed:
+    """Record a failed undo (``lifecycle.undo_fail``): a retry while the compensation policy allows
+    one (never when no agent serves the compensate capability), else the compensation's failure.
+    Returns the error for the caller to raise."""
+    policy = undo_policy(spec.policy)
+    message = safe_text(classify(exc).message)
+    if attempt < policy.max_attempts and not isinstance(exc, NoUndoAgent):
+        delay = min(policy.delay(attempt, draw()), MAX_WAIT_S)
+        undo_fail(conn, log_id=log_id, error=message, final=False, attempt=attempt, delay_s=delay)
+        return UndoRetry(f"undo of stage '{spec.stage_id}' failed ({message}); retrying", delay, policy.max_attempts)
+    final = f"{message} (attempt {attempt} of {policy.max_attempts})"
+    undo_fail(conn, log_id=log_id, error=final, final=True, attempt=attempt, delay_s=None)
+    return UndoFailed(f"compensation of stage '{spec.stage_id}' failed: {final}")
 
 
 def _undo(
@@ -221,4 +223,4 @@ def _undo(
 def perform_compensation(conn: Connection, execution_id: str, reason: str) -> None:
     """Start compensating (``lifecycle.compensation_start``, which the runbook's
     ``perform_workflow_compensation`` wraps): idempotent."""
-    conn.execute(query("perform_compensation"), {"execution_id": execution_id, "reason": reason})
+    compensation_start(conn, execution_id=execution_id, reason=reason)

@@ -23,14 +23,14 @@ capability's breakers inside the transition that ends the attempt.
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
-from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.agents import AgentError, AgentRegistry, AgentTimeout, Task
 from lifecycle_dagster.agents.http import http_agent
@@ -40,6 +40,19 @@ from lifecycle_dagster.engine.invoke import AgentCrashed, AttemptStopped, call_a
 from lifecycle_dagster.queue.wait import queue_wait_s, wait_for_task
 from lifecycle_dagster.store.db import Connection
 from lifecycle_dagster.store.sqlfiles import query
+from lifecycle_dagster.store.transitions import (
+    AgentKind,
+    StageCompleteStatus,
+    StageRetryStatus,
+    StartedStage,
+    TaskStatus,
+    execution_ensure,
+    stage_complete,
+    stage_fail,
+    stage_schedule_retry,
+    stage_start,
+    task_abandon,
+)
 
 
 @dataclass(frozen=True)
@@ -105,25 +118,14 @@ class StageStopped(StageError):
 
 @dataclass(frozen=True)
 class _AttemptError:
+    """A failed attempt, to record: ``cause`` is what was raised (the recorded error's cause)."""
+
     code: str
     message: str
     retryable: bool
     error_class: str
     retry_after_s: float | None = None
-
-
-#: the status code a transition returns when its result came after the attempt's deadline
-REFUSED_TIMED_OUT = "refused_timed_out"
-
-
-def is_refusal(status: object) -> bool:
-    """Whether a status code returned by a stage or task transition (``lifecycle.stage_complete``,
-    ``stage_fail``, ``stage_schedule_retry``, ``task_complete``, ``task_fail``) is a refusal:
-    ``refused_stale_attempt``, ``refused_stage_not_running``, ``refused_execution_stopped``,
-    ``refused_timed_out``, ``refused_stale_token``, ``refused_task_finished``,
-    ``refused_lease_expired`` or ``refused_bad_output``. The reason in words is in the
-    ``*_result_refused`` event."""
-    return isinstance(status, str) and status.startswith("refused_")
+    cause: BaseException | None = None
 
 
 def classify(exc: BaseException) -> _AttemptError:
@@ -163,10 +165,49 @@ def _unrouted(conn: Connection, spec: StageSpec) -> _AttemptError:
     )
 
 
-def _one(conn: Connection, name: str, params: Mapping[str, Any]) -> dict[str, Any]:
-    row = conn.execute(query(name), params).fetchone()
-    assert row is not None, name
-    return dict(row)
+@dataclass(frozen=True)
+class Attempt:
+    """One started attempt of a stage (the start step's result): the execution, the stage log, its
+    task (None: no task), the attempt's number and the agent routed to it (``agent_kind`` None:
+    none may be called). A queue task's attempt may move on while it waits (a reaped lease): the
+    call step then returns a copy with the new ``number``."""
+
+    execution_id: str
+    stage_id: str
+    log_id: str
+    task_id: str | None
+    number: int
+    agent_id: str | None
+    agent_name: str
+    agent_kind: AgentKind | None
+    input_data: Any
+
+    @classmethod
+    def of(cls, execution_id: str, stage_id: str, started: StartedStage) -> Attempt:
+        """The attempt ``lifecycle.stage_start`` started."""
+        return cls(
+            execution_id=execution_id,
+            stage_id=stage_id,
+            log_id=started.log_id,
+            task_id=started.task_id,
+            number=started.attempt,
+            agent_id=started.agent_id,
+            agent_name=started.agent_name or "",
+            agent_kind=started.agent_kind if started.agent_id is not None else None,
+            input_data=started.input_data,
+        )
+
+    def ids(self) -> dict[str, Any]:
+        """The keyword arguments of a :class:`StageError` about this attempt."""
+        return {"execution_id": self.execution_id, "stage_id": self.stage_id, "attempt": self.number}
+
+
+@dataclass(frozen=True)
+class _Output:
+    """An agent's output, checked but not recorded yet, and how long the call took."""
+
+    output: dict[str, Any]
+    duration_ms: float
 
 
 #: executions this process ensured, by (database, run id, definition id, execution id, resume): their ids. A
@@ -175,6 +216,16 @@ def _one(conn: Connection, name: str, params: Mapping[str, Any]) -> dict[str, An
 #: them if another run has taken the execution over.
 _ENSURED: dict[tuple[str, str, str, str, bool], str] = {}
 _ENSURED_MAX = 256
+
+#: what ``lifecycle.execution_ensure`` and ``lifecycle.stage_start`` raise when the stage may not run
+_NOT_RUNNABLE = (
+    psycopg.errors.ObjectNotInPrerequisiteState,  # the execution is not in progress, an upstream stage is not done
+    psycopg.errors.UniqueViolation,  # the execution is bound to another run
+    psycopg.errors.CheckViolation,  # an illegal transition
+    psycopg.errors.NoDataFound,  # an unknown execution or definition
+    psycopg.errors.InvalidParameterValue,  # the execution belongs to another definition
+    psycopg.errors.InvalidTextRepresentation,  # an execution id that is not a uuid
+)
 
 
 def _ensure_execution(
@@ -192,21 +243,18 @@ def _ensure_execution(
     found = _ENSURED.get(key)
     if found is not None:
         return found
-    row = _one(
+    ensured = execution_ensure(
         conn,
-        "ensure_execution",
-        {
-            "definition_id": spec.definition_id,
-            "run_id": run_id,
-            "execution_id": execution_id or None,
-            "context": Jsonb(dict(context or {})),
-            "resume": resume,
-        },
+        definition_id=spec.definition_id,
+        run_id=run_id,
+        execution_id=execution_id or None,
+        context=dict(context or {}),
+        resume=resume,
     )
     if len(_ENSURED) >= _ENSURED_MAX:
         del _ENSURED[next(iter(_ENSURED))]
-    _ENSURED[key] = str(row["id"])
-    return _ENSURED[key]
+    _ENSURED[key] = ensured.id
+    return ensured.id
 
 
 def run_stage(
@@ -222,7 +270,8 @@ def run_stage(
     resume: bool = False,
     dsn: str | None = None,
 ) -> StageOutcome:
-    """Run one attempt (1-based; the database may raise it, see ``lifecycle.stage_start``).
+    """Run one attempt (1-based; the database may raise it, see ``lifecycle.stage_start``): start
+    it, call its agent (or wait for its queue task), record the outcome.
 
     ``conn`` must be in autocommit mode: each call is its own transaction. ``draw`` gives the
     uniform [0, 1) value for the backoff jitter. ``resume``: this run resumes the execution (a
@@ -233,33 +282,69 @@ def run_stage(
         StageFailed: the stage failed for good (recorded).
         StageStopped: the execution is not in progress or the result was refused (recorded).
         psycopg.Error: the database could not be reached or refused an argument.
+        UnknownStatusError: a transition returned a code the seam does not know (sql/schema and
+            lifecycle_dagster.store.transitions disagree).
+    """
+    started = _start(
+        conn, spec, run_id=run_id, attempt=attempt, execution_id=execution_id, context=context, resume=resume
+    )
+    if isinstance(started, StageOutcome):
+        return started
+    current, result = _call_step(conn, spec, started, registry, dsn)
+    if isinstance(result, _Output):
+        result = _record_output(conn, current, result)
+    if isinstance(result, StageOutcome):
+        return result
+    raise _record_failure(conn, spec, current, result, draw) from result.cause
+
+
+def _call_step(
+    conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRegistry, dsn: str | None
+) -> tuple[Attempt, StageOutcome | _Output | _AttemptError]:
+    """The call step: no agent may be called, wait for the queue task, or call the agent. Returns
+    the attempt (moved on when a queue task's lease was reaped) and what the call gave."""
+    if attempt.agent_kind is None:
+        return attempt, _unrouted(conn, spec)
+    if attempt.agent_kind is AgentKind.QUEUE:
+        return _await_queue_task(conn, spec, attempt, dsn=dsn)
+    return attempt, _call(conn, spec, attempt, registry)
+
+
+# -- start ----------------------------------------------------------------------------------------
+
+
+def _start(
+    conn: Connection,
+    spec: StageSpec,
+    *,
+    run_id: str,
+    attempt: int,
+    execution_id: str | None,
+    context: Mapping[str, Any] | None,
+    resume: bool,
+) -> Attempt | StageOutcome:
+    """Ensure the execution and start the stage (``lifecycle.stage_start``): the attempt, or the
+    outcome of a stage an earlier run completed.
+
+    Raises:
+        StageStopped: the stage may not run (``not_runnable``: see :data:`_NOT_RUNNABLE`).
     """
     try:
         exec_id = _ensure_execution(conn, spec, run_id, execution_id, context, resume)
-        started = _one(
+        started = stage_start(
             conn,
-            "start_stage",
-            {
-                "execution_id": exec_id,
-                "stage_id": spec.stage_id,
-                "capability": spec.capability,
-                "ancestors": Jsonb(dict(spec.ancestors)),
-                "attempt": attempt,
-                "timeout_s": spec.timeout_s,
-                "max_attempts": spec.policy.max_attempts,
-                # an adopted execution may hold stages done by hand or by an earlier run
-                "resume": resume or bool(execution_id),
-                "run_id": run_id,
-            },
+            execution_id=exec_id,
+            stage_id=spec.stage_id,
+            capability=spec.capability,
+            ancestors=spec.ancestors,
+            attempt=attempt,
+            timeout_s=spec.timeout_s,
+            max_attempts=spec.policy.max_attempts,
+            # an adopted execution may hold stages done by hand or by an earlier run
+            resume=resume or bool(execution_id),
+            run_id=run_id,
         )
-    except (
-        psycopg.errors.ObjectNotInPrerequisiteState,  # the execution is not in progress, an upstream stage is not done
-        psycopg.errors.UniqueViolation,  # the execution is bound to another run
-        psycopg.errors.CheckViolation,  # an illegal transition
-        psycopg.errors.NoDataFound,  # an unknown execution or definition
-        psycopg.errors.InvalidParameterValue,  # the execution belongs to another definition
-        psycopg.errors.InvalidTextRepresentation,  # an execution id that is not a uuid
-    ) as exc:
+    except _NOT_RUNNABLE as exc:
         raise StageStopped(
             safe_text(exc.diag.message_primary or exc),
             code="not_runnable",
@@ -267,204 +352,218 @@ def run_stage(
             stage_id=spec.stage_id,
             attempt=attempt,
         ) from exc
-    log_id, task_id = str(started["log_id"]), started["task_id"]
-    attempt = int(started["attempt_number"])
-    if started["already_completed"]:
+    if started.already_completed:  # nothing runs: the output an earlier run recorded
         return StageOutcome(
             execution_id=exec_id,
-            log_id=log_id,
+            log_id=started.log_id,
             task_id=None,
             agent_name="",
-            attempt=attempt,
+            attempt=started.attempt,
             duration_ms=0.0,
-            output=dict(started["output_data"] or {}),
+            output=started.output,
             execution_status="in_progress",
             already_completed=True,
         )
-    ids: dict[str, Any] = {"execution_id": exec_id, "stage_id": spec.stage_id, "attempt": attempt}
+    return Attempt.of(exec_id, spec.stage_id, started)
 
-    def record(err: _AttemptError) -> StageError:
-        """Record a failed attempt: a retry when allowed, else the stage's failure."""
-        attempt = int(ids["attempt"])  # a queue task's attempt may have moved on (reaped leases)
-        retry = err.retryable and err.code not in spec.policy.non_retryable and attempt < spec.policy.max_attempts
-        if retry:
-            delay = spec.policy.delay(attempt, draw())
-            if err.retry_after_s is not None and err.retry_after_s > delay:
-                delay = min(spec.policy.max_delay_s, float(err.retry_after_s))
-            delay = min(delay, MAX_WAIT_S)
-            try:
-                status = _one(
-                    conn,
-                    "schedule_retry",
-                    {
-                        "log_id": log_id,
-                        "task_id": task_id,
-                        "attempt": attempt,
-                        "error": err.message,
-                        "error_code": err.code,
-                        "error_class": err.error_class,
-                        "delay_s": delay,
-                    },
-                )["status"]
-            except psycopg.OperationalError:
-                raise  # the connection is gone: the stage op runs the stage again once it is back
-            except psycopg.Error as exc:
-                # never loop: this attempt fails visibly, and the run with it
-                return StageFailed(
-                    safe_text(f"could not record the retry of attempt {attempt} ({err.message}): {exc}"),
-                    code="retry_not_recorded",
-                    **ids,
-                )
-            if status == "retrying":
-                return StageRetry(
-                    f"attempt {attempt} of {spec.policy.max_attempts} failed ({err.code}): {err.message}; "
-                    f"retrying in {delay:.3f} s",
-                    delay_s=delay,
-                    max_attempts=spec.policy.max_attempts,
-                    code=err.code,
-                    **ids,
-                )
-            return StageStopped(f"{status} ({err.message})", code="refused", **ids)
-        message = err.message
-        if err.retryable and err.code not in spec.policy.non_retryable:
-            message = f"{err.message} (attempt {attempt} of {spec.policy.max_attempts})"
-        status = _one(
-            conn,
-            "fail_stage",
-            {"log_id": log_id, "task_id": task_id, "error": message, "error_code": err.code, "attempt": attempt},
-        )["status"]
-        if is_refusal(status):
-            return StageStopped(f"{status} ({err.message})", code="refused", **ids)
-        return StageFailed(message, code=err.code, **ids)
 
-    if started["agent_id"] is None:
-        raise record(_unrouted(conn, spec))
-    agent_name = str(started["agent_name"])
+# -- call -----------------------------------------------------------------------------------------
 
-    def stopped() -> bool:
-        row = conn.execute(query("execution_status"), {"execution_id": exec_id}).fetchone()
-        return row is None or row["status"] != "in_progress"
 
-    if started["agent_kind"] == "queue":
-        return _await_queue_task(
-            conn, spec, record, stopped, dsn=dsn, agent_name=agent_name, log_id=log_id, task_id=str(task_id), ids=ids
-        )
+def _execution_stopped(conn: Connection, execution_id: str) -> bool:
+    """Whether the execution is no longer in progress (cancelled, failed by a sibling)."""
+    row = conn.execute(query("execution_status"), {"execution_id": execution_id}).fetchone()
+    return row is None or row["status"] != "in_progress"
+
+
+def _call(conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRegistry) -> _Output | _AttemptError:
+    """Call an in-process (registry) or http agent: its checked output, or why the attempt failed."""
+    name = attempt.agent_name
     try:
-        if started["agent_kind"] == "http":
-            agent: Any = http_agent(conn, str(started["agent_id"]), str(task_id) if task_id else None)
+        if attempt.agent_kind is AgentKind.HTTP:
+            agent: Any = http_agent(conn, str(attempt.agent_id), attempt.task_id)
         else:
-            agent = registry.get(agent_name)
+            agent = registry.get(name)
     except KeyError as exc:
-        raise record(
-            _AttemptError("agent_not_registered", safe_text(exc.args[0] if exc.args else exc), False, "KeyError")
-        ) from exc
+        return _AttemptError(
+            "agent_not_registered", safe_text(exc.args[0] if exc.args else exc), False, "KeyError", cause=exc
+        )
     except AgentError as exc:
-        raise record(_AttemptError(exc.code, safe_text(exc), False, type(exc).__name__)) from exc
-
+        return _AttemptError(exc.code, safe_text(exc), False, type(exc).__name__, cause=exc)
     t0 = time.perf_counter()
+    stopped = functools.partial(_execution_stopped, conn, attempt.execution_id)
     try:
         task = Task.from_input_data(
-            execution_id=exec_id,
+            execution_id=attempt.execution_id,
             stage_id=spec.stage_id,
             capability=spec.capability,
-            attempt=attempt,
-            input_data=started["input_data"],
+            attempt=attempt.number,
+            input_data=attempt.input_data,
         )
         raw = call_agent(
             agent, task, timeout_s=spec.timeout_s, should_stop=stopped if spec.timeout_s is not None else None
         )
     except AttemptStopped as exc:
-        raise record(_AttemptError("cancelled", str(exc), False, "AttemptStopped")) from exc
+        return _AttemptError("cancelled", str(exc), False, "AttemptStopped", cause=exc)
     except psycopg.OperationalError:
         raise  # our connection died while the agent ran (watching for a cancel): not the agent's fault
     except Exception as exc:
         err = classify(exc)
-        raise record(
-            _AttemptError(err.code, f"{agent_name}: {err.message}", err.retryable, err.error_class, err.retry_after_s)
-        ) from exc
+        return replace(err, message=f"{name}: {err.message}", cause=exc)
     duration_ms = (time.perf_counter() - t0) * 1000.0
     problem = check_output(raw)
     if problem is not None:
-        raise record(_AttemptError("bad_output", f"{agent_name}: {problem}", True, "BadOutput"))
-
-    try:
-        status = str(
-            _one(
-                conn, "complete_stage", {"log_id": log_id, "task_id": task_id, "output": Jsonb(raw), "attempt": attempt}
-            )["status"]
-        )
-    except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded, psycopg.errors.StatementTooComplex) as exc:
-        # the database refused the output itself (its own payload limits): as unstorable as above
-        refusal = safe_text(exc.diag.message_primary or exc)
-        raise record(_AttemptError("bad_output", f"{agent_name}: {refusal}", True, "BadOutput")) from exc
-    if is_refusal(status):
-        if status == REFUSED_TIMED_OUT:
-            raise record(
-                _AttemptError(
-                    "timeout", f"{agent_name}: result arrived after the deadline ({status})", True, "AgentTimeout"
-                )
-            )
-        raise StageStopped(f"result of attempt {attempt} {status}", code="refused", **ids)
-    return StageOutcome(
-        execution_id=exec_id,
-        log_id=log_id,
-        task_id=str(task_id) if task_id else None,
-        agent_name=agent_name,
-        attempt=attempt,
-        duration_ms=duration_ms,
-        output=raw,
-        execution_status=status,
-    )
+        return _AttemptError("bad_output", f"{name}: {problem}", True, "BadOutput")
+    return _Output(raw, duration_ms)
 
 
 def _await_queue_task(
-    conn: Connection,
-    spec: StageSpec,
-    record: Callable[[_AttemptError], StageError],
-    stopped: Callable[[], bool],
-    *,
-    dsn: str | None,
-    agent_name: str,
-    log_id: str,
-    task_id: str,
-    ids: dict[str, Any],
-) -> StageOutcome:
+    conn: Connection, spec: StageSpec, attempt: Attempt, *, dsn: str | None
+) -> tuple[Attempt, StageOutcome | _AttemptError]:
     """A queue agent's attempt: wait for an external worker (claim, complete or fail with its lease
-    token); its completion already completed the stage in the database."""
+    token); its completion already completed the stage in the database. Returns the attempt as the
+    task ended it (a reaped lease moves the attempt on) with the outcome or why it failed.
+
+    Raises:
+        StageStopped: the task was cancelled.
+    """
+    task_id = str(attempt.task_id)
     t0 = time.perf_counter()
+    stopped = functools.partial(_execution_stopped, conn, attempt.execution_id)
     try:
         task = wait_for_task(conn, task_id, timeout_s=spec.timeout_s or queue_wait_s(), dsn=dsn, should_stop=stopped)
     except (AgentTimeout, AttemptStopped) as exc:
-        conn.execute(query("task_abandon"), {"task_id": task_id, "reason": str(exc)})
-        # the reaper may have moved the attempt on meanwhile (a worker's lease expired): record the
-        # outcome against the attempt the stage is at now, or the database refuses it as stale
-        state = conn.execute(query("task_state"), {"task_id": task_id}).fetchone()
-        if state is not None:
-            ids["attempt"] = int(state["attempt"])
-        if isinstance(exc, AttemptStopped):
-            raise record(_AttemptError("cancelled", str(exc), False, "AttemptStopped")) from exc
-        raise record(_AttemptError("timeout", f"{agent_name}: {exc}", True, "AgentTimeout")) from exc
-    ids["attempt"] = int(task["attempt"])
-    if task["status"] == "completed":
-        done = _one(conn, "stage_log_output", {"log_id": log_id})
-        return StageOutcome(
-            execution_id=ids["execution_id"],
-            log_id=log_id,
+        return _abandon(conn, attempt, exc)
+    attempt = replace(attempt, number=task.attempt)
+    if task.status is TaskStatus.COMPLETED:
+        done = conn.execute(query("stage_log_output"), {"log_id": attempt.log_id}).fetchone()
+        assert done is not None, attempt.log_id
+        return attempt, StageOutcome(
+            execution_id=attempt.execution_id,
+            log_id=attempt.log_id,
             task_id=task_id,
-            agent_name=agent_name,
-            attempt=int(task["attempt"]),
+            agent_name=attempt.agent_name,
+            attempt=attempt.number,
             duration_ms=(time.perf_counter() - t0) * 1000.0,
             output=dict(done["output_data"] or {}),
             execution_status=str(done["execution_status"]),
         )
-    if task["status"] == "cancelled":
-        raise StageStopped(f"task {task_id} was cancelled: {task['error_message']}", code="refused", **ids)
-    raise record(
-        _AttemptError(
-            str(task["error_code"] or "agent_error"),
-            safe_text(f"{agent_name}: {task['error_message']}"),
-            bool(task["retryable"]),
-            "QueueTaskFailed",
-            task["retry_after_s"],
-        )
+    if task.status is TaskStatus.CANCELLED:
+        raise StageStopped(f"task {task_id} was cancelled: {task.error_message}", code="refused", **attempt.ids())
+    return attempt, _AttemptError(
+        str(task.error_code or "agent_error"),
+        safe_text(f"{attempt.agent_name}: {task.error_message}"),
+        bool(task.retryable),
+        "QueueTaskFailed",
+        task.retry_after_s,
     )
+
+
+def _abandon(conn: Connection, attempt: Attempt, exc: AgentTimeout | AttemptStopped) -> tuple[Attempt, _AttemptError]:
+    """No worker finished the task in time, or the execution stopped: cancel the task
+    (``lifecycle.task_abandon``) and say why the attempt failed."""
+    task_abandon(conn, task_id=str(attempt.task_id), reason=str(exc))
+    # the reaper may have moved the attempt on meanwhile (a worker's lease expired): record the
+    # outcome against the attempt the stage is at now, or the database refuses it as stale
+    state = conn.execute(query("task_state"), {"task_id": attempt.task_id}).fetchone()
+    if state is not None:
+        attempt = replace(attempt, number=int(state["attempt"]))
+    if isinstance(exc, AttemptStopped):
+        return attempt, _AttemptError("cancelled", str(exc), False, "AttemptStopped", cause=exc)
+    return attempt, _AttemptError("timeout", f"{attempt.agent_name}: {exc}", True, "AgentTimeout", cause=exc)
+
+
+# -- record ---------------------------------------------------------------------------------------
+
+
+def _record_output(conn: Connection, attempt: Attempt, result: _Output) -> StageOutcome | _AttemptError:
+    """Complete the stage with the agent's output (``lifecycle.stage_complete``): the outcome, or
+    why the attempt failed after all (the database refused the output, or it came after the deadline).
+
+    Raises:
+        StageStopped: the result was refused (a stale attempt, the execution stopped).
+    """
+    name = attempt.agent_name
+    try:
+        status = stage_complete(
+            conn, log_id=attempt.log_id, task_id=attempt.task_id, output=result.output, attempt=attempt.number
+        )
+    except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded, psycopg.errors.StatementTooComplex) as exc:
+        # the database refused the output itself (its own payload limits): as unstorable as a bad output
+        refusal = safe_text(exc.diag.message_primary or exc)
+        return _AttemptError("bad_output", f"{name}: {refusal}", True, "BadOutput", cause=exc)
+    if status is StageCompleteStatus.REFUSED_TIMED_OUT:
+        return _AttemptError("timeout", f"{name}: result arrived after the deadline ({status})", True, "AgentTimeout")
+    if status.refused:
+        raise StageStopped(f"result of attempt {attempt.number} {status}", code="refused", **attempt.ids())
+    return StageOutcome(
+        execution_id=attempt.execution_id,
+        log_id=attempt.log_id,
+        task_id=attempt.task_id,
+        agent_name=name,
+        attempt=attempt.number,
+        duration_ms=result.duration_ms,
+        output=result.output,
+        execution_status=status.value,
+    )
+
+
+def _record_failure(
+    conn: Connection, spec: StageSpec, attempt: Attempt, err: _AttemptError, draw: Callable[[], float]
+) -> StageError:
+    """Record a failed attempt: a retry when allowed (``lifecycle.stage_schedule_retry``), else the
+    stage's failure (``lifecycle.stage_fail``). Returns the error for the caller to raise."""
+    policy = spec.policy
+    retryable = err.retryable and err.code not in policy.non_retryable
+    if retryable and attempt.number < policy.max_attempts:
+        return _record_retry(conn, spec, attempt, err, draw)
+    message = err.message
+    if retryable:
+        message = f"{err.message} (attempt {attempt.number} of {policy.max_attempts})"
+    status = stage_fail(
+        conn, log_id=attempt.log_id, task_id=attempt.task_id, error=message, error_code=err.code, attempt=attempt.number
+    )
+    if status.refused:
+        return StageStopped(f"{status} ({err.message})", code="refused", **attempt.ids())
+    return StageFailed(message, code=err.code, **attempt.ids())
+
+
+def _record_retry(
+    conn: Connection, spec: StageSpec, attempt: Attempt, err: _AttemptError, draw: Callable[[], float]
+) -> StageError:
+    """Schedule the next attempt after the policy's delay (at least the agent's Retry-After, within
+    the policy's cap)."""
+    policy, n = spec.policy, attempt.number
+    delay = policy.delay(n, draw())
+    if err.retry_after_s is not None and err.retry_after_s > delay:
+        delay = min(policy.max_delay_s, float(err.retry_after_s))
+    delay = min(delay, MAX_WAIT_S)
+    try:
+        status = stage_schedule_retry(
+            conn,
+            log_id=attempt.log_id,
+            task_id=attempt.task_id,
+            attempt=n,
+            error=err.message,
+            error_code=err.code,
+            error_class=err.error_class,
+            delay_s=delay,
+        )
+    except psycopg.OperationalError:
+        raise  # the connection is gone: the stage op runs the stage again once it is back
+    except psycopg.Error as exc:
+        # never loop: this attempt fails visibly, and the run with it
+        return StageFailed(
+            safe_text(f"could not record the retry of attempt {n} ({err.message}): {exc}"),
+            code="retry_not_recorded",
+            **attempt.ids(),
+        )
+    if status is StageRetryStatus.RETRYING:
+        return StageRetry(
+            f"attempt {n} of {policy.max_attempts} failed ({err.code}): {err.message}; retrying in {delay:.3f} s",
+            delay_s=delay,
+            max_attempts=policy.max_attempts,
+            code=err.code,
+            **attempt.ids(),
+        )
+    return StageStopped(f"{status} ({err.message})", code="refused", **attempt.ids())

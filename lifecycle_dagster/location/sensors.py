@@ -44,6 +44,12 @@ from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG, RESUME_TAG,
 from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.store.db import Connection, connect, resolve_dsn
 from lifecycle_dagster.store.sqlfiles import query
+from lifecycle_dagster.store.transitions import (
+    compensation_start,
+    execution_fail,
+    execution_set_pending_reason,
+    task_reap,
+)
 
 #: executions looked at per tick
 RESUME_BATCH = 50
@@ -114,7 +120,7 @@ def compensate_if_due(conn: Connection, execution_id: str) -> bool:
     due = conn.execute(query("compensation_due_for"), {"execution_id": execution_id}).fetchone()
     if due is None:
         return False
-    conn.execute(query("perform_compensation"), {"execution_id": execution_id, "reason": due["reason"]})
+    compensation_start(conn, execution_id=execution_id, reason=due["reason"])
     return True
 
 
@@ -126,7 +132,7 @@ def mirror_run_failure(conn: Connection, run_id: str, execution_id: str | None, 
         if row is None:
             return None
         execution_id = str(row["id"])
-    conn.execute(query("fail_execution"), {"execution_id": execution_id, "reason": reason, "run_id": run_id})
+    execution_fail(conn, execution_id=execution_id, reason=reason, run_id=run_id)
     compensate_if_due(conn, execution_id)
     return execution_id
 
@@ -163,7 +169,7 @@ def reconcile(
     timeout_s = heartbeat_timeout_s() if timeout_s is None else timeout_s
     known = set(compensation_jobs)
     with connect(dsn) as conn:
-        conn.execute(query("task_reap"))  # expired leases back to the queue, with or without workers
+        task_reap(conn)  # expired leases back to the queue, with or without workers
         for r in conn.execute(query("running_executions"), {"limit": RECONCILE_BATCH}).fetchall():
             run = instance.get_run_by_id(r["dagster_run_id"])
             if run is not None and run.status in _FAILED:
@@ -181,7 +187,7 @@ def reconcile(
         ).fetchall():
             _settle_unstarted(instance, conn, r["execution_id"], timeout_s)
         for r in conn.execute(query("compensation_due"), {}).fetchall():
-            conn.execute(query("perform_compensation"), {"execution_id": r["execution_id"], "reason": r["reason"]})
+            compensation_start(conn, execution_id=r["execution_id"], reason=r["reason"])
         rows = conn.execute(query("compensating_executions"), {"limit": RECONCILE_BATCH}).fetchall()
     for r in rows:
         job = compensation_job_name(job_name(r["name"], r["version"]))
@@ -228,7 +234,7 @@ def _settle_unstarted(instance: dg.DagsterInstance, conn: Connection, execution_
     )
     for run in lost:
         instance.report_run_failed(run, reason)
-    conn.execute(query("perform_compensation"), {"execution_id": execution_id, "reason": reason})
+    compensation_start(conn, execution_id=execution_id, reason=reason)
 
 
 def reconciler(compensation_jobs: Sequence[dg.JobDefinition]) -> dg.SensorDefinition:
@@ -254,12 +260,10 @@ def launch_requests(jobs: Sequence[str], dsn: str) -> Iterator[dg.RunRequest]:
         for r in rows:
             job = job_name(r["workflow_name"], r["version"])
             if job not in known:
-                conn.execute(
-                    query("set_pending_reason"),
-                    {
-                        "execution_id": r["execution_id"],
-                        "reason": f"job {job} is not loaded: reload the code location to pick up this version",
-                    },
+                execution_set_pending_reason(
+                    conn,
+                    execution_id=r["execution_id"],
+                    reason=f"job {job} is not loaded: reload the code location to pick up this version",
                 )
                 continue
             yield dg.RunRequest(

@@ -20,8 +20,7 @@ from lifecycle_dagster.engine.invoke import AttemptStopped
 from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.store.db import Connection
 from lifecycle_dagster.store.sqlfiles import query
-
-FINAL_TASK_STATES = ("completed", "failed", "cancelled")
+from lifecycle_dagster.store.transitions import TaskState
 
 
 def queue_wait_s() -> float:
@@ -37,11 +36,13 @@ def wait_for_task(
     dsn: str | None = None,
     should_stop: Callable[[], bool] | None = None,
     poll_s: float = 0.5,
-) -> dict[str, Any]:
-    """Wait until task ``task_id`` is completed, failed or cancelled; return its row.
+) -> TaskState:
+    """Wait until task ``task_id`` is final (completed, failed or cancelled: ``TaskStatus.final``);
+    return its state.
 
     Raises:
         AgentTimeout: ``timeout_s`` seconds passed. AttemptStopped: ``should_stop()`` said stop.
+        UnknownStatusError: the task's status is not one :class:`TaskStatus` knows.
     """
     listener: psycopg.Connection[Any] | None = None
     deadline = time.monotonic() + timeout_s
@@ -49,8 +50,9 @@ def wait_for_task(
         while True:
             row = conn.execute(query("task_state"), {"task_id": task_id}).fetchone()
             assert row is not None, task_id
-            if row["status"] in FINAL_TASK_STATES:
-                return dict(row)
+            state = TaskState.from_row(row)
+            if state.status.final:
+                return state
             if should_stop is not None and should_stop():
                 raise AttemptStopped("the execution is no longer in progress")
             remaining = deadline - time.monotonic()

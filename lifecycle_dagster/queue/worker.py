@@ -24,20 +24,87 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from lifecycle_dagster.agents import AgentError, AgentRegistry, Task
 from lifecycle_dagster.core.payload import check_output, safe_text
 from lifecycle_dagster.engine.invoke import AgentCrashed
-from lifecycle_dagster.engine.stage import classify, is_refusal
-from lifecycle_dagster.store.sqlfiles import query
+from lifecycle_dagster.engine.stage import classify
+from lifecycle_dagster.store.transitions import (
+    ClaimedTask,
+    TaskCompleteStatus,
+    TaskFailStatus,
+    task_claim,
+    task_complete,
+    task_fail,
+    task_heartbeat,
+    task_reap,
+    task_release,
+)
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What running the agent on a task gave: its output, or an error (code, message, whether a
+    retry may help, the agent's Retry-After seconds)."""
+
+    output: dict[str, Any] | None = None
+    code: str = ""
+    message: str = ""
+    retryable: bool = True
+    retry_after_s: float | None = None
+
+
+class _Listener:
+    """The ``LISTEN lifecycle_task`` connection: (re)connected with capped exponential backoff
+    (0.1 s doubling to 5 s) while it fails; while it is down the worker polls."""
+
+    def __init__(self, dsn: str, application_name: str, *, enabled: bool) -> None:
+        self.dsn = dsn
+        self.application_name = application_name
+        self.enabled = enabled
+        self.conn: psycopg.Connection[Any] | None = None
+        self.backoff = 0.1
+
+    def connect(self, stop: threading.Event) -> None:
+        """Listen when enabled and not listening; on failure wait the backoff (or until ``stop``)."""
+        if self.conn is not None or not self.enabled:
+            return
+        try:
+            self.conn = psycopg.connect(self.dsn, autocommit=True, application_name=self.application_name)
+            self.conn.execute("LISTEN lifecycle_task")
+            self.backoff = 0.1
+        except psycopg.Error as exc:
+            log.warning("listening connection failed (%s); retrying in %.1f s", exc, self.backoff)
+            self.conn = None
+            stop.wait(self.backoff)
+            self.backoff = min(self.backoff * 2, 5.0)
+
+    def wait(self, stop: threading.Event, timeout_s: float) -> None:
+        """Wait for a notification (or ``timeout_s`` seconds; polling alone: until ``stop`` or the timeout)."""
+        if self.conn is None:
+            stop.wait(timeout_s)
+            return
+        try:
+            for _ in self.conn.notifies(timeout=timeout_s, stop_after=1):
+                pass
+        except psycopg.Error as exc:
+            log.warning("listening connection lost (%s): polling until it is back", exc)
+            try:
+                self.conn.close()
+            finally:
+                self.conn = None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
 
 
 class Worker:
@@ -81,7 +148,7 @@ class Worker:
     # -- the loop ----------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         """Claim and run tasks until ``stop`` is set; then shut down gracefully."""
-        pool = ConnectionPool(
+        pool: ConnectionPool[Any] = ConnectionPool(
             self.dsn,
             min_size=1,
             max_size=self.concurrency,
@@ -90,24 +157,14 @@ class Worker:
             open=True,
         )
         self._pool = pool
-        listener: psycopg.Connection[Any] | None = None
-        backoff = 0.1
+        listener = _Listener(self.dsn, self.application_name, enabled=self.listen)
         try:
             while not stop.is_set():
-                if listener is None and self.listen:
-                    try:
-                        listener = psycopg.connect(self.dsn, autocommit=True, application_name=self.application_name)
-                        listener.execute("LISTEN lifecycle_task")
-                        backoff = 0.1
-                    except psycopg.Error as exc:
-                        log.warning("listening connection failed (%s); retrying in %.1f s", exc, backoff)
-                        listener = None
-                        stop.wait(backoff)
-                        backoff = min(backoff * 2, 5.0)
+                listener.connect(stop)
                 self._slot_freed.clear()
                 try:
                     with pool.connection() as conn:
-                        conn.execute(query("task_reap"))
+                        task_reap(conn)
                         free, claimed = self._claim(conn)
                 except psycopg.Error as exc:
                     log.warning("claim failed: %s", exc)
@@ -116,22 +173,10 @@ class Worker:
                 if claimed >= free:  # every slot busy, and maybe more waiting: claim when one frees
                     self._slot_freed.wait(self.poll_s)
                     continue
-                if listener is None:
-                    stop.wait(self.poll_s)
-                    continue
-                try:
-                    for _ in listener.notifies(timeout=self.poll_s, stop_after=1):
-                        pass
-                except psycopg.Error as exc:
-                    log.warning("listening connection lost (%s): polling until it is back", exc)
-                    try:
-                        listener.close()
-                    finally:
-                        listener = None
+                listener.wait(stop, self.poll_s)
         finally:
             self._shutdown(pool)
-            if listener is not None:
-                listener.close()
+            listener.close()
             pool.close()
 
     def _claim(self, conn: psycopg.Connection[Any]) -> tuple[int, int]:
@@ -140,84 +185,81 @@ class Worker:
             free = self.concurrency - len(self._running)
         if free <= 0:
             return 0, 0
-        rows = conn.execute(
-            query("task_claim"),
-            {"worker": self.worker_id, "agent": self.agent_name, "limit": free, "lease_s": self.lease_s},
-        ).fetchall()
-        for row in rows:
-            t = threading.Thread(
-                target=self._handle, args=(dict(row), self._pool), name=f"task-{row['task_id']}", daemon=True
-            )
+        tasks = task_claim(conn, worker=self.worker_id, agent=self.agent_name, limit=free, lease_s=self.lease_s)
+        for task in tasks:
+            t = threading.Thread(target=self._handle, args=(task, self._pool), name=f"task-{task.task_id}", daemon=True)
             with self._lock:
-                self._running[str(row["task_id"])] = (int(row["lease_token"]), t)
+                self._running[task.task_id] = (task.lease_token, t)
             t.start()
-        return free, len(rows)
+        return free, len(tasks)
 
     # -- one task ----------------------------------------------------------------------------
-    def _handle(self, row: dict[str, Any], pool: ConnectionPool[Any]) -> None:
-        task_id, token = str(row["task_id"]), int(row["lease_token"])
+    def _handle(self, task: ClaimedTask, pool: ConnectionPool[Any]) -> None:
+        """Run one claimed task under a heartbeat and record its outcome with its lease token."""
         done = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(task_id, token, done, pool), daemon=True)
+        beat = threading.Thread(target=self._heartbeat, args=(task.task_id, task.lease_token, done, pool), daemon=True)
         beat.start()
         try:
-            outcome = self._run_agent(row)
+            outcome = self._run_agent(task)
             with pool.connection() as conn:
-                if outcome[0] == "ok":
-                    status = conn.execute(
-                        query("task_complete"), {"task_id": task_id, "token": token, "output": Jsonb(outcome[1])}
-                    ).fetchone()
-                    if status and not is_refusal(status["status"]):
-                        self.completed += 1
-                else:
-                    _, code, message, retryable, retry_after = outcome
-                    status = conn.execute(
-                        query("task_fail"),
-                        {
-                            "task_id": task_id,
-                            "token": token,
-                            "error": message,
-                            "error_code": code,
-                            "retryable": retryable,
-                            "retry_after_s": retry_after,
-                        },
-                    ).fetchone()
-                log.info("task %s: %s", task_id, status["status"] if status else "?")
+                status = self._record(conn, task, outcome)
+            log.info("task %s: %s", task.task_id, status)
         except psycopg.Error as exc:
-            log.warning("task %s: result not recorded (%s); its lease will expire", task_id, exc)
+            log.warning("task %s: result not recorded (%s); its lease will expire", task.task_id, exc)
         finally:
             done.set()
             with self._lock:
-                self._running.pop(task_id, None)
+                self._running.pop(task.task_id, None)
             self._slot_freed.set()
 
-    def _run_agent(self, row: dict[str, Any]) -> tuple[Any, ...]:
+    def _record(
+        self, conn: psycopg.Connection[Any], task: ClaimedTask, outcome: _Outcome
+    ) -> TaskCompleteStatus | TaskFailStatus:
+        """Complete or fail the task (``lifecycle.task_complete`` / ``task_fail``); count a
+        completion the database took."""
+        if outcome.output is not None:
+            status = task_complete(conn, task_id=task.task_id, token=task.lease_token, output=outcome.output)
+            if not status.refused:
+                self.completed += 1
+            return status
+        return task_fail(
+            conn,
+            task_id=task.task_id,
+            token=task.lease_token,
+            error=outcome.message,
+            error_code=outcome.code,
+            retryable=outcome.retryable,
+            retry_after_s=outcome.retry_after_s,
+        )
+
+    def _run_agent(self, claimed: ClaimedTask) -> _Outcome:
+        """Run the agent on the task; any error is an outcome (an unknown one: ``agent_crashed``)."""
         try:
             task = Task.from_input_data(
-                execution_id=str(row["execution_id"]),
-                stage_id=str(row["stage_id"]),
-                capability=str(row["capability"]),
-                attempt=int(row["attempt"]),
-                input_data=row["input_data"] or {},
+                execution_id=str(claimed.execution_id),
+                stage_id=str(claimed.stage_id),
+                capability=str(claimed.capability),
+                attempt=claimed.attempt,
+                input_data=claimed.input_data or {},
             )
             output = self.agent.run(task)
         except AgentError as exc:
-            return ("error", exc.code, safe_text(exc), exc.retryable, exc.retry_after_s)
+            return _Outcome(None, exc.code, safe_text(exc), exc.retryable, exc.retry_after_s)
         except Exception as exc:
             err = classify(AgentCrashed(f"{type(exc).__name__}: {exc}"))
-            return ("error", err.code, err.message, True, None)
+            return _Outcome(None, err.code, err.message, True, None)
         problem = check_output(output)
         if problem is not None:
-            return ("error", "bad_output", safe_text(problem), True, None)
-        return ("ok", output)
+            return _Outcome(None, "bad_output", safe_text(problem), True, None)
+        return _Outcome(output)
 
     def _heartbeat(self, task_id: str, token: int, done: threading.Event, pool: ConnectionPool[Any]) -> None:
+        """Extend the lease every ``lease_s / 3`` seconds until ``done``, or until the lease is lost."""
         while not done.wait(self.lease_s / 3):
             try:
                 with pool.connection(timeout=self.lease_s / 3) as conn:
-                    row = conn.execute(
-                        query("task_heartbeat"), {"task_id": task_id, "token": token, "lease_s": self.lease_s}
-                    ).fetchone()
-                if row is not None and not row["extended"]:
+                    extended = task_heartbeat(conn, task_id=task_id, token=token, lease_s=self.lease_s)
+                if not extended:
                     log.warning("task %s: lease lost (token %s is stale)", task_id, token)
                     return
             except Exception as exc:  # a missed beat only shortens the lease (pool timeout, database error)
@@ -225,6 +267,7 @@ class Worker:
 
     # -- shutdown ----------------------------------------------------------------------------
     def _shutdown(self, pool: ConnectionPool[Any]) -> None:
+        """Wait up to ``grace_s`` seconds for running tasks, then hand back the ones still running."""
         deadline = time.monotonic() + self.grace_s
         while time.monotonic() < deadline:
             with self._lock:
@@ -236,7 +279,7 @@ class Worker:
         for task_id, (token, _) in left.items():
             try:
                 with pool.connection() as conn:
-                    conn.execute(query("task_release"), {"task_id": task_id, "token": token})
+                    task_release(conn, task_id=task_id, token=token)
                 log.info("task %s handed back", task_id)
             except psycopg.Error as exc:
                 log.warning("task %s: not handed back (%s); its lease will expire", task_id, exc)

@@ -1,0 +1,619 @@
+"""The one seam through which Python changes state: every call of a SQL function that changes
+state (``sql/schema/04_stage_transitions.sql``, ``05_task_protocol.sql``, ``06_compensation.sql``,
+``07_breakers.sql``) goes through a function here, and each returns a typed result.
+
+A function that returns a status code returns a member of a :class:`enum.StrEnum` whose members are
+exactly the codes that SQL function can return (``tests/test_transitions.py`` reads them from
+``sql/schema``); a code the enum does not know raises :class:`UnknownStatusError` naming the
+function and the code, so a new code in SQL fails loudly instead of being misread. Refusals
+(``refused_*``: a stale attempt, a lost lease, a result after the deadline...) are members too;
+``status.refused`` says whether one is; the reason in words is in the ``*_result_refused`` event. A
+function that returns a row returns a frozen dataclass built from it.
+
+Every function takes an open connection (autocommit: each call is its own transaction, unless the
+caller holds one) and raises what the SQL function raises (``psycopg.Error`` subclasses: an
+unknown id is ``NoDataFound``, an illegal transition ``ObjectNotInPrerequisiteState`` or
+``CheckViolation``...). Read-only queries stay with their callers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from psycopg.types.json import Jsonb
+
+from lifecycle_dagster.store.db import Connection
+from lifecycle_dagster.store.sqlfiles import query
+
+
+class UnknownStatusError(RuntimeError):
+    """A SQL function returned a code its enum does not list (the SQL and the seam disagree)."""
+
+    def __init__(self, function: str, code: object, known: list[str]) -> None:
+        super().__init__(
+            f"{function} returned the unknown status code {code!r} (known: {', '.join(known)}): "
+            "sql/schema and lifecycle_dagster/store/transitions.py disagree"
+        )
+        self.function = function
+        self.code = code
+
+
+class StatusCode(StrEnum):
+    """Base of the status enums: ``refused`` is true for a ``refused_*`` code."""
+
+    @property
+    def refused(self) -> bool:
+        """Whether the transition was refused (and recorded as such, nothing else changed)."""
+        return self.value.startswith("refused_")
+
+
+_S = TypeVar("_S", bound=StrEnum)
+
+
+def parse_status(enum: type[_S], function: str, code: object) -> _S:
+    """The member of ``enum`` whose value is ``code``, as returned by SQL function ``function``.
+
+    Raises:
+        UnknownStatusError: ``code`` is not one of ``enum``'s values (None included).
+    """
+    if isinstance(code, str):
+        try:
+            return enum(code)
+        except ValueError:
+            pass
+    raise UnknownStatusError(function, code, [m.value for m in enum])
+
+
+# -- the statuses of rows (CHECK constraints of sql/migrations) ---------------------------------------
+
+
+class ExecutionStatus(StatusCode):
+    """``workflow_executions.status``."""
+
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    COMPENSATING = "compensating"
+    ROLLED_BACK = "rolled_back"
+    COMPENSATION_FAILED = "compensation_failed"
+
+
+class TaskStatus(StatusCode):
+    """``task_queue.status``; ``final``: completed, failed or cancelled (nothing changes it again)."""
+
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        """Whether the task is finished (no worker may complete or fail it any more)."""
+        return self in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+
+class AgentKind(StatusCode):
+    """``agents.kind``: called in process, over HTTP, or through the task queue by a worker."""
+
+    PYTHON = "python"
+    HTTP = "http"
+    QUEUE = "queue"
+
+
+class BreakerState(StatusCode):
+    """``lifecycle.breakers.state``."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+# -- the codes of transitions ---------------------------------------------------------------------------
+
+
+class StageCompleteStatus(StatusCode):
+    """``lifecycle.stage_complete``: the execution's status after the stage completed (completed
+    when it was the last stage), or why the result was refused."""
+
+    COMPLETED = "completed"
+    IN_PROGRESS = "in_progress"
+    REFUSED_STALE_ATTEMPT = "refused_stale_attempt"
+    REFUSED_STAGE_NOT_RUNNING = "refused_stage_not_running"
+    REFUSED_EXECUTION_STOPPED = "refused_execution_stopped"
+    REFUSED_TIMED_OUT = "refused_timed_out"
+
+
+class StageFailStatus(StatusCode):
+    """``lifecycle.stage_fail``: ``failed`` (the stage and its execution), or why it was refused (a
+    deadline that passed does not refuse a failure)."""
+
+    FAILED = "failed"
+    REFUSED_STALE_ATTEMPT = "refused_stale_attempt"
+    REFUSED_STAGE_NOT_RUNNING = "refused_stage_not_running"
+    REFUSED_EXECUTION_STOPPED = "refused_execution_stopped"
+
+
+class StageRetryStatus(StatusCode):
+    """``lifecycle.stage_schedule_retry``: ``retrying`` (the log is pending until its not-before
+    time), or why it was refused."""
+
+    RETRYING = "retrying"
+    REFUSED_STALE_ATTEMPT = "refused_stale_attempt"
+    REFUSED_STAGE_NOT_RUNNING = "refused_stage_not_running"
+    REFUSED_EXECUTION_STOPPED = "refused_execution_stopped"
+
+
+class TaskCompleteStatus(StatusCode):
+    """``lifecycle.task_complete``: ``completed``/``in_progress`` (a task without a stage log, or
+    the execution's status after its stage completed), or why the result was refused: by the task
+    protocol (token, finished task, lease, output) or by the stage's fencing."""
+
+    COMPLETED = "completed"
+    IN_PROGRESS = "in_progress"
+    REFUSED_BAD_OUTPUT = "refused_bad_output"
+    REFUSED_STALE_TOKEN = "refused_stale_token"
+    REFUSED_TASK_FINISHED = "refused_task_finished"
+    REFUSED_LEASE_EXPIRED = "refused_lease_expired"
+    REFUSED_STALE_ATTEMPT = "refused_stale_attempt"
+    REFUSED_STAGE_NOT_RUNNING = "refused_stage_not_running"
+    REFUSED_EXECUTION_STOPPED = "refused_execution_stopped"
+    REFUSED_TIMED_OUT = "refused_timed_out"
+
+
+class TaskFailStatus(StatusCode):
+    """``lifecycle.task_fail``: ``failed``, or why the failure was refused."""
+
+    FAILED = "failed"
+    REFUSED_STALE_TOKEN = "refused_stale_token"
+    REFUSED_TASK_FINISHED = "refused_task_finished"
+    REFUSED_LEASE_EXPIRED = "refused_lease_expired"
+
+
+class UndoAction(StatusCode):
+    """``lifecycle.undo_start``'s action: ``skip`` (never completed, or ``compensate: false``),
+    ``done`` (already compensated) or ``compensate`` (undo it now)."""
+
+    SKIP = "skip"
+    DONE = "done"
+    COMPENSATE = "compensate"
+
+
+class UndoCompleteStatus(StatusCode):
+    """``lifecycle.undo_complete``: the execution's status (rolled_back after its last undo)."""
+
+    COMPENSATING = "compensating"
+    ROLLED_BACK = "rolled_back"
+
+
+class UndoFailStatus(StatusCode):
+    """``lifecycle.undo_fail``: ``compensating`` (a retry was recorded) or ``compensation_failed``."""
+
+    COMPENSATING = "compensating"
+    COMPENSATION_FAILED = "compensation_failed"
+
+
+#: the enum of each SQL function that returns a status code (tests/test_transitions.py pins these to sql/schema)
+STATUS_ENUMS: dict[str, type[StrEnum]] = {
+    "lifecycle.stage_complete": StageCompleteStatus,
+    "lifecycle.stage_fail": StageFailStatus,
+    "lifecycle.stage_schedule_retry": StageRetryStatus,
+    "lifecycle.task_complete": TaskCompleteStatus,
+    "lifecycle.task_fail": TaskFailStatus,
+    "lifecycle.task_abandon": TaskStatus,
+    "lifecycle.undo_start": UndoAction,
+    "lifecycle.undo_complete": UndoCompleteStatus,
+    "lifecycle.undo_fail": UndoFailStatus,
+    "lifecycle.breaker_reset": BreakerState,
+}
+
+
+def _row(conn: Connection, name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    row = conn.execute(query(name), params).fetchone()
+    if row is None:  # every query here returns one row, or raises
+        raise RuntimeError(f"query {name!r} returned no row")
+    return dict(row)
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+# -- executions -------------------------------------------------------------------------------------------
+
+
+def execution_create(
+    conn: Connection, *, definition_id: str, context: Mapping[str, Any], created_by: str | None
+) -> str:
+    """Insert a pending execution of a definition (the runbook's section 8); return its id."""
+    row = _row(
+        conn,
+        "create_execution",
+        {"definition_id": definition_id, "context": Jsonb(dict(context)), "created_by": created_by},
+    )
+    return str(row["id"])
+
+
+@dataclass(frozen=True)
+class EnsuredExecution:
+    """The execution a run executes, after ``lifecycle.execution_ensure`` created or adopted it."""
+
+    id: str
+    status: ExecutionStatus
+    context: Any
+
+
+def execution_ensure(
+    conn: Connection,
+    *,
+    definition_id: str,
+    run_id: str,
+    execution_id: str | None,
+    context: Mapping[str, Any],
+    resume: bool,
+) -> EnsuredExecution:
+    """``lifecycle.execution_ensure``: create the run's execution, or adopt ``execution_id``
+    (``resume``: take it over from an earlier run), bind it to the run and start it."""
+    row = _row(
+        conn,
+        "ensure_execution",
+        {
+            "definition_id": definition_id,
+            "run_id": run_id,
+            "execution_id": execution_id,
+            "context": Jsonb(dict(context)),
+            "resume": resume,
+        },
+    )
+    status = parse_status(ExecutionStatus, "lifecycle.execution_ensure", row["status"])
+    return EnsuredExecution(id=str(row["id"]), status=status, context=row["context"])
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    """``lifecycle.execution_cancel``: whether this call cancelled it, its status now and before,
+    and its Dagster run (None: none bound)."""
+
+    cancelled: bool
+    status: ExecutionStatus
+    previous_status: ExecutionStatus
+    dagster_run_id: str | None
+
+
+def execution_cancel(conn: Connection, *, execution_id: str, reason: str, compensate: bool) -> CancelResult:
+    """``lifecycle.execution_cancel``: cancel a pending or in-progress execution (idempotent: a
+    finished one is left as it is, ``cancelled`` False)."""
+    row = _row(conn, "cancel_execution", {"execution_id": execution_id, "reason": reason, "compensate": compensate})
+    name = "lifecycle.execution_cancel"
+    return CancelResult(
+        cancelled=bool(row["cancelled"]),
+        status=parse_status(ExecutionStatus, name, row["status"]),
+        previous_status=parse_status(ExecutionStatus, name, row["previous_status"]),
+        dagster_run_id=_text(row["dagster_run_id"]),
+    )
+
+
+def execution_fail(conn: Connection, *, execution_id: str, reason: str, run_id: str | None) -> bool:
+    """``lifecycle.execution_fail``: fail an in-progress execution (under ``run_id`` when given);
+    False when it was not (idempotent)."""
+    return bool(
+        _row(conn, "fail_execution", {"execution_id": execution_id, "reason": reason, "run_id": run_id})["failed"]
+    )
+
+
+def execution_set_pending_reason(conn: Connection, *, execution_id: str, reason: str) -> bool:
+    """``lifecycle.execution_set_pending_reason``: say why a pending execution waits; False when
+    it is not pending or already says so."""
+    return bool(_row(conn, "set_pending_reason", {"execution_id": execution_id, "reason": reason})["changed"])
+
+
+def run_heartbeat(conn: Connection, *, run_id: str) -> bool:
+    """``lifecycle.run_heartbeat``: the run's in-progress execution was seen now; False if none."""
+    return bool(_row(conn, "heartbeat", {"run_id": run_id})["alive"])
+
+
+def compensation_start(conn: Connection, *, execution_id: str, reason: str) -> None:
+    """``lifecycle.compensation_start`` (the runbook's ``perform_workflow_compensation``): start
+    compensating a failed or cancelled execution; idempotent."""
+    conn.execute(query("perform_compensation"), {"execution_id": execution_id, "reason": reason})
+
+
+# -- stages -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartedStage:
+    """``lifecycle.stage_start``: the stage log, its task and routed agent (all None when no agent
+    may be called), the stage's input and attempt number; ``already_completed`` with ``output``
+    when a resumed run found the stage done."""
+
+    log_id: str
+    task_id: str | None
+    agent_id: str | None
+    agent_name: str | None
+    agent_kind: AgentKind | None
+    #: as stored (``{"context": ..., "upstream": ...}``; :meth:`Task.from_input_data` checks its shape)
+    input_data: Any
+    attempt: int
+    already_completed: bool
+    output: dict[str, Any]
+
+
+def stage_start(
+    conn: Connection,
+    *,
+    execution_id: str,
+    stage_id: str,
+    capability: str,
+    ancestors: Mapping[str, str],
+    attempt: int,
+    timeout_s: float | None,
+    max_attempts: int,
+    resume: bool,
+    run_id: str,
+) -> StartedStage:
+    """``lifecycle.stage_start``: the stage log in progress, routing and the task's dispatch row."""
+    params = {
+        "execution_id": execution_id,
+        "stage_id": stage_id,
+        "capability": capability,
+        "ancestors": Jsonb(dict(ancestors)),
+        "attempt": attempt,
+        "timeout_s": timeout_s,
+        "max_attempts": max_attempts,
+        "resume": resume,
+        "run_id": run_id,
+    }
+    row = _row(conn, "start_stage", params)
+    kind = row["agent_kind"]
+    return StartedStage(
+        log_id=str(row["log_id"]),
+        task_id=_text(row["task_id"]),
+        agent_id=_text(row["agent_id"]),
+        agent_name=_text(row["agent_name"]),
+        agent_kind=None if kind is None else parse_status(AgentKind, "lifecycle.stage_start", kind),
+        input_data=row["input_data"],
+        attempt=int(row["attempt_number"]),
+        already_completed=bool(row["already_completed"]),
+        output=dict(row["output_data"] or {}),
+    )
+
+
+def stage_complete(
+    conn: Connection, *, log_id: str, task_id: str | None, output: Mapping[str, Any], attempt: int
+) -> StageCompleteStatus:
+    """``lifecycle.stage_complete``: record the attempt's output."""
+    params = {"log_id": log_id, "task_id": task_id, "output": Jsonb(output), "attempt": attempt}
+    return parse_status(StageCompleteStatus, "lifecycle.stage_complete", _row(conn, "complete_stage", params)["status"])
+
+
+def stage_fail(
+    conn: Connection, *, log_id: str, task_id: str | None, error: str, error_code: str, attempt: int
+) -> StageFailStatus:
+    """``lifecycle.stage_fail``: the stage, and with it its execution, failed for good."""
+    params = {"log_id": log_id, "task_id": task_id, "error": error, "error_code": error_code, "attempt": attempt}
+    return parse_status(StageFailStatus, "lifecycle.stage_fail", _row(conn, "fail_stage", params)["status"])
+
+
+def stage_schedule_retry(
+    conn: Connection,
+    *,
+    log_id: str,
+    task_id: str | None,
+    attempt: int,
+    error: str,
+    error_code: str,
+    error_class: str,
+    delay_s: float,
+) -> StageRetryStatus:
+    """``lifecycle.stage_schedule_retry``: attempt ``attempt`` failed; the next one may start in
+    ``delay_s`` seconds."""
+    params = {
+        "log_id": log_id,
+        "task_id": task_id,
+        "attempt": attempt,
+        "error": error,
+        "error_code": error_code,
+        "error_class": error_class,
+        "delay_s": delay_s,
+    }
+    return parse_status(
+        StageRetryStatus, "lifecycle.stage_schedule_retry", _row(conn, "schedule_retry", params)["status"]
+    )
+
+
+# -- the task protocol --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClaimedTask:
+    """A task ``lifecycle.task_claim`` leased to a worker, with its fencing token."""
+
+    task_id: str
+    lease_token: int
+    execution_id: str | None
+    stage_id: str
+    capability: str | None
+    attempt: int
+    #: as stored (:meth:`Task.from_input_data` checks its shape)
+    input_data: Any
+    lease_expires_at: datetime
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """A ``task_queue`` row as a stage op sees it (the ``task_state`` query): its status, attempt,
+    and a worker's outcome (output, or error with code, retryable and Retry-After seconds)."""
+
+    id: str
+    status: TaskStatus
+    attempt: int
+    error_message: str | None
+    error_code: str | None
+    retryable: bool | None
+    retry_after_s: float | None
+    output: dict[str, Any] | None
+    lease_token: int | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> TaskState:
+        """Build one from a ``task_state`` row.
+
+        Raises:
+            UnknownStatusError: the row's status is not a task status.
+        """
+        return cls(
+            id=str(row["id"]),
+            status=parse_status(TaskStatus, "task_queue.status", row["status"]),
+            attempt=int(row["attempt"]),
+            error_message=row["error_message"],
+            error_code=row["error_code"],
+            retryable=row["retryable"],
+            retry_after_s=row["retry_after_s"],
+            output=row["output_data"],
+            lease_token=row["lease_token"],
+        )
+
+
+def task_claim(conn: Connection, *, worker: str, agent: str, limit: int, lease_s: float) -> list[ClaimedTask]:
+    """``lifecycle.task_claim``: lease up to ``limit`` pending tasks of ``agent`` for ``lease_s`` seconds."""
+    rows = conn.execute(
+        query("task_claim"), {"worker": worker, "agent": agent, "limit": limit, "lease_s": lease_s}
+    ).fetchall()
+    return [
+        ClaimedTask(
+            task_id=str(r["task_id"]),
+            lease_token=int(r["lease_token"]),
+            execution_id=_text(r["execution_id"]),
+            stage_id=str(r["stage_id"]),
+            capability=_text(r["capability"]),
+            attempt=int(r["attempt"]),
+            input_data=r["input_data"],
+            lease_expires_at=r["lease_expires_at"],
+        )
+        for r in rows
+    ]
+
+
+def task_heartbeat(conn: Connection, *, task_id: str, token: int, lease_s: float) -> bool:
+    """``lifecycle.task_heartbeat``: extend the lease; False when ``token`` is stale (lease lost)."""
+    return bool(_row(conn, "task_heartbeat", {"task_id": task_id, "token": token, "lease_s": lease_s})["extended"])
+
+
+def task_complete(conn: Connection, *, task_id: str, token: int, output: Mapping[str, Any]) -> TaskCompleteStatus:
+    """``lifecycle.task_complete``: a worker's result (its stage completes with it)."""
+    params = {"task_id": task_id, "token": token, "output": Jsonb(output)}
+    return parse_status(TaskCompleteStatus, "lifecycle.task_complete", _row(conn, "task_complete", params)["status"])
+
+
+def task_fail(
+    conn: Connection,
+    *,
+    task_id: str,
+    token: int,
+    error: str,
+    error_code: str,
+    retryable: bool,
+    retry_after_s: float | None,
+) -> TaskFailStatus:
+    """``lifecycle.task_fail``: a worker's failure (the stage op decides on a retry)."""
+    params = {
+        "task_id": task_id,
+        "token": token,
+        "error": error,
+        "error_code": error_code,
+        "retryable": retryable,
+        "retry_after_s": retry_after_s,
+    }
+    return parse_status(TaskFailStatus, "lifecycle.task_fail", _row(conn, "task_fail", params)["status"])
+
+
+def task_release(conn: Connection, *, task_id: str, token: int) -> bool:
+    """``lifecycle.task_release``: hand a leased task back; False when ``token`` no longer holds it."""
+    return bool(_row(conn, "task_release", {"task_id": task_id, "token": token})["released"])
+
+
+def task_reap(conn: Connection) -> int:
+    """``lifecycle.task_reap``: put tasks whose lease expired back in the queue; how many."""
+    return int(_row(conn, "task_reap", {})["reaped"])
+
+
+def task_abandon(conn: Connection, *, task_id: str, reason: str) -> TaskStatus:
+    """``lifecycle.task_abandon``: cancel an open task; return its status before."""
+    row = _row(conn, "task_abandon", {"task_id": task_id, "reason": reason})
+    return parse_status(TaskStatus, "lifecycle.task_abandon", row["previous_status"])
+
+
+# -- compensation and breakers ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UndoStarted:
+    """``lifecycle.undo_start``: what to do, and for ``compensate`` the stage log, the stage's
+    output, the execution's context and the agent that ran the stage."""
+
+    action: UndoAction
+    log_id: str | None
+    output: dict[str, Any]
+    context: dict[str, Any]
+    agent_name: str | None
+
+
+def undo_start(
+    conn: Connection,
+    *,
+    execution_id: str,
+    stage_id: str,
+    run_id: str,
+    dependents: list[str],
+    attempt: int,
+    takeover: bool,
+) -> UndoStarted:
+    """``lifecycle.undo_start``: begin (or skip) the undo of one stage under compensation run ``run_id``."""
+    params = {
+        "execution_id": execution_id,
+        "stage_id": stage_id,
+        "run_id": run_id,
+        "dependents": dependents,
+        "attempt": attempt,
+        "takeover": takeover,
+    }
+    row = _row(conn, "start_compensation", params)
+    return UndoStarted(
+        action=parse_status(UndoAction, "lifecycle.undo_start", row["action"]),
+        log_id=_text(row["log_id"]),
+        output=dict(row["output_data"] or {}),
+        context=dict(row["context"] or {}),
+        agent_name=_text(row["agent_name"]),
+    )
+
+
+def undo_complete(
+    conn: Connection, *, log_id: str, void: list[Any], result: Mapping[str, Any], attempt: int
+) -> UndoCompleteStatus:
+    """``lifecycle.undo_complete``: the stage is compensated, the artifacts in ``void`` voided."""
+    params = {"log_id": log_id, "void": Jsonb(void), "result": Jsonb(result), "attempt": attempt}
+    return parse_status(
+        UndoCompleteStatus, "lifecycle.undo_complete", _row(conn, "complete_compensation", params)["status"]
+    )
+
+
+def undo_fail(
+    conn: Connection, *, log_id: str, error: str, final: bool, attempt: int, delay_s: float | None
+) -> UndoFailStatus:
+    """``lifecycle.undo_fail``: an undo attempt failed; ``final``: the compensation failed for good."""
+    params = {"log_id": log_id, "error": error, "final": final, "attempt": attempt, "delay_s": delay_s}
+    return parse_status(UndoFailStatus, "lifecycle.undo_fail", _row(conn, "fail_compensation", params)["status"])
+
+
+def breaker_reset(conn: Connection, *, agent: str) -> BreakerState:
+    """``lifecycle.breaker_reset``: close an agent's breaker; return its state before."""
+    return parse_status(
+        BreakerState, "lifecycle.breaker_reset", _row(conn, "breaker_reset", {"agent": agent})["previous_state"]
+    )
