@@ -65,8 +65,8 @@ OUTSIDE_THE_SEAM: dict[str, tuple[str, str]] = {
     "heartbeat": ("engine/heartbeat.py", "another change owns the file; transitions.run_heartbeat is its seam call"),
     "publish_definition": ("store/versions.py", "versions.publish is typed already (PublishResult)"),
     "activate_definition": ("store/versions.py", "versions.activate is typed already (ActivationResult)"),
-    "adopt_move_aside": ("store/migrate.py", "schema management (db upgrade), not a workflow transition"),
-    "adopt_rows": ("store/migrate.py", "schema management (db upgrade), not a workflow transition"),
+    "adopt_move_aside": ("store/adopt.py", "schema management (db upgrade), not a workflow transition"),
+    "adopt_rows": ("store/adopt.py", "schema management (db upgrade), not a workflow transition"),
 }
 
 
@@ -312,8 +312,9 @@ def test_no_module_but_the_seam_calls_a_volatile_function_in_its_own_sql(db: str
         for name in re.findall(r"\blifecycle\.(\w+)\(", path.read_text(encoding="utf-8"))
         if name in volatile
     }
-    # db upgrade records the fingerprints of the schema it applied: schema management, not a transition
-    assert calls == {("store/migrate.py", "schema_fingerprints_record")}
+    # db upgrade records the fingerprints of the schema it applied and adopts existing rows: schema
+    # management, not transitions
+    assert calls == {("store/migrate.py", "schema_fingerprints_record"), ("store/adopt.py", "adopt_rows")}
 
 
 def test_the_seam_runs_each_state_changing_query(db: str) -> None:
