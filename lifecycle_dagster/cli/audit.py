@@ -15,15 +15,17 @@ import click
 
 from lifecycle_dagster.cli.common import dsn as _dsn
 from lifecycle_dagster.cli.common import main
+from lifecycle_dagster.cli.output import print_table
 from lifecycle_dagster.store.db import connect
 from lifecycle_dagster.store.sqlfiles import query
 
+#: the columns of ``audit show``'s table (view column, title), then the metadata
 _TABLE_COLUMNS = (
-    ("event_timestamp", "time (UTC)", 27),
-    ("event_type", "event", 24),
-    ("stage_id", "stage", 18),
-    ("stage_status", "stage status", 13),
-    ("attempt_number", "attempt", 7),
+    ("event_timestamp", "time (UTC)"),
+    ("event_type", "event"),
+    ("stage_id", "stage"),
+    ("stage_status", "stage status"),
+    ("attempt_number", "attempt"),
 )
 
 
@@ -49,10 +51,16 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, datetime):
-        from lifecycle_dagster.store.audit import format_timestamp
+        from lifecycle_dagster.core.canonical import format_timestamp
 
         return format_timestamp(value)
     return str(value)
+
+
+def _metadata(value: Any) -> str:
+    """An event's metadata as compact JSON (sorted keys), cut to 200 characters."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return text if len(text) <= 200 else text[:199] + "…"
 
 
 @audit_group.command("show")
@@ -80,12 +88,10 @@ def show_cmd(execution_id: str, as_json: bool) -> None:
     else:
         click.echo(f"execution {eid}: no events")
         return
-    header = "  ".join(title.ljust(width) for _, title, width in _TABLE_COLUMNS) + "  metadata"
-    click.echo(header)
-    for row in rows:
-        cells = [_cell(row[key])[:width].ljust(width) for key, _, width in _TABLE_COLUMNS]
-        metadata = json.dumps(row["metadata"], ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-        click.echo("  ".join(cells) + "  " + (metadata if len(metadata) <= 200 else metadata[:199] + "…"))
+    print_table(
+        [title for _, title in _TABLE_COLUMNS] + ["metadata"],
+        [[_cell(row[key]) for key, _ in _TABLE_COLUMNS] + [_metadata(row["metadata"])] for row in rows],
+    )
     click.echo(f"{len(rows)} event(s)")
 
 

@@ -19,6 +19,7 @@ import click
 
 from lifecycle_dagster.cli.common import dagster_home, execute_here, main, print_execution
 from lifecycle_dagster.cli.common import dsn as _dsn
+from lifecycle_dagster.cli.output import BackgroundProgress, progress_view
 from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.store import migrate, transitions
 from lifecycle_dagster.store.db import connect
@@ -56,25 +57,28 @@ def db_upgrade(check: bool, repair: bool, as_json: bool) -> None:
     except migrate.MigrationError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
-        import json
+        click.echo(json.dumps(_upgrade_document(report), ensure_ascii=False))
+    else:
+        _echo_upgrade(report, check=check, repair=repair)
 
-        click.echo(
-            json.dumps(
-                {
-                    "check": report.check,
-                    "applied": [f"{m.version:04d}_{m.name}" for m in report.applied],
-                    "repaired": [{"kind": k, "object": o, "action": a} for k, o, a in report.repaired],
-                    "adopted": {t: {"copied": c, "rejected": r} for t, (c, r) in report.adopted.items()},
-                    "rejects": [vars(r) for r in report.rejects],
-                    "columns_not_carried": [{"table": t, "column": c} for t, c in report.columns_not_carried],
-                    "schema_applied": report.schema_applied,
-                    "schema_changed": report.schema_changed,
-                    "drift": [{"kind": k, "object": o, "problem": p} for k, o, p in report.drift],
-                },
-                ensure_ascii=False,
-            )
-        )
-        return
+
+def _upgrade_document(report: migrate.UpgradeReport) -> dict[str, Any]:
+    """``db upgrade --json``'s document of an upgrade report (:func:`migrate.run_upgrade`)."""
+    return {
+        "check": report.check,
+        "applied": [f"{m.version:04d}_{m.name}" for m in report.applied],
+        "repaired": [{"kind": k, "object": o, "action": a} for k, o, a in report.repaired],
+        "adopted": {t: {"copied": c, "rejected": r} for t, (c, r) in report.adopted.items()},
+        "rejects": [vars(r) for r in report.rejects],
+        "columns_not_carried": [{"table": t, "column": c} for t, c in report.columns_not_carried],
+        "schema_applied": report.schema_applied,
+        "schema_changed": report.schema_changed,
+        "drift": [{"kind": k, "object": o, "problem": p} for k, o, p in report.drift],
+    }
+
+
+def _echo_upgrade(report: migrate.UpgradeReport, *, check: bool, repair: bool) -> None:
+    """``db upgrade``'s lines: what was (or, with --check, would be) repaired, adopted, applied, copied."""
     would = "would " if check else ""
     if check:
         click.echo("plan (--check: nothing is changed)")
@@ -94,6 +98,19 @@ def db_upgrade(check: bool, repair: bool, as_json: bool) -> None:
         click.echo(f"{verb} sql/schema/ ({len(report.schema_applied)} files; {what})")
     for table, (copied, rejected) in report.adopted.items():
         click.echo(f"{would}copy {table}: {copied} row{'s' if copied != 1 else ''}, {rejected} rejected")
+    _echo_rejects(report, check=check)
+    if not (report.applied or report.repaired or report.adopted or report.schema_applied):
+        click.echo("database is up to date")
+    if report.drift and not (repair or report.schema_applied):
+        n = len(report.drift)
+        click.echo(
+            f"but {n} object{'s' if n != 1 else ''} of ours differ{'s' if n == 1 else ''} from the shipped schema: "
+            "`lifecycle-dagster doctor` lists them, `lifecycle-dagster db upgrade --repair` restores them"
+        )
+
+
+def _echo_rejects(report: migrate.UpgradeReport, *, check: bool) -> None:
+    """The adopted rows not copied, and the adopted columns not carried over."""
     for r in report.rejects:
         click.echo(f"REJECTED {r.table} id={r.row_id} rule={r.rule}: {r.message}")
     if report.rejects:
@@ -103,14 +120,6 @@ def db_upgrade(check: bool, repair: bool, as_json: bool) -> None:
         )
     for table, column in report.columns_not_carried:
         click.echo(f"column {table}.{column} is not ours: its values stay in lifecycle_adopted.{table}")
-    if not (report.applied or report.repaired or report.adopted or report.schema_applied):
-        click.echo("database is up to date")
-    if report.drift and not (repair or report.schema_applied):
-        n = len(report.drift)
-        click.echo(
-            f"but {n} object{'s' if n != 1 else ''} of ours differ{'s' if n == 1 else ''} from the shipped schema: "
-            "`lifecycle-dagster doctor` lists them, `lifecycle-dagster db upgrade --repair` restores them"
-        )
 
 
 @db.command("seed")
@@ -196,7 +205,8 @@ def run_cmd(workflow: str, context_file: Path) -> None:
     click.echo(f"execution {execution_id}  ({workflow} v{row['version']}, job {job.name})")
 
     os.environ.setdefault("DAGSTER_HOME", str(dagster_home(settings, dsn)))
-    result = execute_here(dsn, job, {EXECUTION_ID_TAG: execution_id})
+    with BackgroundProgress(dsn, execution_id):  # a progress bar on stderr when it is a terminal
+        result = execute_here(dsn, job, {EXECUTION_ID_TAG: execution_id})
     status = print_execution(dsn, execution_id)
     click.echo(f"dagster run {result.run_id}: {'success' if result.success else 'failure'}")
     if not result.success and status == "in_progress":  # the engine could not record why: show Dagster's
@@ -216,8 +226,6 @@ def start_cmd(workflow: str, context_file: Path, wait: bool, timeout_s: float) -
     (`lifecycle-dagster run` executes in this process instead; both leave the same rows).
     Prints the execution id. With --wait, exits 0 only when it completed.
     """
-    import time
-
     context = _read_context(context_file)
     dsn = _dsn()
     with connect(dsn) as conn:
@@ -228,54 +236,49 @@ def start_cmd(workflow: str, context_file: Path, wait: bool, timeout_s: float) -
     click.echo(execution_id)
     if not wait:
         return
-    deadline = time.monotonic() + timeout_s
-    hinted = False
-    last = ""
-    with connect(dsn) as conn:
-        while True:
-            p = conn.execute(query("execution_progress"), {"execution_id": execution_id}).fetchone()
-            assert p is not None
-            total, done = int(p["stages"]), int(p["done"])
-            bar = "#" * done + "-" * max(total - done, 0)
-            line = f"[{bar}] {done}/{total} {p['status']}" + (f" {p['current_stage']}" if p["current_stage"] else "")
-            if p["pending_reason"]:
-                line += f" ({p['pending_reason']})"
-            if line != last:
-                click.echo(line, err=True)
-                last = line
-            if p["status"] not in ("pending", "in_progress", "compensating"):
-                break
-            if time.monotonic() > deadline:
-                raise click.ClickException(f"still {p['status']} after {timeout_s:g} s")
-            if not hinted and p["status"] == "pending" and time.monotonic() > deadline - timeout_s + 30:
-                click.echo(
-                    "still pending after 30 s: is dagster-daemon running? (lifecycle-dagster dev starts one)", err=True
-                )
-                hinted = True
-            time.sleep(0.5)
+    _follow(dsn, execution_id, timeout_s)
     status = print_execution(dsn, execution_id)
     sys.exit(0 if status == "completed" else 1)
 
 
-def _strict_json(text: str) -> Any:
-    """``json.loads`` by JSON's rules: NaN and Infinity are refused.
+def _follow(dsn: str, execution_id: str, timeout_s: float) -> None:
+    """Show the execution's progress on stderr (a bar on a terminal, else a line per change) until
+    its status leaves pending, in_progress and compensating.
 
     Raises:
-        ValueError: not JSON. RecursionError: nested too deeply to decode.
+        click.ClickException: still going after ``timeout_s`` seconds.
     """
+    import time
 
-    def refuse(constant: str) -> None:
-        raise ValueError(f"{constant} is not JSON")
-
-    return json.loads(text, parse_constant=refuse)
+    started = time.monotonic()
+    hinted = False
+    view = progress_view()
+    try:
+        with connect(dsn) as conn:
+            while True:
+                p = conn.execute(query("execution_progress"), {"execution_id": execution_id}).fetchone()
+                assert p is not None
+                view.update(p)
+                if p["status"] not in ("pending", "in_progress", "compensating"):
+                    return
+                waited = time.monotonic() - started
+                if waited > timeout_s:
+                    raise click.ClickException(f"still {p['status']} after {timeout_s:g} s")
+                if not hinted and p["status"] == "pending" and waited > 30:
+                    view.note("still pending after 30 s: is dagster-daemon running? (lifecycle-dagster dev starts one)")
+                    hinted = True
+                time.sleep(0.5)
+    finally:
+        view.close()
 
 
 def _read_context(path: Path) -> dict[str, Any]:
     """The execution context in ``path``: a JSON object Postgres can store."""
     from lifecycle_dagster.core.payload import check_output
+    from lifecycle_dagster.store.versions import strict_json
 
     try:
-        context = _strict_json(path.read_text(encoding="utf-8"))
+        context = strict_json(path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as exc:
         raise click.ClickException(f"{path}: not valid JSON: {exc}") from exc
     if not isinstance(context, dict):

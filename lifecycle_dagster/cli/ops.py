@@ -22,6 +22,7 @@ import click
 
 from lifecycle_dagster.cli.common import dsn as _dsn
 from lifecycle_dagster.cli.common import main
+from lifecycle_dagster.cli.output import is_terminal, print_table
 from lifecycle_dagster.store import migrate, transitions
 from lifecycle_dagster.store.db import Connection, connect
 from lifecycle_dagster.store.sqlfiles import query
@@ -67,11 +68,8 @@ def _cell(value: Any) -> str:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Columns left-aligned, two spaces apart; None as '-'."""
-    cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-    for line in [list(headers), *cells]:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+    """A table (:func:`~lifecycle_dagster.cli.output.print_table`); None as '-'."""
+    print_table(headers, [[_cell(v) for v in row] for row in rows])
 
 
 def _since(value: str | None) -> datetime | None:
@@ -523,9 +521,7 @@ def doctor_cmd(as_json: bool, with_invariants: bool) -> None:
             document["violations"] = [asdict(v) for v in violations]
         _emit_json(document)
     else:
-        for p in problems:
-            click.echo(f"PROBLEM {p.message}")
-            click.echo(f"  fix: {p.fix}")
+        _echo_problems(problems)
         if violations is not None:
             _echo_violations(violations)
         if problems:
@@ -535,6 +531,17 @@ def doctor_cmd(as_json: bool, with_invariants: bool) -> None:
         else:
             click.echo(f"doctor: ok ({applied} migrations applied as shipped, {checked} schema objects as shipped)")
     sys.exit(1 if problems or violations else 0)
+
+
+def _echo_problems(problems: Sequence[Problem]) -> None:
+    """On a terminal, a table of each problem and its fix; otherwise two lines each (``PROBLEM
+    <message>``, ``  fix: <what to do>``), one grep away."""
+    if problems and is_terminal():
+        print_table(("PROBLEM", "FIX"), [(p.message, p.fix) for p in problems])
+        return
+    for p in problems:
+        click.echo(f"PROBLEM {p.message}")
+        click.echo(f"  fix: {p.fix}")
 
 
 # --------------------------------------------------------------------------------------------

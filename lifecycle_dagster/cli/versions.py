@@ -15,7 +15,9 @@ import click
 
 from lifecycle_dagster.cli.common import dsn as _dsn
 from lifecycle_dagster.cli.common import main
+from lifecycle_dagster.cli.output import print_table
 from lifecycle_dagster.core.dag import Dag, DagValidationError, parse_dag
+from lifecycle_dagster.location.reload import reload_code_location, reload_hint, webserver_url
 from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.store.db import connect
 from lifecycle_dagster.store.sqlfiles import query
@@ -28,10 +30,7 @@ from lifecycle_dagster.store.versions import (
     list_versions,
     publish,
     read_definition_file,
-    reload_code_location,
-    reload_hint,
     unserved_capabilities,
-    webserver_url,
 )
 
 
@@ -45,9 +44,9 @@ def _reachable_dsn() -> tuple[str | None, str]:
     settings = Settings.from_env()
     if settings.database_url:
         return settings.database_url, ""
-    from lifecycle_dagster.store.embedded import _server_running
+    from lifecycle_dagster.store.embedded import server_running
 
-    if not _server_running(settings.pgdata):
+    if not server_running(settings.pgdata):
         return None, "no DATABASE_URL and the embedded server is not running (lifecycle-dagster db start)"
     return _dsn(), ""
 
@@ -220,8 +219,17 @@ def versions_cmd(name: str) -> None:
         found = list_versions(conn, name)
     if not found:
         raise click.ClickException(f"no workflow named '{name}'")
-    click.echo(f"{'version':>7}  {'active':<6}  {'created_at':<25}  {'stages':>6}  {'unfinished':>10}")
-    for v in found:
-        stages = "-" if v.stage_count is None else str(v.stage_count)
-        created = v.created_at.isoformat(timespec="seconds")
-        click.echo(f"{v.version:>7}  {'yes' if v.active else 'no':<6}  {created:<25}  {stages:>6}  {v.unfinished:>10}")
+    print_table(
+        ("version", "active", "created_at", "stages", "unfinished"),
+        [
+            (
+                str(v.version),
+                "yes" if v.active else "no",
+                v.created_at.isoformat(timespec="seconds"),
+                "-" if v.stage_count is None else str(v.stage_count),
+                str(v.unfinished),
+            )
+            for v in found
+        ],
+        right=(0, 3, 4),
+    )

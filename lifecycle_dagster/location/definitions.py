@@ -7,19 +7,21 @@ snapshot that Dagster stores with every run's execution plan (reconstruction met
 step workers rebuild the jobs from that snapshot (RECONSTRUCTION load) without querying, so a run
 executes the DAG it was launched with even if the table changed since. New versions appear when
 the code location reloads.
+
+Dagster's public state-backed API (``dg.StateBackedComponent`` with ``LEGACY_CODE_SERVER_SNAPSHOTS``
+state) would do the same but fails whenever definitions load outside a load context set by a
+Dagster process (``dagster job execute -m lifecycle_dagster``, a plain ``defs()`` call): see
+:func:`_load_context`. The private load context is therefore used here, in that one function.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
-from dagster._core.definitions.definitions_load_context import (
-    DefinitionsLoadContext,
-    DefinitionsLoadType,
-)
 
 from lifecycle_dagster.location.job_factory import build_jobs
 from lifecycle_dagster.location.sensors import failure_sensor, launch_sensor, reconciler, resume_sensor
@@ -40,15 +42,39 @@ def fetch_snapshot(dsn: str) -> str:
     return json.dumps([dict(r) for r in rows], sort_keys=True, separators=(",", ":"))
 
 
-def load_snapshot() -> str:
-    """The snapshot this process builds from: the run's own when reconstructing, else the table's."""
+def _load_context() -> tuple[str | None, Callable[[str], None]]:
+    """``(the run's snapshot, or None when not reconstructing a run; a function that stores a
+    snapshot with every run launched from these definitions)``: Dagster's definitions load context.
+
+    Private Dagster API (``dagster._core.definitions.definitions_load_context``), kept in this one
+    function because the public alternative lacks a working form for us (dagster 1.13.27):
+    ``dg.StateBackedComponent`` with ``DefsStateConfigArgs.legacy_code_server_snapshots()`` is the
+    only public state mode refreshed at every code server load (``LOCAL_FILESYSTEM`` and
+    ``VERSIONED_STATE_STORAGE`` are refreshed by ``dg utils refresh-defs-state`` or ``dagster dev``
+    only: dagster/components/component/state_backed_component.py:209-221), but it calls
+    ``DefinitionsLoadContext.get()`` anew to store the state and again to read it back
+    (state_backed_component.py:136 and :223), and ``get()`` makes a NEW context each call when no
+    Dagster process has set one (definitions_load_context.py:97). So ``dagster job execute -m
+    lifecycle_dagster`` fails with ``KeyError: 'defs-state-[...]'`` (definitions_load_context.py:234);
+    working around that needs this same private module. Here the context is fetched once.
+    """
+    from dagster._core.definitions.definitions_load_context import DefinitionsLoadContext, DefinitionsLoadType
+
     ctx = DefinitionsLoadContext.get()
-    snapshot: str | None = None
+    stored: str | None = None
     if ctx.load_type == DefinitionsLoadType.RECONSTRUCTION:
-        snapshot = ctx.reconstruction_metadata.get(SNAPSHOT_KEY)
+        stored = ctx.reconstruction_metadata.get(SNAPSHOT_KEY)
+    return stored, lambda snapshot: ctx.add_to_pending_reconstruction_metadata(SNAPSHOT_KEY, snapshot)
+
+
+def load_snapshot() -> str:
+    """The snapshot this process builds from: the run's own when reconstructing a run (the table is
+    not read), else the table's (a code server loading, or a load outside any Dagster process).
+    Either way it is stored with the runs launched from these definitions."""
+    snapshot, keep = _load_context()
     if snapshot is None:
         snapshot = fetch_snapshot(resolve_dsn())
-    ctx.add_to_pending_reconstruction_metadata(SNAPSHOT_KEY, snapshot)
+    keep(snapshot)
     return snapshot
 
 

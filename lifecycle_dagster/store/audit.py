@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lifecycle_dagster.core.canonical import event_hash, format_timestamp
+from lifecycle_dagster.core.canonical import event_hash
 from lifecycle_dagster.store.db import Connection
 from lifecycle_dagster.store.sqlfiles import query
 
@@ -27,7 +27,6 @@ __all__ = [
     "BrokenLink",
     "VerifyReport",
     "checkpoint_heads",
-    "format_timestamp",  # lifecycle_dagster.core.canonical's, still imported from here by cli/audit.py
     "verify",
     "verify_rows",
 ]

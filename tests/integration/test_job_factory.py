@@ -134,15 +134,23 @@ def test_code_location_loads_every_active_job_and_skips_invalid(seeded_db: str) 
     ]
 
 
-def test_reconstruction_uses_the_snapshot_not_the_table(seeded_db: str) -> None:
-    snapshot = fetch_snapshot(seeded_db)
+def test_reconstruction_uses_the_snapshot_not_the_table(seeded_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    v1 = ["lifecycle_v1__v1", "lifecycle_v1__v1__compensate"]
+    with scoped_definitions_load_context(DefinitionsLoadType.INITIALIZATION) as ctx:  # a code server loads
+        assert [j.name for j in defs().get_repository_def().get_all_jobs()] == v1
+        stored = dict(ctx.get_pending_reconstruction_metadata())  # what Dagster stores with each run
+    assert stored == {SNAPSHOT_KEY: fetch_snapshot(seeded_db)}
     with connect(seeded_db) as conn:  # the table changes: v1 is gone
         conn.execute("UPDATE workflow_definitions SET is_active = false")
-    with scoped_reconstruction_metadata({SNAPSHOT_KEY: snapshot}):
+    # a run worker rebuilds from the run's snapshot without reading the table: no database at all
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/nothing_listens_here")
+    with scoped_reconstruction_metadata(stored):
         repo = defs().get_repository_def()
-    assert [j.name for j in repo.get_all_jobs()] == ["lifecycle_v1__v1", "lifecycle_v1__v1__compensate"]
-    with scoped_definitions_load_context(DefinitionsLoadType.INITIALIZATION):
+    assert [j.name for j in repo.get_all_jobs()] == v1
+    monkeypatch.setenv("DATABASE_URL", seeded_db)
+    with scoped_definitions_load_context(DefinitionsLoadType.INITIALIZATION):  # a reload reads the table again
         assert defs().get_repository_def().get_all_jobs() == []
+    assert defs().get_repository_def().get_all_jobs() == []  # and so does a load outside any Dagster process
 
 
 def test_compensation_job_reverses_the_edges() -> None:

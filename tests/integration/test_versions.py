@@ -29,17 +29,16 @@ from lifecycle_dagster.agents import AgentOverloaded, AgentRegistry, Task
 from lifecycle_dagster.cli.main import main
 from lifecycle_dagster.core.dag import parse_dag, validate_dag
 from lifecycle_dagster.location.definitions import definitions_from_snapshot, fetch_snapshot
+from lifecycle_dagster.location.reload import WEBSERVER_URL_ENV, reload_code_location
 from lifecycle_dagster.store.db import connect
 from lifecycle_dagster.store.sqlfiles import query
 from lifecycle_dagster.store.versions import (
     FINAL_STATUSES,
-    WEBSERVER_URL_ENV,
     PublishError,
     activate,
     isolated_stages,
     list_versions,
     publish,
-    reload_code_location,
 )
 
 from helpers import RUNBOOK, TESTS, install, rows, run
@@ -615,7 +614,7 @@ def test_reload_against_nothing_listening_is_an_outcome_not_an_error(
         port = s.getsockname()[1]  # closed again: nothing listens there
     url = f"http://127.0.0.1:{port}"
     outcome = reload_code_location(url, timeout_s=5)
-    assert not outcome.ok and outcome.jobs == ()
+    assert not outcome.ok
     assert outcome.message.startswith(f"could not ask the Dagster webserver at {url} to reload: ")
     monkeypatch.setenv(WEBSERVER_URL_ENV, url)
     f = _write(tmp_path / "wf.json", {"name": "wf", **_chain("a")})
@@ -626,6 +625,29 @@ def test_reload_against_nothing_listening_is_an_outcome_not_an_error(
         f"warning: {f}: capability 'work' (stage 'a') is served by no active agent (no_agent)",
         f"warning: could not ask the Dagster webserver at {url} to reload: [Errno 111] Connection refused",
     ]
+
+
+def test_reload_of_a_webserver_that_never_answers_times_out() -> None:
+    with socket.socket() as s:  # accepts connections (the backlog) but never answers
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        started = time.monotonic()
+        outcome = reload_code_location(url, timeout_s=1)
+        elapsed = time.monotonic() - started
+    assert not outcome.ok
+    assert outcome.message == f"could not ask the Dagster webserver at {url} to reload: no answer within 1 s"
+    assert 1 <= elapsed < 10
+
+
+@pytest.mark.parametrize("url", ["localhost:3000", "ftp://127.0.0.1:3000", "http://"])
+def test_reload_with_a_url_that_is_not_http_says_so(url: str) -> None:
+    outcome = reload_code_location(url, timeout_s=1)
+    assert not outcome.ok
+    assert outcome.message == (
+        f"could not ask the Dagster webserver at {url} to reload: "
+        "not an http:// or https:// URL with a host (e.g. http://127.0.0.1:3000)"
+    )
 
 
 # =============================================================================================
@@ -869,7 +891,7 @@ def test_publish_and_activate_reload_a_running_webserver(
         assert result.exit_code == 0, result.output
         assert result.stdout.splitlines() == [
             "published wf v2 and activated it (v1 deactivated)",
-            f"code location 'lifecycle_dagster' reloaded on {url} (2 jobs)",
+            f"code location 'lifecycle_dagster' reloaded on {url}",
         ]
         assert _webserver_jobs(url) == ["wf__v2", "wf__v2__compensate"]
 
@@ -877,7 +899,7 @@ def test_publish_and_activate_reload_a_running_webserver(
         assert result.exit_code == 0, result.output
         assert result.stdout.splitlines() == [
             "activated wf v1 (v2 deactivated)",
-            f"code location 'lifecycle_dagster' reloaded on {url} (2 jobs)",
+            f"code location 'lifecycle_dagster' reloaded on {url}",
         ]
         assert _webserver_jobs(url) == ["wf__v1", "wf__v1__compensate"]
 
