@@ -78,7 +78,8 @@ def print_execution(dsn: str, execution_id: str) -> str:
     with connect(dsn) as conn:
         execution = conn.execute(query("execution"), {"execution_id": execution_id}).fetchone()
         logs = conn.execute(query("stage_logs"), {"execution_id": execution_id}).fetchall()
-    assert execution is not None
+    if execution is None:
+        raise click.ClickException(f"no execution {execution_id}")
     for log in logs:
         out: Any = log["output_data"] or {}
         detail = out.get("summary") if isinstance(out, dict) else None

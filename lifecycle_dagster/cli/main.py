@@ -23,6 +23,7 @@ from lifecycle_dagster.cli.output import BackgroundProgress, progress_view
 from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.store import migrate, transitions
 from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.store.fetch import fetch_one
 from lifecycle_dagster.store.sqlfiles import query, seed_sql
 
 
@@ -256,8 +257,7 @@ def _follow(dsn: str, execution_id: str, timeout_s: float) -> None:
     try:
         with connect(dsn) as conn:
             while True:
-                p = conn.execute(query("execution_progress"), {"execution_id": execution_id}).fetchone()
-                assert p is not None
+                p = fetch_one(conn, "execution_progress", {"execution_id": execution_id})
                 view.update(p)
                 if p["status"] not in ("pending", "in_progress", "compensating"):
                     return
@@ -361,10 +361,8 @@ def compensate_cmd(execution_id: str, reason: str, no_wait: bool) -> None:
     dsn = _dsn()
     with connect(dsn) as conn:
         transitions.compensation_start(conn, execution_id=execution_id, reason=reason)
-        execution = conn.execute(query("execution"), {"execution_id": execution_id}).fetchone()
-        assert execution is not None
-        row = conn.execute(query("definition_of_execution"), {"execution_id": execution_id}).fetchone()
-    assert row is not None
+        execution = fetch_one(conn, "execution", {"execution_id": execution_id})
+        row = fetch_one(conn, "definition_of_execution", {"execution_id": execution_id})
     if execution["status"] == "compensating" and not no_wait:
         result = execute_here(dsn, build_compensation_job(row), {EXECUTION_ID_TAG: execution_id})
         click.echo(f"dagster run {result.run_id}: {'success' if result.success else 'failure'}")

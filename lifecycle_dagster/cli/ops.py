@@ -25,6 +25,7 @@ from lifecycle_dagster.cli.common import main
 from lifecycle_dagster.cli.output import is_terminal, print_table
 from lifecycle_dagster.store import migrate, transitions
 from lifecycle_dagster.store.db import Connection, connect
+from lifecycle_dagster.store.fetch import fetch_one
 from lifecycle_dagster.store.sqlfiles import query
 
 EXECUTION_STATUSES = (
@@ -462,8 +463,7 @@ def retry_cmd(execution_id: str) -> None:
                 "cancelled": "it was cancelled",
             }.get(execution["status"], "only a failed execution is retried")
             raise click.ClickException(f"execution {eid} is {execution['status']}: {hint}")
-        row = conn.execute(query("definition_of_execution"), {"execution_id": eid}).fetchone()
-    assert row is not None
+        row = fetch_one(conn, "definition_of_execution", {"execution_id": eid})
     tags = {EXECUTION_ID_TAG: eid}
     parent = execution["dagster_run_id"]
     if parent:

@@ -39,6 +39,7 @@ from lifecycle_dagster.core.retry import MAX_WAIT_S, RetryPolicy
 from lifecycle_dagster.engine.invoke import AgentCrashed, AttemptStopped, call_agent
 from lifecycle_dagster.queue.wait import queue_wait_s, wait_for_task
 from lifecycle_dagster.store.db import Connection
+from lifecycle_dagster.store.fetch import fetch_one
 from lifecycle_dagster.store.sqlfiles import query
 from lifecycle_dagster.store.transitions import (
     AgentKind,
@@ -436,8 +437,7 @@ def _await_queue_task(
         return _abandon(conn, attempt, exc)
     attempt = replace(attempt, number=task.attempt)
     if task.status is TaskStatus.COMPLETED:
-        done = conn.execute(query("stage_log_output"), {"log_id": attempt.log_id}).fetchone()
-        assert done is not None, attempt.log_id
+        done = fetch_one(conn, "stage_log_output", {"log_id": attempt.log_id})
         return attempt, StageOutcome(
             execution_id=attempt.execution_id,
             log_id=attempt.log_id,

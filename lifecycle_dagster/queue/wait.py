@@ -19,7 +19,7 @@ from lifecycle_dagster.agents import AgentTimeout
 from lifecycle_dagster.engine.invoke import AttemptStopped
 from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.store.db import Connection
-from lifecycle_dagster.store.sqlfiles import query
+from lifecycle_dagster.store.fetch import fetch_one
 from lifecycle_dagster.store.transitions import TaskState
 
 
@@ -48,9 +48,7 @@ def wait_for_task(
     deadline = time.monotonic() + timeout_s
     try:
         while True:
-            row = conn.execute(query("task_state"), {"task_id": task_id}).fetchone()
-            assert row is not None, task_id
-            state = TaskState.from_row(row)
+            state = TaskState.from_row(fetch_one(conn, "task_state", {"task_id": task_id}))
             if state.status.final:
                 return state
             if should_stop is not None and should_stop():

@@ -213,7 +213,8 @@ def publish(
         psycopg.errors.InvalidSchemaName,
     ) as exc:
         raise PublishError(_refusal(exc)) from exc
-    assert row is not None
+    if row is None:
+        raise PublishError(f"publishing {name} returned no row (run doctor: is the schema the shipped one?)")
     return PublishResult(
         name=name,
         version=int(row["version"]),
@@ -237,7 +238,8 @@ def activate(conn: Connection, name: str, version: int) -> ActivationResult:
         row = conn.execute(query("activate_definition"), {"name": name, "version": version}).fetchone()
     except (psycopg.errors.NoDataFound, psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName) as exc:
         raise PublishError(_refusal(exc)) from exc
-    assert row is not None
+    if row is None:
+        raise PublishError(f"activating {name} v{version} returned no row (run doctor)")
     return ActivationResult(
         name=name,
         version=int(row["version"]),
