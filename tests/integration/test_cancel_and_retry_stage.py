@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from agents_for_tests import SlowMarker
 from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.agents import AgentRegistry, Task
@@ -154,17 +155,6 @@ def test_cancel_racing_completion_50_times(db: str, instance: Any) -> None:
         outcomes[ex["status"]] += 1
     assert sum(outcomes.values()) == 50
     assert outcomes["cancelled"] > 0 and outcomes["completed"] > 0, outcomes  # both sides won sometimes
-
-
-class SlowMarker(Ok):
-    def __init__(self, name: str, marker: Path) -> None:
-        super().__init__(name)
-        self.marker = marker
-
-    def run(self, task: Task) -> dict[str, Any]:
-        time.sleep(3)
-        self.marker.write_text("finished")
-        return super().run(task)
 
 
 def test_cancel_stops_a_running_agent(db: str, instance: Any, tmp_path: Path) -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+from agents_for_tests import Ok, Sleeper
 
 from lifecycle_dagster.agents import (
     AgentBadRequest,
@@ -33,14 +33,6 @@ def _dag(retry: dict[str, Any] | None = None, timeout_s: float | None = None, **
     dag: dict[str, Any] = {"stages": [{"id": "prep", "capability": "prep", "next": ["work"]}, s]}
     dag["defaults"] = {"retry": retry or FAST}
     return dag
-
-
-class Ok:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def run(self, task: Task) -> dict[str, Any]:
-        return {"summary": f"{task.stage_id} done", "attempt": task.attempt}
 
 
 class Flaky:
@@ -182,22 +174,6 @@ def test_retry_after_hint_is_honoured_within_the_cap(db: str, instance: Any) -> 
     assert delays == [0.25, 0.3]
 
 
-class Sleeper:
-    """Notes its process id, sleeps, then writes a marker file: a killed attempt never writes it."""
-
-    name = "worker"
-
-    def __init__(self, marker: Path, seconds: float) -> None:
-        self.marker = marker
-        self.seconds = seconds
-
-    def run(self, task: Task) -> dict[str, Any]:
-        (self.marker.parent / f"pid-{task.attempt}").write_text(str(os.getpid()))
-        time.sleep(self.seconds)
-        self.marker.write_text(f"attempt {task.attempt} finished")
-        return {"summary": "late"}
-
-
 def test_timeout_retries_then_fails_and_no_work_continues(db: str, instance: Any, tmp_path: Path) -> None:
     _setup(db, _dag({**FAST, "max_attempts": 2}, timeout_s=0.3))
     marker = tmp_path / "marker"
@@ -283,7 +259,7 @@ def test_a_failure_to_record_the_retry_fails_the_attempt_once(db: str, instance:
     assert [e.event_type_value for e in result.all_events].count("STEP_UP_FOR_RETRY") == 0
 
 
-def test_fork_is_not_used_without_a_timeout(db: str, instance: Any) -> None:
+def test_no_child_process_is_used_without_a_timeout(db: str, instance: Any) -> None:
     """Agents without a timeout run in the op's own process (cheap, and they may share state)."""
 
     class Pid:

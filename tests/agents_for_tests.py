@@ -1,0 +1,134 @@
+"""Agents for tests that call them with a timeout (or a cancel watch).
+
+Such an agent runs in a child process started by the forkserver (lifecycle_dagster.engine.invoke),
+which rebuilds it by unpickling: its class must be defined at module level of a module the child
+can import. The child gets the caller's ``sys.path``, on which tests/ is (pytest puts it there), so
+this module qualifies; it imports only the standard library and lifecycle_dagster.agents, so that a
+child starts fast (a test module would drag pytest and Dagster into every child).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from lifecycle_dagster.agents import Task
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader never sees half of it."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
+class Ok:
+    """Answers at once."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def run(self, task: Task) -> dict[str, Any]:
+        return {"summary": f"{task.stage_id} done", "attempt": task.attempt}
+
+
+class Sleeper:
+    """Notes its process id (``pid-ATTEMPT`` next to ``marker``), sleeps ``seconds``, then writes
+    ``marker``: a killed attempt never writes it."""
+
+    name = "worker"
+
+    def __init__(self, marker: Path, seconds: float) -> None:
+        self.marker = marker
+        self.seconds = seconds
+
+    def run(self, task: Task) -> dict[str, Any]:
+        (self.marker.parent / f"pid-{task.attempt}").write_text(str(os.getpid()))
+        time.sleep(self.seconds)
+        self.marker.write_text(f"attempt {task.attempt} finished")
+        return {"summary": "late"}
+
+
+class SlowMarker(Ok):
+    """Sleeps 3 s, writes ``marker``, then answers."""
+
+    def __init__(self, name: str, marker: Path) -> None:
+        super().__init__(name)
+        self.marker = marker
+
+    def run(self, task: Task) -> dict[str, Any]:
+        time.sleep(3)
+        self.marker.write_text("finished")
+        return super().run(task)
+
+
+class Spawner:
+    """Starts a ``sleep`` process of its own, writes "AGENT_PID GRANDCHILD_PID" to ``pids``, sleeps
+    ``seconds``, then writes ``finished``: what an agent that shells out looks like."""
+
+    name = "spawner"
+
+    def __init__(self, pids: Path, finished: Path, seconds: float) -> None:
+        self.pids = pids
+        self.finished = finished
+        self.seconds = seconds
+
+    def run(self, task: Task) -> dict[str, Any]:
+        grandchild = subprocess.Popen(["sleep", str(self.seconds + 30)])
+        _write_whole(self.pids, f"{os.getpid()} {grandchild.pid}")
+        time.sleep(self.seconds)
+        self.finished.write_text("the agent finished")
+        return {"summary": "finished"}
+
+
+class Pid:
+    """Answers with its process id, its parent's and its process group."""
+
+    name = "pid"
+
+    def run(self, task: Task) -> dict[str, Any]:
+        return {"summary": "pid", "pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgid(0)}
+
+
+class Raises:
+    """Raises ``error``."""
+
+    name = "raises"
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def run(self, task: Task) -> dict[str, Any]:
+        raise self.error
+
+
+class WaitsFor:
+    """Writes its process id to ``pid_file``, waits (at most 30 s) until ``release`` exists, answers."""
+
+    name = "waits"
+
+    def __init__(self, pid_file: Path, release: Path) -> None:
+        self.pid_file = pid_file
+        self.release = release
+
+    def run(self, task: Task) -> dict[str, Any]:
+        _write_whole(self.pid_file, str(os.getpid()))
+        deadline = time.monotonic() + 30
+        while not self.release.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return {"summary": "released"}
+
+
+class Env:
+    """Answers with the value of environment variable ``key`` in its process (None when unset)."""
+
+    name = "env"
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def run(self, task: Task) -> dict[str, Any]:
+        return {"summary": "env", "value": os.environ.get(self.key)}
