@@ -13,13 +13,13 @@ from typing import Any
 
 import psycopg
 import pytest
-from agents_for_tests import SlowMarker
 from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.agents import AgentRegistry, Task
 from lifecycle_dagster.store.db import connect
 from lifecycle_dagster.store.sqlfiles import query
 
+from agents_for_tests import SlowMarker
 from helpers import create_execution, events, install, rows, run
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,7 +8,6 @@ from typing import Any
 
 import psutil
 import pytest
-from agents_for_tests import Ok, Sleeper
 
 from lifecycle_dagster.agents import (
     AgentBadRequest,
@@ -21,6 +20,7 @@ from lifecycle_dagster.agents import (
 from lifecycle_dagster.core.retry import retry_delay
 from lifecycle_dagster.store.db import connect
 
+from agents_for_tests import Ok, Sleeper
 from helpers import events, install, rows, run
 
 FAST = {"max_attempts": 3, "base_delay_s": 0.05, "max_delay_s": 0.2, "multiplier": 2, "jitter": "none"}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -21,15 +20,15 @@ from typing import Any
 
 import psutil
 import pytest
-from agents_for_tests import Env, Ok, Pid, Raises, Spawner, WaitsFor
 
 from lifecycle_dagster.agents import AgentError, AgentRateLimited, AgentTimeout, Task
 from lifecycle_dagster.engine.invoke import AgentCrashed, AgentNotPicklable, AttemptStopped, call_agent
 from lifecycle_dagster.engine.stage import classify
 
-from helpers import install, rows
+from agents_for_tests import Env, Ok, Pid, Raises, Spawner, WaitsFor
+from processes import gone_within, kill_caller_mid_call, wait_for
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 TASK = Task("e", "s", "c", 1, {}, {})
 
 #: a run worker in miniature: calls a Spawner (3 s of work) with a timeout, in its own process
@@ -45,55 +44,9 @@ call_agent(Spawner(Path(sys.argv[2]), Path(sys.argv[3]), 3), Task("e", "s", "c",
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _gone_within(pids: list[int], seconds: float) -> list[int]:
-    """The pids still alive after waiting up to ``seconds`` for all of them to die."""
-    deadline = time.monotonic() + seconds
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return [p for p in pids if _alive(p)]
-
-
-def _wait_for(path: Path, proc: subprocess.Popen[bytes] | None = None, seconds: float = 60) -> str:
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        assert proc is None or proc.poll() is None, f"the caller exited with {proc.returncode}"
-        assert time.monotonic() < deadline, f"{path.name} never appeared"
-        time.sleep(0.02)
-    return path.read_text()
-
-
-def _kill_caller_mid_call(args: list[str], pids: Path, finished: Path, **popen: Any) -> None:
-    """Start a caller, wait until its agent (a Spawner) runs, SIGKILL the caller; assert the agent
-    child and its own child die within 1 s, nothing of the caller lives on within 3 s, and the
-    agent never finishes its work."""
-    caller = subprocess.Popen(args, **popen)
-    try:
-        child, grandchild = map(int, _wait_for(pids, caller).split())
-        assert child != caller.pid and _alive(child) and _alive(grandchild)
-        assert psutil.Process(child).ppid() != caller.pid, "the agent child was forked from the caller"
-        descendants = [p.pid for p in psutil.Process(caller.pid).children(recursive=True)]
-        assert child in descendants  # through the forkserver, which the caller started
-        os.kill(caller.pid, signal.SIGKILL)
-        caller.wait(10)
-        assert _gone_within([child, grandchild], 1.0) == [], "the agent outlived its killed caller"
-        assert _gone_within(descendants, 3.0) == [], "a process of the killed caller lives on"
-        time.sleep(3.5)  # longer than the agent's own work
-        assert not finished.exists()
-    finally:
-        if caller.poll() is None:
-            caller.kill()
-
-
 def test_an_agent_child_dies_with_its_killed_caller(tmp_path: Path) -> None:
     pids, finished = tmp_path / "pids", tmp_path / "finished"
-    _kill_caller_mid_call([sys.executable, "-c", CALLER, str(TESTS), str(pids), str(finished)], pids, finished)
+    kill_caller_mid_call([sys.executable, "-c", CALLER, str(TESTS), str(pids), str(finished)], pids, finished)
 
 
 def test_the_agent_child_is_not_forked_from_the_caller() -> None:
@@ -144,7 +97,7 @@ def test_only_the_caller_holds_the_write_end_of_the_lifeline(tmp_path: Path) -> 
     call = threading.Thread(target=lambda: outcome.append(call_agent(WaitsFor(pid_file, release), TASK, timeout_s=60)))
     call.start()
     try:
-        child = int(_wait_for(pid_file))
+        child = int(wait_for(pid_file))
         mine = _pipe_ends(os.getpid())
         # lifelines: pipes the child reads and this process (the caller) writes. Ours, and the
         # sentinel multiprocessing keeps for forkserver children (the write end stays in the caller).
@@ -173,7 +126,7 @@ def test_a_timeout_kills_the_agent_and_what_it_started(tmp_path: Path) -> None:
         call_agent(Spawner(pids, finished, 30), TASK, timeout_s=1.0)
     assert time.monotonic() - t0 < 3
     child, grandchild = map(int, pids.read_text().split())
-    assert _gone_within([child, grandchild], 1.0) == []
+    assert gone_within([child, grandchild], 1.0) == []
     assert not finished.exists()
 
 
@@ -182,7 +135,7 @@ def test_a_stop_kills_the_agent(tmp_path: Path) -> None:
     stop_at = time.monotonic() + 0.5
     with pytest.raises(AttemptStopped):
         call_agent(Spawner(pids, finished, 30), TASK, should_stop=lambda: time.monotonic() > stop_at, poll_s=0.05)
-    assert _gone_within(list(map(int, _wait_for(pids, seconds=1).split())), 1.0) == []
+    assert gone_within(list(map(int, wait_for(pids, seconds=1).split())), 1.0) == []
 
 
 @pytest.mark.parametrize(
@@ -264,26 +217,3 @@ def test_an_agent_the_child_cannot_rebuild_fails_clearly() -> None:
     assert "could not rebuild it: AttributeError: Can't get attribute 'InMain'" in out.stdout
 
 
-#: a Dagster run worker in miniature: runs execution ``wf`` in-process (in_process executor)
-RUN_WORKER = """
-import sys
-from pathlib import Path
-sys.path.insert(0, sys.argv[1])
-from dagster import DagsterInstance
-from agents_for_tests import Spawner
-from helpers import run
-from lifecycle_dagster.agents import AgentRegistry
-
-with DagsterInstance.ephemeral() as instance:
-    run(sys.argv[4], instance, "wf", AgentRegistry([Spawner(Path(sys.argv[2]), Path(sys.argv[3]), 3)]))
-"""
-
-
-def test_a_killed_dagster_run_worker_leaves_no_agent(db: str, tmp_path: Path) -> None:
-    dag = {"stages": [{"id": "a", "capability": "a", "timeout_s": 60}], "defaults": {"retry": {"max_attempts": 1}}}
-    install(db, "wf", dag, {"a": "spawner"})
-    pids, finished = tmp_path / "pids", tmp_path / "finished"
-    args = [sys.executable, "-c", RUN_WORKER, str(TESTS), str(pids), str(finished), db]
-    _kill_caller_mid_call(args, pids, finished, env={**os.environ, "DAGSTER_HOME": str(tmp_path)})
-    [log] = rows(db, "SELECT status FROM workflow_execution_logs")
-    assert log["status"] == "in_progress"  # the stage never completed: nothing was written after the kill
