@@ -25,9 +25,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lifecycle_dagster.agents import AgentRegistry, CompensationTask, Task, can_compensate
+from lifecycle_dagster.agents.errors import classify
 from lifecycle_dagster.core.payload import check_output, safe_text
 from lifecycle_dagster.core.retry import MAX_WAIT_S, RetryPolicy
-from lifecycle_dagster.engine.stage import classify
 from lifecycle_dagster.store.db import Connection
 from lifecycle_dagster.store.sqlfiles import query
 from lifecycle_dagster.store.transitions import UndoAction, compensation_start, undo_complete, undo_fail, undo_start

@@ -11,7 +11,7 @@ threads and open database connections; ``fork()`` from it copies locks held by o
 the sockets of its connections into the child. The forkserver is a separate single-threaded
 server, started (fork+exec, like a subprocess) at the first call in each calling process, with
 ``FORKSERVER_PRELOAD`` imported once: this module (so ``lifecycle_dagster.agents``),
-``lifecycle_dagster.queue.wait`` (HTTP agents) and the caller's ``__main__`` script if it has one
+``lifecycle_dagster.agents.http`` (HTTP agents) and the caller's ``__main__`` script if it has one
 (``python -m dagster ...`` has none to import). Each agent child is forked from that server.
 Measured on the 2-core test machine, a no-op agent called 20 times with a timeout (median per
 call): forkserver 9 ms lightly loaded, 20-35 ms with the machine saturated (load 6), after a first
@@ -57,20 +57,13 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from lifecycle_dagster.agents import Agent, AgentError, AgentTimeout, Task
+from lifecycle_dagster.agents.errors import AgentCrashed, AttemptStopped
 
 #: how agent children are started (see the module docstring): "forkserver" or "spawn"; never "fork",
 #: which would also hand the child the write end of its own lifeline
 START_METHOD = "forkserver"
 #: modules the forkserver imports once, so that each child starts warm
-FORKSERVER_PRELOAD = ("__main__", "lifecycle_dagster.engine.invoke", "lifecycle_dagster.queue.wait")
-
-
-class AgentCrashed(Exception):
-    """The agent raised something other than AgentError, or its process died. Retryable."""
-
-
-class AttemptStopped(Exception):
-    """``should_stop`` said stop (the execution was cancelled) while the agent ran."""
+FORKSERVER_PRELOAD = ("__main__", "lifecycle_dagster.engine.invoke", "lifecycle_dagster.agents.http")
 
 
 class AgentNotPicklable(AgentError):

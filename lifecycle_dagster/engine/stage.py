@@ -33,10 +33,11 @@ from typing import Any
 import psycopg
 
 from lifecycle_dagster.agents import AgentError, AgentRegistry, AgentTimeout, Task
+from lifecycle_dagster.agents.errors import AttemptError, AttemptStopped, classify
 from lifecycle_dagster.agents.http import http_agent
 from lifecycle_dagster.core.payload import check_output, safe_text
 from lifecycle_dagster.core.retry import MAX_WAIT_S, RetryPolicy
-from lifecycle_dagster.engine.invoke import AgentCrashed, AttemptStopped, call_agent
+from lifecycle_dagster.engine.invoke import call_agent
 from lifecycle_dagster.queue.wait import queue_wait_s, wait_for_task
 from lifecycle_dagster.store.db import Connection
 from lifecycle_dagster.store.fetch import fetch_one
@@ -117,33 +118,12 @@ class StageStopped(StageError):
     or the database refused the result as stale. Never retried."""
 
 
-@dataclass(frozen=True)
-class _AttemptError:
-    """A failed attempt, to record: ``cause`` is what was raised (the recorded error's cause)."""
-
-    code: str
-    message: str
-    retryable: bool
-    error_class: str
-    retry_after_s: float | None = None
-    cause: BaseException | None = None
-
-
-def classify(exc: BaseException) -> _AttemptError:
-    """Map what an agent call raised to (code, message, retryable, error class)."""
-    if isinstance(exc, AgentError):
-        return _AttemptError(exc.code, safe_text(exc), exc.retryable, type(exc).__name__, exc.retry_after_s)
-    if isinstance(exc, AgentCrashed):
-        return _AttemptError("agent_crashed", safe_text(f"agent crashed: {exc}"), True, "AgentCrashed")
-    return _AttemptError("agent_crashed", safe_text(f"{type(exc).__name__}: {exc}"), True, type(exc).__name__)
-
-
-def _unrouted(conn: Connection, spec: StageSpec) -> _AttemptError:
+def _unrouted(conn: Connection, spec: StageSpec) -> AttemptError:
     """Why routing gave no agent: none serves the capability (``no_agent``), or the circuit breakers
     in the way are open (``breaker_open``, naming them). Neither is retried."""
     breakers = [dict(r) for r in conn.execute(query("capability_breakers"), {"capability": spec.capability})]
     if not any(b["scope"] == "agent" for b in breakers):
-        return _AttemptError(
+        return AttemptError(
             "no_agent",
             f"no active agent serves capability '{spec.capability}' (stage '{spec.stage_id}'): give an active "
             "agent that capability (an agent_ontologies row, domain 'orchestration') or activate a version "
@@ -157,7 +137,7 @@ def _unrouted(conn: Connection, spec: StageSpec) -> _AttemptError:
         for b in breakers
         if b["state"] != "closed"
     ]
-    return _AttemptError(
+    return AttemptError(
         "breaker_open",
         f"circuit breaker open: no agent may be called for capability '{spec.capability}' "
         f"(stage '{spec.stage_id}'); open breakers: {', '.join(blocking) or 'none any more (closed meanwhile)'}",
@@ -301,7 +281,7 @@ def run_stage(
 
 def _call_step(
     conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRegistry, dsn: str | None
-) -> tuple[Attempt, StageOutcome | _Output | _AttemptError]:
+) -> tuple[Attempt, StageOutcome | _Output | AttemptError]:
     """The call step: no agent may be called, wait for the queue task, or call the agent. Returns
     the attempt (moved on when a queue task's lease was reaped) and what the call gave."""
     if attempt.agent_kind is None:
@@ -377,7 +357,7 @@ def _execution_stopped(conn: Connection, execution_id: str) -> bool:
     return row is None or row["status"] != "in_progress"
 
 
-def _call(conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRegistry) -> _Output | _AttemptError:
+def _call(conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRegistry) -> _Output | AttemptError:
     """Call an in-process (registry) or http agent: its checked output, or why the attempt failed."""
     name = attempt.agent_name
     try:
@@ -386,11 +366,11 @@ def _call(conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRe
         else:
             agent = registry.get(name)
     except KeyError as exc:
-        return _AttemptError(
+        return AttemptError(
             "agent_not_registered", safe_text(exc.args[0] if exc.args else exc), False, "KeyError", cause=exc
         )
     except AgentError as exc:
-        return _AttemptError(exc.code, safe_text(exc), False, type(exc).__name__, cause=exc)
+        return AttemptError(exc.code, safe_text(exc), False, type(exc).__name__, cause=exc)
     t0 = time.perf_counter()
     stopped = functools.partial(_execution_stopped, conn, attempt.execution_id)
     try:
@@ -405,7 +385,7 @@ def _call(conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRe
             agent, task, timeout_s=spec.timeout_s, should_stop=stopped if spec.timeout_s is not None else None
         )
     except AttemptStopped as exc:
-        return _AttemptError("cancelled", str(exc), False, "AttemptStopped", cause=exc)
+        return AttemptError("cancelled", str(exc), False, "AttemptStopped", cause=exc)
     except psycopg.OperationalError:
         raise  # our connection died while the agent ran (watching for a cancel): not the agent's fault
     except Exception as exc:
@@ -414,13 +394,13 @@ def _call(conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRe
     duration_ms = (time.perf_counter() - t0) * 1000.0
     problem = check_output(raw)
     if problem is not None:
-        return _AttemptError("bad_output", f"{name}: {problem}", True, "BadOutput")
+        return AttemptError("bad_output", f"{name}: {problem}", True, "BadOutput")
     return _Output(raw, duration_ms)
 
 
 def _await_queue_task(
     conn: Connection, spec: StageSpec, attempt: Attempt, *, dsn: str | None
-) -> tuple[Attempt, StageOutcome | _AttemptError]:
+) -> tuple[Attempt, StageOutcome | AttemptError]:
     """A queue agent's attempt: wait for an external worker (claim, complete or fail with its lease
     token); its completion already completed the stage in the database. Returns the attempt as the
     task ended it (a reaped lease moves the attempt on) with the outcome or why it failed.
@@ -450,7 +430,7 @@ def _await_queue_task(
         )
     if task.status is TaskStatus.CANCELLED:
         raise StageStopped(f"task {task_id} was cancelled: {task.error_message}", code="refused", **attempt.ids())
-    return attempt, _AttemptError(
+    return attempt, AttemptError(
         str(task.error_code or "agent_error"),
         safe_text(f"{attempt.agent_name}: {task.error_message}"),
         bool(task.retryable),
@@ -459,7 +439,7 @@ def _await_queue_task(
     )
 
 
-def _abandon(conn: Connection, attempt: Attempt, exc: AgentTimeout | AttemptStopped) -> tuple[Attempt, _AttemptError]:
+def _abandon(conn: Connection, attempt: Attempt, exc: AgentTimeout | AttemptStopped) -> tuple[Attempt, AttemptError]:
     """No worker finished the task in time, or the execution stopped: cancel the task
     (``lifecycle.task_abandon``) and say why the attempt failed."""
     task_abandon(conn, task_id=str(attempt.task_id), reason=str(exc))
@@ -469,14 +449,14 @@ def _abandon(conn: Connection, attempt: Attempt, exc: AgentTimeout | AttemptStop
     if state is not None:
         attempt = replace(attempt, number=int(state["attempt"]))
     if isinstance(exc, AttemptStopped):
-        return attempt, _AttemptError("cancelled", str(exc), False, "AttemptStopped", cause=exc)
-    return attempt, _AttemptError("timeout", f"{attempt.agent_name}: {exc}", True, "AgentTimeout", cause=exc)
+        return attempt, AttemptError("cancelled", str(exc), False, "AttemptStopped", cause=exc)
+    return attempt, AttemptError("timeout", f"{attempt.agent_name}: {exc}", True, "AgentTimeout", cause=exc)
 
 
 # -- record ---------------------------------------------------------------------------------------
 
 
-def _record_output(conn: Connection, attempt: Attempt, result: _Output) -> StageOutcome | _AttemptError:
+def _record_output(conn: Connection, attempt: Attempt, result: _Output) -> StageOutcome | AttemptError:
     """Complete the stage with the agent's output (``lifecycle.stage_complete``): the outcome, or
     why the attempt failed after all (the database refused the output, or it came after the deadline).
 
@@ -491,9 +471,9 @@ def _record_output(conn: Connection, attempt: Attempt, result: _Output) -> Stage
     except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded, psycopg.errors.StatementTooComplex) as exc:
         # the database refused the output itself (its own payload limits): as unstorable as a bad output
         refusal = safe_text(exc.diag.message_primary or exc)
-        return _AttemptError("bad_output", f"{name}: {refusal}", True, "BadOutput", cause=exc)
+        return AttemptError("bad_output", f"{name}: {refusal}", True, "BadOutput", cause=exc)
     if status is StageCompleteStatus.REFUSED_TIMED_OUT:
-        return _AttemptError("timeout", f"{name}: result arrived after the deadline ({status})", True, "AgentTimeout")
+        return AttemptError("timeout", f"{name}: result arrived after the deadline ({status})", True, "AgentTimeout")
     if status.refused:
         raise StageStopped(f"result of attempt {attempt.number} {status}", code="refused", **attempt.ids())
     return StageOutcome(
@@ -509,7 +489,7 @@ def _record_output(conn: Connection, attempt: Attempt, result: _Output) -> Stage
 
 
 def _record_failure(
-    conn: Connection, spec: StageSpec, attempt: Attempt, err: _AttemptError, draw: Callable[[], float]
+    conn: Connection, spec: StageSpec, attempt: Attempt, err: AttemptError, draw: Callable[[], float]
 ) -> StageError:
     """Record a failed attempt: a retry when allowed (``lifecycle.stage_schedule_retry``), else the
     stage's failure (``lifecycle.stage_fail``). Returns the error for the caller to raise."""
@@ -529,7 +509,7 @@ def _record_failure(
 
 
 def _record_retry(
-    conn: Connection, spec: StageSpec, attempt: Attempt, err: _AttemptError, draw: Callable[[], float]
+    conn: Connection, spec: StageSpec, attempt: Attempt, err: AttemptError, draw: Callable[[], float]
 ) -> StageError:
     """Schedule the next attempt after the policy's delay (at least the agent's Retry-After, within
     the policy's cap)."""

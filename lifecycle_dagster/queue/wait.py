@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 
 from lifecycle_dagster.agents import AgentTimeout
-from lifecycle_dagster.engine.invoke import AttemptStopped
+from lifecycle_dagster.agents.errors import AttemptStopped
 from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.store.db import Connection
 from lifecycle_dagster.store.fetch import fetch_one

@@ -32,9 +32,8 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from lifecycle_dagster.agents import AgentError, AgentRegistry, Task
+from lifecycle_dagster.agents.errors import AgentCrashed, classify
 from lifecycle_dagster.core.payload import check_output, safe_text
-from lifecycle_dagster.engine.invoke import AgentCrashed
-from lifecycle_dagster.engine.stage import classify
 from lifecycle_dagster.store.transitions import (
     ClaimedTask,
     TaskCompleteStatus,

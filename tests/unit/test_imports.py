@@ -70,3 +70,22 @@ def test_the_code_location_is_found_on_the_package() -> None:
 
     assert "defs" in dir(lifecycle_dagster)
     assert [name for name, _ in inspect.getmembers(lifecycle_dagster) if name == "defs"] == ["defs"]
+
+
+#: the layers, lowest first: a module imports only from its own layer and the ones before it
+LAYERS = ("settings", "core", "store", "agents", "queue", "engine", "location", "cli")
+
+
+def test_each_layer_imports_only_the_layers_below_it() -> None:
+    modules = _modules()
+    wrong = []
+    for name, path in modules.items():
+        parts = name.split(".")
+        if len(parts) < 2 or parts[1] not in LAYERS:
+            continue  # the package itself and its entry point (definitions.py)
+        mine = LAYERS.index(parts[1])
+        for target in _imports(path, modules):
+            layer = target.split(".")[1] if target.count(".") else None
+            if layer in LAYERS and LAYERS.index(layer) > mine:
+                wrong.append(f"{name} imports {target}")
+    assert wrong == []

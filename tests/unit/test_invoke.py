@@ -22,8 +22,8 @@ import psutil
 import pytest
 
 from lifecycle_dagster.agents import AgentError, AgentRateLimited, AgentTimeout, Task
-from lifecycle_dagster.engine.invoke import AgentCrashed, AgentNotPicklable, AttemptStopped, call_agent
-from lifecycle_dagster.engine.stage import classify
+from lifecycle_dagster.agents.errors import AgentCrashed, AttemptStopped, classify
+from lifecycle_dagster.engine.invoke import AgentNotPicklable, call_agent
 
 from agents_for_tests import Env, Ok, Pid, Raises, Spawner, WaitsFor
 from processes import gone_within, kill_caller_mid_call, wait_for
