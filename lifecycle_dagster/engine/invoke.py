@@ -28,7 +28,7 @@ The child cannot outlive its caller. The kernel's parent-death signal (``PR_SET_
 follows the thread that forked the child, which is the forkserver, not the caller (and the
 forkserver outlives the caller while any child lives); so the caller also passes a lifeline, the
 read end of a pipe whose write end only the caller holds (created per call and never sent: the
-forkserver and the child get only the read end, tests/test_invoke.py checks it in /proc). A
+forkserver and the child get only the read end, tests/unit/test_invoke.py checks it in /proc). A
 daemon thread in the child blocks reading it; at end of file (the caller died, or is done) it
 SIGKILLs the child's own process group (the child and anything the agent started) at once. The
 parent-death signal stays: it fires if the forkserver itself dies. The caller SIGKILLs the group

@@ -3,7 +3,7 @@ state (``sql/schema/04_stage_transitions.sql``, ``05_task_protocol.sql``, ``06_c
 ``07_breakers.sql``) goes through a function here, and each returns a typed result.
 
 A function that returns a status code returns a member of a :class:`enum.StrEnum` whose members are
-exactly the codes that SQL function can return (``tests/test_transitions.py`` reads them from
+exactly the codes that SQL function can return (``tests/sql/test_transitions.py`` reads them from
 ``sql/schema``); a code the enum does not know raises :class:`UnknownStatusError` naming the
 function and the code, so a new code in SQL fails loudly instead of being misread. Refusals
 (``refused_*``: a stale attempt, a lost lease, a result after the deadline...) are members too;
@@ -199,7 +199,7 @@ class UndoFailStatus(StatusCode):
     COMPENSATION_FAILED = "compensation_failed"
 
 
-#: the enum of each SQL function that returns a status code (tests/test_transitions.py pins these to sql/schema)
+#: the enum of each SQL function that returns a status code (tests/sql/test_transitions.py pins these to sql/schema)
 STATUS_ENUMS: dict[str, type[StrEnum]] = {
     "lifecycle.stage_complete": StageCompleteStatus,
     "lifecycle.stage_fail": StageFailStatus,

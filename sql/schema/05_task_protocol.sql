@@ -2,7 +2,7 @@
 -- release, reap, abandon; NOTIFY carries ids only.
 --
 -- LOCK ORDER, one for every function here and every transition of 04_stage_transitions.sql,
--- 06_compensation.sql and 07_breakers.sql (tests/test_lock_order.py races them):
+-- 06_compensation.sql and 07_breakers.sql (tests/sql/test_lock_order.py races them):
 --   1. the execution row (workflow_executions, FOR UPDATE). A function that may take several
 --      (task_claim, task_reap; lifecycle.audit_prune) takes them SKIP LOCKED and never waits for
 --      one: an execution that another transaction is changing (a cancel, a stage completing) is
