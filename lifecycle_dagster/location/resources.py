@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import threading
@@ -49,9 +50,13 @@ class RunConnections:
     - the run's one :class:`~lifecycle_dagster.engine.heartbeat.Heartbeat` (``lifecycle-dagster
       heartbeat <run>``), started by the first :meth:`beat` (a stage op), stopped at :meth:`close`.
 
-    ``dsn``: called once, at the first use (it may start the embedded server). ``run_id``: the
-    Dagster run (``None`` outside a run: no heartbeat). Safe across threads: an op asking while
-    another holds the op connection gets a connection of its own for its block.
+    A stage op waiting for a queue task also opens a LISTEN connection for the wait
+    (:attr:`listen_dsn`). ``dsn``: called once, at the first use (it may start the embedded
+    server). ``run_id``: the Dagster run (``None`` outside a run: no heartbeat). Safe across
+    threads: an op asking while another op holds the op connection (two ops at once in one process,
+    which Dagster's in-process and multiprocess executors never do) gets one of its own for its
+    block. Never used across a fork: each process makes its own (see
+    :func:`~lifecycle_dagster.store.db.take_connection`).
     """
 
     def __init__(self, dsn: Callable[[], str], run_id: str | None) -> None:
@@ -71,7 +76,7 @@ class RunConnections:
             self._dsn = self._dsn_fn()
         return self._dsn
 
-    @property
+    @functools.cached_property
     def listen_dsn(self) -> str:
         """:attr:`dsn` with ``application_name`` ``lifecycle-dagster listen <run>``: for the LISTEN
         connection a stage op waiting for a queue task opens for the wait (a third connection of
