@@ -7,9 +7,10 @@ input named ``upstream`` (a fan-in stage waits for all its parents). Data does n
 Dagster: each op reads its ancestors' outputs from Postgres.
 """
 
+import contextlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +28,8 @@ from lifecycle_dagster.engine.compensation import (
     run_undo,
     undo_op_name,
 )
-from lifecycle_dagster.engine.heartbeat import Heartbeat
-from lifecycle_dagster.engine.stage import StageError, StageRetry, StageSpec, run_stage
+from lifecycle_dagster.engine.stage import StageError, StageOutcome, StageRetry, StageSpec, run_stage
 from lifecycle_dagster.location.resources import ExecutionRequest, LifecycleDatabase, default_resources
-from lifecycle_dagster.store.db import connect, reused_connection
 
 #: run tag naming the workflow_executions row a run executes
 EXECUTION_ID_TAG = "lifecycle/execution_id"
@@ -121,6 +120,53 @@ def _bounded(timeout_s: float | None) -> float | None:
     return None if timeout_s is None else min(timeout_s, MAX_WAIT_S)
 
 
+@contextlib.contextmanager
+def _as_dagster_errors(context: dg.OpExecutionContext) -> Iterator[None]:
+    """A recorded retry becomes Dagster's RetryRequested, a stage that failed or stopped for good a
+    Failure (not retried by Dagster)."""
+    try:
+        yield
+    except StageRetry as exc:
+        context.log.warning(f"stage '{exc.stage_id}': {exc}")
+        raise dg.RetryRequested(max_retries=exc.max_attempts, seconds_to_wait=exc.delay_s) from exc
+    except StageError as exc:
+        raise dg.Failure(
+            description=f"stage '{exc.stage_id}' {type(exc).__name__[5:].lower()}: {exc}",
+            metadata={"execution_id": exc.execution_id, "error_code": exc.code, "attempt": exc.attempt},
+            allow_retries=False,
+        ) from exc
+
+
+def _retry_when_db_lost(
+    context: dg.OpExecutionContext, stage_id: str, execution_id: str | None, exc: psycopg.OperationalError
+) -> dg.RetryRequested:
+    """The connection went away (a server restart, a terminated session, a failover): run the stage
+    again once the database is back, up to DB_LOST_RETRIES attempts. An adopted execution resumes:
+    a completion that committed before the connection died is kept, an interrupted attempt starts
+    over. Without an execution id (nothing to resume) or out of attempts, ``exc`` is raised."""
+    if not execution_id or context.retry_number + 1 >= DB_LOST_RETRIES:
+        raise exc
+    delay = min(DB_LOST_MAX_DELAY_S, 0.5 * 2**context.retry_number)
+    context.log.warning(f"stage '{stage_id}': database connection lost ({exc}); again in {delay:g} s")
+    return dg.RetryRequested(max_retries=DB_LOST_RETRIES, seconds_to_wait=delay)
+
+
+def _stage_metadata(outcome: StageOutcome) -> dict[str, Any]:
+    """The output metadata of a stage op: what the attempt did (or that it was already done)."""
+    if outcome.already_completed:
+        return {"execution_id": outcome.execution_id, "attempt": outcome.attempt, "already_completed": True}
+    summary = outcome.output.get("summary")
+    return {
+        "execution_id": outcome.execution_id,
+        "agent": outcome.agent_name,
+        "task_id": outcome.task_id or "",
+        "attempt": outcome.attempt,
+        "duration_ms": dg.MetadataValue.float(round(outcome.duration_ms, 3)),
+        "summary": str(summary) if summary is not None else "",
+        "execution_status": outcome.execution_status,
+    }
+
+
 def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
     stage = dag.stage(stage_id)
     spec = StageSpec(
@@ -140,56 +186,24 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
         execution_id = tags.get(EXECUTION_ID_TAG) or request.execution_id or None
         resume = bool(execution_id) and (RESUME_TAG in tags or PARENT_RUN_TAG in tags)
         ctx = {} if execution_id else request.resolved_context()
-        dsn = db.resolved_dsn()
+        run = db.run  # the run's op connection and its one heartbeat (see RunConnections)
+        run.beat()
         try:
-            with reused_connection(dsn) as conn, Heartbeat(dsn, context.run_id):
-                try:
-                    outcome = run_stage(
-                        conn,
-                        spec,
-                        run_id=context.run_id,
-                        attempt=context.retry_number + 1,
-                        registry=context.resources.lifecycle_agents,
-                        execution_id=execution_id,
-                        context=ctx,
-                        resume=resume,
-                        dsn=dsn,
-                    )
-                except StageRetry as exc:
-                    context.log.warning(f"stage '{exc.stage_id}': {exc}")
-                    raise dg.RetryRequested(max_retries=exc.max_attempts, seconds_to_wait=exc.delay_s) from exc
-                except StageError as exc:
-                    raise dg.Failure(
-                        description=f"stage '{exc.stage_id}' {type(exc).__name__[5:].lower()}: {exc}",
-                        metadata={"execution_id": exc.execution_id, "error_code": exc.code, "attempt": exc.attempt},
-                        allow_retries=False,
-                    ) from exc
+            with run.connection() as conn, _as_dagster_errors(context):
+                outcome = run_stage(
+                    conn,
+                    spec,
+                    run_id=context.run_id,
+                    attempt=context.retry_number + 1,
+                    registry=context.resources.lifecycle_agents,
+                    execution_id=execution_id,
+                    context=ctx,
+                    resume=resume,
+                    dsn=run.listen_dsn,
+                )
         except psycopg.OperationalError as exc:
-            # the connection went away (a server restart, a terminated session, a failover): run the
-            # stage again once the database is back. An adopted execution resumes it: a completion
-            # that committed before the connection died is kept, an interrupted attempt starts over.
-            if not execution_id or context.retry_number + 1 >= DB_LOST_RETRIES:
-                raise
-            delay = min(DB_LOST_MAX_DELAY_S, 0.5 * 2**context.retry_number)
-            context.log.warning(f"stage '{spec.stage_id}': database connection lost ({exc}); again in {delay:g} s")
-            raise dg.RetryRequested(max_retries=DB_LOST_RETRIES, seconds_to_wait=delay) from exc
-        if outcome.already_completed:
-            context.add_output_metadata(
-                {"execution_id": outcome.execution_id, "attempt": outcome.attempt, "already_completed": True}
-            )
-            return
-        summary = outcome.output.get("summary")
-        context.add_output_metadata(
-            {
-                "execution_id": outcome.execution_id,
-                "agent": outcome.agent_name,
-                "task_id": outcome.task_id or "",
-                "attempt": outcome.attempt,
-                "duration_ms": dg.MetadataValue.float(round(outcome.duration_ms, 3)),
-                "summary": str(summary) if summary is not None else "",
-                "execution_status": outcome.execution_status,
-            }
-        )
+            raise _retry_when_db_lost(context, spec.stage_id, execution_id, exc) from exc
+        context.add_output_metadata(_stage_metadata(outcome))
 
     return dg.op(
         name=op_name(job_name(row.name, row.version), stage.id),
@@ -285,7 +299,7 @@ def _undo_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
         execution_id = tags.get(EXECUTION_ID_TAG)
         if not execution_id:
             raise dg.Failure(f"a compensation run needs the {EXECUTION_ID_TAG} tag", allow_retries=False)
-        with connect(db.resolved_dsn()) as conn:
+        with db.run.connection() as conn:
             try:
                 outcome = run_undo(
                     conn,

@@ -1,6 +1,7 @@
 """Dagster resources of the code location.
 
-``lifecycle_db``       :class:`LifecycleDatabase` — where the orchestration schema lives.
+``lifecycle_db``       :class:`LifecycleDatabase` — where the orchestration schema lives, and the
+                       application connections of the run (:class:`RunConnections`).
 ``lifecycle_request``  :class:`ExecutionRequest` — per-run input (context, execution id), set in
                        the run config under ``resources.lifecycle_request.config``.
 ``lifecycle_agents``   the :class:`~lifecycle_dagster.agents.AgentRegistry` stage ops call: the
@@ -10,32 +11,171 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
+import threading
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import psycopg
 import pydantic
+from psycopg.conninfo import make_conninfo
 
 from lifecycle_dagster.agents import AgentRegistry
 from lifecycle_dagster.agents.loading import load_registry
+from lifecycle_dagster.engine.heartbeat import Heartbeat
 from lifecycle_dagster.settings import Settings
-from lifecycle_dagster.store.db import resolve_dsn
+from lifecycle_dagster.store.db import (
+    Connection,
+    application_name,
+    give_back,
+    resolve_dsn,
+    reusable,
+    reused_connection,
+    take_connection,
+)
+
+
+class RunConnections:
+    """The application connections of one Dagster run in this process, at most two at a time:
+
+    - the op connection (``application_name`` ``lifecycle-dagster op <run>``): taken at the first
+      :meth:`connection` from the process's idle connections (or opened), used by each op of the
+      run in turn, handed back at :meth:`close` for the next run of the process;
+    - the run's one :class:`~lifecycle_dagster.engine.heartbeat.Heartbeat` (``lifecycle-dagster
+      heartbeat <run>``), started by the first :meth:`beat` (a stage op), stopped at :meth:`close`.
+
+    A stage op waiting for a queue task also opens a LISTEN connection for the wait
+    (:attr:`listen_dsn`). ``dsn``: called once, at the first use (it may start the embedded
+    server). ``run_id``: the Dagster run (``None`` outside a run: no heartbeat). Safe across
+    threads: an op asking while another op holds the op connection (two ops at once in one process,
+    which Dagster's in-process and multiprocess executors never do) gets one of its own for its
+    block. Never used across a fork: each process makes its own (see
+    :func:`~lifecycle_dagster.store.db.take_connection`).
+    """
+
+    def __init__(self, dsn: Callable[[], str], run_id: str | None) -> None:
+        self.run_id = run_id
+        self._dsn_fn = dsn
+        self._dsn: str | None = None
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._conn: Connection | None = None
+        self._busy = False
+        self._heartbeat: Heartbeat | None = None
+
+    @property
+    def dsn(self) -> str:
+        """The URI the run connects to."""
+        if self._dsn is None:
+            self._dsn = self._dsn_fn()
+        return self._dsn
+
+    @functools.cached_property
+    def listen_dsn(self) -> str:
+        """:attr:`dsn` with ``application_name`` ``lifecycle-dagster listen <run>``: for the LISTEN
+        connection a stage op waiting for a queue task opens for the wait (a third connection of
+        the run while it waits)."""
+        return make_conninfo(self.dsn, application_name=application_name("listen", self.run_id))
+
+    def beat(self) -> None:
+        """Start the run's heartbeat unless it beats already (no-op outside a run)."""
+        with self._lock:
+            if self._heartbeat is None and self.run_id:
+                self._heartbeat = Heartbeat(self.dsn, self.run_id)
+                self._heartbeat.start()
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """The run's op connection (autocommit, dict rows) for the block. After a
+        :class:`psycopg.OperationalError` or when left in a transaction it is closed, and the next
+        block opens another.
+
+        Raises:
+            RuntimeError: used in another process than the one that made this object (a fork).
+            psycopg.OperationalError: a connection could not be made.
+        """
+        if os.getpid() != self._pid:
+            raise RuntimeError("RunConnections is used in a forked process; each process makes its own")
+        with self._lock:
+            mine = not self._busy
+            self._busy = self._busy or mine
+            conn, self._conn = (self._conn, None) if mine else (None, self._conn)
+        if not mine:  # another op of this run holds the op connection right now
+            with reused_connection(self.dsn, application_name("op", self.run_id)) as other:
+                yield other
+            return
+        try:
+            if conn is not None and not reusable(conn):
+                conn.close()
+                conn = None
+            if conn is None:
+                conn = take_connection(self.dsn, application_name("op", self.run_id))
+            yield conn
+        except psycopg.OperationalError:
+            if conn is not None:
+                conn.close()
+            raise
+        finally:
+            with self._lock:
+                self._conn, self._busy = conn, False
+
+    def close(self) -> None:
+        """Stop the heartbeat; hand the op connection back to the process's idle connections."""
+        with self._lock:
+            heartbeat, self._heartbeat = self._heartbeat, None
+            conn, self._conn = self._conn, None
+        if heartbeat is not None:
+            heartbeat.stop()
+        if conn is not None and os.getpid() == self._pid:
+            give_back(self.dsn, conn)
 
 
 class LifecycleDatabase(dg.ConfigurableResource):  # type: ignore[type-arg]
-    """The orchestration database.
+    """The orchestration database, and the application connections of the run.
 
     ``dsn``: libpq URI; empty (the default) means ``DATABASE_URL``, or the embedded server when
     that is unset (:func:`lifecycle_dagster.store.db.resolve_dsn`).
+
+    Initialised once per run by the in-process executor (the lifecycle job in ``execute_in_process``,
+    ``lifecycle-dagster run``, every compensation job) and once per step process by the
+    multiprocess executor: its :attr:`run` (:class:`RunConnections`) bounds the application
+    connections to two at a time (op + heartbeat) per run, or per step process under the
+    multiprocess executor, and is closed when the run (or step process) ends.
     """
 
     dsn: str = ""
+    _run: RunConnections | None = pydantic.PrivateAttr(default=None)
 
     def resolved_dsn(self) -> str:
         """The URI to connect to."""
         return self.dsn or resolve_dsn()
+
+    @contextlib.contextmanager
+    def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator[LifecycleDatabase]:
+        """Dagster's per-run lifecycle: :attr:`run` for the run, closed at its end."""
+        self._run = RunConnections(self.resolved_dsn, context.run_id)
+        try:
+            yield self
+        finally:
+            run, self._run = self._run, None
+            run.close()
+
+    @property
+    def run(self) -> RunConnections:
+        """The connections of the run this resource was initialised for.
+
+        Raises:
+            RuntimeError: the resource was not initialised by Dagster for a run.
+        """
+        if self._run is None:
+            raise RuntimeError("lifecycle_db is used outside a Dagster run (no yield_for_execution)")
+        return self._run
 
 
 class ExecutionRequest(dg.ConfigurableResource):  # type: ignore[type-arg]

@@ -2,7 +2,9 @@
 
 :func:`resolve_dsn` turns :class:`~lifecycle_dagster.settings.Settings` into a libpq URI (starting
 the embedded server when ``DATABASE_URL`` is unset); :func:`connect` opens a psycopg connection
-with dict rows. Every state change is one call of a SQL function or one statement.
+with dict rows; :func:`take_connection` / :func:`give_back` reuse a few idle connections per process
+(a run's op and heartbeat connections serve the next run). Every state change is one call of a SQL
+function or one statement.
 """
 
 from __future__ import annotations
@@ -45,34 +47,78 @@ def connect(dsn: str, **kwargs: Any) -> Connection:
     return psycopg.connect(dsn, row_factory=dict_row, **kwargs)
 
 
-#: one idle connection per DSN kept by this process for the next stage op: ``{dsn: (pid, conn)}``
-_idle: dict[str, tuple[int, Connection]] = {}
+#: the longest ``application_name`` Postgres keeps (NAMEDATALEN - 1 bytes); longer ones are cut
+APPLICATION_NAME_MAX = 63
+#: idle connections this process keeps per DSN for the next run: a run's op connection and its
+#: heartbeat connection
+IDLE_PER_DSN = 2
+#: the idle connections of this process: ``{dsn: [(pid, conn), ...]}`` (pid: the process that made it)
+_idle: dict[str, list[tuple[int, Connection]]] = {}
 _idle_lock = threading.Lock()
 
 
-@contextmanager
-def reused_connection(dsn: str) -> Iterator[Connection]:
-    """An autocommit connection (dict rows) that the stage ops of a run share: the one this process
-    kept idle for ``dsn`` when there is one, else a new one. It is kept again on a clean exit when
-    it is idle; closed when the block raised, when it is in a transaction, or when another one is
-    kept already (two ops at once in one process). A connection made before a fork is never used
-    (or closed) by the child. Saves a connect (a few ms) per stage after the first of a run."""
+def application_name(role: str, run_id: str | None = None) -> str:
+    """``lifecycle-dagster <role> <first 8 characters of run_id>`` (as Dagster shows run ids), cut to
+    :data:`APPLICATION_NAME_MAX` bytes: what ``pg_stat_activity.application_name`` shows for a
+    connection of a run (``role``: ``op``, ``heartbeat``, ``listen``)."""
+    name = f"lifecycle-dagster {role} {run_id[:8]}" if run_id else f"lifecycle-dagster {role}"
+    return name.encode("utf-8")[:APPLICATION_NAME_MAX].decode("utf-8", "ignore")
+
+
+def take_connection(dsn: str, app_name: str | None = None) -> Connection:
+    """An autocommit connection (dict rows) to ``dsn``: one this process kept idle (its
+    ``application_name`` set to ``app_name``, one round trip), else a new one. Hand it back with
+    :func:`give_back`. A connection made before a fork is never used (nor closed) by the child.
+
+    Raises:
+        psycopg.OperationalError: a new connection could not be made.
+    """
     pid = os.getpid()
-    with _idle_lock:
-        kept = _idle.pop(dsn, None)
-    conn = kept[1] if kept is not None and kept[0] == pid and not kept[1].closed else None
-    if conn is None:
-        conn = connect(dsn)
-    ok = False
+    while True:
+        with _idle_lock:
+            kept = _idle.get(dsn)
+            entry = kept.pop() if kept else None
+        if entry is None:
+            return connect(dsn, **({"application_name": app_name} if app_name else {}))
+        owner, conn = entry
+        if owner != pid or conn.closed:
+            continue  # another process's (dropped, never closed here) or dead
+        try:
+            if app_name:
+                conn.execute("SELECT set_config('application_name', %s, false)", (app_name,))
+            return conn
+        except psycopg.Error:
+            conn.close()
+
+
+def reusable(conn: Connection) -> bool:
+    """True when ``conn`` is open and idle (not in a transaction, no query running): it can serve
+    another op or run."""
+    return not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE
+
+
+def give_back(dsn: str, conn: Connection) -> None:
+    """Keep ``conn`` idle for the next :func:`take_connection` of ``dsn`` when it is
+    :func:`reusable` and fewer than :data:`IDLE_PER_DSN` are kept; otherwise close it."""
+    if reusable(conn):
+        with _idle_lock:
+            kept = _idle.setdefault(dsn, [])
+            if len(kept) < IDLE_PER_DSN:
+                kept.append((os.getpid(), conn))
+                return
+    if not conn.closed:
+        conn.close()
+
+
+@contextmanager
+def reused_connection(dsn: str, app_name: str | None = None) -> Iterator[Connection]:
+    """:func:`take_connection` for the block, :func:`give_back` after it; closed instead when the
+    block raised a :class:`psycopg.OperationalError` (the connection may be broken)."""
+    conn = take_connection(dsn, app_name)
     try:
         yield conn
-        ok = True
+    except psycopg.OperationalError:
+        conn.close()
+        raise
     finally:
-        keep = ok and not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE
-        if keep:
-            with _idle_lock:
-                keep = dsn not in _idle
-                if keep:
-                    _idle[dsn] = (pid, conn)
-        if not keep:
-            conn.close()
+        give_back(dsn, conn)
