@@ -249,14 +249,15 @@ def run_stage(
     context: Mapping[str, Any] | None = None,
     draw: Callable[[], float] = random.random,
     resume: bool = False,
-    dsn: str | None = None,
+    listen: bool = True,
 ) -> StageOutcome:
     """Run one attempt (1-based; the database may raise it, see ``lifecycle.stage_start``): start
     it, call its agent (or wait for its queue task), record the outcome.
 
     ``conn`` must be in autocommit mode: each call is its own transaction. ``draw`` gives the
     uniform [0, 1) value for the backoff jitter. ``resume``: this run resumes the execution (a
-    completed stage is not run again; a failed one is retried as its next attempt).
+    completed stage is not run again; a failed one is retried as its next attempt). ``listen``: a
+    queue agent's attempt LISTENs on ``conn`` while it waits for the task (else it polls).
 
     Raises:
         StageRetry: a retry was recorded; the caller waits ``delay_s`` and runs the next attempt.
@@ -271,7 +272,7 @@ def run_stage(
     )
     if isinstance(started, StageOutcome):
         return started
-    current, result = _call_step(conn, spec, started, registry, dsn)
+    current, result = _call_step(conn, spec, started, registry, listen)
     if isinstance(result, _Output):
         result = _record_output(conn, current, result)
     if isinstance(result, StageOutcome):
@@ -280,14 +281,14 @@ def run_stage(
 
 
 def _call_step(
-    conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRegistry, dsn: str | None
+    conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRegistry, listen: bool
 ) -> tuple[Attempt, StageOutcome | _Output | AttemptError]:
     """The call step: no agent may be called, wait for the queue task, or call the agent. Returns
     the attempt (moved on when a queue task's lease was reaped) and what the call gave."""
     if attempt.agent_kind is None:
         return attempt, _unrouted(conn, spec)
     if attempt.agent_kind is AgentKind.QUEUE:
-        return _await_queue_task(conn, spec, attempt, dsn=dsn)
+        return _await_queue_task(conn, spec, attempt, listen=listen)
     return attempt, _call(conn, spec, attempt, registry)
 
 
@@ -399,7 +400,7 @@ def _call(conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRe
 
 
 def _await_queue_task(
-    conn: Connection, spec: StageSpec, attempt: Attempt, *, dsn: str | None
+    conn: Connection, spec: StageSpec, attempt: Attempt, *, listen: bool
 ) -> tuple[Attempt, StageOutcome | AttemptError]:
     """A queue agent's attempt: wait for an external worker (claim, complete or fail with its lease
     token); its completion already completed the stage in the database. Returns the attempt as the
@@ -412,7 +413,8 @@ def _await_queue_task(
     t0 = time.perf_counter()
     stopped = functools.partial(_execution_stopped, conn, attempt.execution_id)
     try:
-        task = wait_for_task(conn, task_id, timeout_s=spec.timeout_s or queue_wait_s(), dsn=dsn, should_stop=stopped)
+        timeout_s = spec.timeout_s or queue_wait_s()
+        task = wait_for_task(conn, task_id, timeout_s=timeout_s, listen=listen, should_stop=stopped)
     except (AgentTimeout, AttemptStopped) as exc:
         return _abandon(conn, attempt, exc)
     attempt = replace(attempt, number=task.attempt)

@@ -199,7 +199,6 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
                     execution_id=execution_id,
                     context=ctx,
                     resume=resume,
-                    dsn=run.listen_dsn,
                 )
         except psycopg.OperationalError as exc:
             raise _retry_when_db_lost(context, spec.stage_id, execution_id, exc) from exc

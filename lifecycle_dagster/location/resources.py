@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import threading
@@ -24,7 +23,6 @@ from typing import Any
 import dagster as dg
 import psycopg
 import pydantic
-from psycopg.conninfo import make_conninfo
 
 from lifecycle_dagster.agents import AgentRegistry
 from lifecycle_dagster.agents.loading import load_registry
@@ -50,8 +48,8 @@ class RunConnections:
     - the run's one :class:`~lifecycle_dagster.engine.heartbeat.Heartbeat` (``lifecycle-dagster
       heartbeat <run>``), started by the first :meth:`beat` (a stage op), stopped at :meth:`close`.
 
-    A stage op waiting for a queue task also opens a LISTEN connection for the wait
-    (:attr:`listen_dsn`). ``dsn``: called once, at the first use (it may start the embedded
+    A stage op waiting for a queue task LISTENs on the op connection (no third connection).
+    ``dsn``: called once, at the first use (it may start the embedded
     server). ``run_id``: the Dagster run (``None`` outside a run: no heartbeat). Safe across
     threads: an op asking while another op holds the op connection (two ops at once in one process,
     which Dagster's in-process and multiprocess executors never do) gets one of its own for its
@@ -75,13 +73,6 @@ class RunConnections:
         if self._dsn is None:
             self._dsn = self._dsn_fn()
         return self._dsn
-
-    @functools.cached_property
-    def listen_dsn(self) -> str:
-        """:attr:`dsn` with ``application_name`` ``lifecycle-dagster listen <run>``: for the LISTEN
-        connection a stage op waiting for a queue task opens for the wait (a third connection of
-        the run while it waits)."""
-        return make_conninfo(self.dsn, application_name=application_name("listen", self.run_id))
 
     def beat(self) -> None:
         """Start the run's heartbeat unless it beats already (no-op outside a run)."""

@@ -9,9 +9,9 @@ or a dead listening connection costs at most one polling interval.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
-from typing import Any
 
 import psycopg
 
@@ -33,18 +33,20 @@ def wait_for_task(
     task_id: str,
     *,
     timeout_s: float,
-    dsn: str | None = None,
+    listen: bool = True,
     should_stop: Callable[[], bool] | None = None,
     poll_s: float = 0.5,
 ) -> TaskState:
     """Wait until task ``task_id`` is final (completed, failed or cancelled: ``TaskStatus.final``);
-    return its state.
+    return its state. ``conn`` (autocommit) reads the task every ``poll_s`` seconds and, with
+    ``listen``, LISTENs on ``lifecycle_task_done`` meanwhile so a completion wakes the wait at once:
+    the run's own connection, so waiting opens no connection of its own (UNLISTEN at the end).
 
     Raises:
         AgentTimeout: ``timeout_s`` seconds passed. AttemptStopped: ``should_stop()`` said stop.
         UnknownStatusError: the task's status is not one :class:`TaskStatus` knows.
     """
-    listener: psycopg.Connection[Any] | None = None
+    listening = False
     deadline = time.monotonic() + timeout_s
     try:
         while True:
@@ -57,23 +59,18 @@ def wait_for_task(
             if remaining <= 0:
                 raise AgentTimeout(f"no worker finished task {task_id} within {timeout_s:g} s")
             wait = min(poll_s, remaining)
-            if dsn is not None and listener is None:
-                try:
-                    listener = psycopg.connect(dsn, autocommit=True)
-                    listener.execute("LISTEN lifecycle_task_done")
-                except psycopg.Error:
-                    listener = None
-            if listener is None:
+            if listen and not listening:
+                conn.execute("LISTEN lifecycle_task_done")
+                listening = True
+            if not listening:
                 time.sleep(wait)
                 continue
-            try:
-                for _ in listener.notifies(timeout=wait, stop_after=1):
-                    pass
-            except psycopg.Error:  # the listening connection died: poll, and listen again next time
-                listener = None
+            for _ in conn.notifies(timeout=wait, stop_after=1):
+                pass
     finally:
-        if listener is not None:
-            listener.close()
+        if listening and not conn.closed:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("UNLISTEN lifecycle_task_done")
 
 
 __all__ = ["queue_wait_s", "wait_for_task"]

@@ -60,7 +60,7 @@ _idle_lock = threading.Lock()
 def application_name(role: str, run_id: str | None = None) -> str:
     """``lifecycle-dagster <role> <first 8 characters of run_id>`` (as Dagster shows run ids), cut to
     :data:`APPLICATION_NAME_MAX` bytes: what ``pg_stat_activity.application_name`` shows for a
-    connection of a run (``role``: ``op``, ``heartbeat``, ``listen``)."""
+    connection of a run (``role``: ``op`` or ``heartbeat``)."""
     name = f"lifecycle-dagster {role} {run_id[:8]}" if run_id else f"lifecycle-dagster {role}"
     return name.encode("utf-8")[:APPLICATION_NAME_MAX].decode("utf-8", "ignore")
 

@@ -43,7 +43,7 @@ def test_a_queue_stage_timing_out_after_its_task_was_reaped_retries(db: str) -> 
     def stage() -> None:
         with connect(db) as conn:
             try:
-                run_stage(conn, spec, run_id="run-1", attempt=1, registry=AgentRegistry(), execution_id=eid, dsn=db)
+                run_stage(conn, spec, run_id="run-1", attempt=1, registry=AgentRegistry(), execution_id=eid)
             except StageError as exc:
                 outcome["error"] = exc
 

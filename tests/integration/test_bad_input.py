@@ -928,7 +928,7 @@ def _run_stage_a(dsn: str, wf: Workflow, registry: AgentRegistry) -> StageFailed
         definition_id=wf.definition_id, stage_id="a", capability=wf.work, policy=RetryPolicy(max_attempts=1)
     )
     with connect(dsn) as conn, pytest.raises(StageFailed) as failed:
-        run_stage(conn, spec, run_id=str(uuid.uuid4()), attempt=1, registry=registry, context={}, dsn=dsn)
+        run_stage(conn, spec, run_id=str(uuid.uuid4()), attempt=1, registry=registry, context={})
     return failed.value
 
 
@@ -1004,7 +1004,7 @@ def test_an_output_the_database_refuses_is_a_bad_output_too(db: str, monkeypatch
         definition_id=wf.definition_id, stage_id="a", capability=wf.work, policy=RetryPolicy(max_attempts=1)
     )
     with connect(db) as conn:
-        done = run_stage(conn, spec, run_id=str(uuid.uuid4()), attempt=1, registry=registry, context={}, dsn=db)
+        done = run_stage(conn, spec, run_id=str(uuid.uuid4()), attempt=1, registry=registry, context={})
     assert done.execution_status == "in_progress" and done.output == big
 
 

@@ -13,9 +13,10 @@ import pytest
 from lifecycle_dagster.agents import AgentRegistry, Task
 from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG, build_job
 from lifecycle_dagster.location.resources import agents_resource
+from lifecycle_dagster.queue.worker import Worker
 from lifecycle_dagster.store.db import APPLICATION_NAME_MAX, application_name, connect
 
-from helpers import create_execution
+from helpers import create_execution, rows
 
 AGENTS = ("Opportunity Agent", "Assessment Agent", "Design Agent", "Realization Agent", "Integrity Agent")
 STAGE_S = 0.4
@@ -108,6 +109,33 @@ def test_a_run_holds_one_op_connection_and_one_heartbeat(
         if before is not None and after is not None and after > before:
             stages_beating.add(str(stage))
     assert stages_beating == {"discover", "qualify", "target_design", "value_realization", "integrity"}
+
+
+def test_a_stage_waiting_for_its_queue_task_opens_no_third_connection(
+    seeded_db: str, instance: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait LISTENs on the op connection: still op + heartbeat, never a third."""
+    monkeypatch.setenv("LIFECYCLE_DAGSTER_HEARTBEAT_S", str(HEARTBEAT_S))
+    with connect(seeded_db) as conn:
+        conn.execute("UPDATE agents SET kind = 'queue' WHERE name = 'Design Agent'")
+    stop = threading.Event()
+    registry = AgentRegistry([Slow("Design Agent")])
+    worker = Worker(seeded_db, "Design Agent", registry, lease_s=5, poll_s=0.5, worker_id="conn-test")
+    serving = threading.Thread(target=worker.run, args=(stop,))
+    serving.start()
+    try:
+        result, run_id, sampler = _run_sampled(seeded_db, instance)
+    finally:
+        stop.set()
+        serving.join(30)
+    assert result.success and worker.completed == 1
+    [task] = rows(seeded_db, "SELECT status, claimed_by FROM task_queue WHERE task_type = 'target_design'")
+    assert task == {"status": "completed", "claimed_by": "conn-test"}
+    assert max(len(s) for s in sampler.samples) == 2
+    assert {name for sample in sampler.samples for _, name in sample} == {
+        f"lifecycle-dagster op {run_id[:8]}",
+        f"lifecycle-dagster heartbeat {run_id[:8]}",
+    }
 
 
 def test_the_next_run_of_the_process_reuses_both_connections(
