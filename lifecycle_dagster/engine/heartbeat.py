@@ -12,8 +12,8 @@ from types import TracebackType
 import psycopg
 
 from lifecycle_dagster.settings import Settings
+from lifecycle_dagster.store import transitions
 from lifecycle_dagster.store.db import Connection, application_name, give_back, take_connection
-from lifecycle_dagster.store.sqlfiles import query
 
 
 def heartbeat_interval_s() -> float:
@@ -42,7 +42,7 @@ class Heartbeat:
                 try:
                     if conn is None or conn.closed:
                         conn = take_connection(self.dsn, application_name("heartbeat", self.run_id))
-                    conn.execute(query("heartbeat"), {"run_id": self.run_id})
+                    transitions.run_heartbeat(conn, run_id=self.run_id)
                     self.beats += 1
                 except psycopg.Error:
                     if conn is not None:

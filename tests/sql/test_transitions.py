@@ -62,7 +62,6 @@ UNREACHABLE: dict[str, set[str]] = {
 
 #: state-changing named queries run outside the seam, by query: (the module running it, why)
 OUTSIDE_THE_SEAM: dict[str, tuple[str, str]] = {
-    "heartbeat": ("engine/heartbeat.py", "another change owns the file; transitions.run_heartbeat is its seam call"),
     "publish_definition": ("store/versions.py", "versions.publish is typed already (PublishResult)"),
     "activate_definition": ("store/versions.py", "versions.activate is typed already (ActivationResult)"),
     "adopt_move_aside": ("store/adopt.py", "schema management (db upgrade), not a workflow transition"),
