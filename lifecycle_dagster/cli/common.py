@@ -1,7 +1,7 @@
 """What the command groups share: the click group ``main``, reaching the database, the Dagster
-home, running a job in this process and printing an execution. Every ``cli*`` module imports from
-here (never from one another), so the command modules form no import cycle; ``cli`` imports them
-all to register their commands."""
+home, running a job in this process and printing an execution. Every module of ``cli/`` imports from
+here (never from one another), so the command modules form no import cycle; ``cli/main.py``
+imports them all to register their commands."""
 
 from __future__ import annotations
 
