@@ -109,13 +109,13 @@ def _install_worker_hooks(hook_dir: Path) -> None:
         return
     original = worker.Worker._run_agent
 
-    def run_agent(self: worker.Worker, row: dict[str, Any]) -> tuple[Any, ...]:
-        outcome = original(self, row)
-        context = (row.get("input_data") or {}).get("context") or {}
-        seen = any(hook_dir.glob(f"{row['task_id']}.*"))
-        if mode_of(context, str(row["stage_id"])) == "pause_after_return" and not seen:
+    def run_agent(self: worker.Worker, claimed: Any) -> Any:
+        outcome = original(self, claimed)
+        context = (claimed.input_data or {}).get("context") or {}
+        seen = any(hook_dir.glob(f"{claimed.task_id}.*"))
+        if mode_of(context, claimed.stage_id) == "pause_after_return" and not seen:
             hook_dir.mkdir(parents=True, exist_ok=True)
-            (hook_dir / f"{row['task_id']}.returned").write_text(str(os.getpid()))
+            (hook_dir / f"{claimed.task_id}.returned").write_text(str(os.getpid()))
             time.sleep(float(os.environ.get("CHAOS_PAUSE_S", "20")))
         return outcome
 
