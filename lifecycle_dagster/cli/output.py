@@ -34,6 +34,8 @@ _STYLES = {
 }
 
 
+#: the narrowest a prose column is squeezed to before the table is printed wider than the terminal
+_PROSE_MIN = 12
 #: a column of cells without blanks up to this long is kept whole on a terminal (a UUID is 36)
 _WHOLE_UP_TO = 40
 
@@ -67,18 +69,20 @@ def _rich_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Co
     from rich.text import Text
 
     table = Table(box=box.SIMPLE_HEAD, header_style="bold", padding=(0, 1, 0, 0), pad_edge=False, show_edge=False)
-    console = Console(highlight=False)
     widest = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-    fits = sum(widest) + 2 * (len(headers) - 1) <= console.width
+    # identifiers, times and numbers (short, no blank) are never broken, so an id can be copied
+    # whole; prose wraps at words. When the whole cells do not fit the terminal, the lines are
+    # printed wider than it (the terminal wraps them) rather than folding an id.
+    whole = [widest[i] <= _WHOLE_UP_TO and not any(" " in r[i] for r in rows) for i in range(len(headers))]
+    needed = sum(w if keep else min(w, _PROSE_MIN) for w, keep in zip(widest, whole, strict=True))
+    console = Console(highlight=False)
+    console = Console(highlight=False, width=max(console.width, needed + 2 * (len(headers) - 1)))
     for i, header in enumerate(headers):
-        # when the table fits, identifiers, times and numbers (short, no blank) are never broken and
-        # prose wraps at words; when it does not, every cell folds (nothing is cut or hidden)
-        whole = fits and widest[i] <= _WHOLE_UP_TO and not any(" " in r[i] for r in rows)
         table.add_column(
             header,
             justify="right" if i in right else "left",
-            no_wrap=whole,
-            min_width=widest[i] if whole else None,
+            no_wrap=whole[i],
+            min_width=widest[i] if whole[i] else None,
             overflow="fold",
         )
     for row in rows:

@@ -22,6 +22,7 @@ from lifecycle_dagster.core.retry import MAX_WAIT_S, resolve_policy
 from lifecycle_dagster.engine.compensation import (
     TAKEOVER_TAG,
     UndoFailed,
+    UndoOutcome,
     UndoRetry,
     UndoSpec,
     compensation_job_name,
@@ -281,6 +282,29 @@ def build_jobs(
     return jobs, skipped
 
 
+def _undo_here(
+    context: dg.OpExecutionContext, db: LifecycleDatabase, spec: UndoSpec, execution_id: str
+) -> UndoOutcome:
+    """One undo attempt on the run's connection, its outcomes mapped to Dagster's retry or failure."""
+    with db.run.connection() as conn:
+        try:
+            outcome = run_undo(
+                conn,
+                spec,
+                execution_id=execution_id,
+                run_id=context.run_id,
+                attempt=context.retry_number + 1,
+                registry=context.resources.lifecycle_agents,
+                takeover=TAKEOVER_TAG in context.run.tags,
+            )
+        except UndoRetry as exc:
+            context.log.warning(str(exc))
+            raise dg.RetryRequested(max_retries=exc.max_attempts, seconds_to_wait=exc.delay_s) from exc
+        except UndoFailed as exc:
+            raise dg.Failure(str(exc), metadata={"execution_id": execution_id}, allow_retries=False) from exc
+    return outcome
+
+
 def _undo_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
     stage = dag.stage(stage_id)
     spec = UndoSpec(
@@ -298,22 +322,10 @@ def _undo_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
         execution_id = tags.get(EXECUTION_ID_TAG)
         if not execution_id:
             raise dg.Failure(f"a compensation run needs the {EXECUTION_ID_TAG} tag", allow_retries=False)
-        with db.run.connection() as conn:
-            try:
-                outcome = run_undo(
-                    conn,
-                    spec,
-                    execution_id=execution_id,
-                    run_id=context.run_id,
-                    attempt=context.retry_number + 1,
-                    registry=context.resources.lifecycle_agents,
-                    takeover=TAKEOVER_TAG in tags,
-                )
-            except UndoRetry as exc:
-                context.log.warning(str(exc))
-                raise dg.RetryRequested(max_retries=exc.max_attempts, seconds_to_wait=exc.delay_s) from exc
-            except UndoFailed as exc:
-                raise dg.Failure(str(exc), metadata={"execution_id": execution_id}, allow_retries=False) from exc
+        try:
+            outcome = _undo_here(context, db, spec, execution_id)
+        except psycopg.OperationalError as exc:
+            raise _retry_when_db_lost(context, spec.stage_id, execution_id, exc) from exc
         context.add_output_metadata(
             {
                 "execution_id": execution_id,

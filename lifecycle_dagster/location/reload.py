@@ -56,8 +56,9 @@ def _client(url: str, timeout_s: float) -> DagsterGraphQLClient:
 
 
 def _reason(exc: BaseException, timeout_s: float) -> str:
-    """Why a request failed, from the innermost cause of the client's error (``[Errno 111]
-    Connection refused``, not the client's wrapper, which repeats the whole GraphQL document)."""
+    """Why a request failed: the socket's error when one is in the chain (``[Errno 111] Connection
+    refused``, not the client's wrapper, which repeats the whole GraphQL document), else the first
+    line of the client's message (``Server did not return a GraphQL result: ...``)."""
     seen: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and current not in seen:
@@ -65,9 +66,12 @@ def _reason(exc: BaseException, timeout_s: float) -> str:
         current = current.__cause__ or current.__context__
     if any(isinstance(e, TimeoutError) for e in seen):
         return f"no answer within {max(1, math.ceil(timeout_s))} s"
-    for found in reversed(seen):  # the innermost first: the socket's own error, when there is one
+    for found in reversed(seen):  # the socket's own error, when there is one
+        if isinstance(found, OSError) and str(found).strip():
+            return str(found).strip().splitlines()[0]
+    for found in seen:  # else the client's own words (not a stray StopIteration inside a JSON decoder)
         text = str(found).strip()
-        if text:
+        if text and not isinstance(found, StopIteration):
             return text.splitlines()[0]
     return type(exc).__name__
 

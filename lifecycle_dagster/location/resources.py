@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,6 +38,9 @@ from lifecycle_dagster.store.db import (
     reused_connection,
     take_connection,
 )
+
+#: seconds the run's op connection may sit unused before the next op checks it with a round trip
+PING_AFTER_IDLE_S = 1.0
 
 
 class RunConnections:
@@ -66,6 +70,7 @@ class RunConnections:
         self._conn: Connection | None = None
         self._busy = False
         self._heartbeat: Heartbeat | None = None
+        self._idle_since = time.monotonic()
 
     @property
     def dsn(self) -> str:
@@ -102,7 +107,7 @@ class RunConnections:
                 yield other
             return
         try:
-            if conn is not None and not reusable(conn):
+            if conn is not None and not self._usable(conn):
                 conn.close()
                 conn = None
             if conn is None:
@@ -114,7 +119,21 @@ class RunConnections:
             raise
         finally:
             with self._lock:
-                self._conn, self._busy = conn, False
+                self._conn, self._busy, self._idle_since = conn, False, time.monotonic()
+
+    def _usable(self, conn: Connection) -> bool:
+        """Whether the kept op connection can serve the next op: open and idle, and, when it sat
+        unused longer than :data:`PING_AFTER_IDLE_S` (a retry's wait, during which the server may
+        have restarted or ended the session), answering a ``SELECT 1``."""
+        if not reusable(conn):
+            return False
+        if time.monotonic() - self._idle_since <= PING_AFTER_IDLE_S:
+            return True
+        try:
+            conn.execute("SELECT 1")
+            return True
+        except psycopg.Error:
+            return False
 
     def close(self) -> None:
         """Stop the heartbeat; hand the op connection back to the process's idle connections."""

@@ -97,10 +97,21 @@ def reusable(conn: Connection) -> bool:
     return not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE
 
 
+def _renamed(conn: Connection, app_name: str) -> bool:
+    """Set ``conn``'s ``application_name`` (so ``pg_stat_activity`` never shows a finished run's
+    name on a kept connection); False when the connection failed."""
+    try:
+        conn.execute("SELECT set_config('application_name', %s, false)", (app_name,))
+    except psycopg.Error:
+        return False
+    return True
+
+
 def give_back(dsn: str, conn: Connection) -> None:
     """Keep ``conn`` idle for the next :func:`take_connection` of ``dsn`` when it is
-    :func:`reusable` and fewer than :data:`IDLE_PER_DSN` are kept; otherwise close it."""
-    if reusable(conn):
+    :func:`reusable` and fewer than :data:`IDLE_PER_DSN` are kept (renamed ``lifecycle-dagster
+    idle``); otherwise close it."""
+    if reusable(conn) and _renamed(conn, application_name("idle")):
         with _idle_lock:
             kept = _idle.setdefault(dsn, [])
             if len(kept) < IDLE_PER_DSN:

@@ -243,6 +243,48 @@ def test_undo_is_retried_by_its_policy(db: str, instance: Any, failures: int, fi
         assert log["status"] == "compensation_failed"
 
 
+def test_a_compensation_run_survives_a_lost_connection_while_an_undo_waits_to_retry(db: str, instance: Any) -> None:
+    """The run's kept connection is killed (a server restart, a failover) while Dagster waits to
+    retry an undo: the retried undo reconnects and the execution is rolled back."""
+    undone: list[str] = []
+    slow_retry = {"retry": {"max_attempts": 1, "base_delay_s": 2, "max_delay_s": 2, "jitter": "none"}}
+    install(db, "wf", {**DIAMOND_PLUS, "defaults": slow_retry}, {c: c.upper() for c in "abcde"})
+    agents = [Effects(c.upper(), undone, fail=(c == "e")) for c in "abcde"]
+    agents[1] = FlakyUndo("B", undone, 1)
+    registry = AgentRegistry(agents)
+    _, eid = run(db, instance, "wf", registry)
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def kill_during_the_wait() -> None:
+        with connect(db) as conn:
+            while not stop.wait(0.05):
+                retrying = conn.execute(
+                    "SELECT 1 FROM workflow_events WHERE execution_id = %s"
+                    " AND event_type = 'stage_compensation_retrying'",
+                    (eid,),
+                ).fetchone()
+                if retrying:
+                    row = conn.execute(
+                        "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND application_name LIKE 'lifecycle-dagster op%%'"
+                    ).fetchone()
+                    killed.append(int(row["n"]) if row else 0)
+                    return
+
+    killer = threading.Thread(target=kill_during_the_wait)
+    killer.start()
+    try:
+        [comp] = _compensate(db, instance, registry)
+    finally:
+        stop.set()
+        killer.join(10)
+    assert killed == [1]  # the run's op connection, killed while the undo of b waited
+    assert comp.success
+    assert rows(db, "SELECT status FROM workflow_executions WHERE id = %(e)s", e=eid) == [{"status": "rolled_back"}]
+    assert sorted(undone) == ["a", "b", "c", "d"]
+
+
 def test_perform_workflow_compensation_twice_and_concurrently(db: str, instance: Any) -> None:
     undone: list[str] = []
     registry = _diamond(db, undone)

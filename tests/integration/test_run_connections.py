@@ -143,6 +143,12 @@ def test_the_next_run_of_the_process_reuses_both_connections(
 ) -> None:
     monkeypatch.setenv("LIFECYCLE_DAGSTER_HEARTBEAT_S", str(HEARTBEAT_S))
     first, first_id, one = _run_sampled(seeded_db, instance)
+    kept = _pids(one, "op") | _pids(one, "heartbeat")
+    with connect(seeded_db) as conn:
+        between = conn.execute(
+            "SELECT application_name FROM pg_stat_activity WHERE pid = ANY(%s)", (list(kept),)
+        ).fetchall()
+    assert [r["application_name"] for r in between] == ["lifecycle-dagster idle"] * 2  # no finished run's name
     second, second_id, two = _run_sampled(seeded_db, instance)
     assert first.success and second.success
     for role in ("op", "heartbeat"):  # the same backends, renamed for the second run

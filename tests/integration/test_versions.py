@@ -640,6 +640,37 @@ def test_reload_of_a_webserver_that_never_answers_times_out() -> None:
     assert 1 <= elapsed < 10
 
 
+def test_reload_of_a_server_that_is_not_dagster_says_what_it_answered() -> None:
+    import http.server
+
+    class NotDagster(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = b"<html><body>not found</body></html>"
+            self.send_response(404)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotDagster)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        outcome = reload_code_location(url, timeout_s=5)
+    finally:
+        server.shutdown()
+    assert not outcome.ok
+    prefix = f"could not ask the Dagster webserver at {url} to reload: "
+    assert outcome.message.startswith(prefix)
+    reason = outcome.message.removeprefix(prefix)
+    assert len(reason) > 3 and not reason.isdigit(), reason  # the client's words, not a stray "0"
+
+
 @pytest.mark.parametrize("url", ["localhost:3000", "ftp://127.0.0.1:3000", "http://"])
 def test_reload_with_a_url_that_is_not_http_says_so(url: str) -> None:
     outcome = reload_code_location(url, timeout_s=1)
