@@ -121,6 +121,21 @@ def give_back(dsn: str, conn: Connection) -> None:
         conn.close()
 
 
+def close_idle(dsn: str | None = None) -> int:
+    """Close the connections this process keeps idle for ``dsn`` (every DSN when None), e.g.
+    before the database is dropped or copied as a template; return how many were closed."""
+    with _idle_lock:
+        dsns = [dsn] if dsn is not None else list(_idle)
+        taken = [entry for d in dsns for entry in _idle.pop(d, [])]
+    pid = os.getpid()
+    closed = 0
+    for owner, conn in taken:
+        if owner == pid and not conn.closed:
+            conn.close()
+            closed += 1
+    return closed
+
+
 @contextmanager
 def reused_connection(dsn: str, app_name: str | None = None) -> Iterator[Connection]:
     """:func:`take_connection` for the block, :func:`give_back` after it; closed instead when the

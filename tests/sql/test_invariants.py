@@ -23,7 +23,7 @@ from lifecycle_dagster.agents import AgentBadRequest, AgentRegistry, Task, defau
 from lifecycle_dagster.location.definitions import definitions_from_snapshot, fetch_snapshot
 from lifecycle_dagster.location.resources import agents_resource
 from lifecycle_dagster.location.sensors import reconcile
-from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.store.db import close_idle, connect
 from lifecycle_dagster.store.invariants import RULES, at_rest, check
 from lifecycle_dagster.store.sqlfiles import seed_sql
 
@@ -103,6 +103,7 @@ def clean_world(server_dsn: str, template_db: str, dagster_home: Path) -> Iterat
         assert statuses == {ids[k]: k if k != "held" else "failed" for k in ids}
     finally:
         instance.dispose()
+        close_idle(dsn)  # this process's kept connections would stop the copies made from it
         if old is None:
             os.environ.pop("DATABASE_URL", None)
         else:
