@@ -17,7 +17,7 @@ Each execution's context carries its plan: ``{"chaos": {"modes": {stage_id: mode
                        ``CHAOS_PAUSE_S`` seconds, so the suite can kill it there (once per task)
 
 Side effects: every call of the python and queue agents that succeeds (``ok``, ``slow``, a ``flaky``
-call that passes, ``pause_after_return``) first records its side effect, a row of ``chaos_effects``
+call that passes, ``pause_after_return``) records its side effect before it returns: a row of ``chaos_effects``
 (execution, stage, attempt, agent, pid, the database's clock) in the database of ``DATABASE_URL``;
 ``chaos_world.effects_after_attempt`` checks that no effect lands after its attempt ended.
 """
