@@ -15,6 +15,11 @@ Each execution's context carries its plan: ``{"chaos": {"modes": {stage_id: mode
 ``pause_after_return`` (queue workers) returns, then the worker pauses before recording the result:
                        it writes ``<CHAOS_HOOK_DIR>/<task id>.returned`` (its pid) and waits up to
                        ``CHAOS_PAUSE_S`` seconds, so the suite can kill it there (once per task)
+
+Side effects: every call of the python and queue agents that succeeds (``ok``, ``slow``, a ``flaky``
+call that passes, ``pause_after_return``) records its side effect before it returns: a row of ``chaos_effects``
+(execution, stage, attempt, agent, pid, the database's clock) in the database of ``DATABASE_URL``;
+``chaos_world.effects_after_attempt`` checks that no effect lands after its attempt ended.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import psycopg
 
 from lifecycle_dagster.agents import (
     AgentBadRequest,
@@ -64,6 +71,7 @@ def behave(mode: str, stage_id: str, attempt: int, who: str) -> Any:
         raise AgentBadRequest(f"{who}: refuses stage {stage_id}")
     return {
         "summary": f"{who} did {stage_id} (attempt {attempt})",
+        "effect": True,
         "artifacts": artifacts("chaos_effect", [{"id": f"{stage_id}-effect"}]),
     }
 
@@ -76,6 +84,8 @@ class ChaosAgent:
 
     def run(self, task: Task) -> dict[str, Any]:
         out: Any = behave(mode_of(task.context, task.stage_id), task.stage_id, task.attempt, self.name)
+        if isinstance(out, dict) and out.pop("effect", False):
+            record_effect(task.execution_id, task.stage_id, task.attempt, self.name)
         return out  # type: ignore[no-any-return]
 
     def compensate(self, task: CompensationTask) -> dict[str, Any]:
@@ -84,6 +94,25 @@ class ChaosAgent:
         if isinstance(undo, dict) and undo.get(task.stage_id) == "slow":
             time.sleep(float(os.environ.get("CHAOS_SLOW_UNDO_S", "3")))
         return {"summary": f"{self.name} undid {task.stage_id}", "void": task.artifacts()}
+
+
+def record_effect(execution_id: str, stage_id: str, attempt: int, agent: str, tries: int = 5) -> None:
+    """Record one side effect of ``agent`` (a ``chaos_effects`` row, timed by the database's clock).
+    A lost connection (the suite terminates sessions) is retried ``tries`` times; then the call fails
+    (retryable: the effect did not happen)."""
+    for n in range(tries):
+        try:
+            with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True, connect_timeout=5) as conn:
+                conn.execute(
+                    "INSERT INTO chaos_effects (execution_id, stage_id, attempt, agent, pid)"
+                    " VALUES (%s, %s, %s, %s, %s)",
+                    (execution_id, stage_id, attempt, agent, os.getpid()),
+                )
+            return
+        except psycopg.OperationalError as exc:
+            if n == tries - 1:
+                raise AgentOverloaded(f"{agent}: side effect of {stage_id} not recorded ({exc})") from exc
+            time.sleep(0.2)
 
 
 #: the python agent (capabilities chaos_py and chaos_py2) and the queue agent

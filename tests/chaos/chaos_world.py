@@ -156,6 +156,12 @@ class Figures:
     outcomes: dict[str, int] = field(default_factory=dict)
     duration_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    #: the statuses the executions had to end in (see ``test_chaos.expect``), counted
+    expected: dict[str, int] = field(default_factory=dict)
+    #: executions a fault let end otherwise than their plan says, and why
+    excused: list[str] = field(default_factory=list)
+    #: executions that ended as they must not (the scenario fails)
+    mismatches: list[str] = field(default_factory=list)
 
     def fault(self, kind: str, n: int = 1) -> None:
         self.faults[kind] = self.faults.get(kind, 0) + n
@@ -204,6 +210,12 @@ class World:
         self.http: ThreadingHTTPServer | None = None
         self.definitions: dict[str, str] = {}
         self.pinned_versions: list[int] = [1]
+        #: what the faults hit: queue worker pids killed, Dagster runs whose worker was killed (and
+        #: kills whose run was not known yet), executions cancelled (with or without compensation)
+        self.killed_worker_pids: set[int] = set()
+        self.killed_runs: set[str] = set()
+        self.unknown_run_kills = 0
+        self.cancelled: dict[str, bool] = {}
 
     # -- set up and tear down ----------------------------------------------------------------
     def create(self) -> None:
@@ -233,6 +245,7 @@ class World:
         assert self.http is not None
         url = f"http://127.0.0.1:{self.http.server_address[1]}/task"
         with connect(self.dsn) as conn:
+            conn.execute(EFFECTS_TABLE)
             for name, dag in (("chaos", chaos_dag()), ("chaos_hold", chaos_dag("hold"))):
                 row = conn.execute(
                     "SELECT definition_id::text AS id FROM lifecycle.definition_publish(%s, 'chaos', %s, true)",
@@ -448,21 +461,67 @@ class World:
         return False
 
     def quiesce(self, timeout_s: float) -> tuple[float | None, list[Violation]]:
-        """Poll the invariant checker until it reports nothing: (seconds it took, or None, and
-        what it reported last)."""
+        """Poll the invariant checker (and :func:`effects_after_attempt`) until it reports
+        nothing: (seconds it took, or None, and what it reported last). When no check could run
+        within ``timeout_s`` (every one lost its connection), that is reported as the violation
+        ``not_checked``: a scenario never passes unchecked."""
         t0 = time.monotonic()
-        found: list[Violation] = []
+        found: list[Violation] | None = None
+        error = "no check was tried"
         while time.monotonic() - t0 < timeout_s:
             try:
                 with connect(self.dsn) as conn:
-                    found = check(conn)
-            except psycopg.OperationalError:
+                    found = check(conn) + effects_after_attempt(conn)
+            except psycopg.OperationalError as exc:
+                error = f"{type(exc).__name__}: {exc}".strip()
                 time.sleep(1)
                 continue
             if not found:
                 return time.monotonic() - t0, []
             time.sleep(1)
+        if found is None:
+            return None, [
+                Violation("not_checked", f"no invariant check completed in {timeout_s:.0f} s (last: {error})")
+            ]
         return None, found
+
+    def completed_without_effects(self, ids: list[str], stages: list[str]) -> list[str]:
+        """``execution:stage`` of the completed executions of ``ids`` with no side effect recorded
+        (``chaos_effects``) for one of ``stages``."""
+        with connect(self.dsn) as conn:
+            rows = conn.execute(
+                "SELECT e.id::text || ':' || s.stage AS missing FROM workflow_executions e"
+                " CROSS JOIN unnest(%s::text[]) AS s(stage)"
+                " WHERE e.id = ANY (%s::uuid[]) AND e.status = 'completed' AND NOT EXISTS"
+                " (SELECT 1 FROM chaos_effects x WHERE x.execution_id = e.id AND x.stage_id = s.stage)"
+                " ORDER BY 1",
+                (stages, ids),
+            ).fetchall()
+        return [str(r["missing"]) for r in rows]
+
+    def outcomes(self, ids: list[str]) -> list[dict[str, Any]]:
+        """Per execution of ``ids``: its id, status, error, run ids, and ``reaps``: per stage, how
+        many of its attempts the reaper took back from a worker the suite killed (``any_reaps``:
+        from any worker, as when a lost connection stopped its heartbeat)."""
+        with connect(self.dsn) as conn:
+            rows = conn.execute(
+                "SELECT e.id::text AS id, e.status, e.error_message, e.dagster_run_id, e.compensation_run_id,"
+                " coalesce((SELECT jsonb_agg(jsonb_build_array(v.stage_id, v.metadata->>'worker'))"
+                "  FROM workflow_events v WHERE v.execution_id = e.id AND v.event_type = 'task_reaped'),"
+                " '[]') AS reaped"
+                " FROM workflow_executions e WHERE e.id = ANY (%s::uuid[])",
+                (ids,),
+            ).fetchall()
+        out = []
+        for r in rows:
+            reaps: dict[str, int] = {}
+            any_reaps: dict[str, int] = {}
+            for stage, worker in r["reaped"]:
+                any_reaps[stage] = any_reaps.get(stage, 0) + 1
+                if _worker_pid(worker) in self.killed_worker_pids:
+                    reaps[stage] = reaps.get(stage, 0) + 1
+            out.append({**{k: r[k] for k in r if k != "reaped"}, "reaps": reaps, "any_reaps": any_reaps})
+        return out
 
     # -- faults --------------------------------------------------------------------------------
     def kill_worker_mid_task(self) -> bool:
@@ -475,7 +534,9 @@ class World:
         pids = [p for p in (_worker_pid(r["claimed_by"]) for r in rows) if p in mine]
         if not pids:
             return False
-        _kill_tree(random.choice(pids))
+        victim = random.choice(pids)
+        self.killed_worker_pids.add(victim)
+        _kill_tree(victim)
         return True
 
     def kill_worker_before_claim(self) -> bool:
@@ -492,6 +553,7 @@ class World:
                 victim = next((pid for pid in self.worker_pids() if pid in blocked), None)
                 time.sleep(0.05)
             if victim is not None:
+                self.killed_worker_pids.add(victim)
                 _kill_tree(victim)
             locker.rollback()
         return victim is not None
@@ -520,6 +582,7 @@ class World:
                 pid = int(marker.read_text() or 0)
                 marker.rename(marker.with_suffix(".killed"))
                 if pid in self.worker_pids():
+                    self.killed_worker_pids.add(pid)
                     _kill_tree(pid)
                     return True
             if time.monotonic() >= deadline:
@@ -562,8 +625,16 @@ class World:
         )
         if not workers or not busy:
             return False
-        _kill_tree(random.choice(list(workers)))
+        victim = random.choice(list(workers))
+        self._note_run_kill(workers[victim])
+        _kill_tree(victim)
         return True
+
+    def _note_run_kill(self, run_id: str | None) -> None:
+        if run_id is None:
+            self.unknown_run_kills += 1
+        else:
+            self.killed_runs.add(run_id)
 
     def kill_compensation_run_worker(self) -> bool:
         """SIGKILL the run worker of a compensation run (the runs tagged lifecycle/compensation)."""
@@ -583,7 +654,9 @@ class World:
             instance.dispose()
         if not mine:
             return False
-        _kill_tree(workers[random.choice(mine)])
+        run = random.choice(mine)
+        self._note_run_kill(run)
+        _kill_tree(workers[run])
         return True
 
     def terminate_backends(self, n: int) -> int:
@@ -603,7 +676,10 @@ class World:
             row = conn.execute(
                 "SELECT cancelled FROM lifecycle.execution_cancel(%s, 'chaos cancel', %s)", (execution_id, compensate)
             ).fetchone()
-        return bool(row and row["cancelled"])
+        done = bool(row and row["cancelled"])
+        if done:
+            self.cancelled[execution_id] = compensate
+        return done
 
     def publish(self, note: str) -> int:
         """Publish and activate a new version of ``chaos``; return it."""
@@ -630,6 +706,62 @@ class World:
             instance.dispose()
 
 
+#: the side effects of the chaos agents (``chaos_agents.record_effect``), timed by the database's clock
+EFFECTS_TABLE = """
+CREATE TABLE chaos_effects (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    execution_id uuid NOT NULL, stage_id text NOT NULL, attempt integer NOT NULL,
+    agent text NOT NULL, pid integer NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp()
+)"""
+
+#: how long after its attempt ended an agent's side effect may still land: a worker learns that its
+#: task was taken back at its next heartbeat (every lease_s / 3, 0.67 s here) and must stop its
+#: agent; a stage op kills its python agent before it records the timeout
+EFFECT_GRACE_S = 2.0
+
+#: the first event that ended each attempt of a stage: a retry or failure of that attempt, its task
+#: taken back by the reaper, or a later attempt started (the events' times: their transactions' start)
+_EFFECTS_AFTER_ATTEMPT = """
+SELECT x.execution_id::text AS execution_id, x.stage_id, x.attempt, x.agent, x.pid, x.at,
+       f.event_type, f.at AS ended_at
+FROM chaos_effects x
+JOIN LATERAL (
+    SELECT v.event_type, v."timestamp" AS at
+    FROM workflow_events v
+    WHERE v.execution_id = x.execution_id AND v.stage_id = x.stage_id
+      AND CASE v.event_type
+            WHEN 'stage_retrying' THEN (v.metadata->>'failed_attempt')::int = x.attempt
+            WHEN 'stage_failed' THEN (v.metadata->>'attempt')::int = x.attempt
+            WHEN 'task_reaped' THEN (v.metadata->>'attempt')::int = x.attempt
+            WHEN 'stage_started' THEN (v.metadata->>'attempt')::int > x.attempt
+            ELSE false END
+    ORDER BY v."timestamp", v.id
+    LIMIT 1
+) f ON true
+WHERE x.at > f.at + make_interval(secs => %s)
+ORDER BY x.at
+"""
+
+
+def effects_after_attempt(conn: Any, grace_s: float = EFFECT_GRACE_S) -> list[Violation]:
+    """Rule ``effect_after_attempt``: no side effect of an agent (``chaos_effects``) lands more than
+    ``grace_s`` seconds after its attempt ended (the attempt was retried or failed, its task was
+    taken back by the reaper, or a later attempt started): fencing must stop the work, not only
+    refuse its result. An effect of an attempt that nobody ended (the engine kept it) never counts."""
+    rows = conn.execute(_EFFECTS_AFTER_ATTEMPT, (grace_s,)).fetchall()
+    return [
+        Violation(
+            "effect_after_attempt",
+            f"{r['agent']} (pid {r['pid']}) did the side effect of stage {r['stage_id']} attempt {r['attempt']} "
+            f"of execution {r['execution_id']} at {r['at'].isoformat()}, "
+            f"{(r['at'] - r['ended_at']).total_seconds():.1f} s after that attempt ended ({r['event_type']})",
+            execution_id=r["execution_id"],
+            stage_id=r["stage_id"],
+        )
+        for r in rows
+    ]
+
+
 def _worker_pid(claimed_by: str | None) -> int | None:
     """The pid in a worker id (``host:pid:suffix``)."""
     parts = (claimed_by or "").split(":")
@@ -642,10 +774,14 @@ def _worker_pid(claimed_by: str | None) -> int | None:
 
 class Cluster:
     """A Postgres cluster of its own: initdb into a temporary folder, pg_ctl on a free port with
-    its unix socket in that folder. Run as root, the server runs as the ``postgres`` user."""
+    its unix socket in that folder. Run as root, the server runs as the ``postgres`` user.
+    ``durable``: fsync, synchronous commit and full page writes on (the defaults of a production
+    server), so an immediate shutdown is a crash the server recovers from its WAL; otherwise all
+    three are off (faster, but only a clean shutdown keeps the data)."""
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, *, durable: bool = True) -> None:
         self.bindir = bindir
+        self.durable = durable
         self.root = Path(tempfile.mkdtemp(prefix="ld-chaos-pg-"))
         self.data = self.root / "data"
         self.sock = self.root / "sock"
@@ -669,9 +805,10 @@ class Cluster:
         self.start()
 
     def start(self) -> None:
+        flag = "on" if self.durable else "off"
         opts = (
-            f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off"
-            " -c synchronous_commit=off -c full_page_writes=off"
+            f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 -c max_connections=300"
+            f" -c fsync={flag} -c synchronous_commit={flag} -c full_page_writes={flag}"
         )
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w", "start")
 
@@ -681,6 +818,15 @@ class Cluster:
     def restart(self, mode: str) -> None:
         self.stop(mode)
         self.start()
+
+    def settings(self) -> dict[str, str]:
+        """fsync, synchronous_commit and full_page_writes as the running server has them."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT name, setting FROM pg_settings"
+                " WHERE name IN ('fsync', 'synchronous_commit', 'full_page_writes')"
+            ).fetchall()
+        return {str(r[0]): str(r[1]) for r in rows}
 
     def destroy(self) -> None:
         with contextlib.suppress(subprocess.SubprocessError, OSError):

@@ -11,9 +11,11 @@ before its first op, and a lost database connection: the scenarios of test_chaos
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -69,6 +71,7 @@ def test_a_queue_stage_timing_out_after_its_task_was_reaped_retries(db: str) -> 
 
 @pytest.mark.parametrize("kind", ["queue", "http"])
 def test_stages_of_http_and_queue_agents_have_nothing_to_undo(db: str, instance: Any, kind: str) -> None:
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "integration"))  # when run on its own
     from test_compensation import _compensate
 
     dag = {
@@ -150,3 +153,47 @@ def test_the_reaper_cancels_a_superseded_task_instead_of_failing(db: str) -> Non
         assert "superseded" in tasks[0]["error_message"]
         [reaped] = conn.execute("SELECT metadata FROM workflow_events WHERE event_type = 'task_reaped'").fetchall()
         assert reaped["metadata"]["superseded"] is True and reaped["metadata"]["requeued"] is False
+
+
+def test_a_side_effect_after_its_attempt_was_taken_back_is_a_violation(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rule that replaced ``completed_after_lease`` (which re-checked what task_complete refuses)
+    can fire: a worker whose task the reaper took back and whose agent still does its side effect
+    (a zombie: fencing refused its result but did not stop its work) is reported; an effect done
+    before the attempt ended, or within the grace a worker needs to learn of it, is not."""
+    from chaos_agents import record_effect
+    from chaos_world import EFFECT_GRACE_S, EFFECTS_TABLE, effects_after_attempt
+
+    eid, _ = _queue_stage(db)
+    monkeypatch.setenv("DATABASE_URL", db)
+    with connect(db) as conn:
+        conn.execute(EFFECTS_TABLE)
+        # the worker claimed attempt 1 ten seconds ago on a 1 s lease; the reaper took it back 5 s ago
+        [claim] = conn.execute(
+            "SELECT * FROM lifecycle.task_claim('w1', 'Queue Agent', 1, 1, now() - interval '10 s')"
+        ).fetchall()
+        reaped = conn.execute("SELECT lifecycle.task_reap(now() - interval '5 s') AS n").fetchone()
+        assert claim["attempt"] == 1 and reaped == {"n": 1}
+        conn.execute(  # an effect done in time
+            "INSERT INTO chaos_effects (execution_id, stage_id, attempt, agent, pid, at)"
+            " VALUES (%s, 'a', 1, 'w1', 1, now() - interval '9 s')",
+            (eid,),
+        )
+        assert effects_after_attempt(conn) == []
+        record_effect(eid, "a", 1, "Queue Agent")  # the zombie's effect, now: 5 s after its attempt ended
+        record_effect(eid, "a", 2, "Queue Agent")  # attempt 2's own effect
+        [v] = effects_after_attempt(conn)
+        assert (v.rule, v.execution_id, v.stage_id) == ("effect_after_attempt", eid, "a")
+        assert "attempt 1" in v.message and "(task_reaped)" in v.message
+        assert effects_after_attempt(conn, grace_s=EFFECT_GRACE_S + 10) == []
+
+
+def test_quiesce_fails_when_no_check_could_run(server_dsn: str, tmp_path: Path) -> None:
+    """Every check losing its connection used to end quiesce with no findings, and the scenario passed."""
+    from chaos_world import World
+
+    world = World(server_dsn, tmp_path, template=None)  # its database was never created: every connect fails
+    took, [v] = world.quiesce(2.5)
+    assert took is None and v.rule == "not_checked"
+    assert "no invariant check completed in 2 s" in v.message and "OperationalError" in v.message
