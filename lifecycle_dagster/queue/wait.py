@@ -38,7 +38,9 @@ def wait_for_task(
     poll_s: float = 0.5,
 ) -> TaskState:
     """Wait until task ``task_id`` is final (completed, failed or cancelled: ``TaskStatus.final``);
-    return its state. ``conn`` (autocommit) reads the task every ``poll_s`` seconds and, with
+    return its state. Each attempt of the task gets ``timeout_s`` seconds: when the reaper takes
+    the task back from a dead worker and requeues it as the next attempt, the clock restarts.
+    ``conn`` (autocommit) reads the task every ``poll_s`` seconds and, with
     ``listen``, LISTENs on ``lifecycle_task_done`` meanwhile so a completion wakes the wait at once:
     the run's own connection, so waiting opens no connection of its own (UNLISTEN at the end).
 
@@ -48,11 +50,15 @@ def wait_for_task(
     """
     listening = False
     deadline = time.monotonic() + timeout_s
+    attempt: int | None = None
     try:
         while True:
             state = TaskState.from_row(fetch_one(conn, "task_state", {"task_id": task_id}))
             if state.status.final:
                 return state
+            if attempt is not None and state.attempt != attempt:
+                deadline = time.monotonic() + timeout_s  # the reaper gave the task a new attempt: its own time
+            attempt = state.attempt
             if should_stop is not None and should_stop():
                 raise AttemptStopped("the execution is no longer in progress")
             remaining = deadline - time.monotonic()
