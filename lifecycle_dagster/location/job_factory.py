@@ -2,7 +2,9 @@
 
 A pure, deterministic function of one ``workflow_definitions`` row (no database, no clock): the
 job is ``<name>__v<version>``, each stage an op ``<name>__v<version>__<stage>`` (unique across the
-code location, since names cannot contain ``__``), each edge a dependency through a ``Nothing``
+code location, since names cannot contain ``__``; the stage id ``compensate`` is reserved, so no
+op is named like a compensation job, and :func:`build_jobs` skips a row whose names are taken),
+each edge a dependency through a ``Nothing``
 input named ``upstream`` (a fan-in stage waits for all its parents). Data does not flow through
 Dagster: each op reads its ancestors' outputs from Postgres.
 """
