@@ -27,6 +27,7 @@ from lifecycle_dagster.store.versions import (
     activate,
     checked_for_publishing,
     dag_warnings,
+    file_problems,
     list_versions,
     publish,
     read_definition_file,
@@ -88,6 +89,32 @@ def _reload() -> None:
         _warn(outcome.message)
 
 
+def _validate_file(file: Path, offline: bool) -> bool:
+    """Print what ``publish`` and the database would refuse in ``file`` (every DAG problem, then
+    every other problem: name, description, content Postgres cannot store, size), or that it is
+    valid and its warnings. True when valid."""
+    try:
+        found = read_definition_file(file)
+    except DefinitionFileError as exc:
+        raise click.ClickException(str(exc)) from exc
+    others = file_problems(found)
+    try:
+        parsed = parse_dag(found.dag)
+    except DagValidationError as exc:
+        click.echo(f"{file}: {exc}")
+        parsed = None
+    for problem in others:
+        click.echo(f"{file}: {problem}")
+    if parsed is None or others:
+        return False
+    click.echo(f"{file}: valid ({len(parsed.stages)} stages: {' -> '.join(parsed.topological_order())})")
+    for warning in dag_warnings(parsed):
+        _warn(f"{file}: {warning}")
+    if not offline:
+        _capability_warnings(parsed, str(file))
+    return True
+
+
 # --------------------------------------------------------------------------------------------
 @main.command("validate")
 @click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -100,8 +127,10 @@ def _reload() -> None:
 )
 @click.option("--offline", is_flag=True, help="Do not look agents up in the database.")
 def validate_cmd(file: Path | None, check_all: bool, offline: bool) -> None:
-    """Validate a definition FILE (JSON or YAML: name, description, stages, edges) or, with
-    --all, every definition the code location loads. Exits 1 when any is invalid.
+    """Validate a definition FILE (JSON or YAML: name, description, stages, edges) by every rule
+    `publish` and the database apply (the DAG, the name, the description, content Postgres cannot
+    store, the size limit) or, with --all, every definition the code location loads (a row it would
+    skip is listed with why). Exits 1 when any is invalid.
 
     A valid FILE is also checked for warnings (exit 0): a stage connected to nothing, and, when a
     database is reachable (DATABASE_URL, or the embedded server already running) and --offline is
@@ -112,22 +141,8 @@ def validate_cmd(file: Path | None, check_all: bool, offline: bool) -> None:
     if file is None and not check_all:
         raise click.UsageError("give a FILE or --all")
     bad = 0
-    if file is not None:
-        try:
-            found = read_definition_file(file)
-        except DefinitionFileError as exc:
-            raise click.ClickException(str(exc)) from exc
-        try:
-            parsed = parse_dag(found.dag)
-        except DagValidationError as exc:
-            click.echo(f"{file}: {exc}")
-            bad += 1
-        else:
-            click.echo(f"{file}: valid ({len(parsed.stages)} stages: {' -> '.join(parsed.topological_order())})")
-            for warning in dag_warnings(parsed):
-                _warn(f"{file}: {warning}")
-            if not offline:
-                _capability_warnings(parsed, str(file))
+    if file is not None and not _validate_file(file, offline):
+        bad += 1
     if check_all:
         with connect(_dsn()) as conn:
             rows = conn.execute(query("active_definitions")).fetchall()

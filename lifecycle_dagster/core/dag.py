@@ -17,8 +17,14 @@ Rules the database-side validator shares with this one (``tests/dag_cases.json``
 
 * a missing ``stages`` is ``empty_dag``, a missing/non-string ``id`` is ``bad_stage_id``, a missing
   or ``""`` capability is ``missing_capability``, a missing edge ``from``/``to`` is ``wrong_type``;
-  ``null`` is never accepted for an optional key; numbers must be finite doubles and bools are not
-  numbers; ``max_attempts`` may be any integral number (``3.0``);
+  ``null`` is never accepted for an optional key; bools are not numbers; a number must be one a
+  double can hold (``1e400`` overflows, ``1e-400`` rounds to 0: ``bad_value`` saying so; Python's
+  JSON readers round these before this module sees them, the database sees them as written);
+  ``max_attempts`` may be any integral number (``3.0``);
+* the stage id ``compensate`` is reserved (``bad_stage_id``): its op would have the name of the
+  definition's compensation job, ``<name>__v<version>__compensate``, and Dagster refuses two
+  definitions of one name in a code location (undo ops, ``<job>__UNDO__<stage>``, cannot collide:
+  stage ids have no capital letters);
 * a stage is *declared* when its ``id`` is a non-empty string, even an invalid one (references to it
   are not ``unknown_stage``); each reference (``next`` entry, edge ``from``/``to``) yields at most
   one problem, the first of wrong_type, unknown_stage, self_loop, duplicate_edge;
@@ -51,6 +57,7 @@ from lifecycle_dagster.core.dag_structure import (
     MAX_EDGES,
     MAX_STAGES,
     ON_FAILURE_MODES,
+    RESERVED_STAGE_IDS,
     STAGE_ID_PATTERN,
     TOP,
     Problem,
@@ -63,6 +70,7 @@ __all__ = [
     "MAX_EDGES",
     "MAX_STAGES",
     "ON_FAILURE_MODES",
+    "RESERVED_STAGE_IDS",
     "STAGE_ID_PATTERN",
     "Dag",
     "DagValidationError",

@@ -31,6 +31,11 @@ _TOP_KEYS = ("stages", "edges", "defaults", "on_failure")
 _STAGE_KEYS = ("id", "capability", "next", "description", "retry", "timeout_s", "compensate")
 _RETRY_KEYS = ("max_attempts", "base_delay_s", "max_delay_s", "multiplier", "jitter", "non_retryable")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+#: why a number is refused that a double cannot hold (JSON 1e400, 1e-400; a Python inf or 10**400)
+NOT_A_DOUBLE = "must be a number a double can hold (finite, and not so small that it rounds to 0)"
+#: stage ids that would give a stage op the name of a generated Dagster name: the op of stage
+#: ``compensate`` would be ``<job>__compensate``, the compensation job's name
+RESERVED_STAGE_IDS = ("compensate",)
 
 
 @dataclass(frozen=True)
@@ -151,7 +156,10 @@ class StructureRules(Report):
         if not isinstance(value, int | float) or isinstance(value, bool):
             self.add("wrong_type", where, key, f"{name} must be a number, got {kind(value)}")
             return None
-        ok = _finite(value) and (value > minimum if positive else value >= minimum)
+        if not _finite(value):
+            self.add("bad_value", where, key, f"{name} {NOT_A_DOUBLE}, got {_show(value)}")
+            return None
+        ok = value > minimum if positive else value >= minimum
         if integral:
             ok = ok and float(value).is_integer() and value <= 1000
         if not ok:
@@ -237,6 +245,14 @@ class StructureRules(Report):
         if not ID_RE.fullmatch(label):
             shown = quote(label) if isinstance(sid, str) else kind(sid)
             self.add("bad_stage_id", where, "id", f"id must match {STAGE_ID_PATTERN}, got {shown}")
+        elif label in RESERVED_STAGE_IDS:
+            self.add(
+                "bad_stage_id",
+                where,
+                "id",
+                f"id {quote(label)} is reserved: its op would be named like the compensation job"
+                " (<name>__v<version>__compensate)",
+            )
         self.keys(raw, _STAGE_KEYS, where)
         capability = raw.get("capability", MISSING)
         if capability is MISSING or capability == "":

@@ -2,7 +2,9 @@
 
 A pure, deterministic function of one ``workflow_definitions`` row (no database, no clock): the
 job is ``<name>__v<version>``, each stage an op ``<name>__v<version>__<stage>`` (unique across the
-code location, since names cannot contain ``__``), each edge a dependency through a ``Nothing``
+code location, since names cannot contain ``__``; the stage id ``compensate`` is reserved, so no
+op is named like a compensation job, and :func:`build_jobs` skips a row whose names are taken),
+each edge a dependency through a ``Nothing``
 input named ``upstream`` (a fan-in stage waits for all its parents). Data does not flow through
 Dagster: each op reads its ancestors' outputs from Postgres.
 """
@@ -31,6 +33,7 @@ from lifecycle_dagster.engine.compensation import (
 )
 from lifecycle_dagster.engine.stage import StageError, StageOutcome, StageRetry, StageSpec, run_stage
 from lifecycle_dagster.location.resources import ExecutionRequest, LifecycleDatabase, default_resources
+from lifecycle_dagster.store.versions import WORKFLOW_NAME_PATTERN
 
 #: run tag naming the workflow_executions row a run executes
 EXECUTION_ID_TAG = "lifecycle/execution_id"
@@ -42,8 +45,6 @@ PARENT_RUN_TAG = "dagster/parent_run_id"
 #: up to DB_LOST_MAX_DELAY_S (a Postgres restart takes seconds)
 DB_LOST_RETRIES = 8
 DB_LOST_MAX_DELAY_S = 10.0
-#: workflow names (the CHECK workflow_definitions_name_valid): job and op names stay Dagster names
-WORKFLOW_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
 _NAME_RE = re.compile(WORKFLOW_NAME_PATTERN)
 #: Dagster's tag naming the first run of a chain of re-executions
 ROOT_RUN_TAG = "dagster/root_run_id"
@@ -267,18 +268,60 @@ class SkippedDefinition:
     error: str
 
 
+def _dagster_names(job: dg.JobDefinition) -> set[str]:
+    """The names Dagster requires to be unique across a code location: the job's, its graph's and
+    each op's (one definition per name: ``Conflicting definitions found in repository``)."""
+    return {job.name, job.graph.name, *(node.name for node in job.all_node_defs)}
+
+
+def _name_clash(row_jobs: Sequence[dg.JobDefinition], taken: Mapping[str, str]) -> str | None:
+    """Why the jobs of one row cannot join a code location whose names are ``taken`` (name -> the
+    row that has it), or None: a name used twice by the row itself, or already used."""
+    own: dict[str, str] = {}
+    for job in row_jobs:
+        for name in sorted(_dagster_names(job)):
+            if name in own and own[name] != job.name:
+                return f"the Dagster name '{name}' is used by both its job '{own[name]}' and its job '{job.name}'"
+            if name in taken:
+                return f"the Dagster name '{name}' is already used by workflow {taken[name]}"
+            own[name] = job.name
+    return None
+
+
+def _skipped(raw: object, error: str) -> SkippedDefinition:
+    """A row that cannot be built, named as well as it can be (the row itself may be what is wrong)."""
+    get = raw.get if isinstance(raw, Mapping) else (lambda _key: None)
+    version = get("version")
+    return SkippedDefinition(
+        str(get("name")), version if isinstance(version, int) and not isinstance(version, bool) else 0, error
+    )
+
+
 def build_jobs(
     rows: Sequence[Mapping[str, Any]],
 ) -> tuple[list[dg.JobDefinition], list[SkippedDefinition]]:
-    """Build every row's job and compensation job; an invalid row is skipped and reported, never fatal."""
+    """Build every row's job and compensation job. A row that cannot be built (an invalid DAG or
+    row, any error building it, or a Dagster name another row already uses) is skipped and reported
+    with why, never fatal: one definition never takes the code location down."""
     jobs: list[dg.JobDefinition] = []
     skipped: list[SkippedDefinition] = []
+    taken: dict[str, str] = {}
     for raw in rows:
         try:
-            jobs.append(build_job(raw))
-            jobs.append(build_compensation_job(raw))
+            row_jobs = [build_job(raw), build_compensation_job(raw)]
         except (DagValidationError, ValueError, RecursionError, dg.DagsterInvalidDefinitionError) as exc:
-            skipped.append(SkippedDefinition(str(raw.get("name")), int(raw.get("version") or 0), str(exc)))
+            skipped.append(_skipped(raw, str(exc)))
+            continue
+        except Exception as exc:  # whatever one row raises, the others still load
+            skipped.append(_skipped(raw, f"cannot build its jobs: {type(exc).__name__}: {exc}"))
+            continue
+        clash = _name_clash(row_jobs, taken)
+        if clash is not None:
+            skipped.append(_skipped(raw, clash))
+            continue
+        label = DefinitionRow.from_mapping(raw).label
+        taken.update((name, label) for job in row_jobs for name in _dagster_names(job))
+        jobs.extend(row_jobs)
     return jobs, skipped
 
 

@@ -18,6 +18,7 @@ v1 finishes on v1, and its compensation job exists, after v2 is activated (named
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,10 +29,15 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.core.dag import Dag, DagValidationError, parse_dag
+from lifecycle_dagster.core.dag_structure import quote
 from lifecycle_dagster.core.payload import check_output
 from lifecycle_dagster.store.db import Connection
 from lifecycle_dagster.store.sqlfiles import query
 
+#: workflow names (the CHECK workflow_definitions_name_valid, and lifecycle.definition_publish):
+#: also without ``__`` and not ending in ``_``, so job and op names stay unambiguous Dagster names
+WORKFLOW_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
+_NAME_RE = re.compile(WORKFLOW_NAME_PATTERN)
 #: execution statuses with no way out (lifecycle.transitions); any other status pins its version
 FINAL_STATUSES = ("completed", "rolled_back", "compensation_failed")
 
@@ -144,26 +150,55 @@ def read_definition_file(path: Path) -> DefinitionFile:
     return DefinitionFile(path, doc.get("name"), doc.get("description"), dag)
 
 
+def _name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a published workflow (the database's rule), or None."""
+    if not isinstance(name, str) or not name:
+        return "a definition file to publish needs a 'name' (a string)"
+    if not (_NAME_RE.fullmatch(name) and "__" not in name and not name.endswith("_")):
+        return (
+            f"invalid workflow name {quote(name)}: it must match {WORKFLOW_NAME_PATTERN}, without __ and not"
+            " ending in _"
+        )
+    return None
+
+
+def _description_problem(description: object) -> str | None:
+    return None if description is None or isinstance(description, str) else "'description' must be a string"
+
+
+def _storage_problem(found: DefinitionFile) -> str | None:
+    """Why Postgres cannot store the file's content, or None (core.payload.check_output)."""
+    return check_output({"name": found.name, "description": found.description, "dag": found.dag}, what="the definition")
+
+
+def file_problems(found: DefinitionFile) -> list[str]:
+    """What publishing (here or in the database) refuses in a definition file besides its DAG's
+    problems (:func:`~lifecycle_dagster.core.dag.validate_dag` lists those), in this order: no
+    ``name`` string, or one the database refuses; a ``description`` that is not a string; content
+    Postgres cannot store (a NUL character or a lone surrogate anywhere, the top-level description
+    included, values that are not JSON, nesting deeper than 100 levels) or over the size limit.
+    Each a sentence; ``[]`` when there is nothing. ``validate`` prints them all, ``publish`` stops
+    at the first."""
+    found_problems = (_name_problem(found.name), _description_problem(found.description), _storage_problem(found))
+    return [p for p in found_problems if p]
+
+
 def checked_for_publishing(found: DefinitionFile) -> tuple[str, str | None, dict[str, Any], Dag]:
     """``(name, description, dag_schema, parsed DAG)`` of a file about to be published.
 
     Raises:
-        DefinitionFileError: no ``name`` string, a ``description`` that is not a string, or content
-            Postgres cannot store (NUL characters, lone surrogates, values that are not JSON).
+        DefinitionFileError: a problem of :func:`file_problems` (the first), naming the file: a
+            name or description problem before the DAG is validated, a storage problem after.
         DagValidationError: the DAG is invalid (every problem listed).
     """
-    where = found.path
-    if not isinstance(found.name, str) or not found.name:
-        raise DefinitionFileError(f"{where}: a definition file to publish needs a 'name' (a string)")
-    if found.description is not None and not isinstance(found.description, str):
-        raise DefinitionFileError(f"{where}: 'description' must be a string")
+    early = _name_problem(found.name) or _description_problem(found.description)
+    if early:
+        raise DefinitionFileError(f"{found.path}: {early}")
     dag = parse_dag(found.dag)
-    problem = check_output(
-        {"name": found.name, "description": found.description, "dag": found.dag}, what="the definition"
-    )
-    if problem:
-        raise DefinitionFileError(f"{where}: {problem}")
-    return found.name, found.description, cast(dict[str, Any], found.dag), dag
+    stored = _storage_problem(found)
+    if stored:
+        raise DefinitionFileError(f"{found.path}: {stored}")
+    return cast(str, found.name), cast(str | None, found.description), cast(dict[str, Any], found.dag), dag
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +338,7 @@ __all__ = [
     "activate",
     "checked_for_publishing",
     "dag_warnings",
+    "file_problems",
     "isolated_stages",
     "list_versions",
     "publish",

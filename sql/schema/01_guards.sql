@@ -287,6 +287,66 @@ REVOKE ALL ON FUNCTION lifecycle.guard_transition() FROM PUBLIC, anon, authentic
 GRANT ALL ON FUNCTION lifecycle.guard_transition() TO service_role;
 
 
+-- lifecycle.payload_deep_path
+CREATE OR REPLACE FUNCTION lifecycle.payload_deep_path(p_value jsonb, p_depth integer) RETURNS text
+    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+-- The JSON path of the first object or array (depth first, in jsonb's order) p_depth levels below
+-- the document, written as lifecycle_dagster/core/payload.py json_path writes it: $.a[0]["b c"]
+-- (keys that are not identifiers as JSON strings, non-ASCII escaped; over 120 characters, the
+-- middle cut). NULL when there is none. Only called for a document known to be too deep.
+DECLARE
+  v_node  jsonb := p_value;
+  v_path  text := '$';
+  v_key   text;
+  v_child jsonb;
+  v_step  text;
+  v_left  integer;
+BEGIN
+  FOR v_level IN 1..p_depth LOOP
+    v_step := NULL;
+    v_left := p_depth - v_level;  -- the child must hold a container this many levels below it
+    FOR v_key, v_child IN
+      SELECT e.key, e.value FROM jsonb_each(CASE WHEN jsonb_typeof(v_node) = 'object' THEN v_node END) AS e
+      UNION ALL
+      SELECT format('[%s]', a.i - 1), a.value
+        FROM jsonb_array_elements(CASE WHEN jsonb_typeof(v_node) = 'array' THEN v_node END) WITH ORDINALITY AS a(value, i)
+    LOOP
+      CONTINUE WHEN jsonb_typeof(v_child) NOT IN ('object', 'array')
+        OR NOT jsonb_path_exists(v_child,
+                 format('strict $.**{%s} ? (@.type() == "object" || @.type() == "array")', v_left)::jsonpath);
+      v_step := CASE
+        WHEN jsonb_typeof(v_node) = 'array' THEN v_key
+        WHEN v_key ~ '^[A-Za-z_][A-Za-z0-9_]*$' THEN '.' || v_key
+        ELSE '[' || (SELECT string_agg(CASE
+                       WHEN ascii(c) < 128 THEN c
+                       WHEN ascii(c) < 65536 THEN '\u' || lpad(to_hex(ascii(c)), 4, '0')
+                       ELSE '\u' || to_hex(55296 + ((ascii(c) - 65536) >> 10))
+                            || '\u' || to_hex(56320 + ((ascii(c) - 65536) & 1023)) END, '' ORDER BY i)
+                     FROM regexp_split_to_table(to_jsonb(v_key)::text, '') WITH ORDINALITY AS t(c, i)) || ']'
+      END;
+      v_node := v_child;
+      EXIT;
+    END LOOP;
+    IF v_step IS NULL THEN
+      RETURN NULL;
+    END IF;
+    v_path := v_path || v_step;
+  END LOOP;
+  IF char_length(v_path) > 120 THEN
+    v_path := left(v_path, 60) || '…' || right(v_path, 60);
+  END IF;
+  RETURN v_path;
+END
+$_$;
+
+REVOKE ALL ON FUNCTION lifecycle.payload_deep_path(p_value jsonb, p_depth integer) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.payload_deep_path(p_value jsonb, p_depth integer) TO service_role;
+
+COMMENT ON FUNCTION lifecycle.payload_deep_path(p_value jsonb, p_depth integer) IS 'the JSON path of the first container p_depth levels deep, as lifecycle_dagster/core/payload.py json_path writes it';
+
+
 -- lifecycle.payload_max_bytes
 CREATE OR REPLACE FUNCTION lifecycle.payload_max_bytes() RETURNS bigint
     LANGUAGE sql STABLE PARALLEL SAFE
@@ -319,7 +379,8 @@ BEGIN
   END IF;
   -- a container at level 100 (the document itself is level 0) is the 101st enclosing level
   IF jsonb_path_exists(p_value, 'strict $.**{100} ? (@.type() == "object" || @.type() == "array")') THEN
-    RETURN format('%s is nested more than %s levels deep (objects and arrays)', p_what, c_max_depth);
+    RETURN format('%s is nested more than %s levels deep (objects and arrays) at %s', p_what, c_max_depth,
+                  lifecycle.payload_deep_path(p_value, c_max_depth));
   END IF;
   RETURN NULL;
 END

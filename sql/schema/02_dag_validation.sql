@@ -60,6 +60,13 @@ BEGIN
       format('%s must be a number, got %s', v_name, lifecycle.dag_kind(v_value)));
     RETURN;
   END IF;
+  IF lifecycle.dag_float(v_value) IS NULL THEN
+    RETURN NEXT lifecycle.dag_report('bad_value', p_where, p_key, p_label, p_stages,
+      format('%s must be a number a double can hold (finite, and not so small that it rounds to 0), got %s',
+             v_name,
+             CASE WHEN length(v_value::text) <= 24 THEN v_value::text ELSE left(v_value::text, 20) || '...' END));
+    RETURN;
+  END IF;
   IF lifecycle.dag_number_value(v_value, p_minimum, p_positive, p_integral) IS NULL THEN
     v_rule := CASE WHEN p_integral THEN 'an integer from 1 to 1000'
                    ELSE format('%s %s', CASE WHEN p_positive THEN '>' ELSE '>=' END, p_minimum) END;
@@ -165,7 +172,7 @@ BEGIN
   END IF;
   RETURN (p_value #>> '{}')::double precision;
 EXCEPTION WHEN numeric_value_out_of_range THEN
-  RETURN CASE WHEN abs((p_value #>> '{}')::numeric) < 1 THEN 0 ELSE 'Infinity'::double precision END;
+  RETURN NULL;  -- 1e400 overflows, 1e-400 rounds to 0: a double cannot hold it (read it, and it fails)
 END
 $$;
 
@@ -303,6 +310,7 @@ CREATE OR REPLACE FUNCTION lifecycle.dag_validate_rules(p_dag jsonb) RETURNS TAB
 #variable_conflict use_column
 DECLARE
   c_id_re    CONSTANT text := '^[a-z][a-z0-9_]{0,62}$';
+  c_reserved CONSTANT text[] := ARRAY['compensate'];  -- dag_structure.RESERVED_STAGE_IDS
   v_defaults jsonb;
   v_stages   jsonb;
   v_edges    jsonb;
@@ -417,6 +425,11 @@ BEGIN
         format('id must match %s, got %s', c_id_re,
                CASE WHEN jsonb_typeof(v_sid) = 'string' THEN lifecycle.dag_quote(v_label)
                     ELSE lifecycle.dag_kind(v_sid) END));
+    ELSIF v_label = ANY (c_reserved) THEN
+      -- the op of stage 'compensate' would be <job>__compensate, the compensation job's name
+      RETURN QUERY SELECT * FROM lifecycle.dag_report('bad_stage_id', v_where, 'id', v_wlabel, ARRAY[v_label],
+        format('id %s is reserved: its op would be named like the compensation job (<name>__v<version>__compensate)',
+               lifecycle.dag_quote(v_label)));
     END IF;
     RETURN QUERY SELECT * FROM lifecycle.dag_check_keys(v_raw,
       ARRAY['id', 'capability', 'next', 'description', 'retry', 'timeout_s', 'compensate'],

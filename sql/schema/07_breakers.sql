@@ -134,6 +134,11 @@ BEGIN
     IF jsonb_typeof(v_value) <> 'number' THEN
       RETURN format('%s must be a number, got %s', v_key, v_value);
     END IF;
+    IF lifecycle.dag_float(v_value) IS NULL THEN  -- 1e400, 1e-400: every reader casts to double precision
+      RETURN format('%s must be a number a double can hold (finite, and not so small that it rounds to 0), got %s',
+                    v_key, CASE WHEN length(v_value::text) <= 24 THEN v_value::text
+                                ELSE left(v_value::text, 20) || '...' END);
+    END IF;
     IF (v_key IN ('window_s', 'latency_sla_ms') AND NOT (v_value::numeric > 0))
        OR (v_key = 'cooldown_s' AND NOT (v_value::numeric >= 0))
        -- bounded so that now() +/- the interval stays a timestamp: at most a year

@@ -324,7 +324,7 @@ DEF_CASES = [
         lambda: {"stages": [_st(retry={"base_delay_s": float("inf")})]},
         "bad_value",
         "stages[0].retry.base_delay_s",
-        "retry.base_delay_s must be >= 0, got inf",
+        "retry.base_delay_s must be a number a double can hold (finite, and not so small that it rounds to 0), got inf",
         "yaml",
     ),
     DefCase(
@@ -573,6 +573,62 @@ def test_a_definition_of_20_mb_is_refused(shared: str, tmp_path: Path) -> None:
             conn.execute("INSERT INTO workflow_definitions (name, dag_schema) VALUES ('wf', %s)", (Jsonb(dag),))
         assert "workflow wf v1: dag_schema is" in (err.value.diag.message_primary or "")
         assert "over the 8388608-byte limit (lifecycle.max_payload_bytes)" in (err.value.diag.message_primary or "")
+
+
+@pytest.mark.parametrize(
+    ("number", "at"),
+    [
+        ("1e-400", "retry.base_delay_s"),  # > 0 as numeric, 0 as a double: retry_stage failed on it
+        ("1e400", "retry.max_delay_s"),  # was refused "must be >= 0": the wrong reason
+        ("-1e-400", "timeout_s"),
+        ("1e-400", "retry.multiplier"),
+    ],
+)
+def test_a_dag_number_a_double_cannot_hold_is_refused_by_sql_with_the_reason(
+    shared: str, number: str, at: str
+) -> None:
+    """Written by SQL, 1e-400 and 1e400 stay as written (jsonb numbers are numeric); every reader
+    casts them to double precision. Python's JSON readers round them (0.0, inf) before its
+    validator sees them; an inf is refused with the same reason."""
+    field = at.split(".")[-1]
+    value = f'{{"{field}": {number}}}' if "." not in at else f'{{"retry": {{"{field}": {number}}}}}'
+    stage = json.dumps({"id": "a", "capability": "work"})[:-1] + ", " + value[1:]
+    with (
+        no_new_rows(shared),
+        psycopg.connect(shared, autocommit=True) as conn,
+        pytest.raises(psycopg.errors.CheckViolation) as err,
+    ):
+        conn.execute(
+            "INSERT INTO workflow_definitions (name, dag_schema) VALUES ('wf', %s::jsonb)",
+            ('{"stages": [' + stage + "]}",),
+        )
+    message = err.value.diag.message_primary or ""
+    reason = "must be a number a double can hold (finite, and not so small that it rounds to 0)"
+    assert f"stage 'a': {at} {reason}, got " in message, message
+    assert f"[bad_value at stages[0].{at}]" in (err.value.diag.message_detail or "")
+    if number == "1e400":  # Python reads it as inf: the same reason
+        [problem] = validate_dag(json.loads('{"stages": [' + stage + "]}"))
+        assert problem.message == f"stage 'a': {at} {reason}, got inf"
+
+
+def _deep_doc(kind: str) -> str:
+    if kind == "arrays":
+        return '{"deep": ' + "[" * 101 + "]" * 101 + "}"
+    if kind == "keys":
+        return '{"a": {"b c": {"é🚀\\n": ' + "[" * 98 + "]" * 98 + "}}}"
+    if kind == "objects_in_an_array":
+        return '{"x": [1, {"y": ' + '{"k": ' * 99 + "1" + "}" * 99 + "}]}"
+    return '{"short": [1], "long": ' + "[" * 100 + "]" * 100 + "}"
+
+
+@pytest.mark.parametrize("kind", ["arrays", "keys", "objects_in_an_array", "second_key"])
+def test_the_database_names_the_json_path_of_a_too_deep_payload_as_python_does(shared: str, kind: str) -> None:
+    text = _deep_doc(kind)
+    python = check_output(json.loads(text), limit=10**9, what="the context")
+    assert python is not None and " levels deep (objects and arrays) at $" in python
+    with psycopg.connect(shared, autocommit=True) as conn:
+        row = conn.execute("SELECT lifecycle.payload_problem(%s::jsonb, 'the context') AS p", (text,)).fetchone()
+    assert row is not None and row[0] == python
 
 
 @pytest.mark.parametrize(

@@ -582,6 +582,28 @@ def test_bad_breaker_settings_are_refused_clearly(db: str, breaker: Any, fragmen
     assert fragment in str(caught.value.diag.message_primary)
 
 
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('{"window_s": 1e-400}', "window_s must be a number a double can hold"),  # > 0 as numeric, 0 as a double
+        ('{"latency_sla_ms": 1e-400}', "latency_sla_ms must be a number a double can hold"),
+        ('{"error_budget": 1e-400}', "error_budget must be a number a double can hold"),
+        ('{"cooldown_s": 1e-400}', "cooldown_s must be a number a double can hold"),
+        ('{"error_budget": -1e400}', "error_budget must be a number a double can hold"),
+    ],
+)
+def test_breaker_settings_a_double_cannot_hold_are_refused(db: str, text: str, fragment: str) -> None:
+    """JSON written by SQL keeps 1e-400 exactly; routing, the status view and `breakers` read it as
+    a double and would fail on every call: refused when written, with the reason."""
+    with connect(db) as conn, pytest.raises(psycopg.errors.CheckViolation) as caught:
+        conn.execute(
+            "INSERT INTO agents (name, config) VALUES ('worker', jsonb_build_object('breaker', %s::jsonb))", (text,)
+        )
+    assert str(caught.value.diag.message_primary).startswith("agent worker: config.breaker ")
+    assert fragment in str(caught.value.diag.message_primary)
+    assert "(finite, and not so small that it rounds to 0)" in str(caught.value.diag.message_primary)
+
+
 def test_settings_override_the_defaults(db: str) -> None:
     a = _agent(db, "worker", "work", {"breaker": {"window_s": 10, "latency_sla_ms": 250}})
     with connect(db) as conn:

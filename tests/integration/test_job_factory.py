@@ -91,6 +91,52 @@ def test_invalid_definition_is_skipped_not_fatal() -> None:
     assert "no stages" in skipped[0].error or "empty" in skipped[0].error
 
 
+def _loads(rows: list[dict[str, Any]], caplog: pytest.LogCaptureFixture) -> tuple[list[str], list[str]]:
+    """(the jobs the code location holds, the warnings it logged) for a snapshot of ``rows``."""
+    with caplog.at_level("WARNING", logger="lifecycle_dagster.location.definitions"):
+        repo = definitions_from_snapshot(json.dumps(rows)).get_repository_def()
+        names = sorted(j.name for j in repo.get_all_jobs())  # Dagster checks names when jobs resolve
+    return names, [r.getMessage() for r in caplog.records]
+
+
+def test_a_stage_named_like_the_compensation_job_is_skipped_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    # a row stored before the validators reserved the id: its op would be wf__v1__compensate, the
+    # name of its compensation job, and Dagster refused the whole code location
+    bad = {**_fixture("diamond"), "id": "00000000-0000-0000-0000-0000000000e1", "name": "wf"}
+    bad["dag_schema"] = {"stages": [{"id": "charge", "capability": "x", "next": ["compensate"]}]}
+    bad["dag_schema"]["stages"].append({"id": "compensate", "capability": "refunds"})
+    names, warnings = _loads([_fixture("diamond"), bad], caplog)
+    assert names == ["diamond__v1", "diamond__v1__compensate"]
+    [warning] = warnings
+    assert warning.startswith("workflow wf v1 skipped: invalid workflow DAG (1 problem(s)):")
+    assert "stage 'compensate': id 'compensate' is reserved" in warning
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        # the same name and version twice in a snapshot: Dagster's "Duplicate job definition"
+        (
+            {"id": "00000000-0000-0000-0000-0000000000e2"},
+            "the Dagster name 'diamond__v1' is already used by workflow diamond v1",
+        ),
+        # a value Dagster's own checks refuse (a ParameterCheckError, not a definition error)
+        (
+            {"id": "00000000-0000-0000-0000-0000000000e3", "version": 2, "description": 5},
+            "cannot build its jobs: ParameterCheckError",
+        ),
+    ],
+)
+def test_a_row_that_cannot_join_the_location_is_skipped_with_why(
+    caplog: pytest.LogCaptureFixture, change: dict[str, Any], why: str
+) -> None:
+    bad = {**_fixture("diamond"), **change}
+    names, warnings = _loads([_fixture("diamond"), bad, _fixture("lifecycle_v1")], caplog)
+    assert names == ["diamond__v1", "diamond__v1__compensate", "lifecycle_v1__v1", "lifecycle_v1__v1__compensate"]
+    [warning] = warnings
+    assert warning.startswith(f"workflow diamond v{bad['version']} skipped: {why}")
+
+
 def test_two_versions_coexist_in_one_code_location() -> None:
     v1 = _fixture("lifecycle_v1")
     v2 = {**v1, "id": "00000000-0000-0000-0000-0000000000a2", "version": 2}

@@ -564,8 +564,71 @@ def test_cli_publish_an_invalid_file_lists_the_problems_and_stores_nothing(db: s
     badname = _write(tmp_path / "badname.json", {"name": "Bad", **_chain("a")})
     result = _cli("publish", str(badname))
     assert result.exit_code == 1
-    assert result.output.startswith("Error: invalid workflow name 'Bad': it must match")
+    assert result.output.startswith(f"Error: {badname}: invalid workflow name 'Bad': it must match")
     assert rows(db, "SELECT count(*) AS n FROM workflow_definitions") == [{"n": 0}]
+
+
+@pytest.mark.parametrize(
+    ("doc", "problem"),
+    [
+        ({"description": "a\x00b"}, "the definition contains a NUL character at $.description"),
+        ({"description": "x" * (8 * 1024 * 1024)}, "bytes, over the 8388608-byte limit"),
+        ({"name": "Bad"}, "invalid workflow name 'Bad': it must match ^[a-z][a-z0-9_]{0,62}$"),
+        ({"name": "wf__x"}, "invalid workflow name 'wf__x'"),
+        ({"name": None}, "a definition file to publish needs a 'name' (a string)"),
+        ({"description": 7}, "'description' must be a string"),
+    ],
+    ids=["nul_in_description", "over_the_size_limit", "bad_name", "name_with_dunder", "no_name", "description_int"],
+)
+def test_validate_refuses_what_publish_refuses(db: str, tmp_path: Path, doc: dict[str, Any], problem: str) -> None:
+    """`validate FILE` said valid where `publish FILE` (or the database) refused: every rule is one."""
+    f = _write(tmp_path / "wf.json", {"name": "wf", **_chain("a", "b"), **doc})
+    checked = _cli("validate", "--offline", str(f))
+    assert checked.exit_code == 1
+    assert next(line for line in checked.output.splitlines() if problem in line).startswith(f"{f}: "), checked.output
+    assert "valid (" not in checked.output
+    published = _cli("publish", str(f))
+    assert published.exit_code == 1 and problem in published.output, published.output
+    assert rows(db, "SELECT count(*) AS n FROM workflow_definitions") == [{"n": 0}]
+
+
+def test_validate_lists_dag_and_file_problems_together(tmp_path: Path) -> None:
+    f = _write(tmp_path / "wf.json", {"name": "Bad", "stages": [{"id": "compensate", "capability": "x"}]})
+    result = _cli("validate", "--offline", str(f))
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        f"{f}: invalid workflow DAG (1 problem(s)):",
+        "  - stage 'compensate': id 'compensate' is reserved: its op would be named like the compensation job"
+        " (<name>__v<version>__compensate)",
+        f"{f}: invalid workflow name 'Bad': it must match ^[a-z][a-z0-9_]{{0,62}}$, without __ and not ending in _",
+    ]
+
+
+def test_a_stage_named_compensate_is_refused_by_every_validator(db: str, tmp_path: Path) -> None:
+    """Its op would be wf__v1__compensate, the compensation job's name: Dagster refused the whole
+    code location. Refused by validate, publish and the database; a row stored before (the
+    trigger off) is listed by validate --all and skipped by the code location, the others load."""
+    dag = {"stages": [{"id": "charge", "capability": "work", "next": ["compensate"]}]}
+    dag["stages"].append({"id": "compensate", "capability": "work"})
+    f = _write(tmp_path / "wf.json", {"name": "wf", **dag})
+    for command in ("validate", "publish"):
+        result = _cli(command, str(f))
+        assert result.exit_code == 1 and "id 'compensate' is reserved" in result.output, result.output
+    with psycopg.connect(db, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.CheckViolation, match="id 'compensate' is reserved"):
+            conn.execute("SELECT * FROM lifecycle.definition_publish('wf', NULL, %s, true)", (Jsonb(dag),))
+        conn.execute("ALTER TABLE workflow_definitions DISABLE TRIGGER workflow_definitions_valid_dag")
+        conn.execute(
+            "INSERT INTO workflow_definitions (name, version, dag_schema, is_active) VALUES ('wf', 1, %s, true),"
+            " ('ok', 1, %s, true)",
+            (Jsonb(dag), Jsonb(_chain("a"))),
+        )
+        conn.execute("ALTER TABLE workflow_definitions ENABLE TRIGGER workflow_definitions_valid_dag")
+    result = _cli("validate", "--all")
+    assert result.exit_code == 1
+    assert "ok__v1: valid" in result.output and "wf__v1: valid" not in result.output
+    assert "wf v1: SKIPPED by the code location: invalid workflow DAG" in result.output
+    assert _loaded_jobs(db) == ["ok__v1", "ok__v1__compensate"]
 
 
 def test_cli_validate_warns_about_unconnected_stages_and_unserved_capabilities(db: str, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+from lifecycle_dagster.core.payload import json_path
 from lifecycle_dagster.store.db import Connection, connect
 from lifecycle_dagster.store.migrate import run_upgrade
 
@@ -171,7 +172,11 @@ def _nested(levels: int) -> Any:
         (Jsonb([1, 2]), "context must be a JSON object, got array"),
         (Jsonb("text"), "context must be a JSON object, got string"),
         (Jsonb(None), "context must be a JSON object, got null"),
-        (Jsonb(_nested(120)), "the context is nested more than 100 levels deep (objects and arrays)"),
+        (
+            Jsonb(_nested(120)),  # the path as Python's payload check names it (core/payload.py json_path)
+            "the context is nested more than 100 levels deep (objects and arrays) at "
+            + json_path(["deep", *[0] * 99]),
+        ),
     ],
     ids=["sql_null", "array", "string", "json_null", "too_deep"],
 )
