@@ -114,7 +114,7 @@ def test_run_binds_its_execution_before_a_daemon_could_launch_it(
 
     def execute_here(dsn: str, job: Any, tags: dict[str, str], run_id: str | None = None) -> Any:
         seen.append([r.run_key or "" for r in launch_requests(["lifecycle_v1__v1"], dsn)])
-        return real(dsn, job, tags, run_id=run_id)
+        return real(dsn, job, tags, **({} if run_id is None else {"run_id": run_id}))
 
     monkeypatch.setattr(cli_main, "execute_here", execute_here)
     result = CliRunner().invoke(
