@@ -4,7 +4,9 @@
 Supabase client, the runbook's section 8 statement with status pending) is launched as a run of its
 version's job with run key = execution id, so one execution never gets two runs however often the
 sensor sees it; the run's first op binds its run id to the row. A row whose job is not loaded
-(published since the last reload) stays pending with ``pending_reason`` saying so. Rows inserted as
+(published since the last reload) stays pending with ``pending_reason`` saying so, and never takes
+a launchable row's place in a tick's batch. Rows created bound to a run (``lifecycle-dagster run``)
+are never launched. Rows inserted as
 ``in_progress`` with no run (driven by hand) are never launched.
 
 ``lifecycle_run_failure_sensor``: a failed forward run is mirrored into Postgres: its execution
