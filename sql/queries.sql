@@ -27,6 +27,14 @@ INSERT INTO workflow_executions (workflow_definition_id, status, context, create
 VALUES (%(definition_id)s, 'pending', %(context)s, %(created_by)s)
 RETURNING id::text AS id;
 
+-- name: create_execution_bound
+-- A pending execution created already bound to the Dagster run that will execute it
+-- (`lifecycle-dagster run`): the launch sensor launches only rows no run has bound, so it never
+-- launches this one a second time.
+INSERT INTO workflow_executions (workflow_definition_id, status, context, created_by, dagster_run_id)
+VALUES (%(definition_id)s, 'pending', %(context)s, %(created_by)s, %(run_id)s)
+RETURNING id::text AS id;
+
 -- name: execution
 SELECT e.id::text AS id, e.status, e.current_stage, e.error_message, e.dagster_run_id,
        e.context, d.name AS workflow_name, d.version
@@ -132,11 +140,12 @@ SELECT execution_id::text AS execution_id, dagster_run_id, last_seen
 FROM lifecycle.executions_stale(%(timeout_s)s);
 
 -- name: unbound_pending_executions
--- Pending executions no run has bound yet, older than the bound: the reconciler checks whether a run
--- was launched for them and lost (lifecycle_dagster.sensors._settle_unstarted).
+-- Pending executions no run has started yet (unbound, or created bound to the run of
+-- `lifecycle-dagster run`), older than the bound: the reconciler checks whether a run was launched
+-- for them and lost (lifecycle_dagster.sensors._settle_unstarted).
 SELECT e.id::text AS execution_id
 FROM workflow_executions e
-WHERE e.status = 'pending' AND e.dagster_run_id IS NULL
+WHERE e.status = 'pending'
   AND e.created_at < now() - make_interval(secs => %(timeout_s)s)
 ORDER BY e.created_at
 LIMIT %(limit)s;
@@ -264,8 +273,14 @@ WHERE a.is_active AND latest.knowledge ->> 'capability' = ANY (%(capabilities)s:
 SELECT code, stages, path, message FROM lifecycle.dag_validate(%(dag)s);
 
 -- name: launchable_executions
+-- The oldest pending rows not bound to a run whose job %(jobs)s (job names) has loaded.
 SELECT execution_id::text AS execution_id, workflow_name, version, created_at, pending_reason
-FROM lifecycle.executions_launchable(%(limit)s);
+FROM lifecycle.executions_launchable(%(jobs)s::text[], %(limit)s);
+
+-- name: unloaded_pending_executions
+-- Pending rows not bound to a run, of a version whose job is not among %(jobs)s, with no pending_reason yet.
+SELECT execution_id::text AS execution_id, workflow_name, version
+FROM lifecycle.executions_unloaded(%(jobs)s::text[], %(limit)s);
 
 -- name: set_pending_reason
 SELECT lifecycle.execution_set_pending_reason(%(execution_id)s, %(reason)s) AS changed;
@@ -326,6 +341,14 @@ ORDER BY id;
 SELECT DISTINCT ON (execution_id) execution_id::text AS execution_id, last_event_id, last_hash
 FROM lifecycle.audit_checkpoints
 ORDER BY execution_id, id DESC;
+
+-- name: audit_heads
+-- The head of each stream as lifecycle.audit_chain last wrote it (NULL execution_id: the global
+-- stream), optionally of one execution only (%(execution_id)s NULL: every stream).
+SELECT execution_id::text AS execution_id, last_event_id, last_hash
+FROM lifecycle.audit_heads
+WHERE %(execution_id)s::uuid IS NULL OR execution_id = %(execution_id)s::uuid
+ORDER BY stream;
 
 -- name: audit_canonical_event
 -- The database's canonical form and hash of one stored event (to compare with Python's).

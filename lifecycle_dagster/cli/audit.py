@@ -106,10 +106,12 @@ def show_cmd(execution_id: str, as_json: bool) -> None:
 def verify_cmd(execution_id: str | None, as_json: bool) -> None:
     """Recompute the hash chain of EXECUTION_ID's events (every stream when omitted) from the rows.
 
-    Prints "N events in M streams verified" and exits 0 when every link holds; otherwise prints,
-    for each broken stream, its first broken link (stream, event id, expected and stored hash) and
-    exits 1. Events stored before the chain existed (no hash) are counted and skipped. --json prints
-    the same as one JSON document (same exit codes).
+    Prints "N events in M streams verified" and exits 0 when every link holds and every stream
+    still ends at its head (lifecycle.audit_heads); otherwise prints, for each broken stream, its
+    first broken link (stream, event id, expected and stored hash; a stream, or its newest events,
+    removed outside retention is named by its head event) and exits 1. Events stored before the
+    chain existed (no hash) are counted and skipped. --json prints the same as one JSON document
+    (same exit codes).
     """
     from lifecycle_dagster.store.audit import verify
 

@@ -55,10 +55,10 @@ def dagster_home(settings: Settings, dsn: str) -> Path:
     return home
 
 
-def execute_here(dsn: str, job: Any, tags: dict[str, str]) -> Any:
+def execute_here(dsn: str, job: Any, tags: dict[str, str], run_id: str | None = None) -> Any:
     """Execute the Dagster ``job`` in this process on the Dagster home of ``dsn`` (in-process
-    executor, console logging off) with run ``tags``; return its ExecuteInProcessResult. A failed
-    run is returned, not raised."""
+    executor, console logging off) with run ``tags`` (and run id ``run_id``, a new one when None);
+    return its ExecuteInProcessResult. A failed run is returned, not raised."""
     from dagster import DagsterInstance
 
     instance = DagsterInstance.from_config(str(dagster_home(Settings.from_env(), dsn)))
@@ -66,6 +66,7 @@ def execute_here(dsn: str, job: Any, tags: dict[str, str]) -> Any:
         return job.execute_in_process(
             instance=instance,
             tags=tags,
+            run_id=run_id,
             run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
             raise_on_error=False,
         )

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -202,12 +203,15 @@ def run_cmd(workflow: str, context_file: Path) -> None:
             job = build_job(row)
         except (DagValidationError, ValueError) as exc:
             raise click.ClickException(f"{workflow} v{row['version']}: {exc}") from exc
-        execution_id = transitions.execution_create(conn, definition_id=row["id"], context=context, created_by=None)
+        run_id = str(uuid.uuid4())  # bound at insert: a running daemon's launch sensor never launches it too
+        execution_id = transitions.execution_create(
+            conn, definition_id=row["id"], context=context, created_by=None, run_id=run_id
+        )
     click.echo(f"execution {execution_id}  ({workflow} v{row['version']}, job {job.name})")
 
     os.environ.setdefault("DAGSTER_HOME", str(dagster_home(settings, dsn)))
     with BackgroundProgress(dsn, execution_id):  # a progress bar on stderr when it is a terminal
-        result = execute_here(dsn, job, {EXECUTION_ID_TAG: execution_id})
+        result = execute_here(dsn, job, {EXECUTION_ID_TAG: execution_id}, run_id=run_id)
     status = print_execution(dsn, execution_id)
     click.echo(f"dagster run {result.run_id}: {'success' if result.success else 'failure'}")
     if not result.success and status == "in_progress":  # the engine could not record why: show Dagster's

@@ -4,7 +4,9 @@
 Supabase client, the runbook's section 8 statement with status pending) is launched as a run of its
 version's job with run key = execution id, so one execution never gets two runs however often the
 sensor sees it; the run's first op binds its run id to the row. A row whose job is not loaded
-(published since the last reload) stays pending with ``pending_reason`` saying so. Rows inserted as
+(published since the last reload) stays pending with ``pending_reason`` saying so, and never takes
+a launchable row's place in a tick's batch. Rows created bound to a run (``lifecycle-dagster run``)
+are never launched. Rows inserted as
 ``in_progress`` with no run (driven by hand) are never launched.
 
 ``lifecycle_run_failure_sensor``: a failed forward run is mirrored into Postgres: its execution
@@ -253,29 +255,31 @@ LAUNCH_BATCH = 100
 
 
 def launch_requests(jobs: Sequence[str], dsn: str) -> Iterator[dg.RunRequest]:
-    """The run requests of one launch tick (see the module docstring)."""
-    known = set(jobs)
+    """The run requests of one launch tick (see the module docstring): the oldest
+    :data:`LAUNCH_BATCH` pending rows of the loaded ``jobs`` (rows of a version not loaded never
+    take their place: they are given a ``pending_reason`` instead, once)."""
+    known = sorted(set(jobs))
     with connect(dsn) as conn:
-        rows = conn.execute(query("launchable_executions"), {"limit": LAUNCH_BATCH}).fetchall()
-        for r in rows:
-            job = job_name(r["workflow_name"], r["version"])
-            if job not in known:
-                execution_set_pending_reason(
-                    conn,
-                    execution_id=r["execution_id"],
-                    reason=f"job {job} is not loaded: reload the code location to pick up this version",
-                )
-                continue
-            yield dg.RunRequest(
-                run_key=r["execution_id"],
-                job_name=job,
-                run_config=IN_PROCESS,
-                tags={
-                    EXECUTION_ID_TAG: r["execution_id"],
-                    "lifecycle/workflow": r["workflow_name"],
-                    "lifecycle/version": str(r["version"]),
-                },
+        unloaded = conn.execute(query("unloaded_pending_executions"), {"jobs": known, "limit": LAUNCH_BATCH})
+        for r in unloaded.fetchall():
+            execution_set_pending_reason(
+                conn,
+                execution_id=r["execution_id"],
+                reason=f"job {job_name(r['workflow_name'], r['version'])} is not loaded: "
+                "reload the code location to pick up this version",
             )
+        rows = conn.execute(query("launchable_executions"), {"jobs": known, "limit": LAUNCH_BATCH}).fetchall()
+    for r in rows:
+        yield dg.RunRequest(
+            run_key=r["execution_id"],
+            job_name=job_name(r["workflow_name"], r["version"]),
+            run_config=IN_PROCESS,
+            tags={
+                EXECUTION_ID_TAG: r["execution_id"],
+                "lifecycle/workflow": r["workflow_name"],
+                "lifecycle/version": str(r["version"]),
+            },
+        )
 
 
 def launch_sensor(jobs: Sequence[dg.JobDefinition]) -> dg.SensorDefinition:

@@ -8,7 +8,9 @@ Rules (``Violation.rule``):
     an execution is not in a state it may rest in: ``completed``, ``rolled_back``,
     ``compensation_failed``; ``failed`` only under ``on_failure: hold``; ``cancelled`` only when its
     cancel said ``compensate = false`` (``cancel --no-compensate``). Work in flight is reported so
-    too (``idle_s`` lets recently active executions pass).
+    too (``idle_s`` lets recently active executions pass). An execution driven by hand (no Dagster
+    run, as the runbook's section 8 does) whose every stage is completed is reported as such: nothing
+    will complete it but its owner.
 ``completion_missing`` / ``completed_twice`` / ``completion_lost``
     every stage the engine ran that is (or was, before its undo) completed has exactly one accepted
     completion: one ``stage_completed`` event and at most one completed task; a ``stage_completed``
@@ -102,7 +104,7 @@ def check(conn: Connection, *, idle_s: float = 0.0) -> list[Violation]:
         breakers = [dict(r) for r in conn.execute(query("invariant_breaker_states")).fetchall()]
         late = [dict(r) for r in conn.execute(query("invariant_late_completions")).fetchall()]
     found: list[Violation] = []
-    found += _executions(executions, idle_s)
+    found += _executions(executions, idle_s, _finished_by_hand(executions, stages))
     found += _stages(executions, stages)
     found += _breakers(outcomes, breakers)
     found += [
@@ -127,7 +129,23 @@ def check(conn: Connection, *, idle_s: float = 0.0) -> list[Violation]:
     return found
 
 
-def _executions(executions: Iterable[Mapping[str, Any]], idle_s: float) -> list[Violation]:
+def _finished_by_hand(executions: Iterable[Mapping[str, Any]], stages: Iterable[Mapping[str, Any]]) -> set[str]:
+    """The in_progress executions no Dagster run drives whose every stage of the DAG is completed."""
+    completed: dict[str, set[str]] = {}
+    for s in stages:
+        if s["status"] == "completed":
+            completed.setdefault(s["execution_id"], set()).add(s["stage_id"])
+    found = set()
+    for e in executions:
+        if e["status"] != "in_progress" or e["dagster_run_id"] is not None:
+            continue
+        dag = _dag(e["dag_schema_json"])
+        if dag is not None and set(dag.topological_order()) <= completed.get(e["execution_id"], set()):
+            found.add(e["execution_id"])
+    return found
+
+
+def _executions(executions: Iterable[Mapping[str, Any]], idle_s: float, by_hand: set[str]) -> list[Violation]:
     found = []
     for e in executions:
         if at_rest(e["status"], e["on_failure"], e["cancel_compensates"]):
@@ -139,6 +157,11 @@ def _executions(executions: Iterable[Mapping[str, Any]], idle_s: float) -> list[
             "failed": "failed: its compensation is due (on_failure: compensate)",
             "cancelled": "cancelled: its compensation is due (the cancel asked for it)",
         }.get(e["status"], e["status"])
+        if e["execution_id"] in by_hand:
+            why = (
+                "in_progress, driven by hand (no Dagster run) to its last stage: every stage of its DAG is"
+                " completed, but nothing completes the execution (set its status to 'completed')"
+            )
         found.append(
             Violation(
                 "not_quiesced",

@@ -229,14 +229,22 @@ def _text(value: Any) -> str | None:
 
 
 def execution_create(
-    conn: Connection, *, definition_id: str, context: Mapping[str, Any], created_by: str | None
+    conn: Connection,
+    *,
+    definition_id: str,
+    context: Mapping[str, Any],
+    created_by: str | None,
+    run_id: str | None = None,
 ) -> str:
-    """Insert a pending execution of a definition (the runbook's section 8); return its id."""
-    row = _row(
-        conn,
-        "create_execution",
-        {"definition_id": definition_id, "context": Jsonb(dict(context)), "created_by": created_by},
-    )
+    """Insert a pending execution of a definition (the runbook's section 8); return its id.
+
+    ``run_id``: the Dagster run that will execute it, bound in the same statement (a row bound to
+    a run is never launched by the launch sensor); None leaves it to the launch sensor."""
+    params = {"definition_id": definition_id, "context": Jsonb(dict(context)), "created_by": created_by}
+    if run_id is None:
+        row = _row(conn, "create_execution", params)
+    else:
+        row = _row(conn, "create_execution_bound", {**params, "run_id": run_id})
     return str(row["id"])
 
 

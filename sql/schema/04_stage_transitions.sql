@@ -326,18 +326,40 @@ GRANT ALL ON FUNCTION lifecycle.run_heartbeat(p_run_id text, p_now timestamp wit
 
 
 -- lifecycle.executions_launchable
-CREATE OR REPLACE FUNCTION lifecycle.executions_launchable(p_limit integer DEFAULT 100) RETURNS TABLE(execution_id uuid, workflow_name text, version integer, created_at timestamp with time zone, pending_reason text)
+-- p_jobs: the job names the code location has loaded (<name>__v<version>, as
+-- lifecycle_dagster.location.job_factory.job_name makes them): rows of other versions never take
+-- a place in the batch, so they cannot keep launchable rows waiting
+CREATE OR REPLACE FUNCTION lifecycle.executions_launchable(p_jobs text[], p_limit integer DEFAULT 100) RETURNS TABLE(execution_id uuid, workflow_name text, version integer, created_at timestamp with time zone, pending_reason text)
     LANGUAGE sql STABLE
     AS $$
   SELECT e.id, d.name, d.version, e.created_at, e.pending_reason
   FROM public.workflow_executions e JOIN public.workflow_definitions d ON d.id = e.workflow_definition_id
   WHERE e.status = 'pending' AND e.dagster_run_id IS NULL
+    AND d.name || '__v' || d.version::text = ANY (p_jobs)
   ORDER BY e.created_at, e.id
   LIMIT p_limit
 $$;
 
-REVOKE ALL ON FUNCTION lifecycle.executions_launchable(p_limit integer) FROM PUBLIC, anon, authenticated, service_role;
-GRANT ALL ON FUNCTION lifecycle.executions_launchable(p_limit integer) TO service_role;
+REVOKE ALL ON FUNCTION lifecycle.executions_launchable(p_jobs text[], p_limit integer) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.executions_launchable(p_jobs text[], p_limit integer) TO service_role;
+
+
+-- lifecycle.executions_unloaded
+-- Pending rows not bound to a run whose job is not among p_jobs (see executions_launchable) and
+-- that do not say why they wait yet: the launch sensor gives each its pending_reason, once
+CREATE OR REPLACE FUNCTION lifecycle.executions_unloaded(p_jobs text[], p_limit integer DEFAULT 100) RETURNS TABLE(execution_id uuid, workflow_name text, version integer)
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT e.id, d.name, d.version
+  FROM public.workflow_executions e JOIN public.workflow_definitions d ON d.id = e.workflow_definition_id
+  WHERE e.status = 'pending' AND e.dagster_run_id IS NULL AND e.pending_reason IS NULL
+    AND NOT (d.name || '__v' || d.version::text = ANY (p_jobs))
+  ORDER BY e.created_at, e.id
+  LIMIT p_limit
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.executions_unloaded(p_jobs text[], p_limit integer) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.executions_unloaded(p_jobs text[], p_limit integer) TO service_role;
 
 
 -- lifecycle.stage_refuse_late_result

@@ -74,6 +74,12 @@ BEGIN
     NEW.prev_hash,
     lifecycle.audit_canonical_event(NEW.id, NEW.execution_id, NEW.event_type, NEW.stage_id, NEW.metadata,
                                     NEW."timestamp"));
+  -- the stream's head, kept where a DELETE on workflow_events cannot reach: `audit verify` compares
+  -- it with the newest stored event (a stream, or its tail, removed outside audit_prune)
+  INSERT INTO lifecycle.audit_heads AS h (stream, execution_id, last_event_id, last_hash, updated_at)
+  VALUES (coalesce(NEW.execution_id::text, 'global'), NEW.execution_id, NEW.id, NEW.hash, now())
+  ON CONFLICT (stream) DO UPDATE
+    SET last_event_id = EXCLUDED.last_event_id, last_hash = EXCLUDED.last_hash, updated_at = EXCLUDED.updated_at;
   RETURN NEW;
 END
 $$;
@@ -97,8 +103,10 @@ CREATE OR REPLACE FUNCTION lifecycle.audit_guard() RETURNS trigger
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
+  -- retention: only inside lifecycle.audit_prune, which marks its transaction in a table no role
+  -- but the owner can write (a setting, which any role can change, would not do)
   IF TG_OP = 'DELETE' AND TG_TABLE_NAME = 'workflow_events'
-     AND coalesce(current_setting('lifecycle.audit_retention', true), '') = 'on' THEN
+     AND EXISTS (SELECT 1 FROM lifecycle.audit_retention_marks m WHERE m.txid = pg_current_xact_id()) THEN
     IF OLD.execution_id IS NOT NULL AND NOT EXISTS (
          SELECT 1 FROM public.workflow_executions e
           WHERE e.id = OLD.execution_id AND e.status IN ('completed', 'rolled_back', 'compensation_failed')) THEN
@@ -161,7 +169,7 @@ BEGIN
       upper(current_setting('transaction_isolation'))
       USING ERRCODE = 'invalid_transaction_state';
   END IF;
-  PERFORM set_config('lifecycle.audit_retention', 'on', true);
+  INSERT INTO lifecycle.audit_retention_marks (txid) VALUES (pg_current_xact_id()) ON CONFLICT DO NOTHING;
 
   -- executions: locked (the engine locks the execution row before writing its events), then
   -- their stream; re-checked under the lock.
@@ -203,7 +211,7 @@ BEGIN
     VALUES (NULL, v_last.id, v_last.hash, v_global, p_before);
   END IF;
 
-  PERFORM set_config('lifecycle.audit_retention', 'off', true);
+  DELETE FROM lifecycle.audit_retention_marks m WHERE m.txid = pg_current_xact_id();
 
   IF v_execs > 0 OR v_global > 0 THEN
     INSERT INTO public.workflow_events (execution_id, event_type, metadata)
@@ -218,6 +226,47 @@ COMMENT ON FUNCTION lifecycle.audit_prune(p_before timestamp with time zone, p_m
 
 REVOKE ALL ON FUNCTION lifecycle.audit_prune(p_before timestamp with time zone, p_max_streams integer) FROM PUBLIC, anon, authenticated, service_role;
 GRANT ALL ON FUNCTION lifecycle.audit_prune(p_before timestamp with time zone, p_max_streams integer) TO service_role;
+
+
+-- lifecycle.stage_log_event
+-- A stage log inserted, or its status changed, outside the engine (by hand, as the runbook's section
+-- 8 does, or by a function of the user's) records the event the engine would have: stage status
+-- changes by anyone are in the audit feed. A change made inside one of the engine's functions
+-- (lifecycle.*: each writes its own events, with more detail) is skipped; the call stack
+-- (PG_CONTEXT) says which, so no engine function needs to mark its transaction.
+CREATE OR REPLACE FUNCTION lifecycle.stage_log_event() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_stack text;
+  v_previous text;
+BEGIN
+  v_previous := CASE WHEN TG_OP = 'UPDATE' THEN OLD.status END;
+  IF v_previous IS NOT DISTINCT FROM NEW.status THEN
+    RETURN NULL;
+  END IF;
+  GET DIAGNOSTICS v_stack = PG_CONTEXT;
+  IF v_stack ~ '(^|\n)PL/pgSQL function lifecycle\.(?!stage_log_event\()\w+\(' THEN
+    RETURN NULL;  -- the engine's own change: its function wrote the event
+  END IF;
+  INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata)
+  VALUES (NEW.execution_id,
+          CASE NEW.status
+            WHEN 'in_progress' THEN 'stage_started'
+            WHEN 'pending' THEN CASE WHEN v_previous IS NULL THEN 'stage_pending' ELSE 'stage_retrying' END
+            ELSE 'stage_' || NEW.status
+          END,
+          NEW.stage_id,
+          jsonb_strip_nulls(jsonb_build_object(
+            'status', NEW.status, 'previous_status', v_previous, 'attempt', NEW.attempt_number,
+            'error', NEW.error_message, 'recorded_by', 'stage_log_trigger', 'db_user', session_user::text)));
+  RETURN NULL;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.stage_log_event() FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.stage_log_event() TO service_role;
 
 
 -- lifecycle.audit_stream_key
@@ -273,3 +322,6 @@ CREATE OR REPLACE TRIGGER workflow_events_no_truncate BEFORE TRUNCATE ON public.
 
 -- trigger workflow_events workflow_events_zz_audit_chain
 CREATE OR REPLACE TRIGGER workflow_events_zz_audit_chain BEFORE INSERT ON public.workflow_events FOR EACH ROW EXECUTE FUNCTION lifecycle.audit_chain();
+
+-- trigger workflow_execution_logs workflow_execution_logs_zz_event
+CREATE OR REPLACE TRIGGER workflow_execution_logs_zz_event AFTER INSERT OR UPDATE OF status ON public.workflow_execution_logs FOR EACH ROW EXECUTE FUNCTION lifecycle.stage_log_event();

@@ -53,6 +53,14 @@ ALTER TABLE lifecycle.adoption_rejects NO FORCE ROW LEVEL SECURITY;
 ALTER TABLE lifecycle.artifacts ENABLE ROW LEVEL SECURITY;
 ALTER TABLE lifecycle.artifacts NO FORCE ROW LEVEL SECURITY;
 
+-- rls lifecycle_audit_heads
+ALTER TABLE lifecycle.audit_heads ENABLE ROW LEVEL SECURITY;
+ALTER TABLE lifecycle.audit_heads NO FORCE ROW LEVEL SECURITY;
+
+-- rls lifecycle_audit_retention_marks
+ALTER TABLE lifecycle.audit_retention_marks ENABLE ROW LEVEL SECURITY;
+ALTER TABLE lifecycle.audit_retention_marks NO FORCE ROW LEVEL SECURITY;
+
 -- rls lifecycle_audit_checkpoints
 ALTER TABLE lifecycle.audit_checkpoints ENABLE ROW LEVEL SECURITY;
 ALTER TABLE lifecycle.audit_checkpoints NO FORCE ROW LEVEL SECURITY;
@@ -96,6 +104,14 @@ CREATE POLICY service_role_all ON lifecycle.adoption_rejects TO service_role USI
 -- policy lifecycle_artifacts service_role_all
 DROP POLICY IF EXISTS service_role_all ON lifecycle.artifacts;
 CREATE POLICY service_role_all ON lifecycle.artifacts TO service_role USING (true) WITH CHECK (true);
+
+-- policy lifecycle_audit_heads service_role_read
+DROP POLICY IF EXISTS service_role_read ON lifecycle.audit_heads;
+CREATE POLICY service_role_read ON lifecycle.audit_heads FOR SELECT TO service_role USING (true);
+
+-- policy lifecycle_audit_retention_marks service_role_read
+DROP POLICY IF EXISTS service_role_read ON lifecycle.audit_retention_marks;
+CREATE POLICY service_role_read ON lifecycle.audit_retention_marks FOR SELECT TO service_role USING (true);
 
 -- policy lifecycle_audit_checkpoints service_role_all
 DROP POLICY IF EXISTS service_role_all ON lifecycle.audit_checkpoints;
@@ -217,6 +233,14 @@ GRANT ALL ON TABLE lifecycle.artifacts TO service_role;
 -- privileges lifecycle_artifacts_id_seq
 REVOKE ALL ON SEQUENCE lifecycle.artifacts_id_seq FROM PUBLIC, anon, authenticated, service_role;
 GRANT ALL ON SEQUENCE lifecycle.artifacts_id_seq TO service_role;
+
+-- privileges lifecycle_audit_heads (written only by lifecycle.audit_chain, as the owner)
+REVOKE ALL ON TABLE lifecycle.audit_heads FROM PUBLIC, anon, authenticated, service_role;
+GRANT SELECT ON TABLE lifecycle.audit_heads TO service_role;
+
+-- privileges lifecycle_audit_retention_marks (written only by lifecycle.audit_prune, as the owner)
+REVOKE ALL ON TABLE lifecycle.audit_retention_marks FROM PUBLIC, anon, authenticated, service_role;
+GRANT SELECT ON TABLE lifecycle.audit_retention_marks TO service_role;
 
 -- privileges lifecycle_audit_checkpoints
 REVOKE ALL ON TABLE lifecycle.audit_checkpoints FROM PUBLIC, anon, authenticated, service_role;

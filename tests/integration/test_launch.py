@@ -13,11 +13,13 @@ from typing import Any
 
 import dagster as dg
 import pytest
+from click.testing import CliRunner
 from psycopg.types.json import Jsonb
 
+from lifecycle_dagster.cli import main as cli_main
 from lifecycle_dagster.location.definitions import definitions_from_snapshot, fetch_snapshot
 from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG
-from lifecycle_dagster.location.sensors import launch_requests
+from lifecycle_dagster.location.sensors import LAUNCH_BATCH, launch_requests
 from lifecycle_dagster.store.db import connect
 
 from helpers import events, rows, running_daemon
@@ -75,6 +77,57 @@ def test_a_version_not_loaded_waits_with_a_visible_reason(seeded_db: str) -> Non
     assert [t for t, _, _ in events(seeded_db, eid)] == ["launch_waiting"]
     [req] = list(launch_requests(["lifecycle_v1__v1", "lifecycle_v1__v2"], seeded_db))  # after a reload
     assert req.run_key == eid
+
+
+def test_rows_of_versions_not_loaded_never_keep_a_launchable_row_waiting(seeded_db: str) -> None:
+    """A batch of the oldest pending rows once held only rows of a version the code location had not
+    loaded: 100 of them kept every newer row from launching."""
+    with connect(seeded_db) as conn:
+        conn.execute(
+            "SELECT lifecycle.definition_publish('lifecycle_v1', 'v2',"
+            ' dag_schema || \'{"on_failure": "hold"}\', true) FROM workflow_definitions WHERE version = 1'
+        )
+        conn.execute(
+            "INSERT INTO workflow_executions (workflow_definition_id, status, context, created_at)"
+            " SELECT id, 'pending', '{}', now() - interval '1 hour' + g * interval '1 ms'"
+            " FROM workflow_definitions, generate_series(1, %s) g WHERE version = 2",
+            (LAUNCH_BATCH + 20,),
+        )
+    launchable = _insert(seeded_db, version=1)  # the newest row
+    for tick in (1, 2, 3):  # the waiting rows say why, a batch per tick, and block nothing meanwhile
+        assert [r.run_key for r in launch_requests(["lifecycle_v1__v1"], seeded_db)] == [launchable]
+        waiting = rows(
+            seeded_db,
+            "SELECT count(*) AS n FROM workflow_executions"
+            " WHERE pending_reason LIKE 'job lifecycle_v1__v2 is not loaded%%'",
+        )
+        assert waiting == [{"n": min(tick * LAUNCH_BATCH, LAUNCH_BATCH + 20)}]
+
+
+def test_run_binds_its_execution_before_a_daemon_could_launch_it(
+    seeded_db: str, dagster_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lifecycle-dagster run` once inserted its row unbound: a running daemon's launch sensor launched
+    it a second time. The sensor's view just before `run` executes its job is checked here."""
+    seen: list[list[str]] = []
+    real = cli_main.execute_here
+
+    def execute_here(dsn: str, job: Any, tags: dict[str, str], run_id: str | None = None) -> Any:
+        seen.append([r.run_key or "" for r in launch_requests(["lifecycle_v1__v1"], dsn)])
+        return real(dsn, job, tags, **({} if run_id is None else {"run_id": run_id}))
+
+    monkeypatch.setattr(cli_main, "execute_here", execute_here)
+    result = CliRunner().invoke(
+        cli_main.main,
+        ["run", "lifecycle_v1", "--context", str(REPO / "examples/acme.json")],
+        env={"DAGSTER_HOME": str(dagster_home)},
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert seen == [[]]
+    run_id = next(line.split()[2][:-1] for line in result.output.splitlines() if line.startswith("dagster run "))
+    [ex] = rows(seeded_db, "SELECT status, dagster_run_id FROM workflow_executions")
+    assert ex == {"status": "completed", "dagster_run_id": run_id}
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from lifecycle_dagster.store.audit import GENESIS, verify
 from lifecycle_dagster.store.db import connect
 from lifecycle_dagster.store.sqlfiles import query
 
-from helpers import create_execution, install, rows
+from helpers import as_role, create_execution, install, rows
 
 STAGES = ["s1", "s2", "s3", "s4", "s5"]
 DAG = {
@@ -32,6 +32,7 @@ DAG = {
 }
 CHAIN_TRIGGER = "workflow_events_zz_audit_chain"
 GUARD_TRIGGER = "workflow_events_append_only"
+LOG_EVENT_TRIGGER = "workflow_execution_logs_zz_event"
 
 
 def _cli(*args: str) -> Any:
@@ -62,8 +63,11 @@ def _event(
 
 
 def _complete(db: str, eid: str) -> None:
-    """Drive an execution to completed by hand (the runbook's section 8 way): every log completed."""
-    with connect(db) as conn:
+    """Drive an execution to completed by hand (the runbook's section 8 way): every log completed.
+    The stage events such hand changes record (lifecycle.stage_log_event) are left out here: these
+    tests choose every event of the streams themselves."""
+    with connect(db) as conn, conn.transaction():
+        conn.execute(f"ALTER TABLE workflow_execution_logs DISABLE TRIGGER {LOG_EVENT_TRIGGER}")
         conn.execute("UPDATE workflow_executions SET status = 'in_progress' WHERE id = %s", (eid,))
         for s in STAGES:
             conn.execute(
@@ -72,6 +76,7 @@ def _complete(db: str, eid: str) -> None:
                 (eid, s),
             )
         conn.execute("UPDATE workflow_executions SET status = 'completed' WHERE id = %s", (eid,))
+        conn.execute(f"ALTER TABLE workflow_execution_logs ENABLE TRIGGER {LOG_EVENT_TRIGGER}")
 
 
 def _chain(db: str, eid: str | None) -> list[dict[str, Any]]:
@@ -121,20 +126,94 @@ def test_events_are_append_only_even_for_a_superuser(db: str, statement: str, op
     assert rows(db, "SELECT event_type FROM workflow_events") == [{"event_type": "something"}]
 
 
-def test_the_retention_flag_does_not_allow_deleting_unfinished_streams_or_updates(db: str) -> None:
-    eid = _execution(db)
+@pytest.mark.parametrize("role", [None, "service_role"])
+def test_no_role_can_switch_retention_on_by_itself(db: str, role: str | None) -> None:
+    """The setting lifecycle.audit_retention once let any role holding DELETE (the owner,
+    service_role) delete whole streams; only lifecycle.audit_prune's own mark does now."""
+    done = _execution(db)
+    _complete(db, done)
     with connect(db) as conn:
-        event_id = _event(conn, eid, "something")
-        with pytest.raises(psycopg.errors.InsufficientPrivilege) as err, conn.transaction():
-            conn.execute("SELECT set_config('lifecycle.audit_retention', 'on', true)")
-            conn.execute("DELETE FROM workflow_events")
-        assert err.value.diag.message_primary == (
-            f"audit retention: event {event_id} belongs to execution {eid}, which is not finished"
-        )
-        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="UPDATE refused"), conn.transaction():
-            conn.execute("SELECT set_config('lifecycle.audit_retention', 'on', true)")
-            conn.execute("UPDATE workflow_events SET metadata = '{}'")
-    assert len(rows(db, "SELECT id FROM workflow_events")) == 1
+        _event(conn, done, "something", ts="2020-01-01 00:00:00+00")
+        _event(conn, None, "global_thing", ts="2020-01-01 00:00:00+00")
+    with as_role(db, role or "postgres") as conn:
+        for statement in (
+            "DELETE FROM workflow_events",
+            "DELETE FROM workflow_events WHERE execution_id IS NULL",
+            "UPDATE workflow_events SET metadata = '{}'",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as err, conn.transaction():
+                conn.execute("SELECT set_config('lifecycle.audit_retention', 'on', true)")
+                conn.execute(statement)  # type: ignore[arg-type]
+            assert err.value.diag.message_primary.startswith("workflow_events is append-only:"), statement
+        if role is not None:  # the mark audit_prune sets is the owner's alone
+            with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
+                conn.execute("INSERT INTO lifecycle.audit_retention_marks (txid) VALUES (pg_current_xact_id())")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
+                conn.execute("DELETE FROM lifecycle.audit_heads")
+    assert len(rows(db, "SELECT id FROM workflow_events")) == 2
+    with connect(db) as conn:  # the retention function still removes the finished stream
+        got = conn.execute(query("audit_prune"), {"before": "2021-01-01T00:00:00Z", "max_streams": 10}).fetchone()
+    assert got == {"executions": 1, "events": 1, "global_events": 1}
+    assert rows(db, "SELECT count(*) AS n FROM lifecycle.audit_retention_marks") == [{"n": 0}]
+    assert (_cli("audit", "verify").exit_code, _cli("audit", "verify").output) == (
+        0,
+        "1 events in 1 streams verified\n",  # audit_pruned
+    )
+
+
+def _bypass_delete(db: str, where: str) -> None:
+    """Delete events as a superuser who turned the append-only guard off (what no role can prevent)."""
+    with connect(db) as conn, conn.transaction():
+        conn.execute(f"ALTER TABLE workflow_events DISABLE TRIGGER {GUARD_TRIGGER}")
+        conn.execute(f"DELETE FROM workflow_events WHERE {where}")  # type: ignore[arg-type]
+        conn.execute(f"ALTER TABLE workflow_events ENABLE TRIGGER {GUARD_TRIGGER}")
+
+
+def test_verify_finds_a_stream_removed_outside_retention(db: str) -> None:
+    gone, kept = _execution(db), _execution(db)
+    with connect(db) as conn:
+        ids = [_event(conn, gone, "step", metadata={"i": i}) for i in range(3)]
+        _event(conn, kept, "step")
+    _bypass_delete(db, f"execution_id = '{gone}'")
+    result = _cli("audit", "verify")
+    assert result.exit_code == 1
+    head = _head(db, gone)
+    assert head["last_event_id"] == ids[-1]
+    assert result.output == (
+        f"broken: stream {gone}: event {ids[-1]}: events removed (the stream's head is not its newest stored"
+        f" event): expected {head['last_hash']}, stored none\n"
+        "1 of 2 stream(s) broken; 1 events read\n"
+    )
+    one = _cli("audit", "verify", gone)
+    assert one.exit_code == 1 and f"stream {gone}: event {ids[-1]}: events removed" in one.output
+    assert _cli("audit", "verify", kept).exit_code == 0
+
+
+def test_verify_finds_global_events_removed_outside_retention(db: str) -> None:
+    with connect(db) as conn:
+        ids = [_event(conn, None, "global_thing", metadata={"i": i}) for i in range(3)]
+    _bypass_delete(db, f"id = {ids[-1]}")  # the newest: no later event's prev_hash names it
+    chain = _chain(db, None)
+    result = _cli("audit", "verify", "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.output)["broken"] == [
+        {
+            "stream": "global",
+            "event_id": ids[-1],
+            "field": "head",
+            "expected": _head(db, None)["last_hash"],
+            "stored": chain[-1]["hash"],
+        }
+    ]
+    _bypass_delete(db, "execution_id IS NULL")  # all of them
+    result = _cli("audit", "verify")
+    assert result.exit_code == 1 and "stream global: event" in result.output
+
+
+def _head(db: str, eid: str | None) -> dict[str, Any]:
+    where = "execution_id IS NULL" if eid is None else "execution_id = %(e)s"
+    [head] = rows(db, f"SELECT last_event_id, last_hash FROM lifecycle.audit_heads WHERE {where}", e=eid)
+    return head
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +484,16 @@ def test_the_feed_has_one_row_per_event_with_that_event_s_stage(db: str) -> None
             " LEFT JOIN workflow_events e ON e.execution_id = we.id WHERE we.id = %s",
             (eid,),
         ).fetchone()
-    assert runbook_rows == {"n": 100}  # the runbook's section 5 join: logs x events
+    assert runbook_rows == {"n": 125}  # the runbook's section 5 join: logs x events
+    # the logs inserted by hand recorded their own events (newest: written now, after the 2024 ones)
+    hand, feed = feed[:5], feed[5:]
+    assert sorted((r["event_type"], r["stage_id"], r["metadata"]["attempt"]) for r in hand) == [
+        ("stage_failed", "s3", 3),
+        ("stage_pending", "s1", 1),
+        ("stage_pending", "s2", 2),
+        ("stage_pending", "s4", 4),
+        ("stage_pending", "s5", 5),
+    ]
     assert len(feed) == 20
     assert [
         (r["event_type"], r["stage_id"], r["stage_status"], r["attempt_number"], r["error_message"]) for r in feed[:6]
@@ -519,7 +607,8 @@ def test_prune_removes_whole_finished_streams_and_the_old_global_prefix(db: str)
         last_old_global = _chain(db, None)[2]
         got = conn.execute(query("audit_prune"), {"before": "2021-01-01T00:00:00Z", "max_streams": 1000}).fetchone()
         assert got == {"executions": 1, "events": 3, "global_events": 3}
-        assert conn.execute("SELECT current_setting('lifecycle.audit_retention', true) AS f").fetchone() == {"f": ""}
+        # its mark is gone with it: later DELETEs of the transaction are refused again
+        assert conn.execute("SELECT count(*) AS n FROM lifecycle.audit_retention_marks").fetchone() == {"n": 0}
         # nothing left to prune: a no-op
         again = conn.execute(query("audit_prune"), {"before": "2021-01-01T00:00:00Z", "max_streams": 1000}).fetchone()
         assert again == {"executions": 0, "events": 0, "global_events": 0}

@@ -103,3 +103,58 @@ def test_the_runbook_functions_replace_wrappers_and_add_no_overload(db: str) -> 
             " GROUP BY 1 ORDER BY 1"
         ).fetchall()
     assert counts == [("perform_workflow_compensation", 1), ("retry_stage", 1), ("trip_circuit_breaker", 1)]
+
+
+def test_section_8_by_hand_fills_the_audit_feed_and_doctor_names_the_execution_left_at_its_end(
+    seeded_db: str, dagster_home: Path
+) -> None:
+    """The runbook runs section 8 "to validate event logging and audit feed population": each stage
+    log it inserts by hand records its event (lifecycle.stage_log_event), so the feed fills; driven
+    by hand to its last stage, the execution stays in_progress and doctor --invariants says why."""
+    create, advance = runbook_statements(8)
+    with psycopg.connect(seeded_db, autocommit=True) as conn:
+        row = conn.execute(create).fetchone()
+        assert row is not None
+        eid = str(row[0])
+        conn.execute(advance.replace("$EXECUTION_ID", eid))
+        feed = conn.execute(
+            "SELECT event_type, stage_id, stage_status, metadata FROM workflow_audit_feed"
+            " WHERE execution_id = %s AND event_type IS NOT NULL",
+            (eid,),
+        ).fetchall()
+        assert [(f[0], f[1], f[2]) for f in feed] == [("stage_completed", "discover", "completed")]
+        assert feed[0][3] | {"db_user": None} == {
+            "status": "completed",
+            "attempt": 1,
+            "recorded_by": "stage_log_trigger",
+            "db_user": None,
+        }
+        # "Repeat for subsequent stages": the same two statements for each stage, in DAG order
+        order = conn.execute(
+            "SELECT s ->> 'id' FROM workflow_executions e JOIN workflow_definitions d"
+            " ON d.id = e.workflow_definition_id, jsonb_array_elements(d.dag_schema -> 'stages') s"
+            " WHERE e.id = %s",
+            (eid,),
+        ).fetchall()
+        stages = [r[0] for r in order]
+        for stage, following in zip(stages[1:], [*stages[2:], stages[-1]], strict=True):
+            statement = advance.replace("$EXECUTION_ID", eid).replace("'discover'", f"'{stage}'")
+            conn.execute(statement.replace("current_stage = 'qualify'", f"current_stage = '{following}'"))
+        types = conn.execute(
+            "SELECT event_type, stage_id FROM workflow_events WHERE execution_id = %s ORDER BY id", (eid,)
+        ).fetchall()
+    assert types == [("stage_completed", s) for s in stages]
+
+    verify = _cli(seeded_db, dagster_home, "audit", "verify", eid)
+    assert verify.exit_code == 0, verify.output
+    doctor = _cli(seeded_db, dagster_home, "doctor", "--invariants", "--json")
+    assert doctor.exit_code == 1, doctor.output
+    found = [v for v in json.loads(doctor.output)["violations"] if v["execution_id"] == eid]
+    assert [(v["rule"], v["message"]) for v in found] == [
+        (
+            "not_quiesced",
+            f"execution {eid} is not at rest: in_progress, driven by hand (no Dagster run) to its last stage:"
+            " every stage of its DAG is completed, but nothing completes the execution (set its status to"
+            f" 'completed') (idle {found[0]['message'].rsplit('idle ', 1)[1][:-1]})",
+        )
+    ]

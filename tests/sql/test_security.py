@@ -29,6 +29,8 @@ OUR_TABLES = [
     "lifecycle.adoption_rejects",
     "lifecycle.artifacts",
     "lifecycle.audit_checkpoints",
+    "lifecycle.audit_heads",
+    "lifecycle.audit_retention_marks",
     "lifecycle.breaker_outcomes",
     "lifecycle.breakers",
     "lifecycle.schema_files",
