@@ -1,4 +1,4 @@
--- 0004_feed_audit_heads: the audit feed's stream heads and retention marks (issue 14, items 7 and 12).
+-- 0004_audit_heads: the audit feed's stream heads and retention marks (issue 14, items 7 and 12).
 --
 -- lifecycle.audit_heads: the newest chained event of every stream (one row per execution, 'global'
 -- for events without one), written by lifecycle.audit_chain under the stream's lock. A DELETE on
