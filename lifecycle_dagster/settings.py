@@ -20,6 +20,9 @@
     seconds without a heartbeat after which the reconciler fails an execution (default 120).
 ``LIFECYCLE_DAGSTER_QUEUE_WAIT_S``
     seconds a stage without a timeout waits for its queue task (default 3600).
+``LIFECYCLE_DAGSTER_MAX_TASK_S``
+    seconds an ``agent serve`` worker lets its agent run on one task at most, whatever the
+    stage's timeout (default: ``LIFECYCLE_DAGSTER_QUEUE_WAIT_S``; ``--max-task-s`` overrides it).
 ``LIFECYCLE_DAGSTER_MAX_OUTPUT_BYTES``
     the largest stage output stored, in bytes (default 8 MiB).
 
@@ -131,6 +134,12 @@ class Settings:
     def queue_wait_s(self) -> float:
         """``LIFECYCLE_DAGSTER_QUEUE_WAIT_S`` in seconds (default 3600)."""
         return self._number("QUEUE_WAIT_S", DEFAULT_QUEUE_WAIT_S)
+
+    @property
+    def max_task_s(self) -> float:
+        """``LIFECYCLE_DAGSTER_MAX_TASK_S`` in seconds (default: :attr:`queue_wait_s`, which no
+        stage op without a timeout waits longer than)."""
+        return self._number("MAX_TASK_S", self.queue_wait_s)
 
     @property
     def max_output_bytes(self) -> int:

@@ -161,8 +161,15 @@ WHERE e.status = 'in_progress' AND e.dagster_run_id IS NOT NULL
 ORDER BY e.updated_at
 LIMIT %(limit)s;
 
+-- name: compensation_owner
+-- Whether a compensation run still owns its execution's compensation (an undo stops when not).
+SELECT status, compensation_run_id FROM workflow_executions WHERE id = %(execution_id)s;
+
 -- name: compensating_executions
-SELECT e.id::text AS execution_id, e.compensation_run_id, d.name, d.version
+-- `stale`: nothing was heard from its compensation run (lifecycle.run_heartbeat beats for it) for
+-- over timeout_s seconds: its run worker is gone, and the reconciler takes the compensation over.
+SELECT e.id::text AS execution_id, e.compensation_run_id, d.name, d.version,
+       greatest(e.heartbeat_at, e.updated_at) < now() - make_interval(secs => %(timeout_s)s) AS stale
 FROM workflow_executions e JOIN workflow_definitions d ON d.id = e.workflow_definition_id
 WHERE e.status = 'compensating'
 ORDER BY e.updated_at
@@ -201,6 +208,12 @@ ORDER BY scope, name;
 SELECT task_id::text AS task_id, lease_token, execution_id::text AS execution_id, stage_id, capability,
        attempt, input_data, lease_expires_at
 FROM lifecycle.task_claim(%(worker)s, %(agent)s, %(limit)s, %(lease_s)s);
+
+-- name: task_time_left
+-- Seconds from now to each claimed task's deadline (its stage's timeout; NULL: none), by the
+-- database's clock: an `agent serve` worker stops the agent when they run out.
+SELECT t.id::text AS id, extract(epoch FROM t.deadline_at - now())::float8 AS time_left_s
+FROM task_queue t WHERE t.id = ANY (%(ids)s::uuid[]);
 
 -- name: task_heartbeat
 SELECT lifecycle.task_heartbeat(%(task_id)s, %(token)s, %(lease_s)s) AS extended;

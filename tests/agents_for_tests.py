@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lifecycle_dagster.agents import Task
+from lifecycle_dagster.agents import CompensationTask, Task, artifacts
 
 
 def _write_whole(path: Path, text: str) -> None:
@@ -132,3 +132,39 @@ class Env:
 
     def run(self, task: Task) -> dict[str, Any]:
         return {"summary": "env", "value": os.environ.get(self.key)}
+
+
+class HangWhenAsked:
+    """Answers at once, unless the task's context says ``hang``: then it notes its process id in
+    ``<marker_dir>/hang-<pid>`` and never returns (a hung agent; only killing its process ends it)."""
+
+    def __init__(self, name: str, marker_dir: Path) -> None:
+        self.name = name
+        self.marker_dir = marker_dir
+
+    def run(self, task: Task) -> dict[str, Any]:
+        if task.context.get("hang"):
+            (self.marker_dir / f"hang-{os.getpid()}").write_text(task.stage_id)
+            while True:
+                time.sleep(3600)
+        return {"summary": f"{task.stage_id} done", "attempt": task.attempt}
+
+
+class UndoHangsFirst:
+    """A stage agent whose output declares one artifact and whose undo hangs on its first attempt
+    (noting its process id in ``<marker_dir>/undo-<pid>``; only killing the process ends it), then
+    undoes on the next one."""
+
+    def __init__(self, name: str, marker_dir: Path) -> None:
+        self.name = name
+        self.marker_dir = marker_dir
+
+    def run(self, task: Task) -> dict[str, Any]:
+        return {"summary": task.stage_id, "artifacts": artifacts("thing", [{"id": task.stage_id}])}
+
+    def compensate(self, task: CompensationTask) -> dict[str, Any]:
+        if task.attempt == 1:
+            (self.marker_dir / f"undo-{os.getpid()}").write_text(task.stage_id)
+            while True:
+                time.sleep(3600)
+        return {"summary": f"undid {task.stage_id}", "void": task.artifacts()}

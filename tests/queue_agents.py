@@ -10,14 +10,18 @@ from lifecycle_dagster.agents import AgentRegistry, Task, default_registry
 
 
 class SlowDesign:
-    """The built-in Design Agent, taking QUEUE_AGENT_SLEEP_S seconds first."""
+    """The built-in Design Agent, taking QUEUE_AGENT_SLEEP_S seconds first (hanging for good when the
+    task's context says ``hang``)."""
 
     name = "Design Agent"
 
     def run(self, task: Task) -> dict[str, Any]:
+        if task.context.get("hang"):  # a hung agent: only killing its process ends it
+            while True:
+                time.sleep(3600)
         time.sleep(float(os.environ.get("QUEUE_AGENT_SLEEP_S", "0")))
         out: dict[str, Any] = default_registry().get("Design Agent").run(task)
-        out["worker_pid"] = os.getpid()
+        out["agent_pid"] = os.getpid()  # the worker's, or its agent child's when the task has a time limit
         return out
 
 

@@ -26,6 +26,16 @@ def agent_group() -> None:
 )
 @click.option("--grace-s", default=30.0, show_default=True, type=click.FloatRange(0), help="Shutdown grace, seconds.")
 @click.option(
+    "--max-task-s",
+    default=None,
+    type=click.FloatRange(0),
+    help="Seconds the agent may run on one task at most; the stage's timeout ends it sooner. At the "
+    "limit the agent (run in a child process) is killed, the task failed with code 'timeout' "
+    "(retryable) and the slot freed. 0: no limit but the stage's timeout (a task without one runs "
+    "in this process and cannot be stopped). [default: LIFECYCLE_DAGSTER_MAX_TASK_S, else "
+    "LIFECYCLE_DAGSTER_QUEUE_WAIT_S, 3600]",
+)
+@click.option(
     "--registry",
     "registry_ref",
     default="lifecycle_dagster.agents:default_registry",
@@ -33,17 +43,36 @@ def agent_group() -> None:
     help="MODULE:FUNCTION returning the AgentRegistry that holds the agent's code (MODULE alone: MODULE:registry).",
 )
 def serve_cmd(
-    agent_name: str, concurrency: int, lease_s: float, poll_s: float, grace_s: float, registry_ref: str
+    agent_name: str,
+    concurrency: int,
+    lease_s: float,
+    poll_s: float,
+    grace_s: float,
+    max_task_s: float | None,
+    registry_ref: str,
 ) -> None:
-    """Claim and run the agent's tasks until SIGTERM or SIGINT (running tasks finish first)."""
+    """Claim and run the agent's tasks until SIGTERM or SIGINT (running tasks finish first).
+
+    A task with a time limit (its stage's timeout, or --max-task-s) runs its agent in a child
+    process that is killed at the limit; the agent must then be a module-level class (picklable).
+    """
     from lifecycle_dagster.agents.loading import load_registry
     from lifecycle_dagster.queue.worker import Worker
+    from lifecycle_dagster.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
+        limit = Settings.from_env().max_task_s if max_task_s is None else max_task_s
         registry = load_registry(registry_ref)
         worker = Worker(
-            _dsn(), agent_name, registry, concurrency=concurrency, lease_s=lease_s, poll_s=poll_s, grace_s=grace_s
+            _dsn(),
+            agent_name,
+            registry,
+            concurrency=concurrency,
+            lease_s=lease_s,
+            poll_s=poll_s,
+            grace_s=grace_s,
+            max_task_s=limit or None,
         )
     except (ValueError, KeyError) as exc:
         raise click.ClickException(str(exc.args[0] if exc.args else exc)) from exc

@@ -137,6 +137,7 @@ def validate_cmd(file: Path | None, check_all: bool, offline: bool) -> None:
     not given, a capability that no active agent serves.
     """
     from lifecycle_dagster.location.job_factory import build_jobs
+    from lifecycle_dagster.location.resources import AgentsSettingError
 
     if file is None and not check_all:
         raise click.UsageError("give a FILE or --all")
@@ -146,7 +147,10 @@ def validate_cmd(file: Path | None, check_all: bool, offline: bool) -> None:
     if check_all:
         with connect(_dsn()) as conn:
             rows = conn.execute(query("active_definitions")).fetchall()
-        jobs, skipped = build_jobs(rows)
+        try:
+            jobs, skipped = build_jobs(rows)
+        except AgentsSettingError as exc:
+            raise click.ClickException(f"the code location cannot load: {exc}") from exc
         for j in jobs:
             click.echo(f"{j.name}: valid")
         for s in skipped:

@@ -9,7 +9,11 @@ reverse topological order; the database refuses any other order too
 1. ``lifecycle.undo_start``: ``skip`` (the stage never completed, or says
    ``compensate: false``), ``done`` (already compensated) or ``compensate``;
 2. the undo: the stage's ``compensate`` capability routed to an agent (given the stage's output),
-   else the stage's own agent's ``compensate()``, else nothing to undo;
+   else the stage's own agent's ``compensate()``, else nothing to undo. With the stage's timeout
+   it runs in a killable child process (:func:`~lifecycle_dagster.engine.invoke.call_agent`), killed
+   at the timeout (a retryable failure) or as soon as this run no longer owns the compensation
+   (taken over by the reconciler: nothing is recorded); without one, in the op's process. The op
+   keeps the run's heartbeat beating, so a killed compensation run is seen and taken over;
 3. ``lifecycle.undo_complete`` voids the artifacts the undo names and marks the stage
    ``compensated``; the last one rolls the execution back. A failed undo is retried by the
    compensation policy (the stage's delays, at least :data:`MIN_UNDO_ATTEMPTS` attempts, every
@@ -19,15 +23,17 @@ reverse topological order; the database refuses any other order too
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from lifecycle_dagster.agents import AgentRegistry, CompensationTask, Task, can_compensate
-from lifecycle_dagster.agents.errors import classify
+from lifecycle_dagster.agents import Agent, AgentRegistry, CompensationTask, Task, can_compensate
+from lifecycle_dagster.agents.errors import AttemptStopped, classify
 from lifecycle_dagster.core.payload import check_output, safe_text
 from lifecycle_dagster.core.retry import MAX_WAIT_S, RetryPolicy
+from lifecycle_dagster.engine.invoke import call_agent
 from lifecycle_dagster.store.db import Connection
 from lifecycle_dagster.store.sqlfiles import query
 from lifecycle_dagster.store.transitions import UndoAction, compensation_start, undo_complete, undo_fail, undo_start
@@ -64,6 +70,8 @@ class UndoSpec:
     compensate: str | bool | None = None
     dependents: tuple[str, ...] = ()
     policy: RetryPolicy = field(default_factory=RetryPolicy)
+    #: seconds an undo call may run (the stage's timeout; None: no limit, run in the op's process)
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,30 @@ class NoUndoAgent(Exception):
     """No agent serves the stage's compensate capability: retrying cannot help."""
 
 
+class UndoStopped(Exception):
+    """The undo was stopped because this run no longer owns the compensation (another run took it
+    over, or the execution is no longer compensating); nothing was recorded."""
+
+
+class _UndoCall:
+    """An agent's ``compensate(task)`` as an agent's ``run`` (what :func:`call_agent` calls), so an
+    undo runs in a killable child like a stage. Picklable when the agent is."""
+
+    def __init__(self, agent: Any, task: CompensationTask) -> None:
+        self.name = str(agent.name)
+        self.agent = agent
+        self.task = task
+
+    def run(self, _task: Task) -> Any:
+        return self.agent.compensate(self.task)
+
+
+def _compensation_lost(conn: Connection, execution_id: str, run_id: str) -> bool:
+    """Whether run ``run_id`` no longer owns the execution's compensation."""
+    row = conn.execute(query("compensation_owner"), {"execution_id": execution_id}).fetchone()
+    return row is None or row["status"] != "compensating" or row["compensation_run_id"] != run_id
+
+
 def run_undo(
     conn: Connection,
     spec: UndoSpec,
@@ -108,6 +140,7 @@ def run_undo(
 
     Raises:
         UndoRetry: a retry was recorded. UndoFailed: the undo failed for good (recorded).
+        UndoStopped: another run took the compensation over while the undo ran (nothing recorded).
         psycopg.Error: the database refused (not compensating, order violated, another run owns
             the compensation).
         UnknownStatusError: a transition returned a code the seam does not know.
@@ -124,9 +157,16 @@ def run_undo(
     if started.action is not UndoAction.COMPENSATE:
         return UndoOutcome(action=started.action.value)
     log_id = str(started.log_id)
+    call = _Caller(spec.timeout_s, functools.partial(_compensation_lost, conn, execution_id, run_id))
     try:
-        result = _undo(conn, spec, registry, execution_id, attempt, started.context, started.output, started.agent_name)
+        result = _undo(
+            conn, spec, registry, call, execution_id, attempt, started.context, started.output, started.agent_name
+        )
         void = _checked_void(result)
+    except AttemptStopped as exc:
+        raise UndoStopped(
+            f"undo of stage '{spec.stage_id}' stopped: run {run_id} no longer owns the compensation"
+        ) from exc
     except Exception as exc:
         raise _record_undo_failure(conn, spec, log_id, attempt, exc, draw) from exc
     status = undo_complete(conn, log_id=log_id, void=void, result=result, attempt=attempt)
@@ -172,10 +212,26 @@ def _record_undo_failure(
     return UndoFailed(f"compensation of stage '{spec.stage_id}' failed: {final}")
 
 
+@dataclass(frozen=True)
+class _Caller:
+    """How an undo calls its agent: with the stage's timeout, :func:`call_agent` in a killable child
+    (killed at the timeout, or when ``lost()`` says the run no longer owns the compensation), as
+    for a stage attempt; without one, in the op's process."""
+
+    timeout_s: float | None
+    lost: Callable[[], bool]
+
+    def __call__(self, agent: Agent, task: Task) -> Any:
+        if self.timeout_s is None:
+            return agent.run(task)  # in the op's process, as before (its errors recorded as raised)
+        return call_agent(agent, task, timeout_s=self.timeout_s, should_stop=self.lost)
+
+
 def _undo(
     conn: Connection,
     spec: UndoSpec,
     registry: AgentRegistry,
+    call: _Caller,
     execution_id: str,
     attempt: int,
     context: dict[str, Any],
@@ -196,7 +252,9 @@ def _undo(
             context,
             {spec.stage_id: {"capability": spec.capability, "output": output}},
         )
-        result: dict[str, Any] = agent.run(task)
+        result: dict[str, Any] = call(agent, task)
+        if not isinstance(result, dict):
+            raise ValueError(f"the undo's result must be a JSON object, got {type(result).__name__}")
         result.setdefault("undo", f"capability {spec.compensate} ({agent.name})")
         if "void" not in result:
             result["void"] = CompensationTask(
@@ -210,8 +268,10 @@ def _undo(
             return {"summary": f"nothing to undo ({agent_name} is a {row['kind']} agent)", "undo": "none", "void": []}
     stage_agent = registry.get(agent_name) if agent_name else None
     if stage_agent is not None and can_compensate(stage_agent):
-        result = stage_agent.compensate(  # type: ignore[attr-defined]
-            CompensationTask(execution_id, spec.stage_id, spec.capability, attempt, context, output)
+        undo_task = CompensationTask(execution_id, spec.stage_id, spec.capability, attempt, context, output)
+        result = call(
+            _UndoCall(stage_agent, undo_task),
+            Task(execution_id, spec.stage_id, spec.capability, attempt, context, {}),
         )
         if isinstance(result, dict):
             result.setdefault("undo", f"{stage_agent.name}.compensate")

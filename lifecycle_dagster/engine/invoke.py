@@ -79,6 +79,19 @@ class AgentNotPicklable(AgentError):
 _PR_SET_PDEATHSIG = 1
 _preload_lock = threading.Lock()
 _preload_set = False
+_preload_more: list[str] = []
+
+
+def preload(*modules: str) -> bool:
+    """Have the forkserver import ``modules`` too (e.g. the module of a worker's agent class), so
+    each agent child starts with them instead of importing them per call. Effective only before the
+    first call with a timeout in this process (the server starts then); returns whether it was.
+    A module that fails to import in the server is skipped there (the child imports it as before)."""
+    with _preload_lock:
+        if _preload_set:
+            return False
+        _preload_more.extend(m for m in modules if m not in _preload_more)
+        return True
 
 
 def _context() -> Any:
@@ -89,7 +102,7 @@ def _context() -> Any:
     if START_METHOD == "forkserver":
         with _preload_lock:
             if not _preload_set:
-                ctx.set_forkserver_preload(list(FORKSERVER_PRELOAD))
+                ctx.set_forkserver_preload([*FORKSERVER_PRELOAD, *_preload_more])
                 _preload_set = True
     return ctx
 

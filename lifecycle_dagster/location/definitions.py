@@ -79,7 +79,13 @@ def load_snapshot() -> str:
 
 
 def definitions_from_snapshot(snapshot: str) -> dg.Definitions:
-    """Build the code location's definitions from a snapshot; invalid rows are logged and skipped."""
+    """Build the code location's definitions from a snapshot; invalid rows are logged and skipped.
+
+    Raises:
+        lifecycle_dagster.location.resources.AgentsSettingError: ``LIFECYCLE_DAGSTER_AGENTS`` names
+            no usable registry: the load fails with it (the code location's status shows it), since
+            no job could run.
+    """
     rows: list[dict[str, Any]] = json.loads(snapshot)
     jobs, skipped = build_jobs(rows)
     for s in skipped:

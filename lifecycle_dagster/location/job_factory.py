@@ -27,6 +27,7 @@ from lifecycle_dagster.engine.compensation import (
     UndoOutcome,
     UndoRetry,
     UndoSpec,
+    UndoStopped,
     compensation_job_name,
     run_undo,
     undo_op_name,
@@ -189,7 +190,7 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
         resume = bool(execution_id) and (RESUME_TAG in tags or PARENT_RUN_TAG in tags)
         ctx = {} if execution_id else request.resolved_context()
         run = db.run  # the run's op connection and its one heartbeat (see RunConnections)
-        run.beat()
+        run.beat(execution_id)
         try:
             with run.connection() as conn, _as_dagster_errors(context):
                 outcome = run_stage(
@@ -204,6 +205,7 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
                 )
         except psycopg.OperationalError as exc:
             raise _retry_when_db_lost(context, spec.stage_id, execution_id, exc) from exc
+        run.beat(outcome.execution_id)  # the heartbeat's log lines name the execution
         context.add_output_metadata(_stage_metadata(outcome))
 
     return dg.op(
@@ -219,15 +221,18 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
     )(compute)
 
 
-def build_job(definition: Mapping[str, Any]) -> dg.JobDefinition:
+def build_job(definition: Mapping[str, Any], resources: Mapping[str, Any] | None = None) -> dg.JobDefinition:
     """Build the job of one ``workflow_definitions`` row.
 
     ``definition``: ``{"id", "name", "version", "description", "dag_schema"}`` (or
-    ``"dag_schema_json"``, the DAG's JSON text).
+    ``"dag_schema_json"``, the DAG's JSON text). ``resources``: what the job is bound to (default:
+    :func:`~lifecycle_dagster.location.resources.default_resources`).
 
     Raises:
         ValueError: the row lacks a column.
         lifecycle_dagster.core.dag.DagValidationError: the DAG is invalid (every problem listed).
+        lifecycle_dagster.location.resources.AgentsSettingError: no ``resources`` given and
+            ``LIFECYCLE_DAGSTER_AGENTS`` is not usable.
     """
     row = DefinitionRow.from_mapping(definition)
     dag = parse_dag(row.dag_schema)
@@ -255,7 +260,7 @@ def build_job(definition: Mapping[str, Any]) -> dg.JobDefinition:
             "lifecycle/definition_id": row.id,
         },
         metadata={"stages": len(order), "topological_order": ", ".join(order)},
-        resource_defs=default_resources(),
+        resource_defs=dict(resources) if resources is not None else default_resources(),
     )
 
 
@@ -302,13 +307,20 @@ def build_jobs(
 ) -> tuple[list[dg.JobDefinition], list[SkippedDefinition]]:
     """Build every row's job and compensation job. A row that cannot be built (an invalid DAG or
     row, any error building it, or a Dagster name another row already uses) is skipped and reported
-    with why, never fatal: one definition never takes the code location down."""
+    with why, never fatal: one definition never takes the code location down. The resources (the
+    agent registry) are loaded once, before any row, even when there is none.
+
+    Raises:
+        lifecycle_dagster.location.resources.AgentsSettingError: ``LIFECYCLE_DAGSTER_AGENTS`` is not
+            usable: no job could run, so the load fails (never every row skipped).
+    """
+    resources = default_resources()
     jobs: list[dg.JobDefinition] = []
     skipped: list[SkippedDefinition] = []
     taken: dict[str, str] = {}
     for raw in rows:
         try:
-            row_jobs = [build_job(raw), build_compensation_job(raw)]
+            row_jobs = [build_job(raw, resources), build_compensation_job(raw, resources)]
         except (DagValidationError, ValueError, RecursionError, dg.DagsterInvalidDefinitionError) as exc:
             skipped.append(_skipped(raw, str(exc)))
             continue
@@ -343,7 +355,7 @@ def _undo_here(
         except UndoRetry as exc:
             context.log.warning(str(exc))
             raise dg.RetryRequested(max_retries=exc.max_attempts, seconds_to_wait=exc.delay_s) from exc
-        except UndoFailed as exc:
+        except (UndoFailed, UndoStopped) as exc:
             raise dg.Failure(str(exc), metadata={"execution_id": execution_id}, allow_retries=False) from exc
     return outcome
 
@@ -356,6 +368,7 @@ def _undo_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
         compensate=stage.compensate,
         dependents=dag.descendants(stage.id),
         policy=resolve_policy(dag, stage.id),
+        timeout_s=_bounded(stage.timeout_s if stage.timeout_s is not None else dag.default_timeout_s),
     )
     has_dependents = bool(dag.children(stage.id))
 
@@ -365,6 +378,7 @@ def _undo_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
         execution_id = tags.get(EXECUTION_ID_TAG)
         if not execution_id:
             raise dg.Failure(f"a compensation run needs the {EXECUTION_ID_TAG} tag", allow_retries=False)
+        db.run.beat(execution_id)  # the run's heartbeat: a killed compensation run is taken over
         try:
             outcome = _undo_here(context, db, spec, execution_id)
         except psycopg.OperationalError as exc:
@@ -389,13 +403,15 @@ def _undo_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
     )(compute)
 
 
-def build_compensation_job(definition: Mapping[str, Any]) -> dg.JobDefinition:
+def build_compensation_job(
+    definition: Mapping[str, Any], resources: Mapping[str, Any] | None = None
+) -> dg.JobDefinition:
     """The compensation job of one ``workflow_definitions`` row: ``<job>__compensate``, one undo op
     per stage, each waiting for the undo ops of the stages that depended on it (the forward edges
-    reversed). Runs carry the ``lifecycle/execution_id`` tag.
+    reversed). Runs carry the ``lifecycle/execution_id`` tag. ``resources``: as :func:`build_job`.
 
     Raises:
-        ValueError / DagValidationError: as :func:`build_job`.
+        ValueError / DagValidationError / AgentsSettingError: as :func:`build_job`.
     """
     row = DefinitionRow.from_mapping(definition)
     dag = parse_dag(row.dag_schema)
@@ -427,6 +443,6 @@ def build_compensation_job(definition: Mapping[str, Any]) -> dg.JobDefinition:
             "lifecycle/compensation": "true",
         },
         metadata={"stages": len(order), "undo_order": ", ".join(order)},
-        resource_defs=default_resources(),
+        resource_defs=dict(resources) if resources is not None else default_resources(),
         executor_def=dg.in_process_executor,
     )

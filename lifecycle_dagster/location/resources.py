@@ -79,12 +79,16 @@ class RunConnections:
             self._dsn = self._dsn_fn()
         return self._dsn
 
-    def beat(self) -> None:
-        """Start the run's heartbeat unless it beats already (no-op outside a run)."""
+    def beat(self, execution_id: str | None = None) -> None:
+        """Start the run's heartbeat unless it beats already (no-op outside a run): stage ops and
+        undo ops alike. ``execution_id``: the execution the run works on, named in the heartbeat's
+        log lines (None: not known yet, e.g. the first op creates it)."""
         with self._lock:
             if self._heartbeat is None and self.run_id:
-                self._heartbeat = Heartbeat(self.dsn, self.run_id)
+                self._heartbeat = Heartbeat(self.dsn, self.run_id, execution_id=execution_id)
                 self._heartbeat.start()
+            elif self._heartbeat is not None and execution_id:
+                self._heartbeat.execution_id = execution_id
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[Connection]:
@@ -235,29 +239,48 @@ class ExecutionRequest(dg.ConfigurableResource):  # type: ignore[type-arg]
 AGENTS_ENV = "LIFECYCLE_DAGSTER_AGENTS"
 
 
+class AgentsSettingError(ValueError):
+    """``LIFECYCLE_DAGSTER_AGENTS`` names no usable registry. Not a problem of one definition: the
+    code location cannot load any job, so its load fails with this (the message names the variable
+    and its value), and ``validate --all`` exits 1 with it."""
+
+
 def configured_registry() -> AgentRegistry:
     """The registry ``LIFECYCLE_DAGSTER_AGENTS`` names (see
     :func:`lifecycle_dagster.agents.loading.load_registry`), else the five built-in agents.
 
     Raises:
-        ValueError: the module, the function or what it returned is not usable (naming the variable).
+        AgentsSettingError: the module, the function or what it returned is not usable (naming the
+            variable).
     """
     ref = Settings.from_env().agents
     try:
         return load_registry(ref)
     except ValueError as exc:
-        raise ValueError(f"{AGENTS_ENV}: {exc}") from exc
+        raise AgentsSettingError(
+            f"{AGENTS_ENV}={ref!r} names no usable agent registry ({exc}); the code location loads no "
+            f"job until it is fixed or unset (unset: the built-in agents)"
+        ) from exc
 
 
 def agents_resource(registry: AgentRegistry | None = None) -> dg.ResourceDefinition:
-    """A resource that hands stage ops ``registry`` (default: :func:`configured_registry`)."""
+    """A resource that hands stage ops ``registry`` (default: :func:`configured_registry`).
+
+    Raises:
+        AgentsSettingError: no ``registry`` given and ``LIFECYCLE_DAGSTER_AGENTS`` is not usable.
+    """
     return dg.ResourceDefinition.hardcoded_resource(
         registry if registry is not None else configured_registry(), "the agent registry"
     )
 
 
 def default_resources() -> dict[str, Any]:
-    """The resources every generated job is bound to."""
+    """The resources every generated job is bound to (the agent registry loaded once per call:
+    build every job of a load with one such dict).
+
+    Raises:
+        AgentsSettingError: ``LIFECYCLE_DAGSTER_AGENTS`` is not usable.
+    """
     return {
         "lifecycle_db": LifecycleDatabase(),
         "lifecycle_request": ExecutionRequest.configure_at_launch(),

@@ -23,7 +23,9 @@ down), in_progress executions whose heartbeat is older than ``LIFECYCLE_DAGSTER_
 binding them (they are cancelled and rolled back: nothing ran), failed or cancelled executions whose
 compensation is due; and it
 launches the compensation run of every ``compensating`` execution (run key
-``compensate:<execution>``; a compensation run that died is taken over by a new one).
+``compensate:<execution>``; a compensation run that failed, or whose heartbeat is older than the
+same bound (a killed run worker, a hung process), is taken over by a new one, tagged
+``lifecycle/takeover``).
 
 ``lifecycle_resume_sensor``: a stage set back to ``pending`` after its run ended (the runbook's
 ``retry_stage``, or a run that died while waiting to retry) is dispatched again once its
@@ -190,7 +192,9 @@ def reconcile(
             _settle_unstarted(instance, conn, r["execution_id"], timeout_s)
         for r in conn.execute(query("compensation_due"), {}).fetchall():
             compensation_start(conn, execution_id=r["execution_id"], reason=r["reason"])
-        rows = conn.execute(query("compensating_executions"), {"limit": RECONCILE_BATCH}).fetchall()
+        rows = conn.execute(
+            query("compensating_executions"), {"limit": RECONCILE_BATCH, "timeout_s": timeout_s}
+        ).fetchall()
     for r in rows:
         job = compensation_job_name(job_name(r["name"], r["version"]))
         if job not in known:
@@ -201,13 +205,26 @@ def reconcile(
         if owner is None:
             yield dg.RunRequest(run_key=f"compensate:{r['execution_id']}", job_name=job, tags=tags)
             continue
-        run = instance.get_run_by_id(owner)
-        if run is not None and run.status in _FAILED:
+        if _compensation_run_lost(instance, owner, stale=bool(r["stale"]), timeout_s=timeout_s):
             yield dg.RunRequest(
                 run_key=f"compensate:{r['execution_id']}:after:{owner}",
                 job_name=job,
                 tags={**tags, TAKEOVER_TAG: owner},
             )
+
+
+def _compensation_run_lost(instance: dg.DagsterInstance, owner: str, *, stale: bool, timeout_s: float) -> bool:
+    """Whether the compensation run ``owner`` is gone: failed or canceled, or ``stale`` (no heartbeat
+    for over ``timeout_s`` seconds: its run worker was killed, or the run is not in this instance).
+    A stale run Dagster still thinks is running is reported failed, as for a stale forward run."""
+    run = instance.get_run_by_id(owner)
+    if run is not None and run.status in _FAILED:
+        return True
+    if not stale:
+        return False
+    if run is not None and not run.is_finished:
+        instance.report_run_failed(run, f"compensation run {owner}: no heartbeat for over {timeout_s:g} s")
+    return True
 
 
 def _settle_unstarted(instance: dg.DagsterInstance, conn: Connection, execution_id: str, timeout_s: float) -> None:

@@ -13,7 +13,17 @@ Connections: a pool of at most ``concurrency`` (claims, heartbeats and results s
 listening one. On stop
 (SIGTERM) it claims nothing more, lets running
 tasks finish for ``grace_s`` seconds, then hands back the ones still running
-(``lifecycle.task_release``).
+(``lifecycle.task_release``) and stops their agents.
+
+A task runs where it can be stopped: when it has a time limit, its agent runs in a killable child
+process (:func:`lifecycle_dagster.engine.invoke.call_agent`; the agent must be picklable, a
+module-level class). Its limit is the earlier of its stage's timeout (the task's ``deadline_at``,
+by the database's clock at the claim) and ``max_task_s`` (``agent serve --max-task-s``, default
+``LIFECYCLE_DAGSTER_MAX_TASK_S``). At the limit the child is killed and the task failed with code
+``timeout`` (retryable: its stage op decides on a retry), and the slot takes other work; when the
+lease is lost (reaped, or the task cancelled) or the shutdown hands the task back, the child is
+killed and nothing is recorded. A task with no limit (no stage timeout, ``max_task_s`` None) runs
+in the worker's own process, as fast as it gets, and cannot be stopped.
 """
 
 from __future__ import annotations
@@ -29,11 +39,12 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolClosed
 
 from lifecycle_dagster.agents import AgentError, AgentRegistry, Task
-from lifecycle_dagster.agents.errors import AgentCrashed, classify
+from lifecycle_dagster.agents.errors import AgentCrashed, AttemptStopped, classify
 from lifecycle_dagster.core.payload import check_output, safe_text
+from lifecycle_dagster.engine.invoke import call_agent, preload
 from lifecycle_dagster.store.transitions import (
     ClaimedTask,
     TaskCompleteStatus,
@@ -59,6 +70,8 @@ class _Outcome:
     message: str = ""
     retryable: bool = True
     retry_after_s: float | None = None
+    #: False: the agent was stopped because the task is no longer this worker's; record nothing
+    record: bool = True
 
 
 class _Listener:
@@ -121,12 +134,16 @@ class Worker:
         grace_s: float = 30.0,
         worker_id: str | None = None,
         listen: bool = True,
+        max_task_s: float | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if max_task_s is not None and not (max_task_s > 0):
+            raise ValueError(f"max_task_s must be a number of seconds > 0 or None, got {max_task_s!r}")
         self.dsn = dsn
         self.agent_name = agent_name
         self.agent = registry.get(agent_name)
+        preload(type(self.agent).__module__)  # agent children start with the agent's module imported
         self.concurrency = concurrency
         self.lease_s = lease_s
         self.poll_s = poll_s
@@ -134,10 +151,16 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         #: False: polling alone (every poll_s seconds), no LISTEN
         self.listen = listen
+        #: seconds a task's agent may run at most (None: only its stage's timeout bounds it)
+        self.max_task_s = max_task_s
         self._running: dict[str, tuple[int, threading.Thread]] = {}
+        #: per running task: set when its agent must stop (lease lost, or handed back at shutdown)
+        self._stops: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._slot_freed = threading.Event()
         self.completed = 0
+        #: tasks whose agent ran out of time (failed with code ``timeout``)
+        self.timed_out = 0
 
     @property
     def application_name(self) -> str:
@@ -189,6 +212,7 @@ class Worker:
             t = threading.Thread(target=self._handle, args=(task, self._pool), name=f"task-{task.task_id}", daemon=True)
             with self._lock:
                 self._running[task.task_id] = (task.lease_token, t)
+                self._stops[task.task_id] = threading.Event()
             t.start()
         return free, len(tasks)
 
@@ -200,6 +224,9 @@ class Worker:
         beat.start()
         try:
             outcome = self._run_agent(task)
+            if not outcome.record:
+                log.warning("task %s: agent stopped (%s); nothing recorded", task.task_id, outcome.message)
+                return
             with pool.connection() as conn:
                 status = self._record(conn, task, outcome)
             log.info("task %s: %s", task.task_id, status)
@@ -209,6 +236,7 @@ class Worker:
             done.set()
             with self._lock:
                 self._running.pop(task.task_id, None)
+                self._stops.pop(task.task_id, None)
             self._slot_freed.set()
 
     def _record(
@@ -231,8 +259,18 @@ class Worker:
             retry_after_s=outcome.retry_after_s,
         )
 
+    def time_limit_s(self, claimed: ClaimedTask) -> float | None:
+        """Seconds the agent may run on ``claimed``: the earlier of its stage's timeout (time left
+        at the claim) and ``max_task_s``; None when neither bounds it."""
+        limits = [x for x in (claimed.time_left_s, self.max_task_s) if x is not None]
+        return min(limits) if limits else None
+
     def _run_agent(self, claimed: ClaimedTask) -> _Outcome:
-        """Run the agent on the task; any error is an outcome (an unknown one: ``agent_crashed``)."""
+        """Run the agent on the task (in a killable child when it has a time limit); any error is an
+        outcome (an unknown one: ``agent_crashed``; the limit passed: ``timeout``)."""
+        limit = self.time_limit_s(claimed)
+        with self._lock:
+            stop = self._stops.get(claimed.task_id) or threading.Event()
         try:
             task = Task.from_input_data(
                 execution_id=str(claimed.execution_id),
@@ -241,11 +279,19 @@ class Worker:
                 attempt=claimed.attempt,
                 input_data=claimed.input_data or {},
             )
-            output = self.agent.run(task)
+            if limit is None:
+                output = self.agent.run(task)
+            else:
+                output = call_agent(self.agent, task, timeout_s=max(limit, 0.0), should_stop=stop.is_set)
+        except AttemptStopped:
+            return _Outcome(None, "stopped", "the task is no longer this worker's", record=False)
         except AgentError as exc:
+            if exc.code == "timeout":
+                self.timed_out += 1
+                log.warning("task %s: no result within %.3g s: stopped, failed as retryable", claimed.task_id, limit)
             return _Outcome(None, exc.code, safe_text(exc), exc.retryable, exc.retry_after_s)
         except Exception as exc:
-            err = classify(AgentCrashed(f"{type(exc).__name__}: {exc}"))
+            err = classify(exc if isinstance(exc, AgentCrashed) else AgentCrashed(f"{type(exc).__name__}: {exc}"))
             return _Outcome(None, err.code, err.message, True, None)
         problem = check_output(output)
         if problem is not None:
@@ -259,10 +305,20 @@ class Worker:
                 with pool.connection(timeout=self.lease_s / 3) as conn:
                     extended = task_heartbeat(conn, task_id=task_id, token=token, lease_s=self.lease_s)
                 if not extended:
-                    log.warning("task %s: lease lost (token %s is stale)", task_id, token)
+                    log.warning("task %s: lease lost (token %s is stale): stopping its agent", task_id, token)
+                    self._stop_agent(task_id)
                     return
+            except PoolClosed:  # the worker stopped and handed the task back: nothing left to extend
+                return
             except Exception as exc:  # a missed beat only shortens the lease (pool timeout, database error)
                 log.warning("task %s: heartbeat failed (%s)", task_id, exc)
+
+    def _stop_agent(self, task_id: str) -> None:
+        """Ask the agent of ``task_id`` to stop (a child is killed; an in-process agent cannot be)."""
+        with self._lock:
+            stop = self._stops.get(task_id)
+        if stop is not None:
+            stop.set()
 
     # -- shutdown ----------------------------------------------------------------------------
     def _shutdown(self, pool: ConnectionPool[Any]) -> None:
@@ -282,3 +338,4 @@ class Worker:
                 log.info("task %s handed back", task_id)
             except psycopg.Error as exc:
                 log.warning("task %s: not handed back (%s); its lease will expire", task_id, exc)
+            self._stop_agent(task_id)

@@ -452,6 +452,9 @@ class ClaimedTask:
     #: as stored (:meth:`Task.from_input_data` checks its shape)
     input_data: Any
     lease_expires_at: datetime
+    #: seconds from the claim to the task's ``deadline_at`` (its stage's timeout), by the database's
+    #: clock (<= 0: already past); None when the stage has no timeout
+    time_left_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -494,6 +497,10 @@ def task_claim(conn: Connection, *, worker: str, agent: str, limit: int, lease_s
     rows = conn.execute(
         query("task_claim"), {"worker": worker, "agent": agent, "limit": limit, "lease_s": lease_s}
     ).fetchall()
+    left: dict[str, float | None] = {}
+    if rows:  # a second statement: it sees the claimed rows whatever the claim's snapshot was
+        found = conn.execute(query("task_time_left"), {"ids": [str(r["task_id"]) for r in rows]}).fetchall()
+        left = {str(r["id"]): None if r["time_left_s"] is None else float(r["time_left_s"]) for r in found}
     return [
         ClaimedTask(
             task_id=str(r["task_id"]),
@@ -504,6 +511,7 @@ def task_claim(conn: Connection, *, worker: str, agent: str, limit: int, lease_s
             attempt=int(r["attempt"]),
             input_data=r["input_data"],
             lease_expires_at=r["lease_expires_at"],
+            time_left_s=left.get(str(r["task_id"])),
         )
         for r in rows
     ]

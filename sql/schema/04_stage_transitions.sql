@@ -314,8 +314,11 @@ CREATE OR REPLACE FUNCTION lifecycle.run_heartbeat(p_run_id text, p_now timestam
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
   WITH hit AS (
+    -- a forward run beats for its in_progress execution, a compensation run for the execution it
+    -- compensates (the reconciler takes over a compensation whose run stopped beating)
     UPDATE public.workflow_executions SET heartbeat_at = p_now
-    WHERE dagster_run_id = p_run_id AND status = 'in_progress'
+    WHERE (status = 'in_progress' AND dagster_run_id = p_run_id)
+       OR (status = 'compensating' AND compensation_run_id = p_run_id)
     RETURNING 1
   )
   SELECT EXISTS (SELECT 1 FROM hit)

@@ -217,3 +217,30 @@ def test_run_executes_the_dag_it_was_launched_with(
     assert ex["version"] == 1
     assert ex["status"] == "completed"
     assert ex["stages"] == FIVE
+
+
+def test_a_bad_agents_registry_fails_the_code_location_load(seeded_db: str, dagster_home: Path) -> None:
+    """The code location's status (what the UI shows, and `dagster definitions validate`) is a load
+    error naming LIFECYCLE_DAGSTER_AGENTS, not a location that loads with no jobs."""
+    env = {**_env(seeded_db, dagster_home), "LIFECYCLE_DAGSTER_AGENTS": "no_such_module_xyz:registry"}
+    proc = subprocess.run(
+        [str(BIN / "dagster"), "definitions", "validate", "-m", "lifecycle_dagster"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "AgentsSettingError" in out
+    assert "LIFECYCLE_DAGSTER_AGENTS='no_such_module_xyz:registry' names no usable agent registry" in out
+    ok = subprocess.run(
+        [str(BIN / "dagster"), "definitions", "validate", "-m", "lifecycle_dagster"],
+        cwd=REPO,
+        env=_env(seeded_db, dagster_home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ok.returncode == 0, (ok.stdout + ok.stderr)[-3000:]

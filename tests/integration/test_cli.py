@@ -115,3 +115,13 @@ def test_a_users_dagster_home_that_stores_elsewhere_is_warned_about(seeded_db: s
     assert result.exit_code == 0
     assert (home / "dagster.yaml").read_text() == "telemetry:\n  enabled: false\n"  # left alone
     assert "was not written by this tool for this database" in result.output
+
+
+def test_validate_all_fails_loudly_on_a_bad_agents_registry(seeded_db: str) -> None:
+    """One clear error naming the variable, not every definition reported as SKIPPED."""
+    result = CliRunner().invoke(
+        main, ["validate", "--all"], env={"LIFECYCLE_DAGSTER_AGENTS": "no_such_module_xyz:registry"}
+    )
+    assert result.exit_code == 1
+    assert "the code location cannot load: LIFECYCLE_DAGSTER_AGENTS='no_such_module_xyz:registry'" in result.output
+    assert "SKIPPED" not in result.output and "ModuleNotFoundError" in result.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -558,3 +559,105 @@ def test_compensate_capability_and_opt_out(db: str, instance: Any) -> None:
     assert rows(db, "SELECT status FROM workflow_executions") == [{"status": "rolled_back"}]
     [ev] = [m for t, s, m in events(db, eid) if t == "stage_compensated"]
     assert ev["undo"] == "capability undo_a (Undoer)" and ev["voided"] == 1
+
+
+HANGING_UNDO_DAG = {
+    "stages": [
+        {"id": "a", "capability": "a", "next": ["b"], "timeout_s": 6},  # room for a loaded machine
+        {"id": "b", "capability": "b"},
+    ],
+    "defaults": {"retry": {"max_attempts": 1, "base_delay_s": 0.01, "max_delay_s": 0.02}},
+}
+
+
+def _in_thread(fn: Any, timeout_s: float) -> list[Any]:
+    """``fn()`` in a daemon thread, waited for ``timeout_s`` seconds: ``[result]``, or ``[]`` when
+    it did not return in time (a hung call must fail the test, not hang it)."""
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout_s)
+    return out
+
+
+def test_a_hung_undo_is_killed_at_the_stage_timeout_and_retried(db: str, instance: Any, tmp_path: Path) -> None:
+    from agents_for_tests import UndoHangsFirst
+    from processes import gone_within
+
+    install(db, "wf", HANGING_UNDO_DAG, {"a": "A", "b": "B"})
+    registry = AgentRegistry([UndoHangsFirst("A", tmp_path), Broken("B")])
+    result, eid = run(db, instance, "wf", registry)
+    assert not result.success
+    done = _in_thread(lambda: _compensate(db, instance, registry), 90)
+    assert done, "the compensation run never finished: its undo hung"
+    [comp] = done[0]
+    assert comp.success
+    assert rows(db, "SELECT status FROM workflow_executions") == [{"status": "rolled_back"}]
+    [retrying] = [m for t, s, m in events(db, eid) if t == "stage_compensation_retrying" and s == "a"]
+    assert "no result within the stage timeout of 6 s" in str(retrying)
+    [marker] = list(tmp_path.glob("undo-*"))
+    assert gone_within([int(marker.name.split("-")[1])], 5) == []  # the hung undo's process was killed
+    assert _live_artifacts(db, eid) == {}
+
+
+def test_an_undo_stops_when_another_run_takes_the_compensation_over(db: str, instance: Any, tmp_path: Path) -> None:
+    from agents_for_tests import UndoHangsFirst
+
+    slow_timeout = {
+        **HANGING_UNDO_DAG,
+        "stages": [{**HANGING_UNDO_DAG["stages"][0], "timeout_s": 60}, HANGING_UNDO_DAG["stages"][1]],
+    }  # type: ignore[index]
+    install(db, "wf", slow_timeout, {"a": "A", "b": "B"})
+    registry = AgentRegistry([UndoHangsFirst("A", tmp_path), Broken("B")])
+    _, eid = run(db, instance, "wf", registry)
+    box: list[Any] = []
+    t = threading.Thread(target=lambda: box.append(_compensate(db, instance, registry)), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not list(tmp_path.glob("undo-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob("undo-*")), "the undo never started"
+    with connect(db) as conn:  # what a takeover run's first undo does (lifecycle.undo_start, takeover)
+        conn.execute("UPDATE workflow_executions SET compensation_run_id = 'another-run' WHERE id = %s", (eid,))
+    t0 = time.monotonic()
+    t.join(20)
+    assert not t.is_alive() and time.monotonic() - t0 < 10  # stopped at once, not at the 60 s timeout
+    [comp] = box[0]
+    assert not comp.success
+    kinds = [k for k, s, _ in events(db, eid) if s == "a"]
+    assert "stage_compensation_retrying" not in kinds and "stage_compensated" not in kinds  # nothing recorded
+    [ex] = rows(db, "SELECT status, compensation_run_id FROM workflow_executions")
+    assert ex == {"status": "compensating", "compensation_run_id": "another-run"}
+
+
+def test_a_stale_compensation_is_taken_over_and_a_compensation_run_beats(db: str, instance: Any) -> None:
+    """A compensating execution whose compensation run stopped beating (its run worker was killed;
+    here a run not even in the instance) gets a takeover run; while fresh it is left alone. And
+    lifecycle.run_heartbeat beats for a compensation run."""
+    undone: list[str] = []
+    registry = _diamond(db, undone)
+    _, eid = run(db, instance, "wf", registry)
+    with connect(db) as conn:
+        conn.execute("SELECT perform_workflow_compensation(%s, 'test')", (eid,))
+        conn.execute("UPDATE workflow_executions SET compensation_run_id = 'killed-run' WHERE id = %s", (eid,))
+        before = conn.execute("SELECT heartbeat_at FROM workflow_executions WHERE id = %s", (eid,)).fetchone()
+        beat = conn.execute("SELECT lifecycle.run_heartbeat('killed-run') AS alive").fetchone()
+        after = conn.execute("SELECT heartbeat_at FROM workflow_executions WHERE id = %s", (eid,)).fetchone()
+    assert beat is not None and beat["alive"] is True
+    assert before is not None and after is not None and after["heartbeat_at"] != before["heartbeat_at"]
+    names = ["wf__v1__compensate"]
+    assert list(reconcile(instance, names, db, timeout_s=3600)) == []  # fresh: left alone
+    time.sleep(1.2)
+    [req] = list(reconcile(instance, names, db, timeout_s=1.0))
+    assert isinstance(req, dg.RunRequest)
+    assert req.run_key == f"compensate:{eid}:after:killed-run"
+    assert req.tags == {EXECUTION_ID_TAG: eid, "lifecycle/takeover": "killed-run"}
+    repo = definitions_from_snapshot(fetch_snapshot(db)).get_repository_def()
+    comp = repo.get_job("wf__v1__compensate").execute_in_process(
+        instance=instance, tags=dict(req.tags), resources={"lifecycle_agents": agents_resource(registry)}
+    )
+    assert comp.success
+    assert rows(db, "SELECT status, compensation_run_id FROM workflow_executions") == [
+        {"status": "rolled_back", "compensation_run_id": comp.run_id}
+    ]
+    assert sorted(undone) == ["a", "b", "c", "d"]

@@ -213,3 +213,31 @@ def test_compensation_job_reverses_the_edges() -> None:
     }
     chain = build_compensation_job(_fixture("lifecycle_v1"))
     assert chain.metadata["undo_order"].text == "integrity, value_realization, target_design, qualify, discover"
+
+
+@pytest.mark.parametrize(
+    ("ref", "why"),
+    [
+        ("no_such_module_xyz:registry", "ModuleNotFoundError"),
+        ("json:dumps", "TypeError"),  # a function that needs arguments
+        ("lifecycle_dagster.agents:Task", "TypeError"),
+    ],
+)
+def test_a_bad_agents_registry_fails_the_load_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, ref: str, why: str
+) -> None:
+    """Not every definition skipped with a warning (a location that loads with no jobs): the load
+    itself fails, with one error naming LIFECYCLE_DAGSTER_AGENTS and its value; even with no row."""
+    from lifecycle_dagster.location.resources import AgentsSettingError
+
+    monkeypatch.setenv("LIFECYCLE_DAGSTER_AGENTS", ref)
+    for snapshot in (json.dumps([_fixture("lifecycle_v1"), _fixture("diamond")]), "[]"):
+        with pytest.raises(AgentsSettingError) as err:
+            definitions_from_snapshot(snapshot)
+        assert f"LIFECYCLE_DAGSTER_AGENTS={ref!r} names no usable agent registry" in str(err.value)
+        assert why in str(err.value)
+    with pytest.raises(AgentsSettingError):
+        build_jobs([_fixture("lifecycle_v1")])
+    monkeypatch.delenv("LIFECYCLE_DAGSTER_AGENTS")
+    jobs, skipped = build_jobs([_fixture("lifecycle_v1")])
+    assert len(jobs) == 2 and skipped == []

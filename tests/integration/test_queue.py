@@ -219,7 +219,9 @@ def test_lifecycle_with_design_served_by_a_worker(seeded_db: str, instance: Any)
 
 
 def _serve(db: str, *extra: str, sleep_s: float = 0.0) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "DATABASE_URL": db, "PYTHONPATH": str(TESTS), "QUEUE_AGENT_SLEEP_S": str(sleep_s)}
+    # this checkout's package first (not whichever one the venv has installed), then the test agents
+    path = os.pathsep.join([str(REPO), str(TESTS)])
+    env = {**os.environ, "DATABASE_URL": db, "PYTHONPATH": path, "QUEUE_AGENT_SLEEP_S": str(sleep_s)}
     return subprocess.Popen(
         [
             str(Path(sys.executable).parent / "lifecycle-dagster"),
@@ -267,10 +269,11 @@ def test_a_killed_worker_task_is_reclaimed_and_completed_once(seeded_db: str) ->
         second.wait(30)
     [t] = rows(
         seeded_db,
-        "SELECT attempt, lease_token, output_data->>'worker_pid' AS pid FROM task_queue WHERE id = %(t)s",
+        "SELECT attempt, lease_token, claimed_by FROM task_queue WHERE id = %(t)s",
         t=task,
     )
-    assert t["attempt"] == 2 and t["lease_token"] == 2 and int(t["pid"]) == second.pid
+    # the worker id is host:pid:suffix (its agent ran in a child of its own: the stage has a time limit)
+    assert t["attempt"] == 2 and t["lease_token"] == 2 and t["claimed_by"].split(":")[1] == str(second.pid)
     kinds = [
         k
         for k, _, _ in events(
@@ -485,9 +488,10 @@ def test_lifecycle_survives_its_design_worker_being_killed(seeded_db: str, insta
     assert rows(seeded_db, "SELECT status FROM workflow_executions") == [{"status": "completed"}]
     [task] = rows(
         seeded_db,
-        "SELECT attempt, status, output_data->>'worker_pid' AS pid FROM task_queue WHERE task_type = 'target_design'",
+        "SELECT attempt, status, claimed_by FROM task_queue WHERE task_type = 'target_design'",
     )
-    assert task["status"] == "completed" and task["attempt"] == 2 and int(task["pid"]) == second.pid  # type: ignore[union-attr]
+    assert task["status"] == "completed" and task["attempt"] == 2
+    assert str(task["claimed_by"]).split(":")[1] == str(second.pid)  # host:pid:suffix of the second worker
     kinds = [(k, s) for k, s, _ in events(seeded_db, eid)]
     assert kinds.count(("task_reaped", "target_design")) == 1
     assert kinds.count(("stage_completed", "target_design")) == 1
@@ -534,3 +538,57 @@ def test_stage_ops_use_their_capability_pool_and_agent_limits_set_it(seeded_db: 
         assert instance.event_log_storage.get_concurrency_info("lifecycle_design").slot_count == 5
     finally:
         instance.dispose()
+
+
+def _task_row(db: str, task_id: str) -> dict[str, Any]:
+    [row] = rows(db, "SELECT status, error_code, retryable, lease_token FROM task_queue WHERE id = %(t)s", t=task_id)
+    return row
+
+
+def test_a_hung_agent_is_stopped_at_its_stage_timeout_and_its_slot_takes_other_work(
+    seeded_db: str, tmp_path: Path
+) -> None:
+    """One slot; the first task's agent hangs, its stage's timeout (deadline_at) is 1 s: the agent's
+    process is killed, the task failed as a retryable `timeout`, and the slot runs the next task."""
+    from agents_for_tests import HangWhenAsked
+    from processes import gone_within
+
+    _make_design_a_queue_agent(seeded_db)
+    hung = _pending_task(seeded_db, payload={"context": {"hang": True}})
+    with connect(seeded_db) as conn:
+        conn.execute("UPDATE task_queue SET deadline_at = now() + interval '1 second' WHERE id = %s", (hung,))
+    later = _pending_task(seeded_db, payload={"context": {"customer": "next"}})
+    registry = AgentRegistry([HangWhenAsked("Design Agent", tmp_path)])
+    worker = Worker(seeded_db, "Design Agent", registry, lease_s=5, poll_s=0.2, grace_s=1, worker_id="hang-test")
+    stop = threading.Event()
+    serving = threading.Thread(target=worker.run, args=(stop,))
+    serving.start()
+    try:
+        assert _wait(lambda: _task_row(seeded_db, later)["status"] == "completed", 30), _task_row(seeded_db, later)
+    finally:
+        stop.set()
+        serving.join(30)
+    assert not serving.is_alive()
+    timed_out = {"status": "failed", "error_code": "timeout", "retryable": True, "lease_token": 1}
+    assert _task_row(seeded_db, hung) == timed_out
+    assert worker.timed_out == 1 and worker.completed == 1
+    [marker] = list(tmp_path.glob("hang-*"))
+    assert gone_within([int(marker.name.split("-")[1])], 5) == []  # the hung agent's process was killed
+
+
+@pytest.mark.slow
+def test_agent_serve_max_task_s_frees_the_slot_of_a_hung_agent(seeded_db: str) -> None:
+    """A real `agent serve --max-task-s 1` (one slot) whose agent hangs on a stage with no timeout:
+    the task fails as a retryable `timeout` after a second and the worker serves the next task."""
+    _make_design_a_queue_agent(seeded_db)
+    design = _design_input()
+    hung = _pending_task(seeded_db, payload={**design, "context": {**design["context"], "hang": True}})
+    later = _pending_task(seeded_db, payload=design)
+    worker = _serve(seeded_db, "--max-task-s", "1", "--poll-s", "0.2", "--grace-s", "1")
+    try:
+        assert _wait(lambda: _task_row(seeded_db, later)["status"] == "completed", 60), worker.poll()
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(30)
+    timed_out = {"status": "failed", "error_code": "timeout", "retryable": True, "lease_token": 1}
+    assert _task_row(seeded_db, hung) == timed_out
