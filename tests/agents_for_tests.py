@@ -1,6 +1,6 @@
 """Agents for tests that call them with a timeout (or a cancel watch).
 
-Such an agent runs in a child process started by the forkserver (lifecycle_dagster.engine.invoke),
+Such an agent runs in a child process started by the forkserver (lifecycle_dagster.agents.invoke),
 which rebuilds it by unpickling: its class must be defined at module level of a module the child
 can import. The child gets the caller's ``sys.path``, on which tests/ is (pytest puts it there), so
 this module qualifies; it imports only the standard library and lifecycle_dagster.agents, so that a

@@ -4,7 +4,7 @@ Unlike the agents of :mod:`lifecycle_dagster.agents.base` (pure functions of a t
 or network), this kind is a network call: :class:`HttpAgent` sends the task as JSON and maps the
 HTTP outcome onto the agent errors (retryable or not), and :func:`http_agent` builds one from its
 ``agents`` row. ``lifecycle_dagster.engine.stage`` calls it like any other agent, in a killable
-child (:mod:`lifecycle_dagster.engine.invoke`).
+child (:mod:`lifecycle_dagster.agents.invoke`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ reverse topological order; the database refuses any other order too
    ``compensate: false``), ``done`` (already compensated) or ``compensate``;
 2. the undo: the stage's ``compensate`` capability routed to an agent (given the stage's output),
    else the stage's own agent's ``compensate()``, else nothing to undo. With the stage's timeout
-   it runs in a killable child process (:func:`~lifecycle_dagster.engine.invoke.call_agent`), killed
+   it runs in a killable child process (:func:`~lifecycle_dagster.agents.invoke.call_agent`), killed
    at the timeout (a retryable failure) or as soon as this run no longer owns the compensation
    (taken over by the reconciler: nothing is recorded); without one, in the op's process. The op
    keeps the run's heartbeat beating, so a killed compensation run is seen and taken over;
@@ -31,9 +31,9 @@ from typing import Any
 
 from lifecycle_dagster.agents import Agent, AgentRegistry, CompensationTask, Task, can_compensate
 from lifecycle_dagster.agents.errors import AttemptStopped, classify
+from lifecycle_dagster.agents.invoke import call_agent
 from lifecycle_dagster.core.payload import check_output, safe_text
 from lifecycle_dagster.core.retry import MAX_WAIT_S, RetryPolicy
-from lifecycle_dagster.engine.invoke import call_agent
 from lifecycle_dagster.store.db import Connection
 from lifecycle_dagster.store.sqlfiles import query
 from lifecycle_dagster.store.transitions import UndoAction, compensation_start, undo_complete, undo_fail, undo_start

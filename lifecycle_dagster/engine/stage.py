@@ -35,9 +35,9 @@ import psycopg
 from lifecycle_dagster.agents import AgentError, AgentRegistry, AgentTimeout, Task
 from lifecycle_dagster.agents.errors import AttemptError, AttemptStopped, classify
 from lifecycle_dagster.agents.http import http_agent
+from lifecycle_dagster.agents.invoke import call_agent
 from lifecycle_dagster.core.payload import check_output, safe_text
 from lifecycle_dagster.core.retry import MAX_WAIT_S, RetryPolicy
-from lifecycle_dagster.engine.invoke import call_agent
 from lifecycle_dagster.queue.wait import queue_wait_s, wait_for_task
 from lifecycle_dagster.store.db import Connection
 from lifecycle_dagster.store.fetch import fetch_one

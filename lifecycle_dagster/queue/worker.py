@@ -16,7 +16,7 @@ tasks finish for ``grace_s`` seconds, then hands back the ones still running
 (``lifecycle.task_release``) and stops their agents.
 
 A task runs where it can be stopped: when it has a time limit, its agent runs in a killable child
-process (:func:`lifecycle_dagster.engine.invoke.call_agent`; the agent must be picklable, a
+process (:func:`lifecycle_dagster.agents.invoke.call_agent`; the agent must be picklable, a
 module-level class). Its limit is the earlier of its stage's timeout (the task's ``deadline_at``,
 by the database's clock at the claim) and ``max_task_s`` (``agent serve --max-task-s``, default
 ``LIFECYCLE_DAGSTER_MAX_TASK_S``). At the limit the child is killed and the task failed with code
@@ -43,8 +43,8 @@ from psycopg_pool import ConnectionPool, PoolClosed
 
 from lifecycle_dagster.agents import AgentError, AgentRegistry, Task
 from lifecycle_dagster.agents.errors import AgentCrashed, AttemptStopped, classify
+from lifecycle_dagster.agents.invoke import call_agent, preload
 from lifecycle_dagster.core.payload import check_output, safe_text
-from lifecycle_dagster.engine.invoke import call_agent, preload
 from lifecycle_dagster.store.transitions import (
     ClaimedTask,
     TaskCompleteStatus,

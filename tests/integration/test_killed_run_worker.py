@@ -1,5 +1,5 @@
 """A Dagster run worker killed with SIGKILL mid-stage leaves no agent process and nothing written
-after the kill (the agent child of ``engine/invoke.py`` dies with its run worker)."""
+after the kill (the agent child of ``agents/invoke.py`` dies with its run worker)."""
 
 from __future__ import annotations
 

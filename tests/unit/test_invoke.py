@@ -1,4 +1,4 @@
-"""Calling an agent in a child process (lifecycle_dagster.engine.invoke), with real processes.
+"""Calling an agent in a child process (lifecycle_dagster.agents.invoke), with real processes.
 
 The child is started by the forkserver (not forked from the threaded caller); it cannot outlive
 the process that called it: SIGKILL the caller (a run worker) mid-stage and the agent child, and
@@ -23,7 +23,7 @@ import pytest
 
 from lifecycle_dagster.agents import AgentError, AgentRateLimited, AgentTimeout, Task
 from lifecycle_dagster.agents.errors import AgentCrashed, AttemptStopped, classify
-from lifecycle_dagster.engine.invoke import AgentNotPicklable, call_agent
+from lifecycle_dagster.agents.invoke import AgentNotPicklable, call_agent
 
 from agents_for_tests import Env, Ok, Pid, Raises, Spawner, WaitsFor
 from processes import gone_within, kill_caller_mid_call, wait_for
@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from agents_for_tests import Spawner
 from lifecycle_dagster.agents import Task
-from lifecycle_dagster.engine.invoke import call_agent
+from lifecycle_dagster.agents.invoke import call_agent
 
 call_agent(Spawner(Path(sys.argv[2]), Path(sys.argv[3]), 3), Task("e", "s", "c", 1, {}, {}), timeout_s=60)
 """
@@ -196,7 +196,7 @@ def test_an_agent_that_cannot_be_pickled_fails_clearly_and_is_not_retried() -> N
 #: a caller whose agent class lives in ``python -c``'s __main__: it pickles, but no child can rebuild it
 MAIN_CLASS = """
 from lifecycle_dagster.agents import Task
-from lifecycle_dagster.engine.invoke import AgentNotPicklable, call_agent
+from lifecycle_dagster.agents.invoke import AgentNotPicklable, call_agent
 
 class InMain:
     name = "in-main"

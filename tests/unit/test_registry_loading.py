@@ -37,7 +37,8 @@ def test_a_bad_reference_is_a_clear_error_naming_it(ref: str, fragment: str) -> 
 
 def test_the_code_location_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIFECYCLE_DAGSTER_AGENTS", "no_such_module_xyz:registry")
-    with pytest.raises(ValueError, match=r"^LIFECYCLE_DAGSTER_AGENTS: agent registry 'no_such_module_xyz:registry'"):
+    expected = r"^LIFECYCLE_DAGSTER_AGENTS='no_such_module_xyz:registry' names no usable agent registry"
+    with pytest.raises(ValueError, match=expected):
         configured_registry()
 
 

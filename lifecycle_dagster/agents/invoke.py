@@ -63,7 +63,7 @@ from lifecycle_dagster.agents.errors import AgentCrashed, AttemptStopped
 #: which would also hand the child the write end of its own lifeline
 START_METHOD = "forkserver"
 #: modules the forkserver imports once, so that each child starts warm
-FORKSERVER_PRELOAD = ("__main__", "lifecycle_dagster.engine.invoke", "lifecycle_dagster.agents.http")
+FORKSERVER_PRELOAD = ("__main__", "lifecycle_dagster.agents.invoke", "lifecycle_dagster.agents.http")
 
 
 class AgentNotPicklable(AgentError):
