@@ -307,7 +307,8 @@ def _start(
     resume: bool,
 ) -> Attempt | StageOutcome:
     """Ensure the execution and start the stage (``lifecycle.stage_start``): the attempt, or the
-    outcome of a stage an earlier run completed.
+    outcome of a stage an earlier run completed. A stage already in progress (this op run again
+    after a lost connection) is adopted: the same attempt and task, whoever created the task.
 
     Raises:
         StageStopped: the stage may not run (``not_runnable``: see :data:`_NOT_RUNNABLE`).

@@ -19,7 +19,8 @@
 -- The logs and tasks of an execution are locked only by the transaction that holds its row, so
 -- they never take part in a wait cycle. A task without an execution has no rows 1 and 3: it is
 -- locked alone (SKIP LOCKED where a claim or the reaper may meet another). task_heartbeat locks
--- one task row and takes nothing after it.
+-- one task row and takes nothing after it. The trigger workflow_executions_close_tasks runs inside
+-- the UPDATE of an execution row (held): it takes that execution's pending tasks after it.
 
 -- lifecycle.task_abandon
 CREATE OR REPLACE FUNCTION lifecycle.task_abandon(p_task_id uuid, p_reason text, p_now timestamp with time zone DEFAULT now()) RETURNS text
