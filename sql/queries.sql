@@ -235,9 +235,12 @@ SELECT lifecycle.task_reap() AS reaped;
 SELECT lifecycle.task_abandon(%(task_id)s, %(reason)s) AS previous_status;
 
 -- name: task_state
+-- the task and its execution's status in one statement: one snapshot (a completion that commits
+-- both is seen whole or not at all)
 SELECT t.id::text AS id, t.status, t.attempt, t.error_message, t.error_code, t.retryable, t.retry_after_s,
-       t.output_data, t.lease_token
-FROM task_queue t WHERE t.id = %(task_id)s;
+       t.output_data, t.lease_token, e.status AS execution_status
+FROM task_queue t LEFT JOIN workflow_executions e ON e.id = t.workflow_execution_id
+WHERE t.id = %(task_id)s;
 
 -- name: agent_row
 SELECT a.id::text AS id, a.name, a.kind, a.config FROM agents a WHERE a.id = %(agent_id)s;

@@ -47,6 +47,7 @@ from lifecycle_dagster.store.transitions import (
     StageCompleteStatus,
     StageRetryStatus,
     StartedStage,
+    TaskState,
     TaskStatus,
     execution_ensure,
     stage_complete,
@@ -306,7 +307,8 @@ def _start(
     resume: bool,
 ) -> Attempt | StageOutcome:
     """Ensure the execution and start the stage (``lifecycle.stage_start``): the attempt, or the
-    outcome of a stage an earlier run completed.
+    outcome of a stage an earlier run completed. A stage already in progress (this op run again
+    after a lost connection) is adopted: the same attempt and task, whoever created the task.
 
     Raises:
         StageStopped: the stage may not run (``not_runnable``: see :data:`_NOT_RUNNABLE`).
@@ -406,17 +408,22 @@ def _await_queue_task(
     token); its completion already completed the stage in the database. Returns the attempt as the
     task ended it (a reaped lease moves the attempt on) with the outcome or why it failed.
 
+    The outcome is decided by one read of the task and its execution (``wait_for_task``): a task
+    that completed is a completion, even when it completed the execution too.
+
     Raises:
         StageStopped: the task was cancelled.
     """
     task_id = str(attempt.task_id)
     t0 = time.perf_counter()
-    stopped = functools.partial(_execution_stopped, conn, attempt.execution_id)
     try:
         timeout_s = spec.timeout_s or queue_wait_s()
-        task = wait_for_task(conn, task_id, timeout_s=timeout_s, listen=listen, should_stop=stopped)
+        task = wait_for_task(conn, task_id, timeout_s=timeout_s, listen=listen)
     except (AgentTimeout, AttemptStopped) as exc:
-        return _abandon(conn, attempt, exc)
+        ended = _abandon(conn, attempt, exc)
+        if isinstance(ended, tuple):
+            return ended
+        task = ended  # a worker finished the task before the abandon: its outcome stands
     attempt = replace(attempt, number=task.attempt)
     if task.status is TaskStatus.COMPLETED:
         done = fetch_one(conn, "stage_log_output", {"log_id": attempt.log_id})
@@ -441,15 +448,19 @@ def _await_queue_task(
     )
 
 
-def _abandon(conn: Connection, attempt: Attempt, exc: AgentTimeout | AttemptStopped) -> tuple[Attempt, AttemptError]:
+def _abandon(
+    conn: Connection, attempt: Attempt, exc: AgentTimeout | AttemptStopped
+) -> tuple[Attempt, AttemptError] | TaskState:
     """No worker finished the task in time, or the execution stopped: cancel the task
-    (``lifecycle.task_abandon``) and say why the attempt failed."""
-    task_abandon(conn, task_id=str(attempt.task_id), reason=str(exc))
+    (``lifecycle.task_abandon``) and say why the attempt failed. A task a worker completed or
+    failed before the abandon took it is not abandoned: its state is returned instead."""
+    before = task_abandon(conn, task_id=str(attempt.task_id), reason=str(exc))
     # the reaper may have moved the attempt on meanwhile (a worker's lease expired): record the
     # outcome against the attempt the stage is at now, or the database refuses it as stale
-    state = conn.execute(query("task_state"), {"task_id": attempt.task_id}).fetchone()
-    if state is not None:
-        attempt = replace(attempt, number=int(state["attempt"]))
+    state = TaskState.from_row(fetch_one(conn, "task_state", {"task_id": attempt.task_id}))
+    if before in (TaskStatus.COMPLETED, TaskStatus.FAILED):
+        return state
+    attempt = replace(attempt, number=state.attempt)
     if isinstance(exc, AttemptStopped):
         return attempt, AttemptError("cancelled", str(exc), False, "AttemptStopped", cause=exc)
     return attempt, AttemptError("timeout", f"{attempt.agent_name}: {exc}", True, "AgentTimeout", cause=exc)

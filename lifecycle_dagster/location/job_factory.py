@@ -131,7 +131,10 @@ def _as_dagster_errors(context: dg.OpExecutionContext) -> Iterator[None]:
         yield
     except StageRetry as exc:
         context.log.warning(f"stage '{exc.stage_id}': {exc}")
-        raise dg.RetryRequested(max_retries=exc.max_attempts, seconds_to_wait=exc.delay_s) from exc
+        # the database counts the attempts (a lost connection is not one): Dagster's retry number,
+        # which counts those too, never refuses a retry the database recorded
+        retries = context.retry_number + max(1, exc.max_attempts - exc.attempt)
+        raise dg.RetryRequested(max_retries=retries, seconds_to_wait=exc.delay_s) from exc
     except StageError as exc:
         raise dg.Failure(
             description=f"stage '{exc.stage_id}' {type(exc).__name__[5:].lower()}: {exc}",
@@ -141,17 +144,24 @@ def _as_dagster_errors(context: dg.OpExecutionContext) -> Iterator[None]:
 
 
 def _retry_when_db_lost(
-    context: dg.OpExecutionContext, stage_id: str, execution_id: str | None, exc: psycopg.OperationalError
+    context: dg.OpExecutionContext,
+    stage_id: str,
+    execution_id: str | None,
+    exc: psycopg.OperationalError,
+    attempts: int = 1,
 ) -> dg.RetryRequested:
     """The connection went away (a server restart, a terminated session, a failover): run the stage
-    again once the database is back, up to DB_LOST_RETRIES attempts. An adopted execution resumes:
-    a completion that committed before the connection died is kept, an interrupted attempt starts
-    over. Without an execution id (nothing to resume) or out of attempts, ``exc`` is raised."""
-    if not execution_id or context.retry_number + 1 >= DB_LOST_RETRIES:
+    again once the database is back, up to DB_LOST_RETRIES times on top of the ``attempts - 1``
+    retries the stage's own attempts may take (Dagster's retry number counts both). An adopted
+    execution resumes: a completion that committed before the connection died is kept, an
+    interrupted attempt goes on as the same attempt (``lifecycle.stage_start`` adopts its task).
+    Without an execution id (nothing to resume) or out of retries, ``exc`` is raised."""
+    budget = DB_LOST_RETRIES + max(0, attempts - 1)
+    if not execution_id or context.retry_number + 1 >= budget:
         raise exc
-    delay = min(DB_LOST_MAX_DELAY_S, 0.5 * 2**context.retry_number)
+    delay = min(DB_LOST_MAX_DELAY_S, 0.5 * 2 ** min(context.retry_number, 8))
     context.log.warning(f"stage '{stage_id}': database connection lost ({exc}); again in {delay:g} s")
-    return dg.RetryRequested(max_retries=DB_LOST_RETRIES, seconds_to_wait=delay)
+    return dg.RetryRequested(max_retries=context.retry_number + 1, seconds_to_wait=delay)
 
 
 def _stage_metadata(outcome: StageOutcome) -> dict[str, Any]:
@@ -197,14 +207,14 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
                     conn,
                     spec,
                     run_id=context.run_id,
-                    attempt=context.retry_number + 1,
+                    attempt=1,  # the database numbers the attempts (Dagster's retries count lost connections too)
                     registry=context.resources.lifecycle_agents,
                     execution_id=execution_id,
                     context=ctx,
                     resume=resume,
                 )
         except psycopg.OperationalError as exc:
-            raise _retry_when_db_lost(context, spec.stage_id, execution_id, exc) from exc
+            raise _retry_when_db_lost(context, spec.stage_id, execution_id, exc, spec.policy.max_attempts) from exc
         run.beat(outcome.execution_id)  # the heartbeat's log lines name the execution
         context.add_output_metadata(_stage_metadata(outcome))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
 
 import psycopg
 
@@ -34,7 +33,7 @@ def wait_for_task(
     *,
     timeout_s: float,
     listen: bool = True,
-    should_stop: Callable[[], bool] | None = None,
+    stop_with_execution: bool = True,
     poll_s: float = 0.5,
 ) -> TaskState:
     """Wait until task ``task_id`` is final (completed, failed or cancelled: ``TaskStatus.final``);
@@ -44,8 +43,13 @@ def wait_for_task(
     ``listen``, LISTENs on ``lifecycle_task_done`` meanwhile so a completion wakes the wait at once:
     the run's own connection, so waiting opens no connection of its own (UNLISTEN at the end).
 
+    Each read is one statement (the ``task_state`` query): the task and its execution's status as
+    of one snapshot. A final task is returned whatever its execution's status (a completion that
+    completed the execution too is a completion); with ``stop_with_execution``, a task not final
+    whose execution is no longer in progress stops the wait.
+
     Raises:
-        AgentTimeout: ``timeout_s`` seconds passed. AttemptStopped: ``should_stop()`` said stop.
+        AgentTimeout: ``timeout_s`` seconds passed. AttemptStopped: the execution stopped.
         UnknownStatusError: the task's status is not one :class:`TaskStatus` knows.
     """
     listening = False
@@ -59,8 +63,8 @@ def wait_for_task(
             if attempt is not None and state.attempt != attempt:
                 deadline = time.monotonic() + timeout_s  # the reaper gave the task a new attempt: its own time
             attempt = state.attempt
-            if should_stop is not None and should_stop():
-                raise AttemptStopped("the execution is no longer in progress")
+            if stop_with_execution and state.execution_stopped:
+                raise AttemptStopped(f"the execution is {state.execution_status}, no longer in progress")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AgentTimeout(f"no worker finished task {task_id} within {timeout_s:g} s")

@@ -460,7 +460,8 @@ class ClaimedTask:
 @dataclass(frozen=True)
 class TaskState:
     """A ``task_queue`` row as a stage op sees it (the ``task_state`` query): its status, attempt,
-    and a worker's outcome (output, or error with code, retryable and Retry-After seconds)."""
+    a worker's outcome (output, or error with code, retryable and Retry-After seconds), and its
+    execution's status as of the same read."""
 
     id: str
     status: TaskStatus
@@ -471,6 +472,13 @@ class TaskState:
     retry_after_s: float | None
     output: dict[str, Any] | None
     lease_token: int | None
+    #: the status of the task's execution read in the same statement (None: a task without one)
+    execution_status: str | None = None
+
+    @property
+    def execution_stopped(self) -> bool:
+        """Whether the task's execution is no longer in progress (never for a task without one)."""
+        return self.execution_status is not None and self.execution_status != "in_progress"
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> TaskState:
@@ -489,6 +497,7 @@ class TaskState:
             retry_after_s=row["retry_after_s"],
             output=row["output_data"],
             lease_token=row["lease_token"],
+            execution_status=row.get("execution_status"),
         )
 
 

@@ -521,7 +521,7 @@ BEGIN
   END IF;
   INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
   VALUES (v_log.execution_id, 'stage_retrying', v_log.stage_id,
-          jsonb_build_object('attempt', p_attempt + 1, 'failed_attempt', p_attempt,
+          jsonb_build_object('attempt', p_attempt::bigint + 1, 'failed_attempt', p_attempt,
                              'delay_s', p_delay_s, 'not_before', p_now + make_interval(secs => p_delay_s),
                              'error_code', p_error_code, 'error_class', p_error_class,
                              'error', p_error, 'task_id', p_task_id),
@@ -620,6 +620,8 @@ DECLARE
   v_agent    record;
   v_task_id  uuid;
   v_existing public.workflow_execution_logs;
+  v_task     public.task_queue;
+  v_routed   boolean := false;
 BEGIN
   -- GUARD: arguments
   IF p_attempt IS NULL OR p_attempt < 1 THEN
@@ -667,31 +669,68 @@ BEGIN
   END IF;
   v_input := jsonb_build_object('context', v_exec.context, 'upstream', v_upstream);
 
+  -- LOCK: the stage log, if there is one (a resume or a restart decides from it)
+  SELECT * INTO v_existing FROM public.workflow_execution_logs l
+   WHERE l.execution_id = p_execution_id AND l.stage_id = p_stage_id FOR UPDATE;
+
   -- RESUME: a completed stage is kept; a failed one becomes pending for its next attempt
-  IF p_resume THEN
-    SELECT * INTO v_existing FROM public.workflow_execution_logs l
-     WHERE l.execution_id = p_execution_id AND l.stage_id = p_stage_id FOR UPDATE;
-    IF v_existing.status = 'completed' THEN
-      RETURN QUERY SELECT v_existing.id, NULL::uuid, NULL::uuid, NULL::text, NULL::text,
-                          v_existing.input_data, v_existing.attempt_number, true, v_existing.output_data;
+  IF p_resume AND v_existing.status = 'completed' THEN
+    RETURN QUERY SELECT v_existing.id, NULL::uuid, NULL::uuid, NULL::text, NULL::text,
+                        v_existing.input_data, v_existing.attempt_number, true, v_existing.output_data;
+    RETURN;
+  ELSIF p_resume AND v_existing.status = 'failed' THEN
+    PERFORM lifecycle.attempt_after(v_existing.attempt_number, p_execution_id, p_stage_id);
+    UPDATE public.workflow_execution_logs l
+       SET status = 'pending', attempt_number = l.attempt_number + 1
+     WHERE l.id = v_existing.id
+    RETURNING * INTO v_existing;
+  END IF;
+
+  -- RESTART: the attempt is in progress already (the op runs again after a lost connection, a
+  -- second call, a task a worker claimed): it keeps its number and its task, whoever created it
+  -- (a reaped lease's requeued task, a hand-enqueued one); nothing is started or counted twice.
+  -- An attempt whose task ended unrecorded (abandoned on a timeout) is followed by the next one.
+  v_attempt := p_attempt;
+  IF v_existing.status = 'in_progress' THEN
+    v_attempt := v_existing.attempt_number;
+    SELECT t.* INTO v_task FROM public.task_queue t
+     WHERE t.stage_log_id = v_existing.id AND t.attempt = v_existing.attempt_number FOR UPDATE;
+    IF v_task.id IS NULL THEN
+      SELECT r.agent_id, r.agent_name, r.agent_kind INTO v_agent FROM lifecycle.capability_route(p_capability) r;
+      v_routed := true;
+      IF v_agent.agent_id IS NULL THEN  -- started before with no agent to call: the same answer
+        RETURN QUERY SELECT v_existing.id, NULL::uuid, NULL::uuid, NULL::text, NULL::text,
+                            v_existing.input_data, v_attempt, false, NULL::jsonb;
+        RETURN;
+      END IF;
+    ELSIF v_task.status IN ('pending', 'in_progress')
+          OR (v_task.claimed_by IS DISTINCT FROM 'op' AND v_task.status IN ('completed', 'failed')) THEN
+      IF v_task.claimed_by = 'op' THEN  -- the op calls its agent again: a new lease, a new deadline
+        UPDATE public.task_queue t
+           SET lease_token = least(t.lease_token, 9223372036854775806) + 1, started_at = p_now, updated_at = p_now,
+               deadline_at = p_now + make_interval(secs => p_timeout_s)
+         WHERE t.id = v_task.id;
+      END IF;
+      RETURN QUERY SELECT v_existing.id, v_task.id, a.id, a.name, a.kind, v_existing.input_data, v_attempt,
+                          false, NULL::jsonb
+                     FROM (SELECT 1) one LEFT JOIN public.agents a ON a.id = v_task.agent_id;
       RETURN;
-    ELSIF v_existing.status = 'failed' THEN
-      UPDATE public.workflow_execution_logs l
-         SET status = 'pending', attempt_number = l.attempt_number + 1
-       WHERE l.id = v_existing.id;
+    ELSE
+      v_attempt := lifecycle.attempt_after(v_existing.attempt_number, p_execution_id, p_stage_id);
     END IF;
+  ELSIF v_existing.status = 'pending' THEN
+    -- the next attempt: after every task the stage had (a hand-enqueued pending task is superseded)
+    SELECT lifecycle.attempt_after(greatest(v_existing.attempt_number - 1, p_attempt - 1, max(t.attempt)),
+                                   p_execution_id, p_stage_id)
+      INTO v_attempt FROM public.task_queue t WHERE t.stage_log_id = v_existing.id;
   END IF;
 
   -- TRANSITION: stage log -> in_progress (the transition guard refuses a completed stage)
   INSERT INTO public.workflow_execution_logs AS l (execution_id, stage_id, status, attempt_number,
                                             started_at, input_data)
-  VALUES (p_execution_id, p_stage_id, 'in_progress', p_attempt, p_now, v_input)
+  VALUES (p_execution_id, p_stage_id, 'in_progress', v_attempt, p_now, v_input)
   ON CONFLICT ON CONSTRAINT workflow_execution_logs_one_per_stage DO UPDATE
-    SET status = 'in_progress',
-        attempt_number = CASE WHEN l.status = 'pending'
-                              THEN greatest(l.attempt_number, EXCLUDED.attempt_number,
-                                            (SELECT max(t.attempt) + 1 FROM public.task_queue t WHERE t.stage_log_id = l.id))
-                              ELSE EXCLUDED.attempt_number END,
+    SET status = 'in_progress', attempt_number = EXCLUDED.attempt_number,
         started_at = EXCLUDED.started_at, completed_at = NULL, not_before = NULL,
         input_data = EXCLUDED.input_data, output_data = NULL, error_message = NULL
   RETURNING l.id, l.attempt_number INTO v_log_id, v_attempt;
@@ -699,8 +738,10 @@ BEGIN
   UPDATE public.workflow_executions e SET current_stage = p_stage_id, updated_at = p_now
    WHERE e.id = p_execution_id;
 
-  SELECT r.agent_id, r.agent_name, r.agent_kind INTO v_agent
-  FROM lifecycle.capability_route(p_capability) r;
+  IF NOT v_routed THEN
+    SELECT r.agent_id, r.agent_name, r.agent_kind INTO v_agent
+    FROM lifecycle.capability_route(p_capability) r;
+  END IF;
 
   IF v_agent.agent_id IS NOT NULL THEN
     -- python and http agents: the op is the worker, the task is claimed at once; queue agents: the
@@ -769,7 +810,7 @@ BEGIN
   END IF;
   IF v_log.status = 'pending' AND v_log.not_before IS NOT NULL THEN
     RAISE EXCEPTION 'retry_stage: stage % of execution % is already waiting to retry (attempt % not before %)',
-      v_log.stage_id, v_log.execution_id, v_log.attempt_number + 1, v_log.not_before
+      v_log.stage_id, v_log.execution_id, v_log.attempt_number::bigint + 1, v_log.not_before
       USING ERRCODE = 'object_not_in_prerequisite_state';
   END IF;
   IF v_exec.status NOT IN ('in_progress', 'failed') THEN
@@ -838,3 +879,24 @@ $$;
 
 REVOKE ALL ON FUNCTION lifecycle.stage_retry(p_log_id uuid, p_max_attempts integer, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
 GRANT ALL ON FUNCTION lifecycle.stage_retry(p_log_id uuid, p_max_attempts integer, p_now timestamp with time zone) TO service_role;
+
+
+-- lifecycle.attempt_after
+CREATE OR REPLACE FUNCTION lifecycle.attempt_after(p_attempt integer, p_execution_id uuid, p_stage_id text) RETURNS integer
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+  -- the number of the attempt after p_attempt; an attempt counter is an integer: at its largest
+  -- value no further attempt can start (a clear refusal, not 'integer out of range')
+  IF p_attempt >= 2147483647 THEN
+    RAISE EXCEPTION 'stage % of execution %: attempt % is the largest attempt number; no further attempt can start',
+      p_stage_id, p_execution_id, p_attempt
+      USING ERRCODE = 'object_not_in_prerequisite_state';
+  END IF;
+  RETURN coalesce(p_attempt, 0) + 1;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.attempt_after(p_attempt integer, p_execution_id uuid, p_stage_id text) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.attempt_after(p_attempt integer, p_execution_id uuid, p_stage_id text) TO service_role;

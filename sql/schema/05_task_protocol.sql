@@ -19,7 +19,8 @@
 -- The logs and tasks of an execution are locked only by the transaction that holds its row, so
 -- they never take part in a wait cycle. A task without an execution has no rows 1 and 3: it is
 -- locked alone (SKIP LOCKED where a claim or the reaper may meet another). task_heartbeat locks
--- one task row and takes nothing after it.
+-- one task row and takes nothing after it. The trigger workflow_executions_close_tasks runs inside
+-- the UPDATE of an execution row (held): it takes that execution's pending tasks after it.
 
 -- lifecycle.task_abandon
 CREATE OR REPLACE FUNCTION lifecycle.task_abandon(p_task_id uuid, p_reason text, p_now timestamp with time zone DEFAULT now()) RETURNS text
@@ -40,7 +41,7 @@ BEGIN
   -- TRANSITION: an open task -> cancelled (its lease, if any, is revoked)
   IF v_task.status IN ('pending', 'in_progress') THEN
     UPDATE public.task_queue t
-       SET status = 'cancelled', lease_token = t.lease_token + 1, error_message = p_reason,
+       SET status = 'cancelled', lease_token = least(t.lease_token, 9223372036854775806) + 1, error_message = p_reason,
            completed_at = p_now, updated_at = p_now
      WHERE t.id = p_task_id;
   END IF;
@@ -96,13 +97,17 @@ BEGIN
   END IF;
 
   -- LOCK: the executions of the first claimable tasks, SKIP LOCKED (claimers do not wait for one
-  -- another, nor for an execution being cancelled or completed: its tasks wait for the next claim)
+  -- another, nor for an execution being cancelled or completed: its tasks wait for the next claim).
+  -- Only an execution in progress has work to hand out (a failed or cancelled one's pending tasks
+  -- were cancelled with it: lifecycle.task_close_for_execution), and a task whose lease token is at
+  -- its largest value cannot be leased again (a new token would not revoke the old one)
   v_execs := ARRAY(
     SELECT e.id
       FROM public.task_queue q JOIN public.workflow_executions e ON e.id = q.workflow_execution_id
      WHERE q.status = 'pending' AND q.capability = ANY (v_caps)
        AND (q.agent_id IS NULL OR q.agent_id = v_agent.id)
        AND (q.not_before IS NULL OR q.not_before <= p_now)
+       AND q.lease_token < 9223372036854775807 AND e.status = 'in_progress'
      ORDER BY q.priority DESC, q.created_at, q.id
      LIMIT v_want
        FOR UPDATE OF e SKIP LOCKED);
@@ -134,6 +139,7 @@ BEGIN
        AND (q.agent_id IS NULL OR q.agent_id = v_agent.id)
        AND (q.not_before IS NULL OR q.not_before <= p_now)
        AND (q.workflow_execution_id = ANY (v_execs) OR q.workflow_execution_id IS NULL)
+       AND q.lease_token < 9223372036854775807
      ORDER BY q.priority DESC, q.created_at, q.id
   LOOP
     EXIT WHEN v_got >= v_n;
@@ -148,6 +154,7 @@ BEGIN
            lease_expires_at = p_now + make_interval(secs => p_lease_s), claimed_by = p_worker,
            started_at = p_now, updated_at = p_now
      WHERE t.id = (SELECT q.id FROM public.task_queue q WHERE q.id = v_cand.id AND q.status = 'pending'
+                      AND q.lease_token < 9223372036854775807
                      FOR UPDATE SKIP LOCKED)
     RETURNING t.id, t.lease_token, t.workflow_execution_id, t.task_type, t.capability, t.attempt, t.input_data,
               t.lease_expires_at, t.stage_log_id
@@ -181,6 +188,32 @@ $$;
 
 REVOKE ALL ON FUNCTION lifecycle.task_claim(p_worker text, p_agent_name text, p_limit integer, p_lease_s double precision, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
 GRANT ALL ON FUNCTION lifecycle.task_claim(p_worker text, p_agent_name text, p_limit integer, p_lease_s double precision, p_now timestamp with time zone) TO service_role;
+
+
+-- lifecycle.task_close_for_execution
+CREATE OR REPLACE FUNCTION lifecycle.task_close_for_execution() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+  -- an execution that stops being in progress (failed, cancelled, by any function or by hand)
+  -- cancels its pending tasks in the same transaction: no worker claims work of an execution that
+  -- has stopped. Tasks held by a worker are left to the transition (execution_fail fails them) or
+  -- to their worker, whose result is then refused. The execution row is locked (it is being
+  -- updated): the lock order holds. The time is the execution's updated_at (the caller's p_now).
+  -- A pending task has no lease to revoke: its token stays (the next claim would move it on).
+  IF NEW.status NOT IN ('pending', 'in_progress') AND OLD.status IS DISTINCT FROM NEW.status THEN
+    UPDATE public.task_queue t
+       SET status = 'cancelled', error_message = format('execution is %s', NEW.status),
+           completed_at = NEW.updated_at, updated_at = NEW.updated_at
+     WHERE t.workflow_execution_id = NEW.id AND t.status = 'pending';
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.task_close_for_execution() FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.task_close_for_execution() TO service_role;
 
 
 -- lifecycle.task_complete
@@ -358,86 +391,23 @@ CREATE OR REPLACE FUNCTION lifecycle.task_reap(p_now timestamp with time zone DE
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_cand       record;
-  v_exec       public.workflow_executions;
-  v_task       public.task_queue;
-  v_n          integer := 0;
-  v_superseded boolean;
-  v_stopped    boolean;
+  v_cand record;
+  v_n    integer := 0;
 BEGIN
   FOR v_cand IN
     SELECT t.id, t.workflow_execution_id, t.stage_log_id FROM public.task_queue t
      WHERE t.status = 'in_progress' AND t.lease_expires_at < p_now AND t.claimed_by IS DISTINCT FROM 'op'
      ORDER BY t.lease_expires_at
   LOOP
-    -- LOCK: the execution (SKIP LOCKED: the reaper holds the executions of the tasks it reaped so
-    -- far, it must not wait for another; an execution being changed is reaped next time), the stage
-    -- log, then the task (SKIP LOCKED, as before: a heartbeat or another reaper has it)
-    v_exec := NULL;
-    IF v_cand.workflow_execution_id IS NOT NULL THEN
-      SELECT * INTO v_exec FROM public.workflow_executions e WHERE e.id = v_cand.workflow_execution_id
-         FOR UPDATE SKIP LOCKED;
-      CONTINUE WHEN NOT FOUND;
-      PERFORM 1 FROM public.workflow_execution_logs l
-       WHERE l.id = v_cand.stage_log_id AND l.execution_id = v_cand.workflow_execution_id FOR UPDATE;
-    END IF;
-    SELECT * INTO v_task FROM public.task_queue t WHERE t.id = v_cand.id FOR UPDATE SKIP LOCKED;
-    -- GUARD: still expired, now that it is locked (a completion or a heartbeat may have come first)
-    CONTINUE WHEN NOT FOUND OR v_task.status <> 'in_progress' OR NOT coalesce(v_task.lease_expires_at < p_now, false)
-                  OR v_task.claimed_by IS NOT DISTINCT FROM 'op';
-
-    v_superseded := v_task.workflow_execution_id IS NOT NULL AND (
-      EXISTS (SELECT 1 FROM public.task_queue t2
-               WHERE t2.workflow_execution_id = v_task.workflow_execution_id AND t2.task_type = v_task.task_type
-                 AND t2.attempt > v_task.attempt)
-      OR EXISTS (SELECT 1 FROM public.workflow_execution_logs l
-                  WHERE l.id = v_task.stage_log_id
-                    AND (l.status <> 'in_progress' OR l.attempt_number > v_task.attempt)));
-    -- an execution that runs no stage again (a cancelled one: execution_cancel left its running
-    -- stages to their workers) accepts no result of this task: it is not queued again
-    v_stopped := NOT v_superseded
-                 AND v_exec.status IN ('completed', 'cancelled', 'compensating', 'rolled_back', 'compensation_failed');
-    IF v_superseded THEN
-      UPDATE public.task_queue t
-         SET status = 'cancelled', lease_token = t.lease_token + 1,
-             error_message = format('lease of worker %s expired; its attempt %s was superseded', v_task.claimed_by,
-                                    v_task.attempt),
-             completed_at = p_now, updated_at = p_now
-       WHERE t.id = v_task.id;
-    ELSIF v_stopped THEN
-      UPDATE public.task_queue t
-         SET status = 'cancelled', lease_token = t.lease_token + 1,
-             error_message = format('lease of worker %s expired; execution is %s', v_task.claimed_by, v_exec.status),
-             completed_at = p_now, updated_at = p_now
-       WHERE t.id = v_task.id;
-      UPDATE public.workflow_execution_logs l
-         SET status = 'skipped', completed_at = p_now,
-             error_message = format('lease of worker %s expired; execution is %s', v_task.claimed_by, v_exec.status)
-       WHERE l.id = v_task.stage_log_id AND l.execution_id = v_exec.id AND l.status = 'in_progress'
-         AND l.attempt_number = v_task.attempt;
-    ELSIF v_task.max_attempts IS NOT NULL AND v_task.attempt >= v_task.max_attempts THEN
-      UPDATE public.task_queue t
-         SET status = 'failed', error_message = format('lease of worker %s expired; attempts exhausted', v_task.claimed_by),
-             error_code = 'lease_expired', retryable = false, completed_at = p_now, updated_at = p_now
-       WHERE t.id = v_task.id;
-    ELSE
-      UPDATE public.task_queue t
-         SET status = 'pending', attempt = t.attempt + 1, lease_expires_at = NULL, claimed_by = NULL,
-             started_at = NULL, updated_at = p_now
-       WHERE t.id = v_task.id;
-      UPDATE public.workflow_execution_logs l SET attempt_number = v_task.attempt + 1
-       WHERE l.id = v_task.stage_log_id AND l.status = 'in_progress';
-    END IF;
-    INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
-    VALUES (v_task.workflow_execution_id, 'task_reaped', v_task.task_type,
-            jsonb_build_object('task_id', v_task.id, 'worker', v_task.claimed_by, 'attempt', v_task.attempt,
-                               'lease_expires_at', v_task.lease_expires_at,
-                               'requeued', NOT v_superseded AND NOT coalesce(v_stopped, false)
-                                           AND (v_task.max_attempts IS NULL OR v_task.attempt < v_task.max_attempts),
-                               'superseded', v_superseded)
-            || CASE WHEN v_stopped THEN jsonb_build_object('execution_status', v_exec.status) ELSE '{}'::jsonb END,
-            p_now);
-    v_n := v_n + 1;
+    -- one task that cannot be reaped (a row no rule foresaw) never stops the others: its own
+    -- subtransaction is rolled back, a warning names it, the loop goes on
+    BEGIN
+      IF lifecycle.task_reap_one(v_cand.id, v_cand.workflow_execution_id, v_cand.stage_log_id, p_now) THEN
+        v_n := v_n + 1;
+      END IF;
+    EXCEPTION WHEN OTHERS THEN
+      RAISE WARNING 'lifecycle.task_reap: task % could not be reaped: % (%)', v_cand.id, SQLERRM, SQLSTATE;
+    END;
   END LOOP;
   RETURN v_n;
 END
@@ -445,6 +415,98 @@ $$;
 
 REVOKE ALL ON FUNCTION lifecycle.task_reap(p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
 GRANT ALL ON FUNCTION lifecycle.task_reap(p_now timestamp with time zone) TO service_role;
+
+
+-- lifecycle.task_reap_one
+CREATE OR REPLACE FUNCTION lifecycle.task_reap_one(p_task_id uuid, p_execution_id uuid, p_log_id uuid, p_now timestamp with time zone) RETURNS boolean
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_exec       public.workflow_executions;
+  v_task       public.task_queue;
+  v_superseded boolean;
+  v_stopped    boolean;
+  v_requeued   boolean := false;
+BEGIN
+  -- LOCK: the execution (SKIP LOCKED: the reaper holds the executions of the tasks it reaped so
+  -- far, it must not wait for another; an execution being changed is reaped next time), the stage
+  -- log, then the task (SKIP LOCKED, as before: a heartbeat or another reaper has it)
+  IF p_execution_id IS NOT NULL THEN
+    SELECT * INTO v_exec FROM public.workflow_executions e WHERE e.id = p_execution_id FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+      RETURN false;
+    END IF;
+    PERFORM 1 FROM public.workflow_execution_logs l WHERE l.id = p_log_id AND l.execution_id = p_execution_id FOR UPDATE;
+  END IF;
+  SELECT * INTO v_task FROM public.task_queue t WHERE t.id = p_task_id FOR UPDATE SKIP LOCKED;
+  -- GUARD: still expired, now that it is locked (a completion or a heartbeat may have come first)
+  IF NOT FOUND OR v_task.status <> 'in_progress' OR NOT coalesce(v_task.lease_expires_at < p_now, false)
+     OR v_task.claimed_by IS NOT DISTINCT FROM 'op' THEN
+    RETURN false;
+  END IF;
+
+  v_superseded := v_task.workflow_execution_id IS NOT NULL AND (
+    EXISTS (SELECT 1 FROM public.task_queue t2
+             WHERE t2.workflow_execution_id = v_task.workflow_execution_id AND t2.task_type = v_task.task_type
+               AND t2.attempt > v_task.attempt)
+    OR EXISTS (SELECT 1 FROM public.workflow_execution_logs l
+                WHERE l.id = v_task.stage_log_id
+                  AND (l.status <> 'in_progress' OR l.attempt_number > v_task.attempt)));
+  -- an execution that runs no stage again (a cancelled one: execution_cancel left its running
+  -- stages to their workers) accepts no result of this task: it is not queued again
+  v_stopped := NOT v_superseded
+               AND v_exec.status IN ('completed', 'cancelled', 'compensating', 'rolled_back', 'compensation_failed');
+  IF v_superseded THEN
+    UPDATE public.task_queue t
+       SET status = 'cancelled', lease_token = least(t.lease_token, 9223372036854775806) + 1,
+           error_message = format('lease of worker %s expired; its attempt %s was superseded', v_task.claimed_by,
+                                  v_task.attempt),
+           completed_at = p_now, updated_at = p_now
+     WHERE t.id = v_task.id;
+  ELSIF v_stopped THEN
+    UPDATE public.task_queue t
+       SET status = 'cancelled', lease_token = least(t.lease_token, 9223372036854775806) + 1,
+           error_message = format('lease of worker %s expired; execution is %s', v_task.claimed_by, v_exec.status),
+           completed_at = p_now, updated_at = p_now
+     WHERE t.id = v_task.id;
+    UPDATE public.workflow_execution_logs l
+       SET status = 'skipped', completed_at = p_now,
+           error_message = format('lease of worker %s expired; execution is %s', v_task.claimed_by, v_exec.status)
+     WHERE l.id = v_task.stage_log_id AND l.execution_id = v_exec.id AND l.status = 'in_progress'
+       AND l.attempt_number = v_task.attempt;
+  ELSIF (v_task.max_attempts IS NOT NULL AND v_task.attempt >= v_task.max_attempts) OR v_task.attempt >= 2147483647 THEN
+    -- no attempt after this one: by the task's limit, or the attempt counter is at its largest value
+    UPDATE public.task_queue t
+       SET status = 'failed',
+           error_message = format('lease of worker %s expired; attempts exhausted%s', v_task.claimed_by,
+                                  CASE WHEN v_task.attempt >= 2147483647 THEN ' (attempt counter at its largest value)'
+                                       ELSE '' END),
+           error_code = 'lease_expired', retryable = false, completed_at = p_now, updated_at = p_now
+     WHERE t.id = v_task.id;
+  ELSE
+    v_requeued := true;
+    UPDATE public.task_queue t
+       SET status = 'pending', attempt = t.attempt + 1, lease_expires_at = NULL, claimed_by = NULL,
+           started_at = NULL, updated_at = p_now
+     WHERE t.id = v_task.id;
+    UPDATE public.workflow_execution_logs l SET attempt_number = v_task.attempt + 1
+     WHERE l.id = v_task.stage_log_id AND l.status = 'in_progress';
+  END IF;
+  INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
+  VALUES (v_task.workflow_execution_id, 'task_reaped', v_task.task_type,
+          jsonb_build_object('task_id', v_task.id, 'worker', v_task.claimed_by, 'attempt', v_task.attempt,
+                             'lease_expires_at', v_task.lease_expires_at,
+                             'requeued', v_requeued, 'superseded', v_superseded)
+          || CASE WHEN v_stopped THEN jsonb_build_object('execution_status', v_exec.status) ELSE '{}'::jsonb END,
+          p_now);
+  RETURN true;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.task_reap_one(p_task_id uuid, p_execution_id uuid, p_log_id uuid, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.task_reap_one(p_task_id uuid, p_execution_id uuid, p_log_id uuid, p_now timestamp with time zone) TO service_role;
+
 
 
 -- lifecycle.task_refusal
@@ -506,7 +568,7 @@ BEGIN
   -- cancelled and its running stage skipped (a result of it would only be refused)
   IF v_exec.status IN ('completed', 'cancelled', 'compensating', 'rolled_back', 'compensation_failed') THEN
     UPDATE public.task_queue t
-       SET status = 'cancelled', lease_token = t.lease_token + 1, lease_expires_at = NULL,
+       SET status = 'cancelled', lease_token = least(t.lease_token, 9223372036854775806) + 1, lease_expires_at = NULL,
            error_message = format('released by worker %s; execution is %s', t.claimed_by, v_exec.status),
            completed_at = p_now, updated_at = p_now
      WHERE t.id = p_task_id;
@@ -517,7 +579,7 @@ BEGIN
        AND l.attempt_number = v_task.attempt;
   ELSE
     UPDATE public.task_queue t
-       SET status = 'pending', lease_token = t.lease_token + 1, lease_expires_at = NULL, claimed_by = NULL,
+       SET status = 'pending', lease_token = least(t.lease_token, 9223372036854775806) + 1, lease_expires_at = NULL, claimed_by = NULL,
            started_at = NULL, updated_at = p_now
      WHERE t.id = p_task_id;
   END IF;
@@ -539,7 +601,7 @@ BEGIN
     RETURN NULL;
   END IF;
   UPDATE public.task_queue t
-     SET status = 'cancelled', lease_token = t.lease_token + 1, lease_expires_at = NULL,
+     SET status = 'cancelled', lease_token = least(t.lease_token, 9223372036854775806) + 1, lease_expires_at = NULL,
          error_message = format('superseded by attempt %s (task %s)', NEW.attempt, NEW.id),
          completed_at = NEW.created_at, updated_at = NEW.created_at
    WHERE t.workflow_execution_id = NEW.workflow_execution_id AND t.task_type = NEW.task_type
@@ -560,3 +622,6 @@ CREATE OR REPLACE TRIGGER task_queue_notify AFTER INSERT OR UPDATE OF status ON 
 
 -- trigger task_queue task_queue_supersede
 CREATE OR REPLACE TRIGGER task_queue_supersede AFTER INSERT ON public.task_queue FOR EACH ROW EXECUTE FUNCTION lifecycle.task_supersede();
+
+-- trigger workflow_executions workflow_executions_close_tasks
+CREATE OR REPLACE TRIGGER workflow_executions_close_tasks AFTER UPDATE OF status ON public.workflow_executions FOR EACH ROW EXECUTE FUNCTION lifecycle.task_close_for_execution();
