@@ -283,7 +283,10 @@ def test_a_compensation_run_survives_a_lost_connection_while_an_undo_waits_to_re
     assert killed == [1]  # the run's op connection, killed while the undo of b waited
     assert comp.success
     assert rows(db, "SELECT status FROM workflow_executions WHERE id = %(e)s", e=eid) == [{"status": "rolled_back"}]
-    assert sorted(undone) == ["a", "b", "c", "d"]
+    # an undo whose connection died mid-call may be called again (at least once), recorded once
+    assert set(undone) == {"a", "b", "c", "d"}
+    compensated = sorted(s for t, s, _ in events(db, eid) if t == "stage_compensated")
+    assert compensated == ["a", "b", "c", "d"]
 
 
 def test_perform_workflow_compensation_twice_and_concurrently(db: str, instance: Any) -> None:
