@@ -226,7 +226,8 @@ def _drift(dsn: str) -> list[tuple[str, str, str]]:
 
 
 def _feed_rows(dsn: str, name: str) -> int:
-    """Rows of workflow_audit_feed for one execution with 2 stage logs and 4 events."""
+    """Rows of workflow_audit_feed for one execution with 2 stage logs and 6 events (4 inserted here,
+    2 ``stage_started`` the stage-log trigger records for the logs inserted by hand)."""
     with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
         conn.execute(
             "INSERT INTO workflow_definitions (name, version, dag_schema, is_active) VALUES (%(name)s, 1,"
@@ -267,7 +268,7 @@ def test_repair_restores_what_the_runbook_and_hands_changed(db: str) -> None:
             "CREATE OR REPLACE FUNCTION lifecycle.breaker_defaults() RETURNS jsonb LANGUAGE sql IMMUTABLE"
             " AS $$ SELECT '{\"window_s\": 1}'::jsonb $$"
         )
-    assert _feed_rows(db, "feed_before") == 8  # the runbook's feed multiplies: 2 logs x 4 events
+    assert _feed_rows(db, "feed_before") == 12  # the runbook's feed multiplies: 2 logs x 6 events
     claim = (
         "function lifecycle.task_claim(p_worker text, p_agent_name text, p_limit integer, "
         "p_lease_s double precision, p_now timestamp with time zone)"
@@ -301,7 +302,7 @@ def test_repair_restores_what_the_runbook_and_hands_changed(db: str) -> None:
     ]
     assert _drift(db) == []
     assert _cli(db, "doctor").exit_code == 0
-    assert _feed_rows(db, "feed_after") == 4  # ours again: one row per event
+    assert _feed_rows(db, "feed_after") == 6  # ours again: one row per event
     with psycopg.connect(db) as conn:
         row = conn.execute(
             "SELECT has_function_privilege('anon', 'lifecycle.task_claim(text, text, integer, double precision,"
