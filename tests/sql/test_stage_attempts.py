@@ -315,3 +315,24 @@ def test_starting_a_stage_past_the_largest_attempt_is_refused_clearly(db: str) -
         with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as err:
             _start(conn, eid, "a")
     assert "largest attempt number" in str(err.value)
+
+
+def test_a_requeued_attempt_gets_the_whole_stage_timeout_again(db: str) -> None:
+    """The reaper gives the next attempt the stage's time limit from the requeue, never the rest of
+    a dead worker's (the chaos suite saw attempt 3 left with half a second)."""
+    eid = _setup(db)
+    with connect(db) as conn:
+        started = conn.execute(
+            "SELECT * FROM lifecycle.stage_start(%s, 'a', 'q', '{}'::jsonb, 1, p_timeout_s => 10, p_max_attempts => 5)",
+            (eid,),
+        ).fetchone()
+        assert started is not None
+        for attempt, later_s in ((2, 300), (3, 700)):
+            assert len(_claim(conn, f"w{attempt}", later_s=later_s - 300)) == 1
+            assert _reap(conn, later_s=later_s) == 1  # the worker died; long past any deadline
+            row = conn.execute(
+                "SELECT attempt, extract(epoch FROM deadline_at - now()) AS left_s FROM task_queue WHERE id = %s",
+                (started["task_id"],),
+            ).fetchone()
+            assert row is not None and row["attempt"] == attempt
+            assert later_s + 9 <= float(row["left_s"]) <= later_s + 10.5  # 10 s from the requeue
