@@ -708,7 +708,7 @@ BEGIN
       IF v_task.claimed_by = 'op' THEN  -- the op calls its agent again: a new lease, a new deadline
         UPDATE public.task_queue t
            SET lease_token = least(t.lease_token, 9223372036854775806) + 1, started_at = p_now, updated_at = p_now,
-               deadline_at = p_now + make_interval(secs => p_timeout_s)
+               deadline_at = p_now + make_interval(secs => p_timeout_s), timeout_s = p_timeout_s
          WHERE t.id = v_task.id;
       END IF;
       RETURN QUERY SELECT v_existing.id, v_task.id, a.id, a.name, a.kind, v_existing.input_data, v_attempt,
@@ -748,12 +748,12 @@ BEGIN
     -- task waits, pending, for an external worker (lifecycle.task_claim)
     INSERT INTO public.task_queue (workflow_execution_id, task_type, capability, input_data, status, agent_id,
                             stage_log_id, attempt, max_attempts, created_at, updated_at, started_at,
-                            deadline_at, claimed_by, lease_token)
+                            deadline_at, timeout_s, claimed_by, lease_token)
     VALUES (p_execution_id, p_stage_id, p_capability, v_input,
             CASE WHEN v_agent.agent_kind = 'queue' THEN 'pending' ELSE 'in_progress' END,
             v_agent.agent_id, v_log_id, v_attempt, p_max_attempts, p_now, p_now,
             CASE WHEN v_agent.agent_kind = 'queue' THEN NULL ELSE p_now END,
-            p_now + make_interval(secs => p_timeout_s),
+            p_now + make_interval(secs => p_timeout_s), p_timeout_s,
             CASE WHEN v_agent.agent_kind = 'queue' THEN NULL ELSE 'op' END,
             CASE WHEN v_agent.agent_kind = 'queue' THEN 0 ELSE 1 END)
     RETURNING id INTO v_task_id;

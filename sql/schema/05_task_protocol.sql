@@ -486,12 +486,12 @@ BEGIN
      WHERE t.id = v_task.id;
   ELSE
     v_requeued := true;
-    -- the next attempt gets the stage's whole time limit from now (its clock started at
-    -- not_before, set here at each requeue, else at created_at): never the rest of a dead worker's
+    -- the next attempt gets the task's whole time limit from now, never the rest of a dead worker's
     UPDATE public.task_queue t
        SET status = 'pending', attempt = t.attempt + 1, lease_expires_at = NULL, claimed_by = NULL,
-           started_at = NULL, updated_at = p_now, not_before = p_now,
-           deadline_at = p_now + (t.deadline_at - greatest(t.created_at, coalesce(t.not_before, t.created_at)))
+           started_at = NULL, updated_at = p_now,
+           deadline_at = CASE WHEN t.timeout_s IS NULL THEN t.deadline_at
+                              ELSE p_now + make_interval(secs => t.timeout_s) END
      WHERE t.id = v_task.id;
     UPDATE public.workflow_execution_logs l SET attempt_number = v_task.attempt + 1
      WHERE l.id = v_task.stage_log_id AND l.status = 'in_progress';
