@@ -8,7 +8,6 @@ import copy
 import json
 import os
 import random
-import re
 import signal
 import socket
 import subprocess
@@ -41,7 +40,7 @@ from lifecycle_dagster.store.versions import (
     publish,
 )
 
-from helpers import RUNBOOK, TESTS, install, rows, run
+from helpers import TESTS, install, rows, run, runbook_section
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -260,25 +259,16 @@ def test_existing_rows_are_not_revalidated(db: str) -> None:
 # ------------------------------------------------------------------------------ the runbook
 
 
-def _runbook(section: int) -> str:
-    if not RUNBOOK.exists():
-        pytest.skip(f"runbook {RUNBOOK} is absent")
-    text = RUNBOOK.read_text(encoding="utf-8")
-    body = re.split(r"^## \d+\)", text, flags=re.MULTILINE)[section]
-    [sql] = re.findall(r"<<'?SQL'?\n(.*?)\nSQL$", body, re.DOTALL | re.MULTILINE)
-    return str(sql)
-
-
 def test_runbook_section1_then_section6_once_is_accepted_and_twice_is_refused(db: str) -> None:
     with psycopg.connect(db, autocommit=True, row_factory=dict_row) as conn:
-        conn.execute(_runbook(1))
-        conn.execute(_runbook(1))  # the idempotent upsert re-runs cleanly
-        conn.execute(_runbook(6))  # v2 adds post_integrity, connected to nothing: valid
+        conn.execute(runbook_section(1))
+        conn.execute(runbook_section(1))  # the idempotent upsert re-runs cleanly
+        conn.execute(runbook_section(6))  # v2 adds post_integrity, connected to nothing: valid
         before = _definitions(db, "lifecycle_v1")
         assert [(d["version"], d["is_active"]) for d in before] == [(1, False), (2, True)]
         assert isolated_stages(parse_dag(before[1]["dag_schema"])) == ("post_integrity",)
         with pytest.raises(psycopg.errors.CheckViolation) as err:
-            conn.execute(_runbook(6))  # would store v3 with post_integrity declared twice
+            conn.execute(runbook_section(6))  # would store v3 with post_integrity declared twice
     assert err.value.diag.message_primary == (
         "invalid workflow DAG: workflow lifecycle_v1 v3 has 1 problem: "
         "stage 'post_integrity': declared 2 times (stages[5], stages[6])"
