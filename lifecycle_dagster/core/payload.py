@@ -28,6 +28,35 @@ MAX_JSON_DEPTH = 100
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SCALARS = (str, int, float, bool, type(None))
+
+
+class OutOfRange(float):
+    """A JSON number a double cannot hold (``1e400`` overflows, ``1e-400`` rounds to 0), as read
+    from a definition file: an infinite float, so every number check refuses it (the DAG
+    validator with its "a number a double can hold" reason, as the database does, never as 0),
+    that prints as written."""
+
+    text: str
+
+    def __new__(cls, text: str) -> OutOfRange:
+        number = super().__new__(cls, "-inf" if text.lstrip().startswith("-") else "inf")
+        number.text = text
+        return number
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def json_float(text: str) -> float:
+    """The float of a JSON number's ``text`` (for ``json.loads``'s ``parse_float``), or an
+    :class:`OutOfRange` when a double cannot hold it."""
+    value = float(text)
+    mantissa = re.split("[eE]", text, maxsplit=1)[0]
+    if math.isinf(value) or (value == 0.0 and any(c in "123456789" for c in mantissa)):
+        return OutOfRange(text)
+    return value
+
+
 _MAX_PATH_CHARS = 120
 
 
@@ -88,6 +117,8 @@ def find_problem(value: object, what: str = "agent output") -> str | None:
             problem = _string_problem(item, what, json_path(list(parts)))
             if problem:
                 return problem
+        elif isinstance(item, OutOfRange):
+            return f"{what} holds {item!r} at {json_path(list(parts))}: a number a double cannot hold"
         elif isinstance(item, float) and not math.isfinite(item):
             return f"{what} is not JSON: {item!r} at {json_path(list(parts))} (JSON has no NaN or infinity)"
         elif isinstance(item, _SCALARS):

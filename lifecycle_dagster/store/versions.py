@@ -30,7 +30,7 @@ from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.core.dag import Dag, DagValidationError, parse_dag
 from lifecycle_dagster.core.dag_structure import quote
-from lifecycle_dagster.core.payload import check_output
+from lifecycle_dagster.core.payload import check_output, json_float
 from lifecycle_dagster.store.db import Connection
 from lifecycle_dagster.store.sqlfiles import query
 
@@ -103,8 +103,12 @@ class VersionInfo:
 
 
 # ---------------------------------------------------------------------------------------------
-def strict_json(text: str) -> Any:
-    """``json.loads`` by JSON's rules: NaN and Infinity are refused.
+def strict_json(text: str, *, exact_numbers: bool = False) -> Any:
+    """``json.loads`` by JSON's rules: NaN and Infinity are refused. ``exact_numbers`` (definition
+    files): a number a double cannot hold (``1e400``, ``1e-400``, which the database's DAG
+    validator refuses with ``NOT_A_DOUBLE``) is read as a
+    :class:`~lifecycle_dagster.core.payload.OutOfRange` (an infinite float that prints as
+    written), so Python's validator refuses it with the database's reason instead of reading 0.
 
     Raises:
         ValueError: not JSON. RecursionError: nested too deeply to decode.
@@ -113,7 +117,7 @@ def strict_json(text: str) -> Any:
     def refuse(constant: str) -> None:
         raise ValueError(f"{constant} is not JSON")
 
-    return json.loads(text, parse_constant=refuse)
+    return json.loads(text, parse_constant=refuse, parse_float=json_float if exact_numbers else float)
 
 
 def read_definition_file(path: Path) -> DefinitionFile:
@@ -134,7 +138,7 @@ def read_definition_file(path: Path) -> DefinitionFile:
     try:
         # JSON by JSON's own rules (1e3 is a number, NaN is not JSON); YAML for the rest
         doc = (
-            strict_json(text)
+            strict_json(text, exact_numbers=True)
             if path.suffix.lower() == ".json" or text.lstrip().startswith(("{", "["))
             else yaml.safe_load(text)
         )

@@ -93,6 +93,10 @@ DECLARE
   v_log  public.workflow_execution_logs;
   v_msg  text := coalesce(nullif(p_error, ''), 'compensation failed');
 BEGIN
+  -- GUARD: arguments (the next attempt is counted in bigint: no attempt number overflows)
+  IF p_attempt IS NULL OR p_attempt < 1 THEN
+    RAISE EXCEPTION 'attempt must be >= 1, got %', p_attempt USING ERRCODE = 'invalid_parameter_value';
+  END IF;
   -- LOCK: execution, then stage log
   SELECT e.* INTO v_exec FROM public.workflow_executions e
    WHERE e.id = (SELECT l.execution_id FROM public.workflow_execution_logs l WHERE l.id = p_log_id) FOR UPDATE;
@@ -109,7 +113,7 @@ BEGIN
   IF NOT p_final THEN
     INSERT INTO public.workflow_events (execution_id, event_type, stage_id, metadata, "timestamp")
     VALUES (v_log.execution_id, 'stage_compensation_retrying', v_log.stage_id,
-            jsonb_build_object('attempt', p_attempt + 1, 'failed_attempt', p_attempt, 'delay_s', p_delay_s,
+            jsonb_build_object('attempt', p_attempt::bigint + 1, 'failed_attempt', p_attempt, 'delay_s', p_delay_s,
                                'error', v_msg), p_now);
     RETURN 'compensating';
   END IF;

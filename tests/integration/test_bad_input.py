@@ -611,6 +611,53 @@ def test_a_dag_number_a_double_cannot_hold_is_refused_by_sql_with_the_reason(
         assert problem.message == f"stage 'a': {at} {reason}, got inf"
 
 
+@pytest.mark.parametrize(
+    ("number", "at"),
+    [("1e-400", "retry.base_delay_s"), ("1e400", "retry.max_delay_s"), ("-1e-400", "timeout_s"), ("0.0e-400", "")],
+)
+def test_a_definition_file_holding_a_number_a_double_cannot_hold_gets_the_databases_reason(
+    shared: str, tmp_path: Path, number: str, at: str
+) -> None:
+    """Read from a file, 1e-400 was 0.0 for `validate` and `publish` ("must be > 0", or accepted
+    where 0 is allowed) while the database refuses it as a number a double cannot hold: now every
+    door gives the database's reason, naming the number as written. 0.0e-400 is a true 0."""
+    if not at:
+        stage = json.dumps({"id": "a", "capability": "work", "retry": {"base_delay_s": 0}})
+        stage = stage.replace(": 0}", f": {number}}}")
+    else:
+        field = at.split(".")[-1]
+        value = f'{{"{field}": {number}}}' if "." not in at else f'{{"retry": {{"{field}": {number}}}}}'
+        stage = json.dumps({"id": "a", "capability": "work"})[:-1] + ", " + value[1:]
+    path = tmp_path / "wf.json"
+    path.write_text('{"name": "wf", "stages": [' + stage + "]}", encoding="utf-8")
+    reason = "must be a number a double can hold (finite, and not so small that it rounds to 0)"
+    with no_new_rows(shared):
+        checked = _cli("validate", "--offline", str(path))
+        if not at:
+            assert checked.exit_code == 0, checked.output
+            return
+        assert checked.exit_code == 1
+        assert f"stage 'a': {at} {reason}, got {number}" in checked.output, checked.output
+        published = _cli("publish", str(path))
+        assert published.exit_code == 1
+        assert f"stage 'a': {at} {reason}, got {number}" in published.output, published.output
+
+
+def test_a_definition_file_holding_an_out_of_range_number_outside_the_dag_checks_is_refused_before_writing(
+    shared: str, tmp_path: Path
+) -> None:
+    """A number no DAG rule looks at (the top-level description may not hold one; a stage's
+    description must be a string) still never reaches the database as JSON's Infinity."""
+    from lifecycle_dagster.core.payload import check_output
+    from lifecycle_dagster.store.versions import strict_json
+
+    doc = strict_json('{"x": [1, {"y": 1e-400}]}', exact_numbers=True)
+    assert check_output(doc, what="the definition") == (
+        "the definition holds 1e-400 at $.x[1].y: a number a double cannot hold"
+    )
+    assert strict_json('{"x": 1e-400}') == {"x": 0.0}  # contexts: read as Python reads JSON
+
+
 def _deep_doc(kind: str) -> str:
     if kind == "arrays":
         return '{"deep": ' + "[" * 101 + "]" * 101 + "}"

@@ -317,6 +317,31 @@ def test_starting_a_stage_past_the_largest_attempt_is_refused_clearly(db: str) -
     assert "largest attempt number" in str(err.value)
 
 
+def test_an_undo_failing_at_the_largest_attempt_records_its_retry_without_overflow(db: str) -> None:
+    """undo_fail's event counted the next attempt as ``p_attempt + 1`` in integer: at the largest
+    attempt it raised ``integer out of range`` and the failure was not recorded."""
+    eid = _setup(db, kind="python")
+    with connect(db) as conn:
+        a = _start(conn, eid, "a")
+        done = conn.execute("SELECT lifecycle.stage_complete(%s) AS s", (a["log_id"],)).fetchone()
+        assert done is not None and done["s"] == "in_progress"  # the execution's status: b is left
+        conn.execute("SELECT lifecycle.execution_fail(%s, 'b failed')", (eid,))
+        conn.execute("SELECT lifecycle.compensation_start(%s, 'b failed')", (eid,))
+        status = conn.execute(
+            "SELECT lifecycle.undo_fail(%s, 'agent down', false, %s) AS s", (a["log_id"], INT_MAX)
+        ).fetchone()
+        assert status is not None and status["s"] == "compensating"
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="attempt must be >= 1, got 0"):
+            conn.execute("SELECT lifecycle.undo_fail(%s, 'agent down', false, 0)", (a["log_id"],))
+    [event] = rows(
+        db,
+        "SELECT metadata FROM workflow_events"
+        " WHERE event_type = 'stage_compensation_retrying' AND execution_id = %(e)s",
+        e=eid,
+    )
+    assert event["metadata"]["attempt"] == INT_MAX + 1 and event["metadata"]["failed_attempt"] == INT_MAX
+
+
 def test_a_requeued_attempt_gets_the_whole_stage_timeout_again(db: str) -> None:
     """The reaper gives the next attempt the stage's time limit from the requeue, never the rest of
     a dead worker's (the chaos suite saw attempt 3 left with half a second)."""
