@@ -175,6 +175,21 @@ WHERE e.status = 'compensating'
 ORDER BY e.updated_at
 LIMIT %(limit)s;
 
+-- name: released_runs
+-- Of the given STARTED Dagster runs (run_ids[i] tagged with execution_ids[i]; compensation[i]: a
+-- run of a compensation job), those whose execution is no longer theirs (neither in_progress under
+-- the run, nor compensating under it or with no owner yet for a compensation run, nor pending a
+-- launch) and silent for over timeout_s seconds: their run worker is gone.
+SELECT x.run_id, e.id::text AS execution_id, e.status
+FROM unnest(%(run_ids)s::text[], %(execution_ids)s::text[], %(compensation)s::boolean[])
+       AS x(run_id, execution_id, compensation)
+JOIN workflow_executions e ON e.id::text = x.execution_id
+WHERE e.status <> 'pending'
+  AND NOT (e.status = 'in_progress' AND e.dagster_run_id IS NOT DISTINCT FROM x.run_id)
+  AND NOT (e.status = 'compensating' AND e.compensation_run_id IS NOT DISTINCT FROM x.run_id)
+  AND NOT (e.status = 'compensating' AND e.compensation_run_id IS NULL AND x.compensation)
+  AND greatest(e.heartbeat_at, e.updated_at) < now() - make_interval(secs => %(timeout_s)s);
+
 -- name: execution_on_failure
 SELECT e.id::text AS execution_id, e.status, coalesce(d.dag_schema ->> 'on_failure', 'compensate') AS on_failure
 FROM workflow_executions e JOIN workflow_definitions d ON d.id = e.workflow_definition_id

@@ -25,7 +25,10 @@ compensation is due; and it
 launches the compensation run of every ``compensating`` execution (run key
 ``compensate:<execution>``; a compensation run that failed, or whose heartbeat is older than the
 same bound (a killed run worker, a hung process), is taken over by a new one, tagged
-``lifecycle/takeover``).
+``lifecycle/takeover``; one lost before its first undo took the compensation is replaced by
+``compensate:<execution>:after:<run>``). Dagster runs still STARTED whose execution moved on
+without them (ended, or taken over) and has been silent for the same bound are reported failed:
+their run worker was killed, and each would hold a concurrent-run slot for good.
 
 ``lifecycle_resume_sensor``: a stage set back to ``pending`` after its run ended (the runbook's
 ``retry_stage``, or a run that died while waiting to retry) is dispatched again once its
@@ -195,6 +198,7 @@ def reconcile(
         rows = conn.execute(
             query("compensating_executions"), {"limit": RECONCILE_BATCH, "timeout_s": timeout_s}
         ).fetchall()
+    _fail_released_runs(instance, dsn, timeout_s)
     for r in rows:
         job = compensation_job_name(job_name(r["name"], r["version"]))
         if job not in known:
@@ -203,7 +207,11 @@ def reconcile(
         tags = {EXECUTION_ID_TAG: r["execution_id"]}
         owner = r["compensation_run_id"]
         if owner is None:
-            yield dg.RunRequest(run_key=f"compensate:{r['execution_id']}", job_name=job, tags=tags)
+            key = _unowned_compensation_key(
+                instance, job, r["execution_id"], stale=bool(r["stale"]), timeout_s=timeout_s
+            )
+            if key is not None:
+                yield dg.RunRequest(run_key=key, job_name=job, tags=tags)
             continue
         if _compensation_run_lost(instance, owner, stale=bool(r["stale"]), timeout_s=timeout_s):
             yield dg.RunRequest(
@@ -211,6 +219,67 @@ def reconcile(
                 job_name=job,
                 tags={**tags, TAKEOVER_TAG: owner},
             )
+
+
+def _unowned_compensation_key(
+    instance: dg.DagsterInstance, job: str, execution_id: str, *, stale: bool, timeout_s: float
+) -> str | None:
+    """The run key of the compensation run to request for a compensating execution no run owns
+    yet, or None to wait: ``compensate:<execution>`` at first (Dagster launches a run key once);
+    when nothing was heard for over ``timeout_s`` seconds (``stale``) and every run launched for it
+    ended or was lost before its first undo took the compensation (STARTED but silent: its run
+    worker was killed; such runs are reported failed), a new run ``compensate:<execution>:after:<run>``.
+    A run still queued or starting is waited for."""
+    first = f"compensate:{execution_id}"
+    if not stale:
+        return first
+    runs = instance.get_runs(dg.RunsFilter(job_name=job, tags={EXECUTION_ID_TAG: execution_id}), limit=10)
+    if not runs:
+        return first
+    if any(not r.is_finished and r.status != dg.DagsterRunStatus.STARTED for r in runs):
+        return None  # queued or starting: its turn comes
+    for run in runs:
+        if not run.is_finished:
+            instance.report_run_failed(
+                run,
+                f"compensation run {run.run_id}: its run worker was lost before its first undo"
+                f" (silent for over {timeout_s:g} s)",
+            )
+    return f"{first}:after:{runs[0].run_id}"
+
+
+#: STARTED runs looked at per reconciler tick for runs whose execution moved on without them
+RELEASE_BATCH = 100
+
+
+def _fail_released_runs(instance: dg.DagsterInstance, dsn: str, timeout_s: float) -> None:
+    """Report failed the Dagster runs Dagster still thinks are STARTED whose execution is no longer
+    theirs (it ended, or another run took it over; an unowned compensation is left to
+    :func:`_unowned_compensation_key`) and has been silent for over ``timeout_s`` seconds: their
+    run worker was killed after its execution moved on (the default run launcher cannot see that),
+    and each such run would hold one of the instance's concurrent-run slots for good, so that
+    queued runs (compensation runs included) never start."""
+    started = instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]), limit=RELEASE_BATCH)
+    tagged = [r for r in started if r.tags.get(EXECUTION_ID_TAG)]
+    if not tagged:
+        return
+    with connect(dsn) as conn:
+        released = conn.execute(
+            query("released_runs"),
+            {
+                "run_ids": [r.run_id for r in tagged],
+                "execution_ids": [r.tags[EXECUTION_ID_TAG] for r in tagged],
+                "compensation": [r.tags.get("lifecycle/compensation") == "true" for r in tagged],  # the job's tag
+                "timeout_s": timeout_s,
+            },
+        ).fetchall()
+    by_id = {r.run_id: r for r in started}
+    for row in released:
+        instance.report_run_failed(
+            by_id[row["run_id"]],
+            f"run {row['run_id']}: its execution {row['execution_id']} is {row['status']} without it and silent for"
+            f" over {timeout_s:g} s: its run worker is gone",
+        )
 
 
 def _compensation_run_lost(instance: dg.DagsterInstance, owner: str, *, stale: bool, timeout_s: float) -> bool:

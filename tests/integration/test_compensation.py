@@ -664,3 +664,70 @@ def test_a_stale_compensation_is_taken_over_and_a_compensation_run_beats(db: str
         {"status": "rolled_back", "compensation_run_id": comp.run_id}
     ]
     assert sorted(undone) == ["a", "b", "c", "d"]
+
+
+def _started_run(instance: Any, job: dg.JobDefinition, execution_id: str) -> str:
+    """A run Dagster thinks is STARTED, tagged with ``execution_id``, whose run worker is gone (as
+    after a kill -9 of the run worker: the default run launcher never notices)."""
+    run = instance.create_run_for_job(
+        job_def=job, tags={**job.tags, EXECUTION_ID_TAG: execution_id}, status=dg.DagsterRunStatus.STARTED
+    )
+    return str(run.run_id)
+
+
+def test_a_compensation_run_lost_before_its_first_undo_is_replaced(db: str, instance: Any) -> None:
+    """Chaos at scale 10 left 15 executions `compensating` for good: their compensation run was
+    launched (run key compensate:<execution>) and its run worker killed before its first undo took
+    the compensation, so no run owned it, the run stayed STARTED, and the reconciler asked for the
+    same run key again and again (Dagster launches a run key once). Now a silent, unowned
+    compensation whose runs are all gone gets a new run, and the lost run is reported failed."""
+    undone: list[str] = []
+    registry = _diamond(db, undone)
+    _, eid = run(db, instance, "wf", registry)
+    with connect(db) as conn:
+        conn.execute("SELECT perform_workflow_compensation(%s, 'test')", (eid,))
+    repo = definitions_from_snapshot(fetch_snapshot(db)).get_repository_def()
+    job = repo.get_job("wf__v1__compensate")
+    names = [job.name]
+    [first] = list(reconcile(instance, names, db, timeout_s=3600))
+    assert isinstance(first, dg.RunRequest) and first.run_key == f"compensate:{eid}"
+    lost = _started_run(instance, job, eid)  # the run of that key, killed before its first undo
+    assert list(reconcile(instance, names, db, timeout_s=3600)) == [first]  # fresh: Dagster dedupes the key
+    time.sleep(1.2)
+    [again] = list(reconcile(instance, names, db, timeout_s=1.0))
+    assert isinstance(again, dg.RunRequest) and again.run_key == f"compensate:{eid}:after:{lost}"
+    assert instance.get_run_by_id(lost).status == dg.DagsterRunStatus.FAILURE
+    comp = job.execute_in_process(
+        instance=instance, tags=dict(again.tags), resources={"lifecycle_agents": agents_resource(registry)}
+    )
+    assert comp.success
+    assert rows(db, "SELECT status FROM workflow_executions") == [{"status": "rolled_back"}]
+    assert sorted(undone) == ["a", "b", "c", "d"]
+
+
+def test_a_started_run_whose_execution_moved_on_is_failed_and_frees_its_slot(db: str, instance: Any) -> None:
+    """A run worker killed after its execution failed (or completed) left the run STARTED for good,
+    holding one of the instance's concurrent-run slots: four of them and no queued run (the
+    compensation runs included) ever started. The reconciler now fails such a run once its execution
+    has been silent for the bound, and leaves a run whose execution is still its own alone."""
+    undone: list[str] = []
+    registry = _diamond(db, undone)
+    _, eid = run(db, instance, "wf", registry)  # fails at e: compensation is due
+    _, other = create_execution(db, "wf")
+    repo = definitions_from_snapshot(fetch_snapshot(db)).get_repository_def()
+    forward = repo.get_job("wf__v1")
+    zombie = _started_run(instance, forward, eid)
+    live = _started_run(instance, forward, other)
+    with connect(db) as conn:  # `other` is in progress under `live` (its heartbeat is old too)
+        conn.execute(
+            "UPDATE workflow_executions SET status = 'in_progress', dagster_run_id = %s WHERE id = %s", (live, other)
+        )
+    names = ["wf__v1__compensate"]
+    list(reconcile(instance, names, db, timeout_s=3600))
+    assert instance.get_run_by_id(zombie).status == dg.DagsterRunStatus.STARTED  # not silent long enough
+    time.sleep(1.2)
+    list(reconcile(instance, names, db, timeout_s=1.0))
+    assert instance.get_run_by_id(zombie).status == dg.DagsterRunStatus.FAILURE
+    # `live` is its execution's run: the heartbeat rule (not this one) judges it: failed as stale
+    [ex] = rows(db, "SELECT status FROM workflow_executions WHERE id = %(e)s", e=other)
+    assert ex["status"] in ("failed", "compensating", "rolled_back")
