@@ -217,6 +217,10 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
             raise _retry_when_db_lost(context, spec.stage_id, execution_id, exc, spec.policy.max_attempts) from exc
         run.beat(outcome.execution_id)  # the heartbeat's log lines name the execution
         context.add_output_metadata(_stage_metadata(outcome))
+        context.log.info(
+            f"stage '{spec.stage_id}' completed: agent {outcome.agent_name}, attempt {outcome.attempt}, "
+            f"{outcome.duration_ms:.0f} ms (execution {outcome.execution_id})"
+        )
 
     return dg.op(
         name=op_name(job_name(row.name, row.version), stage.id),
