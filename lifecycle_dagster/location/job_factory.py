@@ -218,8 +218,13 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
         run.beat(outcome.execution_id)  # the heartbeat's log lines name the execution
         context.add_output_metadata(_stage_metadata(outcome))
         context.log.info(
-            f"stage '{spec.stage_id}' completed: agent {outcome.agent_name}, attempt {outcome.attempt}, "
-            f"{outcome.duration_ms:.0f} ms (execution {outcome.execution_id})"
+            f"stage '{spec.stage_id}' completed: "
+            + (
+                "by an earlier run (nothing ran)"
+                if outcome.already_completed
+                else f"agent {outcome.agent_name}, attempt {outcome.attempt}, {outcome.duration_ms:.0f} ms"
+            )
+            + f" (execution {outcome.execution_id})"
         )
 
     return dg.op(
