@@ -165,6 +165,10 @@ def test_upgrade_adopts_the_tables_and_keeps_every_row(existing: str, template_d
         assert row == {"id": 8}
         verified = audit.verify(conn)
         assert (verified.ok, verified.events, verified.streams, verified.unchained) == (True, 8, 3, 0)
+        # history is not news: an adopted workflow_failed event records no alert
+        failed = conn.execute("SELECT count(*) AS n FROM workflow_events WHERE event_type = 'workflow_failed'")
+        assert failed.fetchone() == {"n": 1}
+        assert conn.execute("SELECT count(*) AS n FROM lifecycle.alerts").fetchone() == {"n": 0}
         # the engine's state machine is back on: a new execution cannot be inserted completed
         with pytest.raises(psycopg.errors.CheckViolation, match="inserted as pending or in_progress"):
             conn.execute(
