@@ -25,6 +25,15 @@
     stage's timeout (default: ``LIFECYCLE_DAGSTER_QUEUE_WAIT_S``; ``--max-task-s`` overrides it).
 ``LIFECYCLE_DAGSTER_MAX_OUTPUT_BYTES``
     the largest stage output stored, in bytes (default 8 MiB).
+``LIFECYCLE_DAGSTER_ALERT_URL``
+    where ``lifecycle_alert_sensor`` POSTs alerts (JSON with a Slack-compatible ``text``, e.g. a
+    Slack incoming webhook URL); unset: the code location has no alert sensor (alerts are still
+    recorded in ``lifecycle.alerts``).
+``LIFECYCLE_DAGSTER_ALERT_QUEUE_AGE_S``
+    seconds a queue's oldest pending task may wait before a ``queue_stale`` alert (default 600).
+``LIFECYCLE_DAGSTER_LOG_FORMAT``
+    ``text`` (default) or ``json`` (one JSON object per line) for ``agent serve`` and the code
+    location's own loggers (``lifecycle_dagster.*``); ``agent serve --log-format`` overrides it.
 
 Each number is read when it is used and a bad value raises ``ValueError`` naming the variable,
 so one bad setting stops only what needs it.
@@ -48,6 +57,10 @@ DAGSTER_SCHEMA = "dagster"
 DEFAULT_MAX_OUTPUT_BYTES = 8 * 1024 * 1024
 #: how long a stage with no timeout waits for its queue task, in seconds
 DEFAULT_QUEUE_WAIT_S = 3600.0
+#: how long a queue's oldest pending task may wait before an alert, in seconds
+DEFAULT_ALERT_QUEUE_AGE_S = 600.0
+#: the log formats of ``LIFECYCLE_DAGSTER_LOG_FORMAT`` and ``agent serve --log-format``
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -145,6 +158,28 @@ class Settings:
     def max_output_bytes(self) -> int:
         """``LIFECYCLE_DAGSTER_MAX_OUTPUT_BYTES`` (default 8 MiB)."""
         return int(self._number("MAX_OUTPUT_BYTES", DEFAULT_MAX_OUTPUT_BYTES, integer=True, minimum=1))
+
+    @property
+    def alert_url(self) -> str | None:
+        """``LIFECYCLE_DAGSTER_ALERT_URL``, or None (no alert sensor)."""
+        return self._text("ALERT_URL")
+
+    @property
+    def alert_queue_age_s(self) -> float:
+        """``LIFECYCLE_DAGSTER_ALERT_QUEUE_AGE_S`` in seconds (default 600)."""
+        return self._number("ALERT_QUEUE_AGE_S", DEFAULT_ALERT_QUEUE_AGE_S)
+
+    @property
+    def log_format(self) -> str:
+        """``LIFECYCLE_DAGSTER_LOG_FORMAT``: ``text`` (default) or ``json``.
+
+        Raises:
+            ValueError: another value (the message names the variable).
+        """
+        value = (self._text("LOG_FORMAT") or "text").lower()
+        if value not in LOG_FORMATS:
+            raise ValueError(f"LIFECYCLE_DAGSTER_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
+        return value
 
     @property
     def embedded(self) -> bool:

@@ -687,3 +687,18 @@ FROM task_queue t
 WHERE t.status = 'completed' AND t.claimed_by IS DISTINCT FROM 'op'
   AND t.lease_expires_at IS NOT NULL AND t.completed_at > t.lease_expires_at
 ORDER BY t.completed_at;
+
+-- name: alerts_scan
+-- Record an alert for each capability whose oldest pending task waited threshold_s seconds or more.
+SELECT lifecycle.alerts_scan(%(threshold_s)s, %(now)s) AS recorded;
+
+-- name: alerts_claim
+-- Lease up to `limit` due unsent alerts for lease_s seconds (attempts + 1), oldest due first.
+SELECT id, kind, key, payload, created_at, attempts, next_attempt_at, last_error
+FROM lifecycle.alerts_claim(%(limit)s, %(lease_s)s, %(now)s);
+
+-- name: alert_sent
+SELECT lifecycle.alert_sent(%(id)s, %(now)s) AS recorded;
+
+-- name: alert_failed
+SELECT lifecycle.alert_failed(%(id)s, %(error)s, %(delay_s)s, %(now)s) AS recorded;

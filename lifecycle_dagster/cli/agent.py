@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 
@@ -42,6 +41,13 @@ def agent_group() -> None:
     show_default=True,
     help="MODULE:FUNCTION returning the AgentRegistry that holds the agent's code (MODULE alone: MODULE:registry).",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=None,
+    help="text: 'time level message'; json: one JSON object per line with execution_id, stage, attempt, "
+    "task_id (and trace_id when a span is current). [default: LIFECYCLE_DAGSTER_LOG_FORMAT, else text]",
+)
 def serve_cmd(
     agent_name: str,
     concurrency: int,
@@ -50,6 +56,7 @@ def serve_cmd(
     grace_s: float,
     max_task_s: float | None,
     registry_ref: str,
+    log_format: str | None,
 ) -> None:
     """Claim and run the agent's tasks until SIGTERM or SIGINT (running tasks finish first).
 
@@ -57,11 +64,12 @@ def serve_cmd(
     process that is killed at the limit; the agent must then be a module-level class (picklable).
     """
     from lifecycle_dagster.agents.loading import load_registry
+    from lifecycle_dagster.core.logs import configure
     from lifecycle_dagster.queue.worker import Worker
     from lifecycle_dagster.settings import Settings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
+        configure(log_format or Settings.from_env().log_format)
         limit = Settings.from_env().max_task_s if max_task_s is None else max_task_s
         registry = load_registry(registry_ref)
         worker = Worker(

@@ -23,8 +23,11 @@ from typing import Any
 
 import dagster as dg
 
+from lifecycle_dagster.core.logs import configure
+from lifecycle_dagster.location.alerts import alert_sensor
 from lifecycle_dagster.location.job_factory import build_jobs
 from lifecycle_dagster.location.sensors import failure_sensor, launch_sensor, reconciler, resume_sensor
+from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.store.db import connect, resolve_dsn
 from lifecycle_dagster.store.sqlfiles import query
 
@@ -81,11 +84,18 @@ def load_snapshot() -> str:
 def definitions_from_snapshot(snapshot: str) -> dg.Definitions:
     """Build the code location's definitions from a snapshot; invalid rows are logged and skipped.
 
+    With ``LIFECYCLE_DAGSTER_ALERT_URL`` set, ``lifecycle_alert_sensor`` is defined too (jobs or
+    not); with ``LIFECYCLE_DAGSTER_LOG_FORMAT=json`` the ``lifecycle_dagster`` loggers write JSON lines.
+
     Raises:
         lifecycle_dagster.location.resources.AgentsSettingError: ``LIFECYCLE_DAGSTER_AGENTS`` names
             no usable registry: the load fails with it (the code location's status shows it), since
             no job could run.
+        ValueError: ``LIFECYCLE_DAGSTER_LOG_FORMAT`` is neither text nor json (the message names it).
     """
+    settings = Settings.from_env()
+    if settings.log_format == "json":
+        configure("json", logger="lifecycle_dagster")
     rows: list[dict[str, Any]] = json.loads(snapshot)
     jobs, skipped = build_jobs(rows)
     for s in skipped:
@@ -97,6 +107,8 @@ def definitions_from_snapshot(snapshot: str) -> dg.Definitions:
         if jobs
         else []
     )
+    if settings.alert_url:
+        sensors.append(alert_sensor(settings.alert_url))
     return dg.Definitions(jobs=jobs, sensors=sensors)
 
 

@@ -60,6 +60,18 @@ from lifecycle_dagster.store.transitions import (
 log = logging.getLogger(__name__)
 
 
+def log_fields(task: ClaimedTask) -> dict[str, Any]:
+    """The ``extra`` of a log line about ``task`` (the JSON log format writes them as fields:
+    :mod:`lifecycle_dagster.core.logs`): execution_id, stage, attempt, task_id, capability."""
+    return {
+        "execution_id": task.execution_id,
+        "stage": task.stage_id,
+        "attempt": task.attempt,
+        "task_id": task.task_id,
+        "capability": task.capability,
+    }
+
+
 @dataclass(frozen=True)
 class _Outcome:
     """What running the agent on a task gave: its output, or an error (code, message, whether a
@@ -222,16 +234,20 @@ class Worker:
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(task.task_id, task.lease_token, done, pool), daemon=True)
         beat.start()
+        fields = log_fields(task)
+        started = time.monotonic()
         try:
             outcome = self._run_agent(task)
             if not outcome.record:
-                log.warning("task %s: agent stopped (%s); nothing recorded", task.task_id, outcome.message)
+                msg = "task %s: agent stopped (%s); nothing recorded"
+                log.warning(msg, task.task_id, outcome.message, extra=fields)
                 return
             with pool.connection() as conn:
                 status = self._record(conn, task, outcome)
-            log.info("task %s: %s", task.task_id, status)
+            took = {"duration_ms": round((time.monotonic() - started) * 1000.0, 1)}
+            log.info("task %s: %s", task.task_id, status, extra={**fields, **took})
         except psycopg.Error as exc:
-            log.warning("task %s: result not recorded (%s); its lease will expire", task.task_id, exc)
+            log.warning("task %s: result not recorded (%s); its lease will expire", task.task_id, exc, extra=fields)
         finally:
             done.set()
             with self._lock:
@@ -288,7 +304,12 @@ class Worker:
         except AgentError as exc:
             if exc.code == "timeout":
                 self.timed_out += 1
-                log.warning("task %s: no result within %.3g s: stopped, failed as retryable", claimed.task_id, limit)
+                log.warning(
+                    "task %s: no result within %.3g s: stopped, failed as retryable",
+                    claimed.task_id,
+                    limit,
+                    extra=log_fields(claimed),
+                )
             return _Outcome(None, exc.code, safe_text(exc), exc.retryable, exc.retry_after_s)
         except Exception as exc:
             err = classify(exc if isinstance(exc, AgentCrashed) else AgentCrashed(f"{type(exc).__name__}: {exc}"))
@@ -305,13 +326,18 @@ class Worker:
                 with pool.connection(timeout=self.lease_s / 3) as conn:
                     extended = task_heartbeat(conn, task_id=task_id, token=token, lease_s=self.lease_s)
                 if not extended:
-                    log.warning("task %s: lease lost (token %s is stale): stopping its agent", task_id, token)
+                    log.warning(
+                        "task %s: lease lost (token %s is stale): stopping its agent",
+                        task_id,
+                        token,
+                        extra={"task_id": task_id},
+                    )
                     self._stop_agent(task_id)
                     return
             except PoolClosed:  # the worker stopped and handed the task back: nothing left to extend
                 return
             except Exception as exc:  # a missed beat only shortens the lease (pool timeout, database error)
-                log.warning("task %s: heartbeat failed (%s)", task_id, exc)
+                log.warning("task %s: heartbeat failed (%s)", task_id, exc, extra={"task_id": task_id})
 
     def _stop_agent(self, task_id: str) -> None:
         """Ask the agent of ``task_id`` to stop (a child is killed; an in-process agent cannot be)."""
@@ -335,7 +361,9 @@ class Worker:
             try:
                 with pool.connection() as conn:
                     task_release(conn, task_id=task_id, token=token)
-                log.info("task %s handed back", task_id)
+                log.info("task %s handed back", task_id, extra={"task_id": task_id})
             except psycopg.Error as exc:
-                log.warning("task %s: not handed back (%s); its lease will expire", task_id, exc)
+                log.warning(
+                    "task %s: not handed back (%s); its lease will expire", task_id, exc, extra={"task_id": task_id}
+                )
             self._stop_agent(task_id)

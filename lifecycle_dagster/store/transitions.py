@@ -642,3 +642,70 @@ def breaker_reset(conn: Connection, *, agent: str) -> BreakerState:
     return parse_status(
         BreakerState, "lifecycle.breaker_reset", _row(conn, "breaker_reset", {"agent": agent})["previous_state"]
     )
+
+
+# -- alerts (sql/schema/13_alerts.sql) ---------------------------------------------------------------------
+
+
+class AlertKind(StatusCode):
+    """``lifecycle.alerts.kind``."""
+
+    BREAKER_OPENED = "breaker_opened"
+    COMPENSATION_FAILED = "compensation_failed"
+    EXECUTION_FAILED = "execution_failed"
+    QUEUE_STALE = "queue_stale"
+
+
+@dataclass(frozen=True)
+class ClaimedAlert:
+    """An alert ``lifecycle.alerts_claim`` leased to this sender: ``payload`` is the JSON object to
+    POST (it holds ``text``, ``kind``, ``key``, ``dedup_key`` and ``at``); ``attempts`` counts this
+    one (1 on the first try)."""
+
+    id: int
+    kind: AlertKind
+    key: str
+    payload: dict[str, Any]
+    created_at: datetime
+    attempts: int
+    last_error: str | None
+
+
+def alerts_scan(conn: Connection, *, threshold_s: float, now: datetime) -> int:
+    """``lifecycle.alerts_scan``: record a ``queue_stale`` alert per capability whose oldest pending
+    task has waited ``threshold_s`` seconds or more at ``now``; return how many were recorded.
+
+    Raises:
+        psycopg.errors.InvalidParameterValue: ``threshold_s`` is not a finite number > 0.
+    """
+    return int(_row(conn, "alerts_scan", {"threshold_s": threshold_s, "now": now})["recorded"])
+
+
+def alerts_claim(conn: Connection, *, limit: int, lease_s: float, now: datetime) -> list[ClaimedAlert]:
+    """``lifecycle.alerts_claim``: lease up to ``limit`` unsent alerts due at ``now`` for ``lease_s``
+    seconds (skipping those another sender holds), oldest due first."""
+    rows = conn.execute(query("alerts_claim"), {"limit": limit, "lease_s": lease_s, "now": now}).fetchall()
+    return [
+        ClaimedAlert(
+            id=int(r["id"]),
+            kind=parse_status(AlertKind, "lifecycle.alerts_claim", r["kind"]),
+            key=str(r["key"]),
+            payload=dict(r["payload"]),
+            created_at=r["created_at"],
+            attempts=int(r["attempts"]),
+            last_error=_text(r["last_error"]),
+        )
+        for r in rows
+    ]
+
+
+def alert_sent(conn: Connection, *, alert_id: int, now: datetime) -> bool:
+    """``lifecycle.alert_sent``: the receiver accepted the alert; False if it was recorded sent before."""
+    return bool(_row(conn, "alert_sent", {"id": alert_id, "now": now})["recorded"])
+
+
+def alert_failed(conn: Connection, *, alert_id: int, error: str, delay_s: float, now: datetime) -> bool:
+    """``lifecycle.alert_failed``: sending failed; keep ``error``, try again ``delay_s`` seconds after
+    ``now``. False when the alert was sent meanwhile (nothing changed)."""
+    params = {"id": alert_id, "error": error, "delay_s": delay_s, "now": now}
+    return bool(_row(conn, "alert_failed", params)["recorded"])

@@ -49,6 +49,10 @@ CREATE POLICY authenticated_read_own ON public.workflow_executions FOR SELECT TO
 ALTER TABLE lifecycle.adoption_rejects ENABLE ROW LEVEL SECURITY;
 ALTER TABLE lifecycle.adoption_rejects NO FORCE ROW LEVEL SECURITY;
 
+-- rls lifecycle_alerts
+ALTER TABLE lifecycle.alerts ENABLE ROW LEVEL SECURITY;
+ALTER TABLE lifecycle.alerts NO FORCE ROW LEVEL SECURITY;
+
 -- rls lifecycle_artifacts
 ALTER TABLE lifecycle.artifacts ENABLE ROW LEVEL SECURITY;
 ALTER TABLE lifecycle.artifacts NO FORCE ROW LEVEL SECURITY;
@@ -100,6 +104,10 @@ CREATE POLICY service_role_all ON public.agents TO service_role USING (true) WIT
 -- policy lifecycle_adoption_rejects service_role_all
 DROP POLICY IF EXISTS service_role_all ON lifecycle.adoption_rejects;
 CREATE POLICY service_role_all ON lifecycle.adoption_rejects TO service_role USING (true) WITH CHECK (true);
+
+-- policy lifecycle_alerts service_role_all
+DROP POLICY IF EXISTS service_role_all ON lifecycle.alerts;
+CREATE POLICY service_role_all ON lifecycle.alerts TO service_role USING (true) WITH CHECK (true);
 
 -- policy lifecycle_artifacts service_role_all
 DROP POLICY IF EXISTS service_role_all ON lifecycle.artifacts;
@@ -225,6 +233,14 @@ GRANT ALL ON TABLE lifecycle.adoption_rejects TO service_role;
 -- privileges lifecycle_adoption_rejects_id_seq
 REVOKE ALL ON SEQUENCE lifecycle.adoption_rejects_id_seq FROM PUBLIC, anon, authenticated, service_role;
 GRANT ALL ON SEQUENCE lifecycle.adoption_rejects_id_seq TO service_role;
+
+-- privileges lifecycle_alerts
+REVOKE ALL ON TABLE lifecycle.alerts FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON TABLE lifecycle.alerts TO service_role;
+
+-- privileges lifecycle_alerts_id_seq
+REVOKE ALL ON SEQUENCE lifecycle.alerts_id_seq FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON SEQUENCE lifecycle.alerts_id_seq TO service_role;
 
 -- privileges lifecycle_artifacts
 REVOKE ALL ON TABLE lifecycle.artifacts FROM PUBLIC, anon, authenticated, service_role;

@@ -165,6 +165,10 @@ def test_upgrade_adopts_the_tables_and_keeps_every_row(existing: str, template_d
         assert row == {"id": 8}
         verified = audit.verify(conn)
         assert (verified.ok, verified.events, verified.streams, verified.unchained) == (True, 8, 3, 0)
+        # history is not news: an adopted workflow_failed event records no alert
+        failed = conn.execute("SELECT count(*) AS n FROM workflow_events WHERE event_type = 'workflow_failed'")
+        assert failed.fetchone() == {"n": 1}
+        assert conn.execute("SELECT count(*) AS n FROM lifecycle.alerts").fetchone() == {"n": 0}
         # the engine's state machine is back on: a new execution cannot be inserted completed
         with pytest.raises(psycopg.errors.CheckViolation, match="inserted as pending or in_progress"):
             conn.execute(
@@ -298,7 +302,7 @@ def test_repair_restores_what_the_runbook_and_hands_changed(db: str) -> None:
         "repair table public.task_queue: restored",
         "repair trigger task_queue_notify on public.task_queue: restored",
         "repair view public.workflow_audit_feed: restored",
-        "applied sql/schema/ (12 files; changed: none)",
+        f"applied sql/schema/ ({len(migrate.discover_schema())} files; changed: none)",
     ]
     assert _drift(db) == []
     assert _cli(db, "doctor").exit_code == 0
@@ -310,7 +314,8 @@ def test_repair_restores_what_the_runbook_and_hands_changed(db: str) -> None:
         ).fetchone()
         assert row == (False, True)
     # a repair re-applies every schema file, whether or not one changed
-    assert _cli(db, "db", "upgrade", "--repair").output == "applied sql/schema/ (12 files; changed: none)\n"
+    files = len(migrate.discover_schema())
+    assert _cli(db, "db", "upgrade", "--repair").output == f"applied sql/schema/ ({files} files; changed: none)\n"
 
 
 def test_migrating_over_drift_is_refused_until_repaired(db: str, tmp_path: Path) -> None:

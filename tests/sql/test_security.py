@@ -27,6 +27,7 @@ OUR_TABLES = [
     "agent_ontologies",
     "agents",
     "lifecycle.adoption_rejects",
+    "lifecycle.alerts",
     "lifecycle.artifacts",
     "lifecycle.audit_checkpoints",
     "lifecycle.audit_heads",

@@ -5,7 +5,7 @@
   result is returned (``RETURN v_x`` with ``v_x := lifecycle.helper(...)``, ``RETURN
   lifecycle.f(...)``), and, for a returned column, the values listed below with their reason (a
   new kind of RETURN expression fails the test until it is listed).
-- The row enums (execution and task statuses, agent kinds, breaker states) equal the CHECK
+- The row enums (execution and task statuses, agent kinds, breaker states, alert kinds) equal the CHECK
   constraints of the migrated database.
 - An unknown code raises an error naming the function and the code, from a real SQL function too.
 - No module but the seam runs a named query that changes state (a volatile ``lifecycle`` function,
@@ -158,6 +158,7 @@ def test_refusals_are_the_refused_codes() -> None:
         ("task_queue_status_valid", t.TaskStatus),
         ("agents_kind_valid", t.AgentKind),
         ("lifecycle_breakers_state_valid", t.BreakerState),
+        ("lifecycle_alerts_kind_valid", t.AlertKind),
     ],
 )
 def test_row_enums_equal_the_check_constraints(db: str, constraint: str, enum: type[t.StatusCode]) -> None:
