@@ -42,6 +42,13 @@ def agent_group() -> None:
     show_default=True,
     help="MODULE:FUNCTION returning the AgentRegistry that holds the agent's code (MODULE alone: MODULE:registry).",
 )
+@click.option(
+    "--metrics-port",
+    default=None,
+    type=click.IntRange(0, 65535),
+    help="Serve this worker's Prometheus metrics on http://HOST:PORT/metrics (0: a free port, printed).",
+)
+@click.option("--metrics-host", default="0.0.0.0", show_default=True, help="Address the metrics server binds.")
 def serve_cmd(
     agent_name: str,
     concurrency: int,
@@ -50,6 +57,8 @@ def serve_cmd(
     grace_s: float,
     max_task_s: float | None,
     registry_ref: str,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Claim and run the agent's tasks until SIGTERM or SIGINT (running tasks finish first).
 
@@ -80,7 +89,18 @@ def serve_cmd(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     click.echo(f"serving {agent_name} as {worker.worker_id} (concurrency {concurrency})")
-    worker.run(stop)
+    server = None
+    if metrics_port is not None:
+        from lifecycle_dagster.store.metrics import serve_registry
+
+        server = serve_registry(worker.metrics.registry, metrics_host, metrics_port)
+        click.echo(f"metrics on http://{metrics_host}:{server.server_port}/metrics", nl=True)
+    try:
+        worker.run(stop)
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
     click.echo(f"stopped after {worker.completed} completed task(s)")
 
 
