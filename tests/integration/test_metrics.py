@@ -259,6 +259,7 @@ def _dashboard_names() -> set[str]:
 
     found = {n for e in exprs(dashboard) for n in re.findall(r"\b(lifecycle_[a-z0-9_]+)", e)}
     assert any(v.get("type") == "datasource" for v in dashboard["templating"]["list"])
+    assert {"lifecycle_stage_attempt_duration_seconds_bucket", "lifecycle_queue_depth"} <= found
     return found
 
 
