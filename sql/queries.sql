@@ -689,7 +689,7 @@ SELECT clock_timestamp() AS now, clock_timestamp() - make_interval(secs => %(set
 -- capability, agent, outcome (completed, failed, retrying) and duration bucket. Duration: the
 -- event's time - the task's started_at (its claim), in seconds; bucket i counts bounds[i-1] <
 -- seconds <= bounds[i] (i = 0: seconds <= bounds[0]; NULL: the task never started).
-SELECT coalesce(d.name, '') AS workflow, coalesce(d.version::text, '') AS version, ev.stage_id AS stage,
+SELECT coalesce(w.name, '') AS workflow, coalesce(w.version::text, '') AS version, ev.stage_id AS stage,
        coalesce(t.capability, '') AS capability, coalesce(a.name, '') AS agent,
        CASE ev.event_type WHEN 'stage_completed' THEN 'completed' WHEN 'stage_failed' THEN 'failed'
                           ELSE 'retrying' END AS outcome,
@@ -698,8 +698,11 @@ SELECT coalesce(d.name, '') AS workflow, coalesce(d.version::text, '') AS versio
 FROM workflow_events ev
 JOIN task_queue t ON t.id = (ev.metadata ->> 'task_id')::uuid
 CROSS JOIN LATERAL (SELECT greatest(extract(epoch FROM ev."timestamp" - t.started_at), 0)::float8 AS s) x
-LEFT JOIN workflow_executions e ON e.id = ev.execution_id
-LEFT JOIN workflow_definitions d ON d.id = e.workflow_definition_id
+-- the execution's definition by its primary key, per event (LIMIT 1 keeps it a lookup: joined, the
+-- planner hashes every execution when it expects a few hundred events)
+LEFT JOIN LATERAL (SELECT d.name, d.version FROM workflow_executions e
+                   JOIN workflow_definitions d ON d.id = e.workflow_definition_id
+                   WHERE e.id = ev.execution_id LIMIT 1) w ON true
 LEFT JOIN agents a ON a.id = t.agent_id
 WHERE ev.event_type IN ('stage_completed', 'stage_failed', 'stage_retrying')
   AND ev."timestamp" > %(after)s AND ev."timestamp" <= %(until)s

@@ -21,7 +21,7 @@ def metrics_group() -> None:
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to bind.")
 @click.option(
     "--settle-s",
-    default=60.0,
+    default=30.0,
     show_default=True,
     type=click.FloatRange(0),
     help="Seconds after which an event is taken as committed for good and kept in the running totals.",

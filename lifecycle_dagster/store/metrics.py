@@ -8,7 +8,7 @@ It only reads.
 Figures drawn from events (stage attempts, retries, lease expiries) are cumulative counters and
 histograms, read incrementally so a scrape stays cheap however long the history: the collector
 keeps the totals of the events older than a cutoff (the database's clock minus ``settle_s``
-seconds, 60 by default) and, on each scrape, adds the events between the previous cutoff and the
+seconds, 30 by default) and, on each scrape, adds the events between the previous cutoff and the
 new one (a range of ``workflow_events_timestamp_idx``), then adds, without keeping them, the events
 after the new cutoff. The first scrape reads the whole history once. An event whose transaction
 commits more than ``settle_s`` seconds after its timestamp was taken is missed by a collector that
@@ -41,7 +41,7 @@ DURATION_BUCKETS_S: tuple[float, ...] = (
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
 )  # fmt: skip
 #: seconds after which an event is taken as committed for good (kept in the running totals)
-SETTLE_S = 60.0
+SETTLE_S = 30.0
 #: breaker states, in the order of ``lifecycle_breaker_state``'s series
 BREAKER_STATES = ("closed", "half_open", "open")
 _EARLIEST = datetime(1, 1, 1, tzinfo=UTC)
