@@ -698,11 +698,8 @@ SELECT coalesce(w.name, '') AS workflow, coalesce(w.version::text, '') AS versio
 FROM workflow_events ev
 JOIN task_queue t ON t.id = (ev.metadata ->> 'task_id')::uuid
 CROSS JOIN LATERAL (SELECT greatest(extract(epoch FROM ev."timestamp" - t.started_at), 0)::float8 AS s) x
--- the execution's definition by its primary key, per event (LIMIT 1 keeps it a lookup: joined, the
--- planner hashes every execution when it expects a few hundred events)
-LEFT JOIN LATERAL (SELECT d.name, d.version FROM workflow_executions e
-                   JOIN workflow_definitions d ON d.id = e.workflow_definition_id
-                   WHERE e.id = ev.execution_id LIMIT 1) w ON true
+LEFT JOIN workflow_executions e ON e.id = ev.execution_id
+LEFT JOIN workflow_definitions w ON w.id = e.workflow_definition_id
 LEFT JOIN agents a ON a.id = t.agent_id
 WHERE ev.event_type IN ('stage_completed', 'stage_failed', 'stage_retrying')
   AND ev."timestamp" > %(after)s AND ev."timestamp" <= %(until)s
@@ -719,8 +716,8 @@ WHERE ev.event_type = 'task_reaped' AND ev."timestamp" > %(after)s AND ev."times
 GROUP BY 1, 2;
 
 -- name: metrics_executions
--- Executions by workflow, version and status (a scan of workflow_executions: see
--- bench/results/2026-12-07-metrics/ for its cost).
+-- Executions by workflow, version and status: an index-only scan of
+-- workflow_executions_definition_status_idx (migration 0009).
 SELECT d.name AS workflow, d.version::text AS version, x.status, x.n
 FROM (SELECT e.workflow_definition_id, e.status, count(*) AS n
       FROM workflow_executions e GROUP BY 1, 2) x

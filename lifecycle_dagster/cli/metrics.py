@@ -29,8 +29,10 @@ def metrics_group() -> None:
 def serve_cmd(port: int, host: str, settle_s: float) -> None:
     """Serve http://HOST:PORT/metrics until SIGTERM or SIGINT: each scrape runs a few queries on
     one connection (opened again after a failure; a failed scrape answers 500 with the error).
+    The whole history of events is read once before serving (seconds at a million events).
     Every metric, its labels and units: docs/observability.md#metrics.
     """
+    import psycopg
     from prometheus_client import CollectorRegistry
 
     from lifecycle_dagster.store.metrics import DatabaseCollector, serve_registry
@@ -38,6 +40,10 @@ def serve_cmd(port: int, host: str, settle_s: float) -> None:
     collector = DatabaseCollector(_dsn(), settle_s=settle_s)
     registry = CollectorRegistry()
     registry.register(collector)
+    try:  # the first scrape reads the whole history: done before serving, not in a scraper's timeout
+        collector.warm()
+    except psycopg.Error as exc:
+        click.echo(f"warning: the first read failed ({exc}); each scrape tries again", err=True)
     try:
         server = serve_registry(registry, host, port)
     except OSError as exc:

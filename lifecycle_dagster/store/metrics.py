@@ -107,6 +107,15 @@ class DatabaseCollector(Collector):
         yield from families
         yield duration
 
+    def warm(self) -> None:
+        """Run a first scrape now (it reads the whole history of events once), discarding its output.
+
+        Raises:
+            psycopg.Error: as :meth:`collect`.
+        """
+        for _ in self.collect():
+            pass
+
     def close(self) -> None:
         """Close the connection (the next scrape opens another)."""
         if self._conn is not None:
