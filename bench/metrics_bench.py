@@ -71,7 +71,7 @@ def _recent_and_pending(dsn: str) -> None:
 def _query_ms(dsn: str) -> dict[str, float]:
     """Median ms of each query of a steady scrape, alone."""
     with connect(dsn) as conn:
-        cutoff = conn.execute(query("metrics_clock"), {"settle_s": 30.0}).fetchone()["cutoff"]  # type: ignore[index]
+        cutoff = conn.execute(query("metrics_clock"), {"settle_s": 60.0}).fetchone()["cutoff"]  # type: ignore[index]
         latest = dt.datetime(9999, 12, 31, tzinfo=dt.UTC)
         window = {"after": cutoff, "until": latest, "bounds": list(DURATION_BUCKETS_S)}
         cases: dict[str, tuple[str, dict[str, Any]]] = {

@@ -43,7 +43,8 @@ class WorkerMetrics:
         )
         self.agent_call = Histogram(
             "lifecycle_worker_agent_call_duration_seconds",
-            "Seconds the agent ran on a task, by outcome: ok (an output) or error.",
+            "Seconds the agent ran on a task, by outcome: ok (an output) or error (an agent stopped "
+            "because the task is no longer this worker's is not counted).",
             ["agent", "capability", "outcome"],
             buckets=DURATION_BUCKETS_S,
             registry=r,

@@ -231,12 +231,13 @@ class Worker:
         )
         beat.start()
         try:
+            called_at = time.monotonic()
             outcome = self._run_agent(task)
-            self.metrics.agent_ran(task.capability, time.monotonic() - claimed_at, outcome.output is not None)
             if not outcome.record:
                 ended = "stopped"
                 log.warning("task %s: agent stopped (%s); nothing recorded", task.task_id, outcome.message)
                 return
+            self.metrics.agent_ran(task.capability, time.monotonic() - called_at, outcome.output is not None)
             with pool.connection() as conn:
                 status = self._record(conn, task, outcome)
             ended = "refused" if status.refused else "completed" if outcome.output is not None else "failed"
