@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from typing import Any
 
 import click
 
@@ -89,12 +90,7 @@ def serve_cmd(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     click.echo(f"serving {agent_name} as {worker.worker_id} (concurrency {concurrency})")
-    server = None
-    if metrics_port is not None:
-        from lifecycle_dagster.store.metrics import serve_registry
-
-        server = serve_registry(worker.metrics.registry, metrics_host, metrics_port)
-        click.echo(f"metrics on http://{metrics_host}:{server.server_port}/metrics", nl=True)
+    server = None if metrics_port is None else _serve_metrics(worker.metrics.registry, metrics_host, metrics_port)
     try:
         worker.run(stop)
     finally:
@@ -102,6 +98,18 @@ def serve_cmd(
             server.shutdown()
             server.server_close()
     click.echo(f"stopped after {worker.completed} completed task(s)")
+
+
+def _serve_metrics(registry: Any, host: str, port: int) -> Any:
+    """Serve the worker's metrics registry on ``host:port`` (a thread); print the address."""
+    from lifecycle_dagster.store.metrics import serve_registry
+
+    try:
+        server = serve_registry(registry, host, port)
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve metrics on {host}:{port}: {exc}") from exc
+    click.echo(f"metrics on http://{host}:{server.server_port}/metrics")
+    return server
 
 
 @agent_group.command("limits")
