@@ -702,3 +702,77 @@ SELECT lifecycle.alert_sent(%(id)s, %(now)s) AS recorded;
 
 -- name: alert_failed
 SELECT lifecycle.alert_failed(%(id)s, %(error)s, %(delay_s)s, %(now)s) AS recorded;
+
+-- ------------------------------------------------------------------------------------------------
+-- Metrics (`lifecycle-dagster metrics serve`, lifecycle_dagster/store/metrics.py): read only. The
+-- task and event figures are read incrementally: the scraper keeps the totals of rows finished
+-- before a cutoff and reads only (after, until] on each scrape (task_queue_finished_idx,
+-- workflow_events_timestamp_idx); see docs/observability.md#metrics.
+
+-- name: metrics_clock
+-- The database's clock, and the cutoff before which finished rows are taken as settled.
+SELECT clock_timestamp() AS now, clock_timestamp() - make_interval(secs => %(settle_s)s) AS cutoff;
+
+-- name: metrics_stage_attempts
+-- Stage attempts that ended (events stage_completed, stage_failed, stage_retrying naming a task,
+-- "timestamp" in (after, until]: workflow_events_timestamp_idx) by workflow, version, stage,
+-- capability, agent, outcome (completed, failed, retrying) and duration bucket. Duration: the
+-- event's time - the task's started_at (its claim), in seconds; bucket i counts bounds[i-1] <
+-- seconds <= bounds[i] (i = 0: seconds <= bounds[0]; NULL: the task never started).
+SELECT coalesce(w.name, '') AS workflow, coalesce(w.version::text, '') AS version, ev.stage_id AS stage,
+       coalesce(t.capability, '') AS capability, coalesce(a.name, '') AS agent,
+       CASE ev.event_type WHEN 'stage_completed' THEN 'completed' WHEN 'stage_failed' THEN 'failed'
+                          ELSE 'retrying' END AS outcome,
+       width_bucket(x.s, %(bounds)s::float8[]) - (x.s = ANY (%(bounds)s::float8[]))::int AS bucket,
+       count(*) AS n, coalesce(sum(x.s), 0)::float8 AS seconds
+FROM workflow_events ev
+JOIN task_queue t ON t.id = (ev.metadata ->> 'task_id')::uuid
+CROSS JOIN LATERAL (SELECT greatest(extract(epoch FROM ev."timestamp" - t.started_at), 0)::float8 AS s) x
+LEFT JOIN workflow_executions e ON e.id = ev.execution_id
+LEFT JOIN workflow_definitions w ON w.id = e.workflow_definition_id
+LEFT JOIN agents a ON a.id = t.agent_id
+WHERE ev.event_type IN ('stage_completed', 'stage_failed', 'stage_retrying')
+  AND ev."timestamp" > %(after)s AND ev."timestamp" <= %(until)s
+GROUP BY 1, 2, 3, 4, 5, 6, 7;
+
+-- name: metrics_lease_expiries
+-- Leases that expired and were reaped (events task_reaped with "timestamp" in (after, until]), by
+-- the task's capability and agent.
+SELECT coalesce(t.capability, '') AS capability, coalesce(a.name, '') AS agent, count(*) AS n
+FROM workflow_events ev
+LEFT JOIN task_queue t ON t.id = (ev.metadata ->> 'task_id')::uuid
+LEFT JOIN agents a ON a.id = t.agent_id
+WHERE ev.event_type = 'task_reaped' AND ev."timestamp" > %(after)s AND ev."timestamp" <= %(until)s
+GROUP BY 1, 2;
+
+-- name: metrics_executions
+-- Executions by workflow, version and status: an index-only scan of
+-- workflow_executions_definition_status_idx (migration 0009).
+SELECT d.name AS workflow, d.version::text AS version, x.status, x.n
+FROM (SELECT e.workflow_definition_id, e.status, count(*) AS n
+      FROM workflow_executions e GROUP BY 1, 2) x
+JOIN workflow_definitions d ON d.id = x.workflow_definition_id;
+
+-- name: metrics_breakers
+-- Every breaker row: an agent's (its name) or a capability's, and its state.
+SELECT b.scope, CASE WHEN b.scope = 'agent' THEN coalesce(a.name, b.key) ELSE '' END AS agent,
+       CASE WHEN b.scope = 'capability' THEN b.key ELSE '' END AS capability, b.state
+FROM lifecycle.breakers b
+LEFT JOIN agents a ON b.scope = 'agent' AND a.id::text = b.key;
+
+-- name: metrics_queue
+-- Pending tasks per capability (task_queue_claimable_idx) and the age in seconds of the oldest
+-- (by created_at, never below 0); every capability an active agent serves appears, with 0 when
+-- nothing waits.
+WITH pending AS (
+  SELECT t.capability, count(*) AS depth, min(t.created_at) AS oldest
+  FROM task_queue t WHERE t.status = 'pending' GROUP BY t.capability
+), served AS (
+  SELECT DISTINCT c AS capability
+  FROM agents a CROSS JOIN LATERAL unnest(lifecycle.agent_capabilities(a.id)) c
+  WHERE a.is_active
+)
+SELECT coalesce(p.capability, s.capability, '') AS capability, coalesce(p.depth, 0) AS depth,
+       greatest(coalesce(extract(epoch FROM clock_timestamp() - p.oldest), 0), 0)::float8 AS oldest_age_s
+FROM pending p
+FULL JOIN served s ON s.capability = p.capability;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import Any
 
 import click
 
@@ -48,6 +49,13 @@ def agent_group() -> None:
     help="text: 'time level message'; json: one JSON object per line with execution_id, stage, attempt, "
     "task_id (and trace_id when a span is current). [default: LIFECYCLE_DAGSTER_LOG_FORMAT, else text]",
 )
+@click.option(
+    "--metrics-port",
+    default=None,
+    type=click.IntRange(0, 65535),
+    help="Serve this worker's Prometheus metrics on http://HOST:PORT/metrics (0: a free port, printed).",
+)
+@click.option("--metrics-host", default="0.0.0.0", show_default=True, help="Address the metrics server binds.")
 def serve_cmd(
     agent_name: str,
     concurrency: int,
@@ -57,6 +65,8 @@ def serve_cmd(
     max_task_s: float | None,
     registry_ref: str,
     log_format: str | None,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Claim and run the agent's tasks until SIGTERM or SIGINT (running tasks finish first).
 
@@ -88,8 +98,26 @@ def serve_cmd(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     click.echo(f"serving {agent_name} as {worker.worker_id} (concurrency {concurrency})")
-    worker.run(stop)
+    server = None if metrics_port is None else _serve_metrics(worker.metrics.registry, metrics_host, metrics_port)
+    try:
+        worker.run(stop)
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
     click.echo(f"stopped after {worker.completed} completed task(s)")
+
+
+def _serve_metrics(registry: Any, host: str, port: int) -> Any:
+    """Serve the worker's metrics registry on ``host:port`` (a thread); print the address."""
+    from lifecycle_dagster.store.metrics import serve_registry
+
+    try:
+        server = serve_registry(registry, host, port)
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve metrics on {host}:{port}: {exc}") from exc
+    click.echo(f"metrics on http://{host}:{server.server_port}/metrics")
+    return server
 
 
 @agent_group.command("limits")

@@ -417,5 +417,6 @@ def _run_process_group(args: list[str], env: dict[str, str], grace_s: float = 10
 # the other command groups register their commands on ``main`` when imported
 from lifecycle_dagster.cli import agent as _cli_agent  # noqa: E402,F401
 from lifecycle_dagster.cli import audit as _cli_audit  # noqa: E402,F401
+from lifecycle_dagster.cli import metrics as _cli_metrics  # noqa: E402,F401
 from lifecycle_dagster.cli import ops as _cli_ops  # noqa: E402,F401
 from lifecycle_dagster.cli import versions as _cli_versions  # noqa: E402,F401

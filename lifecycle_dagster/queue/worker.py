@@ -45,6 +45,7 @@ from lifecycle_dagster.agents import AgentError, AgentRegistry, Task
 from lifecycle_dagster.agents.errors import AgentCrashed, AttemptStopped, classify
 from lifecycle_dagster.agents.invoke import call_agent, preload
 from lifecycle_dagster.core.payload import check_output, safe_text
+from lifecycle_dagster.queue.metrics import WorkerMetrics
 from lifecycle_dagster.store.transitions import (
     ClaimedTask,
     TaskCompleteStatus,
@@ -173,6 +174,8 @@ class Worker:
         self.completed = 0
         #: tasks whose agent ran out of time (failed with code ``timeout``)
         self.timed_out = 0
+        #: this worker's Prometheus figures (its own registry: ``agent serve --metrics-port``)
+        self.metrics = WorkerMetrics(agent_name)
 
     @property
     def application_name(self) -> str:
@@ -225,6 +228,7 @@ class Worker:
             with self._lock:
                 self._running[task.task_id] = (task.lease_token, t)
                 self._stops[task.task_id] = threading.Event()
+            self.metrics.task_claimed(task.capability)
             t.start()
         return free, len(tasks)
 
@@ -232,23 +236,33 @@ class Worker:
     def _handle(self, task: ClaimedTask, pool: ConnectionPool[Any]) -> None:
         """Run one claimed task under a heartbeat and record its outcome with its lease token."""
         done = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(task.task_id, task.lease_token, done, pool), daemon=True)
+        claimed_at = time.monotonic()
+        ended, took_s = "not_recorded", None
+        beat = threading.Thread(
+            target=self._heartbeat, args=(task.task_id, task.lease_token, done, pool, task.capability), daemon=True
+        )
         beat.start()
         fields = log_fields(task)
         started = time.monotonic()
         try:
+            called_at = time.monotonic()
             outcome = self._run_agent(task)
             if not outcome.record:
+                ended = "stopped"
                 msg = "task %s: agent stopped (%s); nothing recorded"
                 log.warning(msg, task.task_id, outcome.message, extra=fields)
                 return
+            self.metrics.agent_ran(task.capability, time.monotonic() - called_at, outcome.output is not None)
             with pool.connection() as conn:
                 status = self._record(conn, task, outcome)
+            ended = "refused" if status.refused else "completed" if outcome.output is not None else "failed"
+            took_s = None if status.refused else time.monotonic() - claimed_at
             took = {"duration_ms": round((time.monotonic() - started) * 1000.0, 1)}
             log.info("task %s: %s", task.task_id, status, extra={**fields, **took})
         except psycopg.Error as exc:
             log.warning("task %s: result not recorded (%s); its lease will expire", task.task_id, exc, extra=fields)
         finally:
+            self.metrics.task_ended(task.capability, ended, took_s)
             done.set()
             with self._lock:
                 self._running.pop(task.task_id, None)
@@ -319,13 +333,16 @@ class Worker:
             return _Outcome(None, "bad_output", safe_text(problem), True, None)
         return _Outcome(output)
 
-    def _heartbeat(self, task_id: str, token: int, done: threading.Event, pool: ConnectionPool[Any]) -> None:
+    def _heartbeat(
+        self, task_id: str, token: int, done: threading.Event, pool: ConnectionPool[Any], capability: str | None = None
+    ) -> None:
         """Extend the lease every ``lease_s / 3`` seconds until ``done``, or until the lease is lost."""
         while not done.wait(self.lease_s / 3):
             try:
                 with pool.connection(timeout=self.lease_s / 3) as conn:
                     extended = task_heartbeat(conn, task_id=task_id, token=token, lease_s=self.lease_s)
                 if not extended:
+                    self.metrics.lease_lost(capability)
                     log.warning(
                         "task %s: lease lost (token %s is stale): stopping its agent",
                         task_id,
