@@ -285,8 +285,10 @@ class Worker:
             outcome = self._run_agent(claimed)
             if outcome.output is not None:
                 tracing.end_with(span, "completed")
+            elif not outcome.record:  # the task is no longer this worker's: not an error of the agent
+                tracing.end_with(span, "stopped")
             else:
-                tracing.end_with(span, "failed" if outcome.record else "stopped", outcome.code, outcome.message)
+                tracing.end_with(span, "failed", outcome.code, outcome.message)
         return outcome
 
     def _run_agent(self, claimed: ClaimedTask) -> _Outcome:
