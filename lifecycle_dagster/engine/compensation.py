@@ -39,7 +39,14 @@ from lifecycle_dagster.core.retry import MAX_WAIT_S, RetryPolicy
 from lifecycle_dagster.engine.traces import ExecutionTrace, execution_trace
 from lifecycle_dagster.store.db import Connection
 from lifecycle_dagster.store.sqlfiles import query
-from lifecycle_dagster.store.transitions import UndoAction, compensation_start, undo_complete, undo_fail, undo_start
+from lifecycle_dagster.store.transitions import (
+    UndoAction,
+    UndoStarted,
+    compensation_start,
+    undo_complete,
+    undo_fail,
+    undo_start,
+)
 
 #: run tag of a compensation run that takes over from a finished compensation run
 TAKEOVER_TAG = "lifecycle/takeover"
@@ -185,10 +192,10 @@ def run_undo(
 
 
 def _undo_attributes(
-    trace: ExecutionTrace | None, spec: UndoSpec, run_id: str, attempt: int, started: Any
+    trace: ExecutionTrace | None, spec: UndoSpec, run_id: str, attempt: int, started: UndoStarted
 ) -> dict[str, tracing.AttributeValue]:
-    """The attributes of an undo's spans (empty when tracing is off); ``started``: the
-    :class:`~lifecycle_dagster.store.transitions.UndoStarted` (the stage's agent)."""
+    """The attributes of an undo's spans (empty when tracing is off); ``lifecycle.agent``: the
+    agent that ran the stage (``started``, from ``lifecycle.undo_start``)."""
     if trace is None:
         return {}
     return trace.with_attributes(
