@@ -222,9 +222,13 @@ FROM lifecycle.task_claim(%(worker)s, %(agent)s, %(limit)s, %(lease_s)s);
 -- name: task_time_left
 -- Seconds from now to each claimed task's deadline (its stage's timeout; NULL: none), by the
 -- database's clock: an `agent serve` worker stops the agent when they run out; and the task's
--- traceparent, which the worker's span continues (NULL: none).
-SELECT t.id::text AS id, extract(epoch FROM t.deadline_at - now())::float8 AS time_left_s, t.trace_parent
-FROM task_queue t WHERE t.id = ANY (%(ids)s::uuid[]);
+-- traceparent, workflow and version, which the worker's span carries (NULL: none).
+SELECT t.id::text AS id, extract(epoch FROM t.deadline_at - now())::float8 AS time_left_s, t.trace_parent,
+       d.name AS workflow, d.version
+FROM task_queue t
+LEFT JOIN workflow_executions e ON e.id = t.workflow_execution_id
+LEFT JOIN workflow_definitions d ON d.id = e.workflow_definition_id
+WHERE t.id = ANY (%(ids)s::uuid[]);
 
 -- name: task_heartbeat
 SELECT lifecycle.task_heartbeat(%(task_id)s, %(token)s, %(lease_s)s) AS extended;

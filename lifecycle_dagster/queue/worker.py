@@ -273,6 +273,8 @@ class Worker:
         ``trace_parent``: the execution's), with the outcome and error code."""
         attributes: dict[str, tracing.AttributeValue | None] = {
             tracing.ATTR_EXECUTION_ID: claimed.execution_id,
+            tracing.ATTR_WORKFLOW: claimed.workflow,
+            tracing.ATTR_VERSION: claimed.version,
             tracing.ATTR_STAGE: claimed.stage_id,
             tracing.ATTR_CAPABILITY: claimed.capability,
             tracing.ATTR_ATTEMPT: claimed.attempt,

@@ -470,6 +470,9 @@ class ClaimedTask:
     time_left_s: float | None = None
     #: the W3C traceparent the worker's span continues (the execution's trace); None: not traced
     trace_parent: str | None = None
+    #: the workflow and version of the task's execution (None: a task without one)
+    workflow: str | None = None
+    version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -521,12 +524,10 @@ def task_claim(conn: Connection, *, worker: str, agent: str, limit: int, lease_s
     rows = conn.execute(
         query("task_claim"), {"worker": worker, "agent": agent, "limit": limit, "lease_s": lease_s}
     ).fetchall()
-    left: dict[str, float | None] = {}
-    traces: dict[str, str | None] = {}
+    left: dict[str, Any] = {}
     if rows:  # a second statement: it sees the claimed rows whatever the claim's snapshot was
         found = conn.execute(query("task_time_left"), {"ids": [str(r["task_id"]) for r in rows]}).fetchall()
-        left = {str(r["id"]): None if r["time_left_s"] is None else float(r["time_left_s"]) for r in found}
-        traces = {str(r["id"]): _text(r["trace_parent"]) for r in found}
+        left = {str(r["id"]): r for r in found}
     return [
         ClaimedTask(
             task_id=str(r["task_id"]),
@@ -537,11 +538,22 @@ def task_claim(conn: Connection, *, worker: str, agent: str, limit: int, lease_s
             attempt=int(r["attempt"]),
             input_data=r["input_data"],
             lease_expires_at=r["lease_expires_at"],
-            time_left_s=left.get(str(r["task_id"])),
-            trace_parent=traces.get(str(r["task_id"])),
+            **_claim_extras(left.get(str(r["task_id"]))),
         )
         for r in rows
     ]
+
+
+def _claim_extras(row: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``task_time_left`` columns of a claimed task as :class:`ClaimedTask` fields."""
+    if row is None:
+        return {}
+    return {
+        "time_left_s": None if row["time_left_s"] is None else float(row["time_left_s"]),
+        "trace_parent": _text(row["trace_parent"]),
+        "workflow": _text(row["workflow"]),
+        "version": None if row["version"] is None else int(row["version"]),
+    }
 
 
 def task_heartbeat(conn: Connection, *, task_id: str, token: int, lease_s: float) -> bool:

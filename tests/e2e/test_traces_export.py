@@ -166,5 +166,6 @@ def test_a_run_and_its_queue_worker_send_one_trace_over_otlp_http(
     [served] = [s for s in spans if s["service"] == "design-worker"]
     assert served["name"] == "worker Design Agent" and served["parent"] == root["span_id"]
     assert served["attributes"]["lifecycle.stage"] == "target_design"
-    assert served["attributes"]["lifecycle.execution_id"] == root["attributes"]["lifecycle.execution_id"]
+    for key in ("lifecycle.execution_id", "lifecycle.workflow", "lifecycle.version"):
+        assert served["attributes"][key] == root["attributes"][key]
     assert served["attributes"]["lifecycle.outcome"] == "completed"
