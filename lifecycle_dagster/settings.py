@@ -34,6 +34,14 @@
 ``LIFECYCLE_DAGSTER_LOG_FORMAT``
     ``text`` (default) or ``json`` (one JSON object per line) for ``agent serve`` and the code
     location's own loggers (``lifecycle_dagster.*``); ``agent serve --log-format`` overrides it.
+``OTEL_TRACES_EXPORTER``, ``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``
+    OpenTelemetry traces (:mod:`lifecycle_dagster.tracing`), on only when one of them is set:
+    ``OTEL_TRACES_EXPORTER`` is a comma-separated list of ``console`` (spans as JSON on stdout) and
+    ``otlp`` (OTLP over HTTP/protobuf), or ``none``; an endpoint alone means ``otlp``.
+    ``OTEL_SDK_DISABLED=true`` turns tracing off. The SDK reads the other standard variables itself
+    (``OTEL_SERVICE_NAME``, default ``lifecycle-dagster``; ``OTEL_RESOURCE_ATTRIBUTES``,
+    ``OTEL_EXPORTER_OTLP_(TRACES_)HEADERS``, ``..._TIMEOUT``, ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*``);
+    ``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`` may only be ``http/protobuf``.
 
 Each number is read when it is used and a bad value raises ``ValueError`` naming the variable,
 so one bad setting stops only what needs it.
@@ -74,6 +82,8 @@ class Settings:
     dagster_home_managed: bool = True
     #: the raw ``LIFECYCLE_DAGSTER_*`` values, parsed by the properties below when used
     env: Mapping[str, str] = field(default_factory=dict)
+    #: the raw ``OTEL_*`` values (OpenTelemetry's own variables; see :attr:`traces_exporters`)
+    otel: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -93,6 +103,7 @@ class Settings:
             dagster_home=Path(home).expanduser().resolve() if home else data_dir / "dagster_home",
             dagster_home_managed=not home,
             env={k: v for k, v in os.environ.items() if k.startswith("LIFECYCLE_DAGSTER_")},
+            otel={k: v for k, v in os.environ.items() if k.startswith("OTEL_")},
         )
 
     def _text(self, name: str) -> str | None:
@@ -180,6 +191,35 @@ class Settings:
         if value not in LOG_FORMATS:
             raise ValueError(f"LIFECYCLE_DAGSTER_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
         return value
+
+    @property
+    def traces_exporters(self) -> tuple[str, ...]:
+        """The span exporters ``OTEL_*`` asks for, each ``console`` or ``otlp``; empty: tracing off.
+
+        Raises:
+            ValueError: ``OTEL_TRACES_EXPORTER`` names another exporter, or an OTLP protocol other
+                than ``http/protobuf`` is asked for (the message names the variable).
+        """
+        text = {k: v.strip() for k, v in self.otel.items() if v.strip()}
+        if text.get("OTEL_SDK_DISABLED", "").lower() == "true":
+            return ()
+        listed = text.get("OTEL_TRACES_EXPORTER")
+        if listed is not None:
+            names = tuple(dict.fromkeys(n.strip().lower() for n in listed.split(",") if n.strip()))
+            unknown = [n for n in names if n not in ("console", "otlp", "none")]
+            if unknown:
+                raise ValueError(
+                    f"OTEL_TRACES_EXPORTER={listed!r}: unknown exporter {unknown[0]!r} (use console, otlp or none)"
+                )
+            names = tuple(n for n in names if n != "none")
+        else:
+            endpoint = text.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or text.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+            names = ("otlp",) if endpoint else ()
+        protocols = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+        var = next((v for v in protocols if v in text), None)
+        if "otlp" in names and var is not None and text[var] != "http/protobuf":
+            raise ValueError(f"{var}={text[var]!r}: only http/protobuf is supported (OTLP over HTTP)")
+        return names
 
     @property
     def embedded(self) -> bool:

@@ -59,6 +59,16 @@ SELECT id::text AS id, status, context
 FROM lifecycle.execution_ensure(%(definition_id)s, %(run_id)s, %(execution_id)s, %(context)s,
                                 p_resume => %(resume)s);
 
+-- name: execution_trace
+-- What an execution's spans carry (lifecycle_dagster/tracing.py): its trace (NULL: none yet), workflow
+-- and version.
+SELECT e.trace_parent, d.name AS workflow, d.version
+FROM workflow_executions e JOIN workflow_definitions d ON d.id = e.workflow_definition_id
+WHERE e.id = %(execution_id)s;
+
+-- name: set_trace_parent
+SELECT lifecycle.execution_set_trace_parent(%(execution_id)s, %(trace_parent)s) AS trace_parent;
+
 -- name: start_stage
 SELECT log_id::text AS log_id, task_id::text AS task_id, agent_id::text AS agent_id,
        agent_name, agent_kind, input_data, attempt_number, already_completed, output_data
@@ -226,9 +236,14 @@ FROM lifecycle.task_claim(%(worker)s, %(agent)s, %(limit)s, %(lease_s)s);
 
 -- name: task_time_left
 -- Seconds from now to each claimed task's deadline (its stage's timeout; NULL: none), by the
--- database's clock: an `agent serve` worker stops the agent when they run out.
-SELECT t.id::text AS id, extract(epoch FROM t.deadline_at - now())::float8 AS time_left_s
-FROM task_queue t WHERE t.id = ANY (%(ids)s::uuid[]);
+-- database's clock: an `agent serve` worker stops the agent when they run out; and the task's
+-- traceparent, workflow and version, which the worker's span carries (NULL: none).
+SELECT t.id::text AS id, extract(epoch FROM t.deadline_at - now())::float8 AS time_left_s, t.trace_parent,
+       d.name AS workflow, d.version
+FROM task_queue t
+LEFT JOIN workflow_executions e ON e.id = t.workflow_execution_id
+LEFT JOIN workflow_definitions d ON d.id = e.workflow_definition_id
+WHERE t.id = ANY (%(ids)s::uuid[]);
 
 -- name: task_heartbeat
 SELECT lifecycle.task_heartbeat(%(task_id)s, %(token)s, %(lease_s)s) AS extended;

@@ -32,14 +32,18 @@ class HttpAgent:
 
     Config (``agents.config``): ``url`` (required), ``timeout_s`` (default 30), ``auth_env``: the NAME
     of an environment variable holding a bearer token (the secret itself never sits in the
-    database). The task id is sent as ``Idempotency-Key``. Outcomes: 2xx with a JSON object is the
+    database). The task id is sent as ``Idempotency-Key``; ``trace_parent`` (the W3C traceparent of
+    the calling span, when traced) as ``traceparent``, so the agent's own spans join the
+    execution's trace. Outcomes: 2xx with a JSON object is the
     output; connection errors, 5xx and 408 are retryable (overloaded), 429 is rate limiting; both
     honour ``Retry-After`` (seconds); other 4xx are not retryable (bad request); a 2xx whose body is
     not JSON, or is nested too deeply to decode, is a ``bad_output`` (retryable); one that is JSON but
     not a storable JSON object fails the engine's output check (``bad_output`` too).
     """
 
-    def __init__(self, name: str, config: Mapping[str, Any], task_id: str | None = None) -> None:
+    def __init__(
+        self, name: str, config: Mapping[str, Any], task_id: str | None = None, trace_parent: str | None = None
+    ) -> None:
         url = config.get("url")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise AgentBadRequest(f"http agent {name!r} has no valid config.url (got {url!r})")
@@ -48,6 +52,7 @@ class HttpAgent:
         self.timeout_s = float(config.get("timeout_s") or 30.0)
         self.auth_env = config.get("auth_env")
         self.task_id = task_id
+        self.trace_parent = trace_parent
 
     def run(self, task: Task) -> dict[str, Any]:
         """POST ``task`` to :attr:`url`; return the decoded JSON body of a 2xx answer.
@@ -60,6 +65,8 @@ class HttpAgent:
         headers = {"Content-Type": "application/json"}
         if self.task_id:
             headers["Idempotency-Key"] = self.task_id
+        if self.trace_parent:
+            headers["traceparent"] = self.trace_parent
         if self.auth_env:
             secret = os.environ.get(str(self.auth_env))
             if not secret:
@@ -110,9 +117,9 @@ def _retry_after(value: str | None) -> float | None:
         return None  # an HTTP date: ignored (the policy's delay applies)
 
 
-def http_agent(conn: Connection, agent_id: str, task_id: str | None) -> HttpAgent:
+def http_agent(conn: Connection, agent_id: str, task_id: str | None, trace_parent: str | None = None) -> HttpAgent:
     """The HttpAgent of the ``agents`` row ``agent_id`` (a UUID's text); ``task_id`` is sent as the
-    ``Idempotency-Key``.
+    ``Idempotency-Key``, ``trace_parent`` (a W3C traceparent, or None) as ``traceparent``.
 
     Raises:
         KeyError: no ``agents`` row has that id (it was deleted since the stage was routed to it).
@@ -121,7 +128,7 @@ def http_agent(conn: Connection, agent_id: str, task_id: str | None) -> HttpAgen
     row = conn.execute(query("agent_row"), {"agent_id": agent_id}).fetchone()
     if row is None:
         raise KeyError(f"http agent: no agents row has id {agent_id}")
-    return HttpAgent(str(row["name"]), dict(row["config"] or {}), task_id)
+    return HttpAgent(str(row["name"]), dict(row["config"] or {}), task_id, trace_parent)
 
 
 __all__ = ["HttpAgent", "http_agent"]

@@ -23,20 +23,30 @@ reverse topological order; the database refuses any other order too
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from lifecycle_dagster import tracing
 from lifecycle_dagster.agents import Agent, AgentRegistry, CompensationTask, Task, can_compensate
 from lifecycle_dagster.agents.errors import AttemptStopped, classify
 from lifecycle_dagster.agents.invoke import call_agent
 from lifecycle_dagster.core.payload import check_output, safe_text
 from lifecycle_dagster.core.retry import MAX_WAIT_S, RetryPolicy
+from lifecycle_dagster.engine.traces import ExecutionTrace, execution_trace
 from lifecycle_dagster.store.db import Connection
 from lifecycle_dagster.store.sqlfiles import query
-from lifecycle_dagster.store.transitions import UndoAction, compensation_start, undo_complete, undo_fail, undo_start
+from lifecycle_dagster.store.transitions import (
+    UndoAction,
+    UndoStarted,
+    compensation_start,
+    undo_complete,
+    undo_fail,
+    undo_start,
+)
 
 #: run tag of a compensation run that takes over from a finished compensation run
 TAKEOVER_TAG = "lifecycle/takeover"
@@ -157,25 +167,83 @@ def run_undo(
     if started.action is not UndoAction.COMPENSATE:
         return UndoOutcome(action=started.action.value)
     log_id = str(started.log_id)
-    call = _Caller(spec.timeout_s, functools.partial(_compensation_lost, conn, execution_id, run_id))
-    try:
-        result = _undo(
-            conn, spec, registry, call, execution_id, attempt, started.context, started.output, started.agent_name
-        )
-        void = _checked_void(result)
-    except AttemptStopped as exc:
-        raise UndoStopped(
-            f"undo of stage '{spec.stage_id}' stopped: run {run_id} no longer owns the compensation"
-        ) from exc
-    except Exception as exc:
-        raise _record_undo_failure(conn, spec, log_id, attempt, exc, draw) from exc
-    status = undo_complete(conn, log_id=log_id, void=void, result=result, attempt=attempt)
+    trace = execution_trace(conn, execution_id, run_id)
+    attributes = _undo_attributes(trace, spec, run_id, attempt, started)
+    call = _Caller(spec.timeout_s, functools.partial(_compensation_lost, conn, execution_id, run_id), attributes)
+    with _undo_span(spec, trace, attributes):
+        try:
+            result = _undo(
+                conn, spec, registry, call, execution_id, attempt, started.context, started.output, started.agent_name
+            )
+            void = _checked_void(result)
+        except AttemptStopped as exc:
+            raise UndoStopped(
+                f"undo of stage '{spec.stage_id}' stopped: run {run_id} no longer owns the compensation"
+            ) from exc
+        except Exception as exc:
+            raise _record_undo_failure(conn, spec, log_id, attempt, exc, draw) from exc
+        status = undo_complete(conn, log_id=log_id, void=void, result=result, attempt=attempt)
     return UndoOutcome(
         action="compensated",
         execution_status=status.value,
         voided=len(void),
         summary=str(result.get("summary", "")),
     )
+
+
+def _undo_attributes(
+    trace: ExecutionTrace | None, spec: UndoSpec, run_id: str, attempt: int, started: UndoStarted
+) -> dict[str, tracing.AttributeValue]:
+    """The attributes of an undo's spans (empty when tracing is off); ``lifecycle.agent``: the
+    agent that ran the stage (``started``, from ``lifecycle.undo_start``)."""
+    if trace is None:
+        return {}
+    return trace.with_attributes(
+        {
+            tracing.ATTR_RUN_ID: run_id,
+            tracing.ATTR_STAGE: spec.stage_id,
+            tracing.ATTR_CAPABILITY: spec.compensate if isinstance(spec.compensate, str) else spec.capability,
+            tracing.ATTR_ATTEMPT: attempt,
+            tracing.ATTR_AGENT: started.agent_name,
+        }
+    )
+
+
+#: ``lifecycle.outcome`` of an undo that ended in each error
+_UNDO_OUTCOMES: dict[type[Exception], str] = {UndoRetry: "retrying", UndoFailed: "failed", UndoStopped: "stopped"}
+
+
+def _undo_error_code(exc: BaseException | None) -> str:
+    """The ``lifecycle.error_code`` of what made an undo fail."""
+    if isinstance(exc, NoUndoAgent):
+        return "no_agent"
+    if isinstance(exc, ValueError):
+        return "bad_output"
+    return classify(exc).code if exc is not None else "undo_failed"
+
+
+@contextlib.contextmanager
+def _undo_span(
+    spec: UndoSpec, trace: ExecutionTrace | None, attributes: Mapping[str, tracing.AttributeValue]
+) -> Iterator[None]:
+    """The span ``undo <stage>`` (a child of the execution's root; none when tracing is off):
+    ``lifecycle.outcome`` compensated, retrying, failed or stopped as the block ends."""
+    if trace is None:
+        yield
+        return
+    with tracing.span(f"undo {spec.stage_id}", parent=trace.trace_parent, attributes=attributes) as span:
+        try:
+            yield
+        except UndoStopped:
+            tracing.end_with(span, "stopped")
+            raise
+        except (UndoRetry, UndoFailed) as exc:
+            tracing.end_with(span, _UNDO_OUTCOMES[type(exc)], _undo_error_code(exc.__cause__), str(exc))
+            raise
+        except Exception:
+            span.set_attribute(tracing.ATTR_OUTCOME, "error")
+            raise
+        tracing.end_with(span, "compensated")
 
 
 def _checked_void(result: dict[str, Any]) -> list[Any]:
@@ -220,11 +288,25 @@ class _Caller:
 
     timeout_s: float | None
     lost: Callable[[], bool]
+    #: the attributes of the call's span ``agent <name>`` (empty: tracing off)
+    attributes: Mapping[str, tracing.AttributeValue] = field(default_factory=dict)
 
     def __call__(self, agent: Agent, task: Task) -> Any:
-        if self.timeout_s is None:
-            return agent.run(task)  # in the op's process, as before (its errors recorded as raised)
-        return call_agent(agent, task, timeout_s=self.timeout_s, should_stop=self.lost)
+        attributes = {**self.attributes, tracing.ATTR_AGENT: agent.name}
+        with tracing.span(f"agent {agent.name}", attributes=attributes) as span:
+            try:
+                if self.timeout_s is None:
+                    result = agent.run(task)  # in the op's process, as before (its errors recorded as raised)
+                else:
+                    result = call_agent(agent, task, timeout_s=self.timeout_s, should_stop=self.lost)
+            except AttemptStopped:
+                tracing.end_with(span, "stopped")
+                raise
+            except Exception as exc:
+                tracing.end_with(span, "failed", _undo_error_code(exc), str(exc))
+                raise
+            tracing.end_with(span, "completed")
+            return result
 
 
 def _undo(

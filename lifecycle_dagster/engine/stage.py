@@ -23,21 +23,25 @@ capability's breakers inside the transition that ends the attempt.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
+from opentelemetry.trace import Span, SpanKind
 
+from lifecycle_dagster import tracing
 from lifecycle_dagster.agents import AgentError, AgentRegistry, AgentTimeout, Task
 from lifecycle_dagster.agents.errors import AttemptError, AttemptStopped, classify
 from lifecycle_dagster.agents.http import http_agent
 from lifecycle_dagster.agents.invoke import call_agent
 from lifecycle_dagster.core.payload import check_output, safe_text
 from lifecycle_dagster.core.retry import MAX_WAIT_S, RetryPolicy
+from lifecycle_dagster.engine.traces import ExecutionTrace, execution_trace
 from lifecycle_dagster.queue.wait import queue_wait_s, wait_for_task
 from lifecycle_dagster.store.db import Connection
 from lifecycle_dagster.store.fetch import fetch_one
@@ -163,10 +167,12 @@ class Attempt:
     agent_name: str
     agent_kind: AgentKind | None
     input_data: Any
+    #: the execution's trace, its attributes naming the run, stage and capability too (None: tracing off)
+    trace: ExecutionTrace | None = None
 
     @classmethod
-    def of(cls, execution_id: str, stage_id: str, started: StartedStage) -> Attempt:
-        """The attempt ``lifecycle.stage_start`` started."""
+    def of(cls, execution_id: str, stage_id: str, started: StartedStage, trace: ExecutionTrace | None) -> Attempt:
+        """The attempt ``lifecycle.stage_start`` started (``trace``: the execution's, or None)."""
         return cls(
             execution_id=execution_id,
             stage_id=stage_id,
@@ -177,11 +183,20 @@ class Attempt:
             agent_name=started.agent_name or "",
             agent_kind=started.agent_kind if started.agent_id is not None else None,
             input_data=started.input_data,
+            trace=trace,
         )
 
     def ids(self) -> dict[str, Any]:
         """The keyword arguments of a :class:`StageError` about this attempt."""
         return {"execution_id": self.execution_id, "stage_id": self.stage_id, "attempt": self.number}
+
+    def span_attributes(self) -> dict[str, tracing.AttributeValue]:
+        """The attributes of this attempt's spans (empty when tracing is off)."""
+        if self.trace is None:
+            return {}
+        return self.trace.with_attributes(
+            {tracing.ATTR_ATTEMPT: self.number, tracing.ATTR_AGENT: self.agent_name or None}
+        )
 
 
 @dataclass(frozen=True)
@@ -268,17 +283,50 @@ def run_stage(
         UnknownStatusError: a transition returned a code the seam does not know (sql/schema and
             lifecycle_dagster.store.transitions disagree).
     """
+    start_ns = time.time_ns()
     started = _start(
         conn, spec, run_id=run_id, attempt=attempt, execution_id=execution_id, context=context, resume=resume
     )
     if isinstance(started, StageOutcome):
         return started
-    current, result = _call_step(conn, spec, started, registry, listen)
-    if isinstance(result, _Output):
-        result = _record_output(conn, current, result)
-    if isinstance(result, StageOutcome):
-        return result
-    raise _record_failure(conn, spec, current, result, draw) from result.cause
+    with _attempt_span(spec, started, start_ns) as span:
+        current, result = _call_step(conn, spec, started, registry, listen)
+        span.set_attribute(tracing.ATTR_ATTEMPT, current.number)
+        if isinstance(result, _Output):
+            result = _record_output(conn, current, result)
+        if isinstance(result, StageOutcome):
+            return result
+        raise _record_failure(conn, spec, current, result, draw) from result.cause
+
+
+#: ``lifecycle.outcome`` of an attempt that ended in each error
+_OUTCOMES: dict[type[StageError], str] = {StageRetry: "retrying", StageFailed: "failed", StageStopped: "stopped"}
+
+
+@contextlib.contextmanager
+def _attempt_span(spec: StageSpec, attempt: Attempt, start_ns: int) -> Iterator[Span]:
+    """The span ``stage <id>`` of one attempt (from ``start_ns``, before the stage started), a child
+    of the execution's root, current for the block: ``lifecycle.outcome`` completed, retrying,
+    failed or stopped (with ``lifecycle.error_code`` and status ERROR) as the block ends."""
+    if attempt.trace is None:
+        with tracing.span(f"stage {spec.stage_id}") as off:  # tracing off: the no-op span
+            yield off
+        return
+    with tracing.span(
+        f"stage {spec.stage_id}",
+        parent=attempt.trace.trace_parent,
+        attributes=attempt.span_attributes(),
+        start_time_ns=start_ns,
+    ) as span:
+        try:
+            yield span
+        except StageError as exc:
+            tracing.end_with(span, _OUTCOMES.get(type(exc), "failed"), exc.code, str(exc))
+            raise
+        except Exception:
+            span.set_attribute(tracing.ATTR_OUTCOME, "error")
+            raise
+        tracing.end_with(span, "completed")
 
 
 def _call_step(
@@ -288,9 +336,19 @@ def _call_step(
     the attempt (moved on when a queue task's lease was reaped) and what the call gave."""
     if attempt.agent_kind is None:
         return attempt, _unrouted(conn, spec)
-    if attempt.agent_kind is AgentKind.QUEUE:
-        return _await_queue_task(conn, spec, attempt, listen=listen)
-    return attempt, _call(conn, spec, attempt, registry)
+    kind = SpanKind.CLIENT if attempt.agent_kind is AgentKind.HTTP else SpanKind.INTERNAL
+    with tracing.span(f"agent {attempt.agent_name}", attributes=attempt.span_attributes(), kind=kind) as span:
+        current: Attempt = attempt
+        result: StageOutcome | _Output | AttemptError
+        if attempt.agent_kind is AgentKind.QUEUE:
+            current, result = _await_queue_task(conn, spec, attempt, listen=listen)
+        else:
+            result = _call(conn, spec, attempt, registry)
+        if isinstance(result, AttemptError):
+            tracing.end_with(span, "failed", result.code, result.message)
+        else:
+            tracing.end_with(span, "completed")
+    return current, result
 
 
 # -- start ----------------------------------------------------------------------------------------
@@ -315,6 +373,7 @@ def _start(
     """
     try:
         exec_id = _ensure_execution(conn, spec, run_id, execution_id, context, resume)
+        trace = _stage_trace(conn, spec, exec_id, run_id)  # before the task is inserted: it carries the trace
         started = stage_start(
             conn,
             execution_id=exec_id,
@@ -348,7 +407,16 @@ def _start(
             execution_status="in_progress",
             already_completed=True,
         )
-    return Attempt.of(exec_id, spec.stage_id, started)
+    return Attempt.of(exec_id, spec.stage_id, started, trace)
+
+
+def _stage_trace(conn: Connection, spec: StageSpec, execution_id: str, run_id: str) -> ExecutionTrace | None:
+    """The execution's trace with the run, stage and capability added (None: tracing off)."""
+    trace = execution_trace(conn, execution_id, run_id)
+    if trace is None:
+        return None
+    more = {tracing.ATTR_RUN_ID: run_id, tracing.ATTR_STAGE: spec.stage_id, tracing.ATTR_CAPABILITY: spec.capability}
+    return replace(trace, attributes=trace.with_attributes(more))
 
 
 # -- call -----------------------------------------------------------------------------------------
@@ -365,7 +433,7 @@ def _call(conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRe
     name = attempt.agent_name
     try:
         if attempt.agent_kind is AgentKind.HTTP:
-            agent: Any = http_agent(conn, str(attempt.agent_id), attempt.task_id)
+            agent: Any = http_agent(conn, str(attempt.agent_id), attempt.task_id, tracing.current_trace_parent())
         else:
             agent = registry.get(name)
     except KeyError as exc:

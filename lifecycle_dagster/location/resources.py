@@ -25,6 +25,7 @@ import dagster as dg
 import psycopg
 import pydantic
 
+from lifecycle_dagster import tracing
 from lifecycle_dagster.agents import AgentRegistry
 from lifecycle_dagster.agents.loading import load_registry
 from lifecycle_dagster.engine.heartbeat import Heartbeat
@@ -140,7 +141,8 @@ class RunConnections:
             return False
 
     def close(self) -> None:
-        """Stop the heartbeat; hand the op connection back to the process's idle connections."""
+        """Stop the heartbeat; hand the op connection back to the process's idle connections;
+        export the run's pending spans (a run worker may exit right after)."""
         with self._lock:
             heartbeat, self._heartbeat = self._heartbeat, None
             conn, self._conn = self._conn, None
@@ -148,6 +150,7 @@ class RunConnections:
             heartbeat.stop()
         if conn is not None and os.getpid() == self._pid:
             give_back(self.dsn, conn)
+        tracing.flush()
 
 
 class LifecycleDatabase(dg.ConfigurableResource):  # type: ignore[type-arg]

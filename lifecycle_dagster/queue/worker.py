@@ -38,9 +38,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from opentelemetry.trace import SpanKind
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolClosed
 
+from lifecycle_dagster import tracing
 from lifecycle_dagster.agents import AgentError, AgentRegistry, Task
 from lifecycle_dagster.agents.errors import AgentCrashed, AttemptStopped, classify
 from lifecycle_dagster.agents.invoke import call_agent, preload
@@ -215,6 +217,7 @@ class Worker:
             self._shutdown(pool)
             listener.close()
             pool.close()
+            tracing.flush()
 
     def _claim(self, conn: psycopg.Connection[Any]) -> tuple[int, int]:
         """Claim up to the number of free slots; return (free slots, tasks claimed)."""
@@ -246,7 +249,7 @@ class Worker:
         started = time.monotonic()
         try:
             called_at = time.monotonic()
-            outcome = self._run_agent(task)
+            outcome = self._traced_run(task)
             if not outcome.record:
                 ended = "stopped"
                 msg = "task %s: agent stopped (%s); nothing recorded"
@@ -294,6 +297,31 @@ class Worker:
         at the claim) and ``max_task_s``; None when neither bounds it."""
         limits = [x for x in (claimed.time_left_s, self.max_task_s) if x is not None]
         return min(limits) if limits else None
+
+    def _traced_run(self, claimed: ClaimedTask) -> _Outcome:
+        """:meth:`_run_agent` in a span ``worker <agent>`` continuing the task's trace (its
+        ``trace_parent``: the execution's), with the outcome and error code."""
+        attributes: dict[str, tracing.AttributeValue | None] = {
+            tracing.ATTR_EXECUTION_ID: claimed.execution_id,
+            tracing.ATTR_WORKFLOW: claimed.workflow,
+            tracing.ATTR_VERSION: claimed.version,
+            tracing.ATTR_STAGE: claimed.stage_id,
+            tracing.ATTR_CAPABILITY: claimed.capability,
+            tracing.ATTR_ATTEMPT: claimed.attempt,
+            tracing.ATTR_AGENT: self.agent_name,
+            tracing.ATTR_TASK_ID: claimed.task_id,
+        }
+        name = f"worker {self.agent_name}"
+        kept = {k: v for k, v in attributes.items() if v is not None}
+        with tracing.span(name, parent=claimed.trace_parent, attributes=kept, kind=SpanKind.CONSUMER) as span:
+            outcome = self._run_agent(claimed)
+            if outcome.output is not None:
+                tracing.end_with(span, "completed")
+            elif not outcome.record:  # the task is no longer this worker's: not an error of the agent
+                tracing.end_with(span, "stopped")
+            else:
+                tracing.end_with(span, "failed", outcome.code, outcome.message)
+        return outcome
 
     def _run_agent(self, claimed: ClaimedTask) -> _Outcome:
         """Run the agent on the task (in a killable child when it has a time limit); any error is an

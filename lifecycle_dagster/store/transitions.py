@@ -321,6 +321,19 @@ def execution_set_pending_reason(conn: Connection, *, execution_id: str, reason:
     return bool(_row(conn, "set_pending_reason", {"execution_id": execution_id, "reason": reason})["changed"])
 
 
+def execution_set_trace_parent(conn: Connection, *, execution_id: str, trace_parent: str) -> str:
+    """``lifecycle.execution_set_trace_parent``: store ``trace_parent`` (a W3C traceparent,
+    ``00-<32 hex>-<16 hex>-<2 hex>``) as the execution's trace unless it has one; return the one
+    stored (another run's, when it was first).
+
+    Raises:
+        psycopg.errors.NoDataFound: no such execution.
+        psycopg.errors.CheckViolation: ``trace_parent`` is not a traceparent.
+    """
+    params = {"execution_id": execution_id, "trace_parent": trace_parent}
+    return str(_row(conn, "set_trace_parent", params)["trace_parent"])
+
+
 def run_heartbeat(conn: Connection, *, run_id: str) -> bool:
     """``lifecycle.run_heartbeat``: the run's in-progress execution was seen now; False if none."""
     return bool(_row(conn, "heartbeat", {"run_id": run_id})["alive"])
@@ -455,6 +468,11 @@ class ClaimedTask:
     #: seconds from the claim to the task's ``deadline_at`` (its stage's timeout), by the database's
     #: clock (<= 0: already past); None when the stage has no timeout
     time_left_s: float | None = None
+    #: the W3C traceparent the worker's span continues (the execution's trace); None: not traced
+    trace_parent: str | None = None
+    #: the workflow and version of the task's execution (None: a task without one)
+    workflow: str | None = None
+    version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -506,10 +524,10 @@ def task_claim(conn: Connection, *, worker: str, agent: str, limit: int, lease_s
     rows = conn.execute(
         query("task_claim"), {"worker": worker, "agent": agent, "limit": limit, "lease_s": lease_s}
     ).fetchall()
-    left: dict[str, float | None] = {}
+    left: dict[str, Any] = {}
     if rows:  # a second statement: it sees the claimed rows whatever the claim's snapshot was
         found = conn.execute(query("task_time_left"), {"ids": [str(r["task_id"]) for r in rows]}).fetchall()
-        left = {str(r["id"]): None if r["time_left_s"] is None else float(r["time_left_s"]) for r in found}
+        left = {str(r["id"]): r for r in found}
     return [
         ClaimedTask(
             task_id=str(r["task_id"]),
@@ -520,10 +538,22 @@ def task_claim(conn: Connection, *, worker: str, agent: str, limit: int, lease_s
             attempt=int(r["attempt"]),
             input_data=r["input_data"],
             lease_expires_at=r["lease_expires_at"],
-            time_left_s=left.get(str(r["task_id"])),
+            **_claim_extras(left.get(str(r["task_id"]))),
         )
         for r in rows
     ]
+
+
+def _claim_extras(row: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``task_time_left`` columns of a claimed task as :class:`ClaimedTask` fields."""
+    if row is None:
+        return {}
+    return {
+        "time_left_s": None if row["time_left_s"] is None else float(row["time_left_s"]),
+        "trace_parent": _text(row["trace_parent"]),
+        "workflow": _text(row["workflow"]),
+        "version": None if row["version"] is None else int(row["version"]),
+    }
 
 
 def task_heartbeat(conn: Connection, *, task_id: str, token: int, lease_s: float) -> bool:

@@ -560,6 +560,35 @@ REVOKE ALL ON FUNCTION lifecycle.execution_set_pending_reason(p_execution_id uui
 GRANT ALL ON FUNCTION lifecycle.execution_set_pending_reason(p_execution_id uuid, p_reason text, p_now timestamp with time zone) TO service_role;
 
 
+-- lifecycle.execution_set_trace_parent
+-- The execution's trace: p_trace_parent (a W3C traceparent, 00-<trace id>-<span id>-<flags>) is
+-- stored when the execution has none yet; returns the one stored, so every run of the execution
+-- continues the first run's trace. Raises no_data_found for an unknown execution, check_violation
+-- (workflow_executions_trace_parent_valid) for a value that is not a traceparent.
+CREATE OR REPLACE FUNCTION lifecycle.execution_set_trace_parent(p_execution_id uuid, p_trace_parent text) RETURNS text
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_exec public.workflow_executions;
+BEGIN
+  -- LOCK: the execution row first
+  SELECT * INTO v_exec FROM public.workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown workflow execution %', p_execution_id USING ERRCODE = 'no_data_found';
+  END IF;
+  IF v_exec.trace_parent IS NOT NULL THEN
+    RETURN v_exec.trace_parent;
+  END IF;
+  UPDATE public.workflow_executions e SET trace_parent = p_trace_parent WHERE e.id = p_execution_id;
+  RETURN p_trace_parent;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.execution_set_trace_parent(p_execution_id uuid, p_trace_parent text) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.execution_set_trace_parent(p_execution_id uuid, p_trace_parent text) TO service_role;
+
+
 -- lifecycle.stage_retry_policy
 CREATE OR REPLACE FUNCTION lifecycle.stage_retry_policy(p_definition_id uuid, p_stage_id text) RETURNS jsonb
     LANGUAGE sql STABLE

@@ -330,6 +330,9 @@ BEGIN
     IF NEW.capability IS NULL THEN
       NEW.capability := v_stage ->> 'capability';
     END IF;
+    IF NEW.trace_parent IS NULL THEN  -- the worker's spans join the execution's trace
+      SELECT e.trace_parent INTO NEW.trace_parent FROM public.workflow_executions e WHERE e.id = NEW.workflow_execution_id;
+    END IF;
   END IF;
   IF NEW.workflow_execution_id IS NOT NULL AND NEW.stage_log_id IS NULL THEN
     SELECT l.id INTO NEW.stage_log_id FROM public.workflow_execution_logs l

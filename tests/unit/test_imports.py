@@ -73,7 +73,7 @@ def test_the_code_location_is_found_on_the_package() -> None:
 
 
 #: the layers, lowest first: a module imports only from its own layer and the ones before it
-LAYERS = ("settings", "core", "store", "agents", "queue", "engine", "location", "cli")
+LAYERS = ("settings", "tracing", "core", "store", "agents", "queue", "engine", "location", "cli")
 
 
 def test_each_layer_imports_only_the_layers_below_it() -> None:
