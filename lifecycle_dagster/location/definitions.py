@@ -85,6 +85,8 @@ def definitions_from_snapshot(snapshot: str) -> dg.Definitions:
         lifecycle_dagster.location.resources.AgentsSettingError: ``LIFECYCLE_DAGSTER_AGENTS`` names
             no usable registry: the load fails with it (the code location's status shows it), since
             no job could run.
+        lifecycle_dagster.location.executors.ExecutorSettingError: ``LIFECYCLE_DAGSTER_EXECUTOR``
+            names no usable executor (the same).
     """
     rows: list[dict[str, Any]] = json.loads(snapshot)
     jobs, skipped = build_jobs(rows)
