@@ -175,7 +175,7 @@ class Distributed:
     ``fan`` sleeps ``CELERY_TEST_FAN_S`` seconds (default 1.5: siblings overlap, so both workers
     get one); ``flaky_once`` fails its first attempt (retryable) and answers the next one;
     ``slow`` writes its process id to ``$CELERY_TEST_MARKERS/slow-<pid>``, sleeps
-    ``CELERY_TEST_SLOW_S`` seconds (default 4), then answers. Each answer names its process id."""
+    ``CELERY_TEST_SLOW_S`` seconds (default 3), then answers. Each answer names its process id."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -189,7 +189,7 @@ class Distributed:
             raise AgentOverloaded(f"{self.name}: first attempt fails")
         elif task.capability == "slow":
             _write_whole(Path(os.environ["CELERY_TEST_MARKERS"]) / f"slow-{os.getpid()}", task.stage_id)
-            time.sleep(float(os.environ.get("CELERY_TEST_SLOW_S", "4")))
+            time.sleep(float(os.environ.get("CELERY_TEST_SLOW_S", "3")))
         return {"summary": f"{task.stage_id} done (attempt {task.attempt})", "pid": os.getpid()}
 
 
