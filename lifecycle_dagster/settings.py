@@ -36,7 +36,7 @@
 ``LIFECYCLE_DAGSTER_EXECUTOR``
     the Dagster executor of every generated job (forward and compensation): ``in_process`` (the
     default, UI launches included), ``multiprocess``, ``celery`` (dagster-celery: the ``[celery]``
-    extra), ``k8s`` (``dagster_k8s.k8s_job_executor``: ``pip install dagster-k8s``), or
+    extra), ``k8s`` (``dagster_k8s.k8s_job_executor``: the ``[k8s]`` extra), or
     ``MODULE:ATTRIBUTE`` naming any ``ExecutorDefinition``. Read when jobs are built: every process
     that builds them (code server, daemon, run and step workers, Celery workers) must see the same
     value, like ``DATABASE_URL`` (see :mod:`lifecycle_dagster.location.executors`).

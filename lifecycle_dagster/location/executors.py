@@ -3,7 +3,7 @@
 ``in_process`` (the default: one process runs every step, for UI launches too), ``multiprocess``
 (a process per step), ``celery`` (dagster-celery's ``celery_executor``: steps go to Celery workers,
 see :mod:`lifecycle_dagster.location.celery_app`; the ``[celery]`` extra), ``k8s``
-(``dagster_k8s.k8s_job_executor``: a Kubernetes job per step; ``pip install dagster-k8s``), or
+(``dagster_k8s.k8s_job_executor``: a Kubernetes job per step; the ``[k8s]`` extra), or
 ``MODULE:ATTRIBUTE`` naming any :class:`dagster.ExecutorDefinition`.
 
 The executor is set on the job (``executor_def``), never in run config: the sensors, the CLI and
@@ -41,7 +41,7 @@ NAMED = {
     "in_process": ("dagster", "in_process_executor", None),
     "multiprocess": ("dagster", "multiprocess_executor", None),
     "celery": ("dagster_celery", "celery_executor", "pip install 'lifecycle-dagster[celery]'"),
-    "k8s": ("dagster_k8s", "k8s_job_executor", "pip install dagster-k8s"),
+    "k8s": ("dagster_k8s", "k8s_job_executor", "pip install 'lifecycle-dagster[k8s]'"),
 }
 
 
