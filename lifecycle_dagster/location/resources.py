@@ -153,8 +153,9 @@ class RunConnections:
 class LifecycleDatabase(dg.ConfigurableResource):  # type: ignore[type-arg]
     """The orchestration database, and the application connections of the run.
 
-    ``dsn``: libpq URI; empty (the default) means ``DATABASE_URL``, or the embedded server when
-    that is unset (:func:`lifecycle_dagster.store.db.resolve_dsn`).
+    ``dsn``: libpq URI; empty (the default) means ``DATABASE_URL`` (unset in a run, step or Celery
+    worker: :class:`~lifecycle_dagster.store.db.DatabaseUrlMissing`, never a private embedded server;
+    see :func:`lifecycle_dagster.store.db.resolve_dsn`).
 
     Initialised once per run by the in-process executor (the lifecycle job in ``execute_in_process``,
     ``lifecycle-dagster run``, every compensation job) and once per step process by the
