@@ -46,7 +46,7 @@ def _port() -> int:
 EXECUTE = ["dagster", "job", "execute", "-m", "lifecycle_dagster", "-j", "lifecycle_v1__v1",
            "-c", "examples/acme_run.yaml"]
 #: a Celery worker (its name added)
-WORKER = ["celery", "-A", "lifecycle_dagster.location.celery_app", "worker", "--pool", "solo", "--without-mingle"]
+WORKER = ["celery", "-A", "lifecycle_dagster.location.celery_app", "worker", "--pool", "solo", "-l", "INFO"]
 
 
 def _time_runs(env: dict[str, str], runs: int) -> list[tuple[float, float]]:
@@ -91,7 +91,9 @@ def main(runs: int) -> None:
             conn.execute(seed_sql())
         home = prepare_home(root / "home", dsn)
         base = {**os.environ, "DATABASE_URL": dsn, "DAGSTER_HOME": str(home)}
-        rows = []
+        print(f"lifecycle_v1, {runs} runs each: median (min-max), seconds")
+        print("| executor | `dagster job execute` wall | the run (RUN_START to end) |")
+        print("|---|---|---|", flush=True)
         for executor in ("in_process", "multiprocess", "celery"):
             env = {**base, "LIFECYCLE_DAGSTER_EXECUTOR": executor}
             if executor == "celery":
@@ -110,7 +112,7 @@ def main(runs: int) -> None:
                     log = (root / w / "worker.log").open("w")
                     procs.append(
                         subprocess.Popen(
-                            [str(BIN / WORKER[0]), *WORKER[1:], "--without-gossip", "-n", f"{w}@%h"],
+                            [str(BIN / WORKER[0]), *WORKER[1:], "--without-mingle", "-n", f"{w}@%h"],
                             cwd=root / w,
                             env=env,
                             stdout=log,
@@ -123,14 +125,11 @@ def main(runs: int) -> None:
                         time.sleep(0.2)
             timed = _time_runs(env, runs)
             walls, run_s = [t[0] for t in timed], [t[1] for t in timed]
-            rows.append(
+            print(
                 f"| `{executor}` | {statistics.median(walls):.1f} ({min(walls):.1f}-{max(walls):.1f}) "
-                f"| {statistics.median(run_s):.1f} ({min(run_s):.1f}-{max(run_s):.1f}) |"
+                f"| {statistics.median(run_s):.1f} ({min(run_s):.1f}-{max(run_s):.1f}) |",
+                flush=True,
             )
-        print(f"lifecycle_v1, {runs} runs each: median (min-max), seconds")
-        print("| executor | `dagster job execute` wall | the run (RUN_START to end) |")
-        print("|---|---|---|")
-        print("\n".join(rows))
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):

@@ -157,11 +157,11 @@ class LifecycleDatabase(dg.ConfigurableResource):  # type: ignore[type-arg]
     worker: :class:`~lifecycle_dagster.store.db.DatabaseUrlMissing`, never a private embedded server;
     see :func:`lifecycle_dagster.store.db.resolve_dsn`).
 
-    Initialised once per run by the in-process executor (the lifecycle job in ``execute_in_process``,
-    ``lifecycle-dagster run``, every compensation job) and once per step process by the
-    multiprocess executor: its :attr:`run` (:class:`RunConnections`) bounds the application
-    connections to two at a time (op + heartbeat) per run, or per step process under the
-    multiprocess executor, and is closed when the run (or step process) ends.
+    Initialised once per run by the in-process executor (``execute_in_process``, ``lifecycle-dagster
+    run`` and ``compensate``, and every run under ``LIFECYCLE_DAGSTER_EXECUTOR=in_process``) and once
+    per step under the multiprocess and Celery executors (each step process or Celery task): its
+    :attr:`run` (:class:`RunConnections`) bounds the application connections to two at a time (op +
+    heartbeat) per run, or per step, and is closed when the run (or step) ends.
     """
 
     dsn: str = ""
