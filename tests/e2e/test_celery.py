@@ -73,14 +73,16 @@ def celery_db(server_dsn: str, template_db: str) -> Iterator[str]:
         create = sql.SQL("CREATE DATABASE {} TEMPLATE {}")
         conn.execute(create.format(sql.Identifier(name), sql.Identifier(template_db)))
     dsn = _with_db(server_dsn, name)
-    with connect(dsn) as conn:
-        conn.execute(seed_sql())
-    install(dsn, "fan_out", FAN_OUT, {"fan": DISTRIBUTED_AGENTS["fan"]})
-    install(dsn, "flaky", FLAKY, {"flaky_once": DISTRIBUTED_AGENTS["flaky_once"]})
-    install(dsn, "slow", SLOW, {"slow": DISTRIBUTED_AGENTS["slow"]})
-    yield dsn
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    try:
+        with connect(dsn) as conn:
+            conn.execute(seed_sql())
+        install(dsn, "fan_out", FAN_OUT, {"fan": DISTRIBUTED_AGENTS["fan"]})
+        install(dsn, "flaky", FLAKY, {"flaky_once": DISTRIBUTED_AGENTS["flaky_once"]})
+        install(dsn, "slow", SLOW, {"slow": DISTRIBUTED_AGENTS["slow"]})
+        yield dsn
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def _free_port() -> int:
