@@ -35,17 +35,18 @@ def process_kind(argv: list[str] | None = None) -> str:
     """What this process is, for messages: ``Celery worker``, ``Dagster step worker``, ``Dagster
     run worker``, ``Dagster code server``, ``dagster-daemon``, else ``non-interactive``
     (``argv``: default ``sys.argv``)."""
-    words = " ".join(sys.argv if argv is None else argv)
-    for marker, kind in (
-        ("celery", "Celery worker"),
-        ("execute_step", "Dagster step worker"),
-        ("execute_run", "Dagster run worker"),
-        ("resume_run", "Dagster run worker"),
-        ("grpc", "Dagster code server"),
-        ("code-server", "Dagster code server"),
-        ("dagster-daemon", "dagster-daemon"),
+    words = set(sys.argv if argv is None else argv)
+    words |= {os.path.basename(w) for w in words}
+    for markers, kind in (
+        ({"celery", "worker"}, "Celery worker"),
+        ({"execute_step"}, "Dagster step worker"),
+        ({"execute_run"}, "Dagster run worker"),
+        ({"resume_run"}, "Dagster run worker"),
+        ({"api", "grpc"}, "Dagster code server"),
+        ({"code-server"}, "Dagster code server"),
+        ({"dagster-daemon"}, "dagster-daemon"),
     ):
-        if marker in words:
+        if markers <= words:
             return kind
     return "non-interactive"
 
