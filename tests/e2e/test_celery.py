@@ -117,17 +117,19 @@ class Cluster:
         return self.root / "markers"
 
     def start_worker(self, name: str) -> None:
-        """Start worker ``name`` in its own directory and session; wait until it is ready."""
+        """Start worker ``name`` in its own directory and session (see :meth:`wait_ready`)."""
         workdir = self.root / name
         workdir.mkdir(exist_ok=True)
-        log = workdir / "worker.log"
         args = [str(BIN / "celery"), "-A", "lifecycle_dagster.location.celery_app", "worker", "--pool", "solo"]
         args += ["-n", f"{name}@%h", "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
-        with log.open("a") as out:
-            proc = subprocess.Popen(
+        with (workdir / "worker.log").open("a") as out:
+            self.workers[name] = subprocess.Popen(
                 args, cwd=workdir, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        self.workers[name] = proc
+
+    def wait_ready(self, name: str) -> None:
+        """Wait until worker ``name`` consumes (its log says ``ready.``)."""
+        proc, log = self.workers[name], self.root / name / "worker.log"
         deadline = time.monotonic() + 60
         while " ready." not in log.read_text():
             assert proc.poll() is None, f"worker {name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
@@ -135,11 +137,14 @@ class Cluster:
             time.sleep(0.1)
 
     def ensure_workers(self) -> None:
-        """Both workers running (one killed by an earlier test is started again)."""
-        for name in ("w1", "w2"):
-            proc = self.workers.get(name)
-            if proc is None or proc.poll() is not None:
-                self.start_worker(name)
+        """Both workers running (one killed by an earlier test is started again), started together."""
+        missing = [n for n in ("w1", "w2") if n not in self.workers or self.workers[n].poll() is not None]
+        for name in missing:
+            if name in self.workers:  # a killed worker's log is kept aside: `ready.` must be the new one's
+                (self.root / name / "worker.log").replace(self.root / name / f"worker-{self.workers[name].pid}.log")
+            self.start_worker(name)
+        for name in missing:
+            self.wait_ready(name)
 
     def worker_holding(self, pid: int) -> str:
         """The worker whose process tree holds ``pid``."""
@@ -345,17 +350,17 @@ def test_a_pending_row_is_launched_by_the_daemon_under_the_celery_executor(
     cluster.ensure_workers()
     context = tmp_path / "ctx.json"
     context.write_text("{}")
-    started = subprocess.run(
-        [str(BIN / "lifecycle-dagster"), "start", "fan_out", "--context", str(context)],
-        env=cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    eid = started.stdout.strip().splitlines()[-1]
     t0 = time.monotonic()
-    with running_daemon(cluster.env, tmp_path / "daemon.log"):
+    with running_daemon(cluster.env, tmp_path / "daemon.log"):  # it starts while the row is inserted
+        started = subprocess.run(
+            [str(BIN / "lifecycle-dagster"), "start", "fan_out", "--context", str(context)],
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        eid = started.stdout.strip().splitlines()[-1]
         status = "pending"
         while time.monotonic() - t0 < 150 and status in ("pending", "in_progress"):
             time.sleep(0.5)
