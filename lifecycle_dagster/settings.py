@@ -1,8 +1,16 @@
 """Every setting of the product, from the environment, in one object.
 
 ``DATABASE_URL``
-    libpq URI of the orchestration database (e.g. a Supabase connection string). Unset: the
-    embedded PostgreSQL server of :mod:`lifecycle_dagster.store.embedded` is used.
+    libpq URI of the orchestration database (e.g. a Supabase connection string). Every process
+    that touches the database must see it (code server, daemon, run, step and Celery workers).
+    Unset: the embedded PostgreSQL server of :mod:`lifecycle_dagster.store.embedded` is used, but
+    only where that is safe (see ``LIFECYCLE_DAGSTER_EMBEDDED``); any other process stops with an
+    error naming the variable instead of starting a private, empty server.
+``LIFECYCLE_DAGSTER_EMBEDDED``
+    ``1`` lets a process without ``DATABASE_URL`` start (or attach to) the embedded server. Without
+    it, only the ``lifecycle-dagster`` command (which owns the server's lifetime and passes
+    ``DATABASE_URL`` to the Dagster processes it starts) and a process whose stdin is a terminal
+    may; ``0`` forbids it even there.
 ``LIFECYCLE_DAGSTER_DATA_DIR``
     folder for the embedded server's data and the default Dagster home
     (default: the user data dir, e.g. ``~/.local/share/lifecycle-dagster``).
@@ -42,6 +50,23 @@
     (``OTEL_SERVICE_NAME``, default ``lifecycle-dagster``; ``OTEL_RESOURCE_ATTRIBUTES``,
     ``OTEL_EXPORTER_OTLP_(TRACES_)HEADERS``, ``..._TIMEOUT``, ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*``);
     ``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`` may only be ``http/protobuf``.
+``LIFECYCLE_DAGSTER_EXECUTOR``
+    the Dagster executor of every generated job (forward and compensation): ``in_process`` (the
+    default, UI launches included), ``multiprocess``, ``celery`` (dagster-celery: the ``[celery]``
+    extra), ``k8s`` (``dagster_k8s.k8s_job_executor``: the ``[k8s]`` extra), or
+    ``MODULE:ATTRIBUTE`` naming any ``ExecutorDefinition``. Read when jobs are built: every process
+    that builds them (code server, daemon, run and step workers, Celery workers) must see the same
+    value, like ``DATABASE_URL`` (see :mod:`lifecycle_dagster.location.executors`).
+``LIFECYCLE_DAGSTER_CELERY_BROKER``
+    the Celery broker URL (e.g. ``redis://host:6379/0``) of the ``celery`` executor and of the
+    workers of :mod:`lifecycle_dagster.location.celery_app` (default: dagster-celery's,
+    ``pyamqp://guest@$DAGSTER_CELERY_BROKER_HOST:5672//``).
+``LIFECYCLE_DAGSTER_CELERY_BACKEND``
+    the Celery result backend URL (default ``rpc://``).
+``LIFECYCLE_DAGSTER_CELERY_CONFIG``
+    a JSON object of further Celery settings for the executor and the workers alike, over ours
+    (``task_acks_late``, ``task_reject_on_worker_lost``, ``worker_prefetch_multiplier`` 1), e.g.
+    ``{"broker_transport_options": {"visibility_timeout": 7200}}``.
 
 Each number is read when it is used and a bad value raises ``ValueError`` naming the variable,
 so one bad setting stops only what needs it.
@@ -49,6 +74,7 @@ so one bad setting stops only what needs it.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -220,6 +246,54 @@ class Settings:
         if "otlp" in names and var is not None and text[var] != "http/protobuf":
             raise ValueError(f"{var}={text[var]!r}: only http/protobuf is supported (OTLP over HTTP)")
         return names
+
+    @property
+    def executor(self) -> str:
+        """``LIFECYCLE_DAGSTER_EXECUTOR`` (default ``in_process``), as written."""
+        return self._text("EXECUTOR") or "in_process"
+
+    @property
+    def celery_broker(self) -> str | None:
+        """``LIFECYCLE_DAGSTER_CELERY_BROKER``, or None for dagster-celery's default."""
+        return self._text("CELERY_BROKER")
+
+    @property
+    def celery_backend(self) -> str | None:
+        """``LIFECYCLE_DAGSTER_CELERY_BACKEND``, or None for dagster-celery's default (``rpc://``)."""
+        return self._text("CELERY_BACKEND")
+
+    @property
+    def celery_config(self) -> dict[str, object]:
+        """``LIFECYCLE_DAGSTER_CELERY_CONFIG`` decoded (default ``{}``).
+
+        Raises:
+            ValueError: not a JSON object (the message names the variable).
+        """
+        raw = self._text("CELERY_CONFIG")
+        if raw is None:
+            return {}
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:
+            raise ValueError(f"LIFECYCLE_DAGSTER_CELERY_CONFIG must be a JSON object: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"LIFECYCLE_DAGSTER_CELERY_CONFIG must be a JSON object, got {raw!r}")
+        return value
+
+    @property
+    def embedded_allowed(self) -> bool | None:
+        """``LIFECYCLE_DAGSTER_EMBEDDED``: True (``1``), False (``0``), or None when unset (each
+        process decides: see :func:`lifecycle_dagster.store.db.resolve_dsn`).
+
+        Raises:
+            ValueError: another value (the message names the variable).
+        """
+        raw = self._text("EMBEDDED")
+        if raw is None:
+            return None
+        if raw not in ("0", "1"):
+            raise ValueError(f"LIFECYCLE_DAGSTER_EMBEDDED must be 0 or 1, got {raw!r}")
+        return raw == "1"
 
     @property
     def embedded(self) -> bool:

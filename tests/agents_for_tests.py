@@ -168,3 +168,39 @@ class UndoHangsFirst:
             while True:
                 time.sleep(3600)
         return {"summary": f"undid {task.stage_id}", "void": task.artifacts()}
+
+
+class Distributed:
+    """An agent for the Celery tests (tests/e2e/test_celery.py), whose capability says what it does:
+    ``fan`` sleeps ``CELERY_TEST_FAN_S`` seconds (default 1.5: siblings overlap, so both workers
+    get one); ``flaky_once`` fails its first attempt (retryable) and answers the next one;
+    ``slow`` writes its process id to ``$CELERY_TEST_MARKERS/slow-<pid>``, sleeps
+    ``CELERY_TEST_SLOW_S`` seconds (default 3), then answers. Each answer names its process id."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def run(self, task: Task) -> dict[str, Any]:
+        if task.capability == "fan":
+            time.sleep(float(os.environ.get("CELERY_TEST_FAN_S", "1.5")))
+        elif task.capability == "flaky_once" and task.attempt == 1:
+            from lifecycle_dagster.agents import AgentOverloaded
+
+            raise AgentOverloaded(f"{self.name}: first attempt fails")
+        elif task.capability == "slow":
+            _write_whole(Path(os.environ["CELERY_TEST_MARKERS"]) / f"slow-{os.getpid()}", task.stage_id)
+            time.sleep(float(os.environ.get("CELERY_TEST_SLOW_S", "3")))
+        return {"summary": f"{task.stage_id} done (attempt {task.attempt})", "pid": os.getpid()}
+
+
+#: the agent of each capability of the Celery tests
+DISTRIBUTED_AGENTS = {"fan": "Distributed Fan", "flaky_once": "Distributed Flaky", "slow": "Distributed Slow"}
+
+
+def distributed_registry() -> Any:
+    """``LIFECYCLE_DAGSTER_AGENTS=agents_for_tests:distributed_registry``: the five built-in agents
+    and a :class:`Distributed` per capability of :data:`DISTRIBUTED_AGENTS`."""
+    from lifecycle_dagster.agents import AgentRegistry, default_registry
+
+    base = default_registry()
+    return AgentRegistry([*(base.get(n) for n in base.names()), *map(Distributed, DISTRIBUTED_AGENTS.values())])

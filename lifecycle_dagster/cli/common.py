@@ -16,8 +16,15 @@ from lifecycle_dagster.store.sqlfiles import query
 
 
 def dsn() -> str:
+    """The database URL: ``DATABASE_URL``, else the embedded server, which this command owns
+    (started for it, stopped when it exits unless ``db start`` keeps it up) and hands to the Dagster
+    processes it starts through ``DATABASE_URL``.
+
+    Raises:
+        click.ClickException: the server could not be reached or started.
+    """
     try:
-        return resolve_dsn()
+        return resolve_dsn(allow_embedded=True)
     except Exception as exc:  # the server could not be reached or started
         raise click.ClickException(f"cannot reach the database: {exc}") from exc
 

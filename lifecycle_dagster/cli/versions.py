@@ -136,6 +136,7 @@ def validate_cmd(file: Path | None, check_all: bool, offline: bool) -> None:
     database is reachable (DATABASE_URL, or the embedded server already running) and --offline is
     not given, a capability that no active agent serves.
     """
+    from lifecycle_dagster.location.executors import ExecutorSettingError
     from lifecycle_dagster.location.job_factory import build_jobs
     from lifecycle_dagster.location.resources import AgentsSettingError
 
@@ -149,7 +150,7 @@ def validate_cmd(file: Path | None, check_all: bool, offline: bool) -> None:
             rows = conn.execute(query("active_definitions")).fetchall()
         try:
             jobs, skipped = build_jobs(rows)
-        except AgentsSettingError as exc:
+        except (AgentsSettingError, ExecutorSettingError) as exc:
             raise click.ClickException(f"the code location cannot load: {exc}") from exc
         for j in jobs:
             click.echo(f"{j.name}: valid")

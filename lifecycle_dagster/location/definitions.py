@@ -92,6 +92,8 @@ def definitions_from_snapshot(snapshot: str) -> dg.Definitions:
             no usable registry: the load fails with it (the code location's status shows it), since
             no job could run.
         ValueError: ``LIFECYCLE_DAGSTER_LOG_FORMAT`` is neither text nor json (the message names it).
+        lifecycle_dagster.location.executors.ExecutorSettingError: ``LIFECYCLE_DAGSTER_EXECUTOR``
+            names no usable executor (the same).
     """
     settings = Settings.from_env()
     if settings.log_format == "json":

@@ -33,6 +33,7 @@ from lifecycle_dagster.engine.compensation import (
     undo_op_name,
 )
 from lifecycle_dagster.engine.stage import StageError, StageOutcome, StageRetry, StageSpec, run_stage
+from lifecycle_dagster.location.executors import executor_def
 from lifecycle_dagster.location.resources import ExecutionRequest, LifecycleDatabase, default_resources
 from lifecycle_dagster.store.versions import WORKFLOW_NAME_PATTERN
 
@@ -252,6 +253,8 @@ def build_job(definition: Mapping[str, Any], resources: Mapping[str, Any] | None
         lifecycle_dagster.core.dag.DagValidationError: the DAG is invalid (every problem listed).
         lifecycle_dagster.location.resources.AgentsSettingError: no ``resources`` given and
             ``LIFECYCLE_DAGSTER_AGENTS`` is not usable.
+        lifecycle_dagster.location.executors.ExecutorSettingError: ``LIFECYCLE_DAGSTER_EXECUTOR`` is
+            not usable.
     """
     row = DefinitionRow.from_mapping(definition)
     dag = parse_dag(row.dag_schema)
@@ -280,6 +283,7 @@ def build_job(definition: Mapping[str, Any], resources: Mapping[str, Any] | None
         },
         metadata={"stages": len(order), "topological_order": ", ".join(order)},
         resource_defs=dict(resources) if resources is not None else default_resources(),
+        executor_def=executor_def(),  # LIFECYCLE_DAGSTER_EXECUTOR (location/executors.py)
     )
 
 
@@ -332,8 +336,11 @@ def build_jobs(
     Raises:
         lifecycle_dagster.location.resources.AgentsSettingError: ``LIFECYCLE_DAGSTER_AGENTS`` is not
             usable: no job could run, so the load fails (never every row skipped).
+        lifecycle_dagster.location.executors.ExecutorSettingError: ``LIFECYCLE_DAGSTER_EXECUTOR`` is
+            not usable (the same).
     """
     resources = default_resources()
+    executor_def()  # a bad LIFECYCLE_DAGSTER_EXECUTOR fails the load, as a bad registry does
     jobs: list[dg.JobDefinition] = []
     skipped: list[SkippedDefinition] = []
     taken: dict[str, str] = {}
@@ -463,5 +470,5 @@ def build_compensation_job(
         },
         metadata={"stages": len(order), "undo_order": ", ".join(order)},
         resource_defs=dict(resources) if resources is not None else default_resources(),
-        executor_def=dg.in_process_executor,
+        executor_def=executor_def(),  # LIFECYCLE_DAGSTER_EXECUTOR (location/executors.py)
     )

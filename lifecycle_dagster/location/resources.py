@@ -156,14 +156,15 @@ class RunConnections:
 class LifecycleDatabase(dg.ConfigurableResource):  # type: ignore[type-arg]
     """The orchestration database, and the application connections of the run.
 
-    ``dsn``: libpq URI; empty (the default) means ``DATABASE_URL``, or the embedded server when
-    that is unset (:func:`lifecycle_dagster.store.db.resolve_dsn`).
+    ``dsn``: libpq URI; empty (the default) means ``DATABASE_URL`` (unset in a run, step or Celery
+    worker: :class:`~lifecycle_dagster.store.db.DatabaseUrlMissing`, never a private embedded server;
+    see :func:`lifecycle_dagster.store.db.resolve_dsn`).
 
-    Initialised once per run by the in-process executor (the lifecycle job in ``execute_in_process``,
-    ``lifecycle-dagster run``, every compensation job) and once per step process by the
-    multiprocess executor: its :attr:`run` (:class:`RunConnections`) bounds the application
-    connections to two at a time (op + heartbeat) per run, or per step process under the
-    multiprocess executor, and is closed when the run (or step process) ends.
+    Initialised once per run by the in-process executor (``execute_in_process``, ``lifecycle-dagster
+    run`` and ``compensate``, and every run under ``LIFECYCLE_DAGSTER_EXECUTOR=in_process``) and once
+    per step under the multiprocess and Celery executors (each step process or Celery task): its
+    :attr:`run` (:class:`RunConnections`) bounds the application connections to two at a time (op +
+    heartbeat) per run, or per step, and is closed when the run (or step) ends.
     """
 
     dsn: str = ""
@@ -199,15 +200,26 @@ class ExecutionRequest(dg.ConfigurableResource):  # type: ignore[type-arg]
     """What one run executes.
 
     ``context``: the execution context (a JSON object, e.g. a customer profile) for a run that
-    creates its execution; ``context_file``: a JSON file to read it from instead (path relative to
-    the working directory); ``execution_id``: an existing ``workflow_executions`` row to adopt
-    (the ``lifecycle/execution_id`` run tag takes precedence). When an execution is adopted, the
-    row's own context is used.
+    creates its execution; ``context_file``: a JSON file to read it from instead, by an ABSOLUTE
+    path (the first stage op reads it, in whichever process or machine runs that step: a relative
+    path would be read from each worker's directory, so it is refused); ``execution_id``: an
+    existing ``workflow_executions`` row to adopt (the ``lifecycle/execution_id`` run tag takes
+    precedence). When an execution is adopted, the row's own context is used.
     """
 
     context: dict[str, Any] = {}  # noqa: RUF012  (pydantic copies field defaults)
     context_file: str = ""
     execution_id: str = ""
+
+    @pydantic.field_validator("context_file")
+    @classmethod
+    def _context_file_is_absolute(cls, value: str) -> str:
+        if value and not Path(value).expanduser().is_absolute():
+            raise ValueError(
+                "context_file must be an absolute path (a relative one would be read from each worker's "
+                f"directory): {value!r}; give its absolute path, or the context itself under `context`"
+            )
+        return value
 
     @pydantic.field_validator("execution_id")
     @classmethod
@@ -227,7 +239,7 @@ class ExecutionRequest(dg.ConfigurableResource):  # type: ignore[type-arg]
         """
         base: dict[str, Any] = {}
         if self.context_file:
-            path = Path(self.context_file)
+            path = Path(self.context_file).expanduser()
             try:
                 loaded = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:

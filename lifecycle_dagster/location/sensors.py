@@ -42,7 +42,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 import dagster as dg
 
@@ -70,9 +69,6 @@ def sensor_interval_s(default: int) -> int:
     return Settings.from_env().sensor_interval_s or default
 
 
-IN_PROCESS: dict[str, Any] = {"execution": {"config": {"in_process": {}}}}
-
-
 def resume_requests(
     instance: dg.DagsterInstance, jobs: Sequence[str], dsn: str, now: datetime | None = None
 ) -> Iterator[dg.RunRequest | dg.SkipReason]:
@@ -96,7 +92,6 @@ def resume_requests(
         yield dg.RunRequest(
             run_key=f"resume:{r['execution_id']}:{r['stage_id']}:{r['attempt_number']}",
             job_name=job,
-            run_config=IN_PROCESS,
             tags={EXECUTION_ID_TAG: r["execution_id"], RESUME_TAG: r["stage_id"]},
         )
 
@@ -359,7 +354,6 @@ def launch_requests(jobs: Sequence[str], dsn: str) -> Iterator[dg.RunRequest]:
         yield dg.RunRequest(
             run_key=r["execution_id"],
             job_name=job_name(r["workflow_name"], r["version"]),
-            run_config=IN_PROCESS,
             tags={
                 EXECUTION_ID_TAG: r["execution_id"],
                 "lifecycle/workflow": r["workflow_name"],

@@ -10,6 +10,7 @@ function or one statement.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,16 +25,67 @@ from lifecycle_dagster.settings import Settings
 Connection = psycopg.Connection[DictRow]
 
 
-def resolve_dsn(settings: Settings | None = None) -> str:
+class DatabaseUrlMissing(RuntimeError):
+    """``DATABASE_URL`` is unset in a process that may not start the embedded server (a worker, a
+    code server or daemon under a deployment): the message names the variable, the kind of process
+    and the fix."""
+
+
+def process_kind(argv: list[str] | None = None) -> str:
+    """What this process is, for messages: ``Celery worker``, ``Dagster step worker``, ``Dagster
+    run worker``, ``Dagster code server``, ``dagster-daemon``, else ``non-interactive``
+    (``argv``: default ``sys.argv``)."""
+    words = set(sys.argv if argv is None else argv)
+    words |= {os.path.basename(w) for w in words}
+    for markers, kind in (
+        ({"celery", "worker"}, "Celery worker"),
+        ({"execute_step"}, "Dagster step worker"),
+        ({"execute_run"}, "Dagster run worker"),
+        ({"resume_run"}, "Dagster run worker"),
+        ({"api", "grpc"}, "Dagster code server"),
+        ({"code-server"}, "Dagster code server"),
+        ({"dagster-daemon"}, "dagster-daemon"),
+    ):
+        if markers <= words:
+            return kind
+    return "non-interactive"
+
+
+def _stdin_is_a_terminal() -> bool:
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (ValueError, OSError):  # closed or detached
+        return False
+
+
+def resolve_dsn(settings: Settings | None = None, *, allow_embedded: bool = False) -> str:
     """The libpq URI of the orchestration database.
 
-    ``DATABASE_URL`` when set; otherwise the embedded server is started (or attached to) and
+    ``DATABASE_URL`` when set. Otherwise the embedded server is started (or attached to) and
     ``DATABASE_URL`` is set in this process's environment so that child processes (Dagster run and
-    step workers) reach the same server.
+    step workers) reach the same server, but only where that is safe: ``allow_embedded`` (the
+    ``lifecycle-dagster`` command, which owns the server's lifetime), ``LIFECYCLE_DAGSTER_EMBEDDED=1``,
+    or a process whose stdin is a terminal (a person running Dagster's own commands);
+    ``LIFECYCLE_DAGSTER_EMBEDDED=0`` forbids it everywhere. Anywhere else (a Celery, step or run
+    worker, a code server under a deployment) a private, empty server would answer with missing
+    functions, so this raises.
+
+    Raises:
+        DatabaseUrlMissing: no ``DATABASE_URL`` and no embedded fallback here (nothing is created).
+        ValueError: ``LIFECYCLE_DAGSTER_EMBEDDED`` is neither 0 nor 1.
     """
     settings = settings or Settings.from_env()
     if settings.database_url:
         return settings.database_url
+    opt_in = settings.embedded_allowed
+    if opt_in is False or not (allow_embedded or opt_in or _stdin_is_a_terminal()):
+        raise DatabaseUrlMissing(
+            f"DATABASE_URL is not set in this {process_kind()} process (pid {os.getpid()}): it would start "
+            "a private, empty embedded PostgreSQL server instead of reaching the orchestration database; "
+            "set DATABASE_URL on every worker, code server and daemon, or start through "
+            "`lifecycle-dagster dev` / `lifecycle-dagster run` (LIFECYCLE_DAGSTER_EMBEDDED=1 allows the "
+            "embedded server here)"
+        )
     from lifecycle_dagster.store.embedded import ensure_server
 
     dsn = ensure_server(settings.pgdata)

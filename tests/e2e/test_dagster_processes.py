@@ -91,10 +91,8 @@ def test_dagster_job_execute_in_process(seeded_db: str, dagster_home: Path) -> N
 
 def test_dagster_job_execute_exits_1_when_integrity_fails(seeded_db: str, dagster_home: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "globex.yaml"
-    cfg.write_text(
-        "resources: {lifecycle_request: {config: {context_file: examples/globex.json}}}\n"
-        "execution: {config: {in_process: {}}}\n"
-    )
+    globex = REPO / "examples" / "globex.json"  # absolute: a relative context_file is refused
+    cfg.write_text(f"resources: {{lifecycle_request: {{config: {{context_file: '{globex}'}}}}}}\n")
     proc = subprocess.run(
         [str(BIN / "dagster"), "job", "execute", "-m", "lifecycle_dagster", "-j", "lifecycle_v1__v1", "-c", str(cfg)],
         cwd=REPO,
