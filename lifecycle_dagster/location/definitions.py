@@ -24,6 +24,7 @@ from typing import Any
 import dagster as dg
 
 from lifecycle_dagster.location.job_factory import build_jobs
+from lifecycle_dagster.location.schedules import build_schedules
 from lifecycle_dagster.location.sensors import failure_sensor, launch_sensor, reconciler, resume_sensor
 from lifecycle_dagster.store.db import connect, resolve_dsn
 from lifecycle_dagster.store.sqlfiles import query
@@ -79,7 +80,8 @@ def load_snapshot() -> str:
 
 
 def definitions_from_snapshot(snapshot: str) -> dg.Definitions:
-    """Build the code location's definitions from a snapshot; invalid rows are logged and skipped.
+    """Build the code location's definitions from a snapshot (jobs, sensors, and the schedule of
+    each active row that declares one); invalid rows are logged and skipped.
 
     Raises:
         lifecycle_dagster.location.resources.AgentsSettingError: ``LIFECYCLE_DAGSTER_AGENTS`` names
@@ -97,7 +99,7 @@ def definitions_from_snapshot(snapshot: str) -> dg.Definitions:
         if jobs
         else []
     )
-    return dg.Definitions(jobs=jobs, sensors=sensors)
+    return dg.Definitions(jobs=jobs, sensors=sensors, schedules=build_schedules(rows, jobs))
 
 
 @dg.definitions
