@@ -15,7 +15,7 @@ comma-separated list of items ``*``, ``n``, ``a-b`` (``a <= b``), each optionall
 ``0 0 30 2 *``) is refused: Dagster's tick iterator fails on such a schedule.
 
 The timezone is an IANA name that both Python's :mod:`zoneinfo` (``available_timezones()``) and
-Postgres (``pg_timezone_names``, without its ``posix/`` and ``right/`` copies) know.
+Postgres (``pg_timezone_names``, without its ``posix/`` and ``right/`` copies and ``posixrules``) know.
 """
 
 from __future__ import annotations

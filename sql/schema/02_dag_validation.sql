@@ -410,12 +410,12 @@ GRANT ALL ON FUNCTION lifecycle.dag_report(p_code text, p_where text, p_rel text
 
 
 -- lifecycle.dag_timezone_known: whether a schedule's timezone is an IANA name this server knows
--- (pg_timezone_names without its posix/ and right/ copies: the names Python's
+-- (pg_timezone_names without its posix/ and right/ copies and posixrules: the names Python's
 -- zoneinfo.available_timezones() lists). STABLE: the server's time zone data can change.
 CREATE OR REPLACE FUNCTION lifecycle.dag_timezone_known(p_name text) RETURNS boolean
     LANGUAGE sql STABLE PARALLEL SAFE
     AS $$
-  SELECT p_name !~ '^(posix|right)/'
+  SELECT p_name !~ '^(posix|right)/' AND p_name <> 'posixrules'
      AND EXISTS (SELECT 1 FROM pg_catalog.pg_timezone_names AS z WHERE z.name = p_name)
 $$;
 

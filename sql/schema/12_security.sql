@@ -15,7 +15,7 @@ ALTER TABLE public.agents NO FORCE ROW LEVEL SECURITY;
 
 -- policy workflow_executions authenticated_insert_own
 DROP POLICY IF EXISTS authenticated_insert_own ON public.workflow_executions;
-CREATE POLICY authenticated_insert_own ON public.workflow_executions FOR INSERT TO authenticated WITH CHECK (((created_by = ( SELECT auth.uid() AS uid)) AND (status = 'pending'::text) AND (schedule_tick IS NULL) AND (EXISTS ( SELECT 1
+CREATE POLICY authenticated_insert_own ON public.workflow_executions FOR INSERT TO authenticated WITH CHECK (((created_by = ( SELECT auth.uid() AS uid)) AND (status = 'pending'::text) AND (EXISTS ( SELECT 1
    FROM public.workflow_definitions d
   WHERE ((d.id = workflow_executions.workflow_definition_id) AND d.is_active)))));
 

@@ -1,0 +1,152 @@
+"""Schedules (issue 15): a definition's ``schedule`` becomes a Dagster schedule of the code location;
+each tick inserts one pending execution keyed by the tick, however often it is evaluated, and the
+launch sensor launches it. Real Postgres, real Dagster instance."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+import zoneinfo
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import dagster as dg
+import psycopg
+import pytest
+
+from lifecycle_dagster.core.dag_schedule import known_timezones, tick_key
+from lifecycle_dagster.location.definitions import definitions_from_snapshot, fetch_snapshot
+from lifecycle_dagster.location.sensors import launch_requests
+from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.store.transitions import ScheduleTickStatus, execution_schedule
+from lifecycle_dagster.store.versions import publish
+
+from helpers import as_role, rows
+
+CONTEXT = {"customer": "ACME", "source": "schedule"}
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def _dag(**schedule: Any) -> dict[str, Any]:
+    return {"stages": [{"id": "work", "capability": "work"}], "schedule": schedule}
+
+
+def _publish(db: str, name: str, dag: dict[str, Any]) -> str:
+    with connect(db) as conn:
+        publish(conn, name, None, dag, activate=True)
+    [row] = rows(db, "SELECT id::text AS id FROM workflow_definitions WHERE name = %(n)s AND is_active", n=name)
+    return str(row["id"])
+
+
+def _repo(db: str) -> Any:
+    return definitions_from_snapshot(fetch_snapshot(db)).get_repository_def()
+
+
+def _tick(repo: Any, instance: Any, name: str, when: datetime) -> str:
+    schedule = repo.get_schedule_def(f"{name}__schedule")
+    ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=when, repository_def=repo)
+    data = schedule.evaluate_tick(ctx)
+    assert not data.run_requests  # the launch sensor launches: a run request here would launch twice
+    return str(data.skip_message)
+
+
+def _scheduled(db: str) -> list[dict[str, Any]]:
+    return rows(
+        db,
+        "SELECT id::text AS id, status, context, schedule_tick FROM workflow_executions"
+        " WHERE schedule_tick IS NOT NULL ORDER BY schedule_tick",
+    )
+
+
+def test_a_declared_schedule_is_a_dagster_schedule_of_the_active_version(db: str) -> None:
+    _publish(db, "wf", _dag(cron="0 9 * * 1-5", timezone="Europe/Berlin", context=CONTEXT))
+    _publish(db, "off", _dag(cron="30 1 * * *", enabled=False))
+    with connect(db) as conn:
+        publish(conn, "plain", None, {"stages": [{"id": "work", "capability": "work"}]}, activate=True)
+        publish(conn, "wf", None, _dag(cron="0 10 * * *"))  # v2, not active: no schedule of its own
+    repo = _repo(db)
+    assert sorted(s.name for s in repo.schedule_defs) == ["off__schedule", "wf__schedule"]
+    wf = repo.get_schedule_def("wf__schedule")
+    assert (wf.cron_schedule, wf.execution_timezone, wf.job_name, wf.default_status) == (
+        "0 9 * * 1-5",
+        "Europe/Berlin",
+        "wf__v1",
+        dg.DefaultScheduleStatus.RUNNING,
+    )
+    off = repo.get_schedule_def("off__schedule")
+    assert (off.execution_timezone, off.default_status) == ("UTC", dg.DefaultScheduleStatus.STOPPED)
+
+
+def test_each_tick_inserts_one_pending_execution_however_often_it_is_evaluated(db: str, instance: Any) -> None:
+    definition = _publish(db, "wf", _dag(cron="0 2 * * *", timezone="Europe/Berlin", context=CONTEXT))
+    repo = _repo(db)
+    spring = datetime(2026, 3, 29, 3, 0, tzinfo=BERLIN)  # the day 02:00 does not exist: Dagster ticks at 03:00
+    first = _tick(repo, instance, "wf", spring)
+    [row] = _scheduled(db)
+    assert row["schedule_tick"] == f"schedule:{definition}:2026-03-29T01:00:00Z" == tick_key(definition, spring)
+    assert (row["status"], row["context"]) == ("pending", CONTEXT)
+    assert first == f"tick {row['schedule_tick']}: inserted pending execution {row['id']} (the launch sensor runs it)"
+    # the same tick again (a daemon restarted before it recorded the tick, a second daemon): nothing new
+    again = _tick(repo, instance, "wf", spring.astimezone(ZoneInfo("UTC")))
+    assert again == f"tick {row['schedule_tick']}: execution {row['id']} was already inserted for this tick"
+    assert len(_scheduled(db)) == 1
+    _tick(repo, instance, "wf", datetime(2026, 3, 30, 2, 0, tzinfo=BERLIN))
+    executions = _scheduled(db)
+    assert len(executions) == 2
+    # the launch sensor launches each once, run key = execution id
+    assert sorted(r.run_key for r in launch_requests(["wf__v1"], db)) == sorted(r["id"] for r in executions)
+
+    # another version activated, the code location not reloaded yet: v1's schedule inserts nothing
+    with connect(db) as conn:
+        publish(conn, "wf", None, _dag(cron="0 2 * * *"), activate=True)
+    late = _tick(repo, instance, "wf", datetime(2026, 3, 31, 2, 0, tzinfo=BERLIN))
+    assert "is no longer the active version: nothing inserted" in late
+    assert len(_scheduled(db)) == 2
+
+
+def test_two_daemons_evaluating_one_tick_insert_one_row(db: str) -> None:
+    definition = _publish(db, "wf", _dag(cron="* * * * *"))
+    key = tick_key(definition, datetime(2026, 12, 7, 6, 0, tzinfo=ZoneInfo("UTC")))
+    barrier = threading.Barrier(4)
+    results: list[ScheduleTickStatus] = []
+
+    def evaluate() -> None:
+        with connect(db) as conn:
+            barrier.wait()
+            results.append(execution_schedule(conn, definition_id=definition, tick=key, context={}).status)
+
+    threads = [threading.Thread(target=evaluate) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["created", "exists", "exists", "exists"]
+    assert len(_scheduled(db)) == 1
+
+
+def test_a_tick_key_of_another_definition_is_refused(db: str) -> None:
+    definition = _publish(db, "wf", _dag(cron="* * * * *"))
+    with connect(db) as conn, pytest.raises(psycopg.errors.InvalidParameterValue, match="is not of definition"):
+        execution_schedule(conn, definition_id=definition, tick=f"schedule:{uuid.uuid4()}:x", context={})
+    assert _scheduled(db) == []
+
+
+def test_a_client_cannot_take_a_tick_key(db: str) -> None:
+    """authenticated may insert only the columns it is granted (12_security.sql): not schedule_tick."""
+    definition = _publish(db, "wf", _dag(cron="* * * * *"))
+    user = str(uuid.uuid4())
+    with (
+        as_role(db, "authenticated", user) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"),
+    ):
+        conn.execute(
+            "INSERT INTO workflow_executions (workflow_definition_id, status, created_by, schedule_tick)"
+            " VALUES (%s, 'pending', %s, %s)",
+            (definition, user, f"schedule:{definition}:2027-01-01T00:00:00Z"),
+        )
+
+
+def test_python_and_postgres_know_the_same_time_zones(db: str) -> None:
+    names = {r["name"] for r in rows(db, "SELECT name FROM pg_timezone_names WHERE lifecycle.dag_timezone_known(name)")}
+    assert names == set(known_timezones()) == zoneinfo.available_timezones()
