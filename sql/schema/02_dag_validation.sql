@@ -409,19 +409,29 @@ REVOKE ALL ON FUNCTION lifecycle.dag_report(p_code text, p_where text, p_rel tex
 GRANT ALL ON FUNCTION lifecycle.dag_report(p_code text, p_where text, p_rel text, p_label text, p_stages text[], p_text text) TO service_role;
 
 
--- lifecycle.dag_timezone_known: whether a schedule's timezone is an IANA name this server knows
--- (pg_timezone_names without its posix/ and right/ copies and posixrules: the names Python's
--- zoneinfo.available_timezones() lists). STABLE: the server's time zone data can change.
+-- lifecycle.dag_timezone_known: whether a schedule's timezone is one of lifecycle.dag_timezone_names()
 CREATE OR REPLACE FUNCTION lifecycle.dag_timezone_known(p_name text) RETURNS boolean
     LANGUAGE sql STABLE PARALLEL SAFE
     AS $$
-  SELECT p_name !~ '^(posix|right)/' AND p_name <> 'posixrules'
-     AND EXISTS (SELECT 1 FROM pg_catalog.pg_timezone_names AS z WHERE z.name = p_name)
+  SELECT EXISTS (SELECT 1 FROM lifecycle.dag_timezone_names() AS z(name) WHERE z.name = p_name)
 $$;
 
 REVOKE ALL ON FUNCTION lifecycle.dag_timezone_known(p_name text) FROM PUBLIC, anon, authenticated, service_role;
 GRANT ALL ON FUNCTION lifecycle.dag_timezone_known(p_name text) TO service_role;
 
+
+-- lifecycle.dag_timezone_names: the IANA time zone names a schedule may use: pg_timezone_names
+-- without its posix/ and right/ copies and posixrules, the names Python's
+-- zoneinfo.available_timezones() lists. STABLE: the server's time zone data can change.
+CREATE OR REPLACE FUNCTION lifecycle.dag_timezone_names() RETURNS SETOF text
+    LANGUAGE sql STABLE PARALLEL SAFE
+    AS $$
+  SELECT z.name FROM pg_catalog.pg_timezone_names AS z
+  WHERE z.name !~ '^(posix|right)/' AND z.name <> 'posixrules'
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.dag_timezone_names() FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.dag_timezone_names() TO service_role;
 
 -- lifecycle.dag_validate
 CREATE OR REPLACE FUNCTION lifecycle.dag_validate(p_dag jsonb) RETURNS TABLE(code text, stages text[], path text, message text)

@@ -148,5 +148,53 @@ def test_a_client_cannot_take_a_tick_key(db: str) -> None:
 
 
 def test_python_and_postgres_know_the_same_time_zones(db: str) -> None:
-    names = {r["name"] for r in rows(db, "SELECT name FROM pg_timezone_names WHERE lifecycle.dag_timezone_known(name)")}
+    names = {r["name"] for r in rows(db, "SELECT name FROM lifecycle.dag_timezone_names() AS z(name)")}
     assert names == set(known_timezones()) == zoneinfo.available_timezones()
+    assert len(names) > 400
+
+
+def test_dagster_scheduler_inserts_each_tick_once_across_daylight_saving(db: str, instance: Any) -> None:
+    """The daemon's own scheduler loop (``launch_scheduled_runs``, in process, at frozen times):
+    the first pass starts the RUNNING-by-default schedule, the next ones evaluate its ticks,
+    catching up missed ones; a pass repeated at the same time (a restarted daemon) adds nothing."""
+    import logging
+
+    from dagster._core.remote_origin import InProcessCodeLocationOrigin
+    from dagster._core.test_utils import create_test_daemon_workspace_context, freeze_time
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+    from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
+    from dagster._scheduler.scheduler import launch_scheduled_runs
+
+    definition = _publish(db, "wf", _dag(cron="0 2 * * *", timezone="Europe/Berlin", context=CONTEXT))
+    origin = InProcessCodeLocationOrigin(
+        LoadableTargetOrigin(module_name="lifecycle_dagster.location.definitions", attribute="defs"),
+        location_name="lifecycle_dagster",
+    )
+    logger = logging.getLogger("test_scheduler")
+
+    def scheduler_pass(now: datetime) -> None:
+        with (
+            freeze_time(now),
+            create_test_daemon_workspace_context(InProcessWorkspaceLoadTarget(origin), instance) as ctx,
+        ):
+            list(launch_scheduled_runs(ctx, logger, now, iteration_times={}))
+
+    utc = ZoneInfo("UTC")
+    scheduler_pass(datetime(2026, 3, 27, 12, 0, tzinfo=utc))  # the schedule starts: no tick yet
+    assert _scheduled(db) == []
+    # down over 28 Mar 02:00 CET: Dagster does not catch up a missed tick of a schedule without
+    # partitions, it evaluates the latest one only (29 Mar: 02:00 does not exist, 03:00 CEST)
+    scheduler_pass(datetime(2026, 3, 29, 1, 30, tzinfo=utc))
+    scheduler_pass(datetime(2026, 3, 29, 1, 30, tzinfo=utc))  # a restarted daemon, the same moment
+    scheduler_pass(datetime(2026, 3, 30, 0, 30, tzinfo=utc))  # 30 Mar 02:00 CEST
+    # 25 Oct 02:30 CEST: the first 02:00 has passed, but it is not a tick (the latest is 24 Oct's);
+    # Dagster runs the second 02:00, CET
+    scheduler_pass(datetime(2026, 10, 25, 0, 30, tzinfo=utc))
+    scheduler_pass(datetime(2026, 10, 25, 1, 30, tzinfo=utc))
+    assert [r["schedule_tick"] for r in _scheduled(db)] == [
+        f"schedule:{definition}:2026-03-29T01:00:00Z",
+        f"schedule:{definition}:2026-03-30T00:00:00Z",
+        f"schedule:{definition}:2026-10-24T00:00:00Z",
+        f"schedule:{definition}:2026-10-25T01:00:00Z",
+    ]
+    assert all(r["status"] == "pending" and r["context"] == CONTEXT for r in _scheduled(db))
