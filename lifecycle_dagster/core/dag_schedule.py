@@ -35,7 +35,8 @@ CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("mo
 _ITEM = re.compile(r"(\*|[0-9]{1,2}(?:-[0-9]{1,2})?)(?:/([0-9]{1,2}))?")
 #: days in each month (February: 29, Dagster runs a 29 Feb schedule in leap years)
 _MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
-SCHEDULE = Where("schedule", "schedule", ())
+#: where the schedule's problems are: messages name each key by its path (``schedule.cron``)
+SCHEDULE = Where("schedule", "workflow DAG", (), "schedule.")
 
 
 def _item_values(item: str, low: int, high: int) -> list[int] | None:
@@ -117,25 +118,25 @@ def check_schedule(report: Report, obj: dict[str, Any]) -> None:
         return
     for key in raw:
         if key not in SCHEDULE_KEYS:
-            report.add("unknown_key", SCHEDULE, str(key), f"unknown key {quote(str(key))}")
+            report.add("unknown_key", SCHEDULE, str(key), f"unknown key {quote('schedule.' + str(key))}")
     cron = raw.get("cron", MISSING)
     if not isinstance(cron, str):
-        report.add("wrong_type", SCHEDULE, "cron", f"cron must be a string, got {kind(cron)}")
+        report.add("wrong_type", SCHEDULE, "cron", f"schedule.cron must be a string, got {kind(cron)}")
     elif (why := cron_problem(cron)) is not None:
-        report.add("bad_value", SCHEDULE, "cron", f"cron {quote(cron)} is not a valid cron: {why}")
+        report.add("bad_value", SCHEDULE, "cron", f"schedule.cron {quote(cron)} is not a valid cron: {why}")
     timezone = raw.get("timezone", "UTC")
     if not isinstance(timezone, str):
-        report.add("wrong_type", SCHEDULE, "timezone", f"timezone must be a string, got {kind(timezone)}")
+        report.add("wrong_type", SCHEDULE, "timezone", f"schedule.timezone must be a string, got {kind(timezone)}")
     elif timezone not in known_timezones():
         report.add(
             "bad_value",
             SCHEDULE,
             "timezone",
-            f"timezone must be an IANA time zone name (Europe/Berlin, UTC...), got {quote(timezone)}",
+            f"schedule.timezone must be an IANA time zone name (Europe/Berlin, UTC...), got {quote(timezone)}",
         )
     context = raw.get("context", {})
     if not isinstance(context, dict):
-        report.add("wrong_type", SCHEDULE, "context", f"context must be an object, got {kind(context)}")
+        report.add("wrong_type", SCHEDULE, "context", f"schedule.context must be an object, got {kind(context)}")
     enabled = raw.get("enabled", True)
     if not isinstance(enabled, bool):
-        report.add("wrong_type", SCHEDULE, "enabled", f"enabled must be a boolean, got {kind(enabled)}")
+        report.add("wrong_type", SCHEDULE, "enabled", f"schedule.enabled must be a boolean, got {kind(enabled)}")

@@ -22,14 +22,15 @@ since another version was activated) inserts nothing and says so.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
 
-from lifecycle_dagster.core.dag import parse_dag
+from lifecycle_dagster.core.dag import ScheduleSpec, parse_dag
 from lifecycle_dagster.core.dag_schedule import tick_key
 from lifecycle_dagster.location.job_factory import DefinitionRow, job_name
 from lifecycle_dagster.store.db import connect, resolve_dsn
@@ -41,6 +42,24 @@ log = logging.getLogger(__name__)
 def schedule_name(workflow: str) -> str:
     """The Dagster schedule of a workflow: ``<name>__schedule``."""
     return f"{workflow}__schedule"
+
+
+def next_ticks(spec: ScheduleSpec, count: int = 3, after: datetime | None = None) -> list[datetime]:
+    """The next ``count`` tick times of ``spec`` after ``after`` (default now), as Dagster computes
+    them (``dagster._utils.schedules.cron_string_iterator``: wall-clock times in the schedule's
+    timezone, daylight-saving changes applied), timezone-aware."""
+    from dagster._utils.schedules import cron_string_iterator
+
+    start = (after or datetime.now(UTC)).timestamp()
+    later = (t for t in cron_string_iterator(start, spec.cron, spec.timezone) if t.timestamp() > start)
+    return list(itertools.islice(later, count))
+
+
+def describe(spec: ScheduleSpec, after: datetime | None = None) -> str:
+    """One line for ``validate``: the cron, the timezone, the default status and the next ticks."""
+    status = "running" if spec.enabled else "stopped"
+    ticks = ", ".join(t.isoformat() for t in next_ticks(spec, 3, after))
+    return f"schedule '{spec.cron}' in {spec.timezone} ({status} by default): next ticks {ticks}"
 
 
 def run_tick(dsn: str, definition_id: str, context: Mapping[str, Any], scheduled: datetime | None) -> dg.SkipReason:

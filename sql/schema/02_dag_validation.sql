@@ -159,36 +159,36 @@ BEGIN
     RETURN;
   END IF;
   RETURN QUERY SELECT * FROM lifecycle.dag_check_keys(v_raw, ARRAY['cron', 'timezone', 'context', 'enabled'],
-                                                      'schedule', 'schedule', '{}', '');
+                                                      'schedule', 'workflow DAG', '{}', 'schedule.');
   v_value := v_raw -> 'cron';
   IF jsonb_typeof(v_value) IS DISTINCT FROM 'string' THEN
-    RETURN NEXT lifecycle.dag_report('wrong_type', 'schedule', 'cron', 'schedule', '{}',
-      'cron must be a string, got ' || lifecycle.dag_kind(v_value));
+    RETURN NEXT lifecycle.dag_report('wrong_type', 'schedule', 'cron', 'workflow DAG', '{}',
+      'schedule.cron must be a string, got ' || lifecycle.dag_kind(v_value));
   ELSE
     v_why := lifecycle.dag_cron_problem(v_value #>> '{}');
     IF v_why IS NOT NULL THEN
-      RETURN NEXT lifecycle.dag_report('bad_value', 'schedule', 'cron', 'schedule', '{}',
-        format('cron %s is not a valid cron: %s', lifecycle.dag_quote(v_value #>> '{}'), v_why));
+      RETURN NEXT lifecycle.dag_report('bad_value', 'schedule', 'cron', 'workflow DAG', '{}',
+        format('schedule.cron %s is not a valid cron: %s', lifecycle.dag_quote(v_value #>> '{}'), v_why));
     END IF;
   END IF;
   v_value := coalesce(v_raw -> 'timezone', '"UTC"'::jsonb);
   IF jsonb_typeof(v_value) <> 'string' THEN
-    RETURN NEXT lifecycle.dag_report('wrong_type', 'schedule', 'timezone', 'schedule', '{}',
-      'timezone must be a string, got ' || lifecycle.dag_kind(v_value));
+    RETURN NEXT lifecycle.dag_report('wrong_type', 'schedule', 'timezone', 'workflow DAG', '{}',
+      'schedule.timezone must be a string, got ' || lifecycle.dag_kind(v_value));
   ELSIF NOT lifecycle.dag_timezone_known(v_value #>> '{}') THEN
-    RETURN NEXT lifecycle.dag_report('bad_value', 'schedule', 'timezone', 'schedule', '{}',
-      format('timezone must be an IANA time zone name (Europe/Berlin, UTC...), got %s',
+    RETURN NEXT lifecycle.dag_report('bad_value', 'schedule', 'timezone', 'workflow DAG', '{}',
+      format('schedule.timezone must be an IANA time zone name (Europe/Berlin, UTC...), got %s',
              lifecycle.dag_quote(v_value #>> '{}')));
   END IF;
   v_value := coalesce(v_raw -> 'context', '{}'::jsonb);
   IF jsonb_typeof(v_value) <> 'object' THEN
-    RETURN NEXT lifecycle.dag_report('wrong_type', 'schedule', 'context', 'schedule', '{}',
-      'context must be an object, got ' || lifecycle.dag_kind(v_value));
+    RETURN NEXT lifecycle.dag_report('wrong_type', 'schedule', 'context', 'workflow DAG', '{}',
+      'schedule.context must be an object, got ' || lifecycle.dag_kind(v_value));
   END IF;
   v_value := coalesce(v_raw -> 'enabled', 'true'::jsonb);
   IF jsonb_typeof(v_value) <> 'boolean' THEN
-    RETURN NEXT lifecycle.dag_report('wrong_type', 'schedule', 'enabled', 'schedule', '{}',
-      'enabled must be a boolean, got ' || lifecycle.dag_kind(v_value));
+    RETURN NEXT lifecycle.dag_report('wrong_type', 'schedule', 'enabled', 'workflow DAG', '{}',
+      'schedule.enabled must be a boolean, got ' || lifecycle.dag_kind(v_value));
   END IF;
 END
 $$;

@@ -3,8 +3,10 @@ the tick keys of Dagster's tick times across daylight-saving changes (no databas
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -113,3 +115,34 @@ def test_one_tick_and_one_key_per_day_across_a_daylight_saving_change(
     assert [t.astimezone(ZoneInfo(zone)).date() for t in ticks] == [first + timedelta(days=i) for i in range(7)]
     assert len(set(keys)) == 7
     assert f"schedule:{DEF}:{instant}" in keys
+
+
+def test_validate_prints_the_schedule_and_its_next_ticks(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from lifecycle_dagster.cli.main import main
+
+    path = tmp_path / "daily.json"
+    doc = {"name": "daily", "stages": [{"id": "a", "capability": "w"}], "schedule": {"cron": "0 9 * * 1-5"}}
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    result = CliRunner().invoke(main, ["validate", "--offline", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"{path}: schedule '0 9 * * 1-5' in UTC (running by default): next ticks " in result.output
+    doc["schedule"] = {"cron": "0 9 * * MON", "every": "day"}
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    result = CliRunner().invoke(main, ["validate", "--offline", str(path)])
+    assert result.exit_code == 1
+    assert "workflow DAG: unknown key 'schedule.every'" in result.output
+    assert "workflow DAG: schedule.cron '0 9 * * MON' is not a valid cron: the day of week field 'MON'" in result.output
+
+
+def test_next_ticks_follow_the_wall_clock_across_the_spring_change() -> None:
+    from lifecycle_dagster.core.dag import ScheduleSpec
+    from lifecycle_dagster.location.schedules import next_ticks
+
+    ticks = next_ticks(ScheduleSpec("0 2 * * *", "Europe/Berlin"), 3, datetime(2026, 3, 28, 1, 0, tzinfo=UTC))
+    assert [t.isoformat() for t in ticks] == [
+        "2026-03-29T03:00:00+02:00",
+        "2026-03-30T02:00:00+02:00",
+        "2026-03-31T02:00:00+02:00",
+    ]
