@@ -125,9 +125,10 @@ def build_schedules(rows: Sequence[Mapping[str, Any]], jobs: Sequence[dg.JobDefi
     by_name = {j.name: j for j in jobs}
     schedules: list[dg.ScheduleDefinition] = []
     for raw in rows:
-        if raw.get("is_active") is not True:
+        version = raw.get("version")
+        if raw.get("is_active") is not True or not isinstance(version, int):
             continue
-        job = by_name.get(job_name(str(raw.get("name")), raw.get("version")))  # type: ignore[arg-type]
+        job = by_name.get(job_name(str(raw.get("name")), version))
         if job is None:
             continue
         try:

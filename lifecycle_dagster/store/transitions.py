@@ -277,7 +277,8 @@ def execution_schedule(
         psycopg.errors.NoDataFound: no such definition.
         psycopg.errors.InvalidParameterValue: ``tick`` is not a key of that definition.
     """
-    row = _row(conn, "schedule_execution", {"definition_id": definition_id, "tick": tick, "context": Jsonb(dict(context))})
+    params = {"definition_id": definition_id, "tick": tick, "context": Jsonb(dict(context))}
+    row = _row(conn, "schedule_execution", params)
     status = parse_status(ScheduleTickStatus, "lifecycle.execution_schedule", row["status"])
     return ScheduledExecution(status=status, execution_id=_text(row["execution_id"]))
 

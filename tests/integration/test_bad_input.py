@@ -467,7 +467,8 @@ DEF_CASES = [
         lambda: {"stages": [_st()], "schedule": {"cron": "0 24 * * *"}},
         "bad_value",
         "schedule.cron",
-        "workflow DAG: schedule.cron '0 24 * * *' is not a valid cron: the hour field '24' is not *, a number from 0 to 23",
+        "workflow DAG: schedule.cron '0 24 * * *' is not a valid cron: the hour field '24' is not *, a number"
+        " from 0 to 23",
     ),
     DefCase(
         "schedule_unknown_timezone",
