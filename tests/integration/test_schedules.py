@@ -159,6 +159,7 @@ def test_dagster_scheduler_inserts_each_tick_once_across_daylight_saving(db: str
     catching up missed ones; a pass repeated at the same time (a restarted daemon) adds nothing."""
     import logging
 
+    from dagster._core.definitions.definitions_load_context import DefinitionsLoadContext, DefinitionsLoadType
     from dagster._core.remote_origin import InProcessCodeLocationOrigin
     from dagster._core.test_utils import create_test_daemon_workspace_context, freeze_time
     from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
@@ -173,7 +174,11 @@ def test_dagster_scheduler_inserts_each_tick_once_across_daylight_saving(db: str
     logger = logging.getLogger("test_scheduler")
 
     def scheduler_pass(now: datetime) -> None:
+        # each pass loads the code location afresh, as a code server does; the in-process location
+        # installs a global load context (DefinitionsLoadContext.set): scoped() puts the old one back
+        fresh = DefinitionsLoadContext(load_type=DefinitionsLoadType.INITIALIZATION)
         with (
+            DefinitionsLoadContext.scoped(fresh),
             freeze_time(now),
             create_test_daemon_workspace_context(InProcessWorkspaceLoadTarget(origin), instance) as ctx,
         ):
