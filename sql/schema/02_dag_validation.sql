@@ -560,6 +560,8 @@ BEGIN
     RETURN QUERY SELECT * FROM lifecycle.dag_report('empty_dag', '', 'stages', 'workflow DAG', '{}',
       'stages is missing or empty');
   END IF;
+  -- STABLE (it reads pg_timezone_names) inside this IMMUTABLE function: the names change only
+  -- with the server's time zone data, so a folded result stays right while the server runs
   RETURN QUERY SELECT * FROM lifecycle.dag_check_schedule(p_dag);
 
   -- declared ids, duplicates, the nodes of the graph
