@@ -8,7 +8,7 @@
 -- a run started on v1 finishes on v1 and its compensation job exists after v2 is activated. By
 -- name, version. dag_schema comes as text and is decoded row by row, so one pathological row
 -- (nested thousands of levels deep, say) is skipped instead of failing the whole snapshot.
-SELECT d.id::text AS id, d.name, d.description, d.version, d.dag_schema::text AS dag_schema_json
+SELECT d.id::text AS id, d.name, d.description, d.version, d.is_active, d.dag_schema::text AS dag_schema_json
 FROM workflow_definitions d
 WHERE d.is_active
    OR EXISTS (SELECT 1 FROM workflow_executions e
@@ -20,6 +20,11 @@ ORDER BY d.name, d.version;
 SELECT id::text AS id, name, description, version, dag_schema::text AS dag_schema_json
 FROM workflow_definitions
 WHERE name = %(name)s AND is_active;
+
+-- name: schedule_execution
+-- The pending execution of one schedule tick, inserted once (lifecycle.execution_schedule).
+SELECT status, execution_id::text AS execution_id
+FROM lifecycle.execution_schedule(%(definition_id)s, %(tick)s, %(context)s);
 
 -- name: create_execution
 -- A pending execution of a definition, as the runbook's section 8 would insert it.

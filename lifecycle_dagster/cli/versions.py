@@ -108,6 +108,10 @@ def _validate_file(file: Path, offline: bool) -> bool:
     if parsed is None or others:
         return False
     click.echo(f"{file}: valid ({len(parsed.stages)} stages: {' -> '.join(parsed.topological_order())})")
+    if parsed.schedule is not None:
+        from lifecycle_dagster.location.schedules import describe
+
+        click.echo(f"{file}: {describe(parsed.schedule)}")
     for warning in dag_warnings(parsed):
         _warn(f"{file}: {warning}")
     if not offline:

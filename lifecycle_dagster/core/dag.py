@@ -7,11 +7,15 @@ A ``dag_schema`` is a JSON object::
                  "compensate": "undo_discover" | false}, ...],        # required, non-empty
      "edges": [{"from": "discover", "to": "qualify"}, ...],          # optional
      "defaults": {"retry": {...}, "timeout_s": 60},                   # optional
-     "on_failure": "compensate" | "hold"}                             # optional, default compensate
+     "on_failure": "compensate" | "hold",                             # optional, default compensate
+     "schedule": {"cron": "0 9 * * 1-5", "timezone": "Europe/Berlin",  # optional: a Dagster
+                  "context": {...}, "enabled": true}}                  # schedule (dag_schedule)
 
 A ``retry`` object takes ``max_attempts`` (integer 1..1000), ``base_delay_s`` and ``max_delay_s``
 (>= 0, max >= base), ``multiplier`` (>= 1), ``jitter`` (none|full|equal) and ``non_retryable``
 (array of non-empty strings). The graph's edges are the union of every ``next`` and ``edges``.
+A ``schedule`` (rules: :mod:`lifecycle_dagster.core.dag_schedule`) makes the code location insert
+one pending execution per cron tick, in ``timezone`` (default UTC), with ``context`` (default {}).
 
 Rules the database-side validator shares with this one (``tests/dag_cases.json`` pins them):
 
@@ -47,11 +51,12 @@ Rules the database-side validator shares with this one (``tests/dag_cases.json``
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, cast
 
 from lifecycle_dagster.core.dag_graph import GraphRules, topological_order
+from lifecycle_dagster.core.dag_schedule import check_schedule
 from lifecycle_dagster.core.dag_structure import (
     JITTER_MODES,
     MAX_EDGES,
@@ -76,6 +81,7 @@ __all__ = [
     "DagValidationError",
     "Problem",
     "RetrySpec",
+    "ScheduleSpec",
     "Stage",
     "parse_dag",
     "validate_dag",
@@ -110,6 +116,18 @@ class RetrySpec:
 
 
 @dataclass(frozen=True)
+class ScheduleSpec:
+    """A ``schedule`` object: a 5-field ``cron`` evaluated in ``timezone`` (an IANA name), the
+    ``context`` (a JSON object) of each execution it inserts, and whether the Dagster schedule is
+    ``enabled`` (running) until someone stops it."""
+
+    cron: str
+    timezone: str = "UTC"
+    context: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class Stage:
     """One stage; ``None`` for each optional key that was not given.
 
@@ -140,6 +158,7 @@ class Dag:
     default_retry: RetrySpec | None = None
     default_timeout_s: float | None = None
     on_failure: str = "compensate"
+    schedule: ScheduleSpec | None = None
 
     @cached_property
     def _by_id(self) -> dict[str, Stage]:
@@ -222,6 +241,7 @@ class _Validator(StructureRules):
         if self.too_big(obj):
             return
         raw_stages = self.top(obj)
+        check_schedule(self, obj)
         graph = GraphRules(self, raw_stages)
         graph.duplicates()
         for i, raw in enumerate(raw_stages):
@@ -313,4 +333,16 @@ def parse_dag(obj: object) -> Dag:
         default_retry=_retry(defaults.get("retry")),
         default_timeout_s=_float(defaults, "timeout_s"),
         on_failure=doc.get("on_failure", "compensate"),
+        schedule=_schedule(doc.get("schedule")),
+    )
+
+
+def _schedule(raw: Mapping[str, Any] | None) -> ScheduleSpec | None:
+    if raw is None:
+        return None
+    return ScheduleSpec(
+        cron=raw["cron"],
+        timezone=raw.get("timezone", "UTC"),
+        context=dict(raw.get("context", {})),
+        enabled=raw.get("enabled", True),
     )

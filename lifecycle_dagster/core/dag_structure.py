@@ -27,7 +27,7 @@ MAX_EDGES = 5000
 ID_RE = re.compile(STAGE_ID_PATTERN)
 #: the value of an absent key (``None`` is JSON ``null``, which is never accepted for one)
 MISSING: Any = object()
-_TOP_KEYS = ("stages", "edges", "defaults", "on_failure")
+_TOP_KEYS = ("stages", "edges", "defaults", "on_failure", "schedule")
 _STAGE_KEYS = ("id", "capability", "next", "description", "retry", "timeout_s", "compensate")
 _RETRY_KEYS = ("max_attempts", "base_delay_s", "max_delay_s", "multiplier", "jitter", "non_retryable")
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -26,6 +26,7 @@ import dagster as dg
 from lifecycle_dagster.core.logs import configure
 from lifecycle_dagster.location.alerts import alert_sensor
 from lifecycle_dagster.location.job_factory import build_jobs
+from lifecycle_dagster.location.schedules import build_schedules
 from lifecycle_dagster.location.sensors import failure_sensor, launch_sensor, reconciler, resume_sensor
 from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.store.db import connect, resolve_dsn
@@ -82,7 +83,8 @@ def load_snapshot() -> str:
 
 
 def definitions_from_snapshot(snapshot: str) -> dg.Definitions:
-    """Build the code location's definitions from a snapshot; invalid rows are logged and skipped.
+    """Build the code location's definitions from a snapshot (jobs, sensors, and the schedule of
+    each active row that declares one); invalid rows are logged and skipped.
 
     With ``LIFECYCLE_DAGSTER_ALERT_URL`` set, ``lifecycle_alert_sensor`` is defined too (jobs or
     not); with ``LIFECYCLE_DAGSTER_LOG_FORMAT=json`` the ``lifecycle_dagster`` loggers write JSON lines.
@@ -111,7 +113,7 @@ def definitions_from_snapshot(snapshot: str) -> dg.Definitions:
     )
     if settings.alert_url:
         sensors.append(alert_sensor(settings.alert_url))
-    return dg.Definitions(jobs=jobs, sensors=sensors)
+    return dg.Definitions(jobs=jobs, sensors=sensors, schedules=build_schedules(rows, jobs))
 
 
 @dg.definitions

@@ -199,6 +199,15 @@ class UndoFailStatus(StatusCode):
     COMPENSATION_FAILED = "compensation_failed"
 
 
+class ScheduleTickStatus(StatusCode):
+    """``lifecycle.execution_schedule``: the tick's execution was inserted by this call, by an
+    earlier one, or not at all (the definition is no longer the active version)."""
+
+    CREATED = "created"
+    EXISTS = "exists"
+    INACTIVE = "inactive"
+
+
 #: the enum of each SQL function that returns a status code (tests/sql/test_transitions.py pins these to sql/schema)
 STATUS_ENUMS: dict[str, type[StrEnum]] = {
     "lifecycle.stage_complete": StageCompleteStatus,
@@ -211,6 +220,7 @@ STATUS_ENUMS: dict[str, type[StrEnum]] = {
     "lifecycle.undo_complete": UndoCompleteStatus,
     "lifecycle.undo_fail": UndoFailStatus,
     "lifecycle.breaker_reset": BreakerState,
+    "lifecycle.execution_schedule": ScheduleTickStatus,
 }
 
 
@@ -246,6 +256,31 @@ def execution_create(
     else:
         row = _row(conn, "create_execution_bound", {**params, "run_id": run_id})
     return str(row["id"])
+
+
+@dataclass(frozen=True)
+class ScheduledExecution:
+    """What one schedule tick did: ``status`` and the tick's execution (None when ``inactive``)."""
+
+    status: ScheduleTickStatus
+    execution_id: str | None
+
+
+def execution_schedule(
+    conn: Connection, *, definition_id: str, tick: str, context: Mapping[str, Any]
+) -> ScheduledExecution:
+    """``lifecycle.execution_schedule``: insert the pending execution of schedule tick ``tick``
+    (its key, ``schedule:<definition id>:<instant>``) with ``context``, once however often it is
+    called.
+
+    Raises:
+        psycopg.errors.NoDataFound: no such definition.
+        psycopg.errors.InvalidParameterValue: ``tick`` is not a key of that definition.
+    """
+    params = {"definition_id": definition_id, "tick": tick, "context": Jsonb(dict(context))}
+    row = _row(conn, "schedule_execution", params)
+    status = parse_status(ScheduleTickStatus, "lifecycle.execution_schedule", row["status"])
+    return ScheduledExecution(status=status, execution_id=_text(row["execution_id"]))
 
 
 @dataclass(frozen=True)

@@ -139,6 +139,64 @@ REVOKE ALL ON FUNCTION lifecycle.dag_check_retry(p_value jsonb, p_where text, p_
 GRANT ALL ON FUNCTION lifecycle.dag_check_retry(p_value jsonb, p_where text, p_label text, p_stages text[]) TO service_role;
 
 
+-- lifecycle.dag_check_schedule: the problems of the optional top-level "schedule" object (the rules
+-- of lifecycle_dagster/core/dag_schedule.py, with its messages). STABLE, not IMMUTABLE: it reads
+-- the time zone names of the server (lifecycle.dag_timezone_known).
+CREATE OR REPLACE FUNCTION lifecycle.dag_check_schedule(p_dag jsonb) RETURNS SETOF lifecycle.dag_problem
+    LANGUAGE plpgsql STABLE PARALLEL SAFE
+    AS $$
+DECLARE
+  v_raw   jsonb := p_dag -> 'schedule';
+  v_value jsonb;
+  v_why   text;
+BEGIN
+  IF v_raw IS NULL THEN
+    RETURN;
+  END IF;
+  IF jsonb_typeof(v_raw) <> 'object' THEN
+    RETURN NEXT lifecycle.dag_report('wrong_type', '', 'schedule', 'workflow DAG', '{}',
+      'schedule must be an object, got ' || lifecycle.dag_kind(v_raw));
+    RETURN;
+  END IF;
+  RETURN QUERY SELECT * FROM lifecycle.dag_check_keys(v_raw, ARRAY['cron', 'timezone', 'context', 'enabled'],
+                                                      'schedule', 'workflow DAG', '{}', 'schedule.');
+  v_value := v_raw -> 'cron';
+  IF jsonb_typeof(v_value) IS DISTINCT FROM 'string' THEN
+    RETURN NEXT lifecycle.dag_report('wrong_type', 'schedule', 'cron', 'workflow DAG', '{}',
+      'schedule.cron must be a string, got ' || lifecycle.dag_kind(v_value));
+  ELSE
+    v_why := lifecycle.dag_cron_problem(v_value #>> '{}');
+    IF v_why IS NOT NULL THEN
+      RETURN NEXT lifecycle.dag_report('bad_value', 'schedule', 'cron', 'workflow DAG', '{}',
+        format('schedule.cron %s is not a valid cron: %s', lifecycle.dag_quote(v_value #>> '{}'), v_why));
+    END IF;
+  END IF;
+  v_value := coalesce(v_raw -> 'timezone', '"UTC"'::jsonb);
+  IF jsonb_typeof(v_value) <> 'string' THEN
+    RETURN NEXT lifecycle.dag_report('wrong_type', 'schedule', 'timezone', 'workflow DAG', '{}',
+      'schedule.timezone must be a string, got ' || lifecycle.dag_kind(v_value));
+  ELSIF NOT lifecycle.dag_timezone_known(v_value #>> '{}') THEN
+    RETURN NEXT lifecycle.dag_report('bad_value', 'schedule', 'timezone', 'workflow DAG', '{}',
+      format('schedule.timezone must be an IANA time zone name (Europe/Berlin, UTC...), got %s',
+             lifecycle.dag_quote(v_value #>> '{}')));
+  END IF;
+  v_value := coalesce(v_raw -> 'context', '{}'::jsonb);
+  IF jsonb_typeof(v_value) <> 'object' THEN
+    RETURN NEXT lifecycle.dag_report('wrong_type', 'schedule', 'context', 'workflow DAG', '{}',
+      'schedule.context must be an object, got ' || lifecycle.dag_kind(v_value));
+  END IF;
+  v_value := coalesce(v_raw -> 'enabled', 'true'::jsonb);
+  IF jsonb_typeof(v_value) <> 'boolean' THEN
+    RETURN NEXT lifecycle.dag_report('wrong_type', 'schedule', 'enabled', 'workflow DAG', '{}',
+      'schedule.enabled must be a boolean, got ' || lifecycle.dag_kind(v_value));
+  END IF;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.dag_check_schedule(p_dag jsonb) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.dag_check_schedule(p_dag jsonb) TO service_role;
+
+
 -- lifecycle.dag_check_string
 CREATE OR REPLACE FUNCTION lifecycle.dag_check_string(p_value jsonb, p_rel text, p_where text, p_label text, p_stages text[], p_field text, p_choices text[] DEFAULT '{}'::text[]) RETURNS SETOF lifecycle.dag_problem
     LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
@@ -160,6 +218,97 @@ $$;
 
 REVOKE ALL ON FUNCTION lifecycle.dag_check_string(p_value jsonb, p_rel text, p_where text, p_label text, p_stages text[], p_field text, p_choices text[]) FROM PUBLIC, anon, authenticated, service_role;
 GRANT ALL ON FUNCTION lifecycle.dag_check_string(p_value jsonb, p_rel text, p_where text, p_label text, p_stages text[], p_field text, p_choices text[]) TO service_role;
+
+
+-- lifecycle.dag_cron_field_values: the values one field of a schedule's cron stands for (a list of
+-- *, n, a-b with a <= b, each with an optional step /s, s >= 1, within p_low..p_high), or NULL when
+-- the field breaks that rule (lifecycle_dagster/core/dag_schedule.py's cron_field_values)
+CREATE OR REPLACE FUNCTION lifecycle.dag_cron_field_values(p_field text, p_low integer, p_high integer) RETURNS integer[]
+    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+    AS $$
+DECLARE
+  v_item  text;
+  v_m     text[];
+  v_first integer;
+  v_last  integer;
+  v_step  integer;
+  v_out   integer[] := '{}';
+BEGIN
+  IF p_field = '' THEN
+    RETURN NULL;
+  END IF;
+  FOREACH v_item IN ARRAY string_to_array(p_field, ',') LOOP
+    v_m := regexp_match(v_item, '^(\*|([0-9]{1,2})(-([0-9]{1,2}))?)(/([0-9]{1,2}))?$');
+    IF v_m IS NULL THEN
+      RETURN NULL;
+    END IF;
+    v_step := coalesce(v_m[6]::integer, 1);
+    IF v_m[1] = '*' THEN
+      v_first := p_low;
+      v_last := p_high;
+    ELSE
+      v_first := v_m[2]::integer;
+      -- n/s: from n to the end of the range
+      v_last := coalesce(v_m[4]::integer, CASE WHEN v_m[6] IS NOT NULL THEN p_high ELSE v_first END);
+    END IF;
+    IF v_step < 1 OR NOT (p_low <= v_first AND v_first <= v_last AND v_last <= p_high) THEN
+      RETURN NULL;
+    END IF;
+    v_out := v_out || ARRAY(SELECT generate_series(v_first, v_last, v_step));
+  END LOOP;
+  RETURN v_out;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.dag_cron_field_values(p_field text, p_low integer, p_high integer) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.dag_cron_field_values(p_field text, p_low integer, p_high integer) TO service_role;
+
+
+-- lifecycle.dag_cron_problem: why a schedule's cron breaks the rule of
+-- lifecycle_dagster/core/dag_schedule.py (same words), or NULL when it is valid
+CREATE OR REPLACE FUNCTION lifecycle.dag_cron_problem(p_cron text) RETURNS text
+    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+    AS $$
+DECLARE
+  c_names  CONSTANT text[] := ARRAY['minute', 'hour', 'day of month', 'month', 'day of week'];
+  c_low    CONSTANT integer[] := ARRAY[0, 0, 1, 1, 0];
+  c_high   CONSTANT integer[] := ARRAY[59, 23, 31, 12, 7];
+  -- days in each month (February: 29, Dagster runs a 29 Feb schedule in leap years)
+  c_days   CONSTANT integer[] := ARRAY[31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+  v_fields text[];
+  v_values integer[];
+  v_days   integer[];
+  v_months integer[];
+BEGIN
+  IF p_cron = '' THEN
+    RETURN 'it is empty';
+  END IF;
+  v_fields := string_to_array(p_cron, ' ');
+  IF cardinality(v_fields) <> 5 THEN
+    RETURN format('it has %s fields separated by single spaces, not 5', cardinality(v_fields));
+  END IF;
+  FOR v_i IN 1..5 LOOP
+    v_values := lifecycle.dag_cron_field_values(v_fields[v_i], c_low[v_i], c_high[v_i]);
+    IF v_values IS NULL THEN
+      RETURN format('the %s field %s is not *, a number from %s to %s, a range a-b (a <= b), a step'
+                    ' (*/s, n/s or a-b/s, s >= 1) or a comma-separated list of these',
+                    c_names[v_i], lifecycle.dag_quote(v_fields[v_i]), c_low[v_i], c_high[v_i]);
+    END IF;
+    IF v_i = 3 THEN
+      v_days := v_values;
+    ELSIF v_i = 4 THEN
+      v_months := v_values;
+    END IF;
+  END LOOP;
+  IF (SELECT min(d) FROM unnest(v_days) AS d) > (SELECT max(c_days[m]) FROM unnest(v_months) AS m) THEN
+    RETURN 'no listed day of month occurs in a listed month';
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.dag_cron_problem(p_cron text) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.dag_cron_problem(p_cron text) TO service_role;
 
 
 -- lifecycle.dag_float
@@ -259,6 +408,30 @@ $$;
 REVOKE ALL ON FUNCTION lifecycle.dag_report(p_code text, p_where text, p_rel text, p_label text, p_stages text[], p_text text) FROM PUBLIC, anon, authenticated, service_role;
 GRANT ALL ON FUNCTION lifecycle.dag_report(p_code text, p_where text, p_rel text, p_label text, p_stages text[], p_text text) TO service_role;
 
+
+-- lifecycle.dag_timezone_known: whether a schedule's timezone is one of lifecycle.dag_timezone_names()
+CREATE OR REPLACE FUNCTION lifecycle.dag_timezone_known(p_name text) RETURNS boolean
+    LANGUAGE sql STABLE PARALLEL SAFE
+    AS $$
+  SELECT EXISTS (SELECT 1 FROM lifecycle.dag_timezone_names() AS z(name) WHERE z.name = p_name)
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.dag_timezone_known(p_name text) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.dag_timezone_known(p_name text) TO service_role;
+
+
+-- lifecycle.dag_timezone_names: the IANA time zone names a schedule may use: pg_timezone_names
+-- without its posix/ and right/ copies and posixrules, the names Python's
+-- zoneinfo.available_timezones() lists. STABLE: the server's time zone data can change.
+CREATE OR REPLACE FUNCTION lifecycle.dag_timezone_names() RETURNS SETOF text
+    LANGUAGE sql STABLE PARALLEL SAFE
+    AS $$
+  SELECT z.name FROM pg_catalog.pg_timezone_names AS z
+  WHERE z.name !~ '^(posix|right)/' AND z.name <> 'posixrules'
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.dag_timezone_names() FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.dag_timezone_names() TO service_role;
 
 -- lifecycle.dag_validate
 CREATE OR REPLACE FUNCTION lifecycle.dag_validate(p_dag jsonb) RETURNS TABLE(code text, stages text[], path text, message text)
@@ -360,7 +533,7 @@ BEGIN
   END IF;
 
   -- top level
-  RETURN QUERY SELECT * FROM lifecycle.dag_check_keys(p_dag, ARRAY['stages', 'edges', 'defaults', 'on_failure'],
+  RETURN QUERY SELECT * FROM lifecycle.dag_check_keys(p_dag, ARRAY['stages', 'edges', 'defaults', 'on_failure', 'schedule'],
                                                       '', 'workflow DAG', '{}', '');
   RETURN QUERY SELECT * FROM lifecycle.dag_check_string(p_dag -> 'on_failure', 'on_failure', '', 'workflow DAG',
                                                         '{}', '', ARRAY['compensate', 'hold']);
@@ -387,6 +560,9 @@ BEGIN
     RETURN QUERY SELECT * FROM lifecycle.dag_report('empty_dag', '', 'stages', 'workflow DAG', '{}',
       'stages is missing or empty');
   END IF;
+  -- STABLE (it reads pg_timezone_names) inside this IMMUTABLE function: the names change only
+  -- with the server's time zone data, so a folded result stays right while the server runs
+  RETURN QUERY SELECT * FROM lifecycle.dag_check_schedule(p_dag);
 
   -- declared ids, duplicates, the nodes of the graph
   SELECT coalesce(array_agg(CASE WHEN jsonb_typeof(s -> 'id') = 'string' THEN s ->> 'id' END ORDER BY i), '{}')

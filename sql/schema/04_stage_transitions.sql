@@ -328,6 +328,55 @@ REVOKE ALL ON FUNCTION lifecycle.run_heartbeat(p_run_id text, p_now timestamp wi
 GRANT ALL ON FUNCTION lifecycle.run_heartbeat(p_run_id text, p_now timestamp with time zone) TO service_role;
 
 
+-- lifecycle.execution_schedule: the pending execution of one schedule tick (p_tick: its key,
+-- 'schedule:<definition id>:<tick instant, UTC>'), with p_context, inserted once however often
+-- the tick is evaluated. Returns ('created', id) when this call inserted it, ('exists', id) when
+-- an earlier call did, ('inactive', NULL) when the definition is no longer the active version (a
+-- schedule of a code location not reloaded since: nothing is inserted). Errors: no_data_found
+-- (unknown definition), invalid_parameter_value (a key not of that definition).
+CREATE OR REPLACE FUNCTION lifecycle.execution_schedule(p_definition_id uuid, p_tick text, p_context jsonb DEFAULT '{}'::jsonb, p_now timestamp with time zone DEFAULT now()) RETURNS TABLE(status text, execution_id uuid)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+#variable_conflict use_column
+DECLARE
+  v_active boolean;
+  v_id     uuid;
+BEGIN
+  -- GUARD: the key names this definition
+  IF p_tick IS NULL OR left(p_tick, length('schedule:' || p_definition_id::text || ':'))
+                      <> 'schedule:' || p_definition_id::text || ':' THEN
+    RAISE EXCEPTION 'schedule tick key % is not of definition %', quote_nullable(p_tick), p_definition_id
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'the key is schedule:<definition id>:<tick instant, UTC>';
+  END IF;
+  -- LOCK: the definition (shared), so that it stays active until this execution is committed
+  SELECT d.is_active INTO v_active FROM public.workflow_definitions d WHERE d.id = p_definition_id FOR SHARE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown workflow definition %', p_definition_id USING ERRCODE = 'no_data_found';
+  END IF;
+  IF NOT v_active THEN
+    RETURN QUERY SELECT 'inactive'::text, NULL::uuid;
+    RETURN;
+  END IF;
+  INSERT INTO public.workflow_executions (workflow_definition_id, status, context, created_by, created_at,
+                                          updated_at, schedule_tick)
+  VALUES (p_definition_id, 'pending', coalesce(p_context, '{}'::jsonb), NULL, p_now, p_now, p_tick)
+  ON CONFLICT (schedule_tick) DO NOTHING
+  RETURNING id INTO v_id;
+  IF v_id IS NOT NULL THEN
+    RETURN QUERY SELECT 'created'::text, v_id;
+    RETURN;
+  END IF;
+  SELECT e.id INTO v_id FROM public.workflow_executions e WHERE e.schedule_tick = p_tick;
+  RETURN QUERY SELECT 'exists'::text, v_id;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.execution_schedule(p_definition_id uuid, p_tick text, p_context jsonb, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.execution_schedule(p_definition_id uuid, p_tick text, p_context jsonb, p_now timestamp with time zone) TO service_role;
+
+
 -- lifecycle.executions_launchable
 -- p_jobs: the job names the code location has loaded (<name>__v<version>, as
 -- lifecycle_dagster.location.job_factory.job_name makes them): rows of other versions never take

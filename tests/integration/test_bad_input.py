@@ -463,6 +463,21 @@ DEF_CASES = [
         "description must be a string, got an array",
     ),
     DefCase(
+        "schedule_bad_cron",
+        lambda: {"stages": [_st()], "schedule": {"cron": "0 24 * * *"}},
+        "bad_value",
+        "schedule.cron",
+        "workflow DAG: schedule.cron '0 24 * * *' is not a valid cron: the hour field '24' is not *, a number"
+        " from 0 to 23",
+    ),
+    DefCase(
+        "schedule_unknown_timezone",
+        lambda: {"stages": [_st()], "schedule": {"cron": "0 9 * * 1-5", "timezone": "Europe/Atlantis"}},
+        "bad_value",
+        "schedule.timezone",
+        "workflow DAG: schedule.timezone must be an IANA time zone name (Europe/Berlin, UTC...), got 'Europe/Atlantis'",
+    ),
+    DefCase(
         "too_many_stages",
         lambda: {"stages": _chain(MAX_STAGES + 1)},
         "bad_value",

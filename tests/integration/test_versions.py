@@ -880,11 +880,12 @@ def test_active_definitions_keeps_its_columns(db: str) -> None:
     with connect(db) as conn:
         publish(conn, "wf", "d", _chain("a"), activate=True)
         [row] = conn.execute(query("active_definitions")).fetchall()
-    assert set(row) == {"id", "name", "description", "version", "dag_schema_json"}
-    assert (row["name"], row["description"], row["version"], json.loads(row["dag_schema_json"])) == (
+    assert set(row) == {"id", "name", "description", "version", "is_active", "dag_schema_json"}
+    assert (row["name"], row["description"], row["version"], row["is_active"], json.loads(row["dag_schema_json"])) == (
         "wf",
         "d",
         1,
+        True,
         _chain("a"),
     )
 
