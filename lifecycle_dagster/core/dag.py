@@ -7,7 +7,13 @@ A ``dag_schema`` is a JSON object::
                  "compensate": "undo_discover" | false}, ...],        # required, non-empty
      "edges": [{"from": "discover", "to": "qualify"}, ...],          # optional
      "defaults": {"retry": {...}, "timeout_s": 60},                   # optional
-     "on_failure": "compensate" | "hold"}                             # optional, default compensate
+     "on_failure": "compensate" | "hold",                             # optional, default compensate
+     "context": {"required": ["customer"], "example": {"customer": "ACME"},
+                 "description": "..."}}                                # optional
+
+``context`` declares the execution context a run must be given: ``required`` (unique non-empty
+strings: the keys the context must hold), ``example`` (an object holding every required key: the
+Launchpad's default run config) and ``description`` (a string), each optional.
 
 A ``retry`` object takes ``max_attempts`` (integer 1..1000), ``base_delay_s`` and ``max_delay_s``
 (>= 0, max >= base), ``multiplier`` (>= 1), ``jitter`` (none|full|equal) and ``non_retryable``
@@ -72,6 +78,7 @@ __all__ = [
     "ON_FAILURE_MODES",
     "RESERVED_STAGE_IDS",
     "STAGE_ID_PATTERN",
+    "ContextSpec",
     "Dag",
     "DagValidationError",
     "Problem",
@@ -127,6 +134,15 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class ContextSpec:
+    """The ``context`` declaration of a DAG (empty when it has none)."""
+
+    required: tuple[str, ...] = ()
+    example: Mapping[str, Any] | None = None
+    description: str | None = None
+
+
+@dataclass(frozen=True)
 class Dag:
     """A valid workflow DAG, as built by :func:`parse_dag`.
 
@@ -140,6 +156,7 @@ class Dag:
     default_retry: RetrySpec | None = None
     default_timeout_s: float | None = None
     on_failure: str = "compensate"
+    context: ContextSpec = ContextSpec()
 
     @cached_property
     def _by_id(self) -> dict[str, Stage]:
@@ -307,10 +324,16 @@ def parse_dag(obj: object) -> Dag:
     pairs = {(s.id, t) for s in stages for t in s.next or ()}
     pairs |= {(e["from"], e["to"]) for e in doc.get("edges", [])}
     defaults = doc.get("defaults", {})
+    declared = doc.get("context", {})
     return Dag(
         stages=stages,
         edges=tuple(sorted(pairs, key=lambda p: (index[p[0]], index[p[1]]))),
         default_retry=_retry(defaults.get("retry")),
         default_timeout_s=_float(defaults, "timeout_s"),
         on_failure=doc.get("on_failure", "compensate"),
+        context=ContextSpec(
+            required=tuple(declared.get("required", ())),
+            example=declared.get("example"),
+            description=declared.get("description"),
+        ),
     )

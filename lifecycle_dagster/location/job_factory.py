@@ -52,7 +52,12 @@ from lifecycle_dagster.engine.stage import (
     execution_of_runs,
     run_stage,
 )
-from lifecycle_dagster.location.resources import ExecutionRequest, LifecycleDatabase, default_resources
+from lifecycle_dagster.location.resources import (
+    ExecutionRequest,
+    LifecycleDatabase,
+    declared_request,
+    default_resources,
+)
 from lifecycle_dagster.store.versions import WORKFLOW_NAME_PATTERN
 
 #: run tag naming the workflow_executions row a run executes
@@ -207,6 +212,32 @@ def _stage_metadata(outcome: StageOutcome) -> dict[str, Any]:
     }
 
 
+def _new_context(context: dg.OpExecutionContext, request: ExecutionRequest, required: Sequence[str]) -> dict[str, Any]:
+    """The context of the execution a run creates: the request's, refused when the DAG declares
+    ``required`` keys and the run config gave no ``lifecycle_request`` (the job's default config,
+    the declared example, is never run by accident: a client must name its context) or the context
+    lacks one of them (e.g. read from ``context_file``).
+
+    Raises:
+        dagster.Failure: as above, naming the missing keys and where to fill them in.
+    """
+    ctx = request.resolved_context()
+    if not required:
+        return ctx
+    given = context.run.run_config.get("resources", {}).get("lifecycle_request")
+    missing = list(required) if not given else [k for k in required if k not in ctx]
+    if missing:
+        raise dg.Failure(
+            description=(
+                f"this run creates an execution but its context lacks {', '.join(missing)}: set "
+                "resources.lifecycle_request.config.context (or context_file) in the run config, holding "
+                f"{', '.join(required)} (the job's default run config, shown by the Launchpad, is an example)"
+            ),
+            allow_retries=False,
+        )
+    return ctx
+
+
 def _ancestor_runs(tags: Mapping[str, str]) -> list[str]:
     """The runs a re-execution descends from, nearest first: its parent run, then its root run."""
     return [r for r in (tags.get(PARENT_RUN_TAG), tags.get(ROOT_RUN_TAG)) if r]
@@ -245,6 +276,7 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
         timeout_s=_bounded(stage.timeout_s if stage.timeout_s is not None else dag.default_timeout_s),
     )
     has_parents = bool(dag.parents(stage.id))
+    required = dag.context.required
 
     def compute(context: dg.OpExecutionContext) -> None:
         db: LifecycleDatabase = context.resources.lifecycle_db
@@ -265,7 +297,7 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
                     attempt=1,  # the database numbers the attempts (Dagster's retries count lost connections too)
                     registry=context.resources.lifecycle_agents,
                     execution_id=execution_id,
-                    context={} if execution_id else request.resolved_context(),
+                    context={} if execution_id else _new_context(context, request, required),
                     resume=resume,
                     on_execution=lambda eid: tag_run(context, eid),
                 )
@@ -322,7 +354,17 @@ def _graph(row: DefinitionRow, dag: Dag) -> dg.GraphDefinition:
 def _to_job(
     graph: dg.GraphDefinition, name: str, row: DefinitionRow, dag: Dag, resources: Mapping[str, Any] | None
 ) -> dg.JobDefinition:
+    """The job of ``graph``. A DAG declaring its ``context`` gets a ``lifecycle_request`` whose
+    config requires the declared keys (:func:`declared_request`), and its ``example`` as the job's
+    default run config (the Launchpad's default)."""
     order = dag.topological_order()
+    resource_defs = dict(resources) if resources is not None else default_resources()
+    declared = dag.context
+    config = None
+    if declared.required or declared.example is not None:
+        resource_defs["lifecycle_request"] = declared_request(declared.required, declared.description)
+    if declared.example is not None:
+        config = {"resources": {"lifecycle_request": {"config": {"context": dict(declared.example)}}}}
     return graph.to_job(
         name=name,
         tags={
@@ -331,7 +373,8 @@ def _to_job(
             "lifecycle/definition_id": row.id,
         },
         metadata={"stages": len(order), "topological_order": ", ".join(order)},
-        resource_defs=dict(resources) if resources is not None else default_resources(),
+        resource_defs=resource_defs,
+        config=config,
     )
 
 
@@ -365,6 +408,7 @@ def stable_job(versioned: dg.JobDefinition, workflow: str) -> dg.JobDefinition:
         tags={**versioned.tags, "lifecycle/stable": "true"},
         metadata=versioned.metadata,
         resource_defs=dict(versioned.resource_defs),
+        config=versioned.run_config,
         description=f"the active version of workflow {workflow} ({versioned.name} since the last reload)",
     )
 
