@@ -224,7 +224,8 @@ def _new_context(context: dg.OpExecutionContext, request: ExecutionRequest, requ
     ctx = request.resolved_context()
     if not required:
         return ctx
-    given = context.run.run_config.get("resources", {}).get("lifecycle_request")
+    resources = context.run.run_config.get("resources")
+    given = resources.get("lifecycle_request") if isinstance(resources, Mapping) else None
     missing = list(required) if not given else [k for k in required if k not in ctx]
     if missing:
         raise dg.Failure(

@@ -249,7 +249,7 @@ def declared_request(required: Sequence[str], description: str | None = None) ->
     }
     schema = {
         "context": dg.Field(
-            dg.Permissive(keys),
+            dg.Permissive(keys),  # type: ignore[no-untyped-call]
             is_required=False,
             description=f"the execution context (a JSON object){about}; it must hold {', '.join(required)}",
         ),

@@ -56,7 +56,7 @@ IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
 
 CONFIG_VALID = """
 query($selector: PipelineSelector!, $config: RunConfigData) {
-  isPipelineConfigValid(pipeline: $selector, runConfigData: $config) {
+  isPipelineConfigValid(pipeline: $selector, runConfigData: $config, mode: "default") {
     __typename
     ... on RunConfigValidationInvalid { errors { message } }
   }
@@ -194,7 +194,8 @@ def test_launchpad_stable_job_tags_and_reexecution(
             v2["stages"].append({"id": "c", "capability": "cap_a"})
             with connect(db) as conn:
                 publish(conn, "wf", None, v2, activate=True)
-            ctx = wpc.reload_code_location("lifecycle_dagster")
+            wpc.reload_code_location("lifecycle_dagster")
+            ctx = wpc.create_request_context()
             repo = ctx.get_code_location("lifecycle_dagster").get_repository("__repository__")
             assert repo.get_full_job("wf").tags["lifecycle/version"] == "2"
             newer = _run_to_end(instance, ctx, _submit(ctx, "wf", "Globex"))
