@@ -1,6 +1,5 @@
--- seed: the runbook's lifecycle_v1 version 1 (section 1's DAG, its stages and edges exactly, plus a
--- context declaration: the keys the built-in agents need, and examples/acme.json as the example
--- the Launchpad shows), its five agents and their capability rows (section 7). Installs only what is absent: it never rewrites or
+-- seed: the runbook's lifecycle_v1 version 1 (section 1's DAG, exactly), its five agents and
+-- their capability rows (section 7). Installs only what is absent: it never rewrites or
 -- reactivates anything, so it is safe to run on every `lifecycle-dagster run`.
 
 INSERT INTO workflow_definitions (name, description, version, dag_schema, is_active, created_by)
@@ -17,12 +16,7 @@ SELECT 'lifecycle_v1', 'E2E lifecycle orchestration', 1, '{
       {"from": "qualify", "to": "target_design"},
       {"from": "target_design", "to": "value_realization"},
       {"from": "value_realization", "to": "integrity"}
-    ],
-    "context": {
-      "description": "the customer profile the built-in agents read",
-      "required": ["customer", "currency", "segments"],
-      "example": {"customer": "ACME Corp", "currency": "USD", "segments": [{"name": "Manufacturing", "annual_spend": 1200000, "process_cost": 450000, "automation_rate": 0.2}, {"name": "Logistics", "annual_spend": 800000, "process_cost": 300000, "automation_rate": 0.35}, {"name": "Finance", "annual_spend": 2500000, "process_cost": 200000, "automation_rate": 0.5}, {"name": "Facilities", "annual_spend": 150000, "process_cost": 40000, "automation_rate": 0.3}], "actuals": {"Manufacturing": 61250.5, "Logistics": 58500}}
-    }
+    ]
   }'::jsonb, true, auth.uid()
 WHERE NOT EXISTS (SELECT 1 FROM workflow_definitions WHERE name = 'lifecycle_v1')
 ON CONFLICT (name, version) DO NOTHING;

@@ -148,6 +148,9 @@ def test_two_versions_coexist_in_one_code_location() -> None:
     stable = repo.get_job("lifecycle_v1")
     assert stable.tags["lifecycle/definition_id"] == v2["id"]
     assert stable.graph is repo.get_job("lifecycle_v1__v2").graph
+    # the failure sensor mirrors failed runs of the stable job too (no public accessor in 1.13)
+    monitored = repo.get_sensor_def("lifecycle_run_failure_sensor")._monitored_jobs  # type: ignore[attr-defined]
+    assert "lifecycle_v1" in {j.name for j in monitored}
     assert sorted(j.name for j in repo.get_all_jobs()) == [
         "lifecycle_v1",
         "lifecycle_v1__v1",

@@ -641,10 +641,7 @@ def test_seed_installs_the_runbook_lifecycle(db: str) -> None:
         d = defs[0]
         assert (d["name"], d["version"], d["is_active"], d["created_by"]) == ("lifecycle_v1", 1, True, None)
         assert d["description"] == "E2E lifecycle orchestration"
-        declared = d["dag_schema"].pop("context")  # the seed declares the context the built-in agents need
         assert d["dag_schema"] == json.loads(LIFECYCLE_FIXTURE.read_text())["dag_schema"]
-        assert declared["required"] == ["customer", "currency", "segments"]
-        assert declared["example"] == json.loads((REPO / "examples" / "acme.json").read_text())
 
         agents = conn.execute("SELECT name, kind, is_active FROM agents ORDER BY name").fetchall()
         assert [(a["name"], a["kind"], a["is_active"]) for a in agents] == [
@@ -662,9 +659,7 @@ def test_seed_installs_the_runbook_lifecycle(db: str) -> None:
 def test_seed_dag_is_exactly_the_runbook_section1_dag(db: str, runbook: dict[int, list[str]]) -> None:
     with _connect(db) as conn:
         conn.execute(seed_sql())
-        dag = _definitions(conn)[0]["dag_schema"]
-        assert set(dag) - set(_section1_dag(runbook)) == {"context"}  # plus the context declaration
-        assert {k: v for k, v in dag.items() if k != "context"} == _section1_dag(runbook)
+        assert _definitions(conn)[0]["dag_schema"] == _section1_dag(runbook)
 
 
 def test_seed_twice_changes_nothing(db: str) -> None:
