@@ -253,14 +253,19 @@ def tag_run(context: dg.OpExecutionContext, execution_id: str) -> None:
     """Give the op's run the ``lifecycle/execution_id`` tag when it lacks it, whoever launched it
     (the Launchpad, GraphQL, ``dagster job execute``): once per run and process (the run's stored
     tags are read once; ``context.run.tags`` is fixed at launch). A run tagged with another
-    execution keeps its tag (the execution ensured is the tagged one anyway)."""
+    execution keeps its tag (the execution ensured is the tagged one anyway). Dagster's storage
+    failing to tag is logged, not raised: the stage still runs (the next op tries again)."""
     key = (context.run_id, execution_id)
     if context.run.tags.get(EXECUTION_ID_TAG) or key in _TAGGED:
         return
-    run = context.instance.get_run_by_id(context.run_id)
-    if run is not None and EXECUTION_ID_TAG not in run.tags:
-        context.instance.add_run_tags(context.run_id, {EXECUTION_ID_TAG: execution_id})
-        context.log.info(f"run tagged {EXECUTION_ID_TAG}={execution_id}")
+    try:
+        run = context.instance.get_run_by_id(context.run_id)
+        if run is not None and EXECUTION_ID_TAG not in run.tags:
+            context.instance.add_run_tags(context.run_id, {EXECUTION_ID_TAG: execution_id})
+            context.log.info(f"run tagged {EXECUTION_ID_TAG}={execution_id}")
+    except Exception as exc:  # Dagster's run storage (any backend) could not be read or written
+        context.log.warning(f"could not tag the run {EXECUTION_ID_TAG}={execution_id}: {exc}")
+        return
     if len(_TAGGED) >= _TAGGED_MAX:
         del _TAGGED[next(iter(_TAGGED))]
     _TAGGED[key] = None
