@@ -42,7 +42,7 @@ Rules the database-side validator shares with this one (``tests/dag_cases.json``
   them: one ``cycle`` problem per strongly connected component of 2+ stages (all its members);
 * ``Problem.stages``: the stage for anything inside ``stages[i]`` (plus the target for a duplicate
   ``next`` entry), the declared endpoints for anything inside ``edges[k]``, none at top level or
-  in ``defaults``;
+  in ``defaults`` or ``context``;
 * limits: at most :data:`MAX_STAGES` entries in ``stages`` and :data:`MAX_EDGES` edge entries (the
   entries of ``edges`` plus those of every stage's ``next`` array); a document over either limit
   gets only that problem (``bad_value`` at ``stages`` or ``edges``), nothing else is checked;
