@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, TypeGuard
 
 STAGE_ID_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
@@ -85,8 +86,12 @@ def _finite(value: float) -> bool:
 
 
 def _show(value: float) -> str:
+    """``value`` as the database prints a jsonb number: positional, never an exponent (``1e+308``
+    and ``1e-07`` print all their digits, ``3.0`` stays ``3.0``; an infinite float, which no jsonb
+    holds, as ``inf``), cut to 20 characters and ``...`` past 24."""
     try:
-        text = repr(value)
+        finite_float = isinstance(value, float) and math.isfinite(value)  # inf: Python's reading of 1e400
+        text = format(Decimal(repr(value)), "f") if finite_float else repr(value)
     except ValueError:  # an int with more digits than Python will print
         return "a huge number"
     return text if len(text) <= 24 else text[:20] + "..."
