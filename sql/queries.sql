@@ -8,7 +8,9 @@
 -- a run started on v1 finishes on v1 and its compensation job exists after v2 is activated. By
 -- name, version. dag_schema comes as text and is decoded row by row, so one pathological row
 -- (nested thousands of levels deep, say) is skipped instead of failing the whole snapshot.
-SELECT d.id::text AS id, d.name, d.description, d.version, d.is_active, d.dag_schema::text AS dag_schema_json
+-- is_active: the row is its workflow's active version (the stable job <name> runs it).
+SELECT d.id::text AS id, d.name, d.description, d.version, d.dag_schema::text AS dag_schema_json,
+       d.is_active
 FROM workflow_definitions d
 WHERE d.is_active
    OR EXISTS (SELECT 1 FROM workflow_executions e
@@ -73,6 +75,26 @@ WHERE e.id = %(execution_id)s;
 
 -- name: set_trace_parent
 SELECT lifecycle.execution_set_trace_parent(%(execution_id)s, %(trace_parent)s) AS trace_parent;
+
+-- name: execution_of_runs
+-- The execution of a definition that one of the Dagster runs %(run_ids)s (a re-execution's parent,
+-- then its root run) executed: the run the execution is bound to now (unique index), else a run
+-- its workflow_started / workflow_resumed events name (an execution resumed by a later run since).
+-- The first run of the list wins.
+SELECT execution_id FROM (
+  SELECT e.id::text AS execution_id, array_position(%(run_ids)s::text[], e.dagster_run_id) AS rank, 0 AS via
+  FROM workflow_executions e
+  WHERE e.dagster_run_id = ANY(%(run_ids)s::text[]) AND e.workflow_definition_id = %(definition_id)s
+  UNION ALL
+  SELECT e.id::text, array_position(%(run_ids)s::text[], v.metadata->>'dagster_run_id'), 1
+  FROM workflow_executions e
+  JOIN workflow_events v ON v.execution_id = e.id
+  WHERE e.workflow_definition_id = %(definition_id)s
+    AND v.event_type IN ('workflow_started', 'workflow_resumed')
+    AND v.metadata->>'dagster_run_id' = ANY(%(run_ids)s::text[])
+) found
+ORDER BY rank, via
+LIMIT 1;
 
 -- name: start_stage
 SELECT log_id::text AS log_id, task_id::text AS task_id, agent_id::text AS agent_id,

@@ -170,7 +170,7 @@ def validate_cmd(file: Path | None, check_all: bool, offline: bool) -> None:
     "--activate", "make_active", is_flag=True, help="Make it the active version (the previous one is deactivated)."
 )
 def publish_cmd(file: Path, make_active: bool) -> None:
-    """Publish FILE (JSON or YAML: name, description, stages, edges, defaults, on_failure) as the
+    """Publish FILE (JSON or YAML: name, description, stages, edges, defaults, on_failure, context) as the
     next version of its workflow. Validated first (every problem listed; exit 1). Content identical
     to the latest version (same DAG and description) publishes nothing (exit 0). With --activate,
     the new version replaces the active one in the same transaction, and a running Dagster

@@ -8,8 +8,14 @@ A ``dag_schema`` is a JSON object::
      "edges": [{"from": "discover", "to": "qualify"}, ...],          # optional
      "defaults": {"retry": {...}, "timeout_s": 60},                   # optional
      "on_failure": "compensate" | "hold",                             # optional, default compensate
+     "context": {"required": ["customer"], "example": {"customer": "ACME"},
+                 "description": "..."},                               # optional
      "schedule": {"cron": "0 9 * * 1-5", "timezone": "Europe/Berlin",  # optional: a Dagster
                   "context": {...}, "enabled": true}}                  # schedule (dag_schedule)
+
+``context`` declares the execution context a run must be given: ``required`` (unique non-empty
+strings: the keys the context must hold), ``example`` (an object holding every required key: the
+Launchpad's default run config) and ``description`` (a string), each optional.
 
 A ``retry`` object takes ``max_attempts`` (integer 1..1000), ``base_delay_s`` and ``max_delay_s``
 (>= 0, max >= base), ``multiplier`` (>= 1), ``jitter`` (none|full|equal) and ``non_retryable``
@@ -40,7 +46,7 @@ Rules the database-side validator shares with this one (``tests/dag_cases.json``
   them: one ``cycle`` problem per strongly connected component of 2+ stages (all its members);
 * ``Problem.stages``: the stage for anything inside ``stages[i]`` (plus the target for a duplicate
   ``next`` entry), the declared endpoints for anything inside ``edges[k]``, none at top level or
-  in ``defaults``;
+  in ``defaults`` or ``context``;
 * limits: at most :data:`MAX_STAGES` entries in ``stages`` and :data:`MAX_EDGES` edge entries (the
   entries of ``edges`` plus those of every stage's ``next`` array); a document over either limit
   gets only that problem (``bad_value`` at ``stages`` or ``edges``), nothing else is checked;
@@ -77,6 +83,7 @@ __all__ = [
     "ON_FAILURE_MODES",
     "RESERVED_STAGE_IDS",
     "STAGE_ID_PATTERN",
+    "ContextSpec",
     "Dag",
     "DagValidationError",
     "Problem",
@@ -145,6 +152,15 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class ContextSpec:
+    """The ``context`` declaration of a DAG (empty when it has none)."""
+
+    required: tuple[str, ...] = ()
+    example: Mapping[str, Any] | None = None
+    description: str | None = None
+
+
+@dataclass(frozen=True)
 class Dag:
     """A valid workflow DAG, as built by :func:`parse_dag`.
 
@@ -158,6 +174,7 @@ class Dag:
     default_retry: RetrySpec | None = None
     default_timeout_s: float | None = None
     on_failure: str = "compensate"
+    context: ContextSpec = ContextSpec()
     schedule: ScheduleSpec | None = None
 
     @cached_property
@@ -327,12 +344,18 @@ def parse_dag(obj: object) -> Dag:
     pairs = {(s.id, t) for s in stages for t in s.next or ()}
     pairs |= {(e["from"], e["to"]) for e in doc.get("edges", [])}
     defaults = doc.get("defaults", {})
+    declared = doc.get("context", {})
     return Dag(
         stages=stages,
         edges=tuple(sorted(pairs, key=lambda p: (index[p[0]], index[p[1]]))),
         default_retry=_retry(defaults.get("retry")),
         default_timeout_s=_float(defaults, "timeout_s"),
         on_failure=doc.get("on_failure", "compensate"),
+        context=ContextSpec(
+            required=tuple(declared.get("required", ())),
+            example=declared.get("example"),
+            description=declared.get("description"),
+        ),
         schedule=_schedule(doc.get("schedule")),
     )
 

@@ -1,5 +1,6 @@
 """Structure rules of a ``dag_schema`` (stdlib only): the document's shape, value types, stage ids,
-size limits, ``next``/``edges`` agreement and the ``retry``/``timeout_s``/``compensate`` fields.
+size limits, ``next``/``edges`` agreement, the ``retry``/``timeout_s``/``compensate`` fields and the
+``context`` declaration.
 
 :mod:`lifecycle_dagster.core.dag` documents the schema and every rule and walks the document,
 applying these and the graph rules of :mod:`lifecycle_dagster.core.dag_graph` in the order the
@@ -14,6 +15,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, TypeGuard
 
 STAGE_ID_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
@@ -27,7 +29,8 @@ MAX_EDGES = 5000
 ID_RE = re.compile(STAGE_ID_PATTERN)
 #: the value of an absent key (``None`` is JSON ``null``, which is never accepted for one)
 MISSING: Any = object()
-_TOP_KEYS = ("stages", "edges", "defaults", "on_failure", "schedule")
+_TOP_KEYS = ("stages", "edges", "defaults", "on_failure", "context", "schedule")
+_CONTEXT_KEYS = ("required", "example", "description")
 _STAGE_KEYS = ("id", "capability", "next", "description", "retry", "timeout_s", "compensate")
 _RETRY_KEYS = ("max_attempts", "base_delay_s", "max_delay_s", "multiplier", "jitter", "non_retryable")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -83,8 +86,12 @@ def _finite(value: float) -> bool:
 
 
 def _show(value: float) -> str:
+    """``value`` as the database prints a jsonb number: positional, never an exponent (``1e+308``
+    and ``1e-07`` print all their digits, ``3.0`` stays ``3.0``; an infinite float, which no jsonb
+    holds, as ``inf``), cut to 20 characters and ``...`` past 24."""
     try:
-        text = repr(value)
+        finite_float = isinstance(value, float) and math.isfinite(value)  # inf: Python's reading of 1e400
+        text = format(Decimal(repr(value)), "f") if finite_float else repr(value)
     except ValueError:  # an int with more digits than Python will print
         return "a huge number"
     return text if len(text) <= 24 else text[:20] + "..."
@@ -194,6 +201,37 @@ class StructureRules(Report):
                 self.add("bad_value", where, f"non_retryable[{k}]", f"retry.non_retryable[{k}] is empty")
             self.string(name, f"non_retryable[{k}]", where)
 
+    def context(self, value: object) -> None:
+        """Check the ``context`` declaration: an object with ``required`` (unique non-empty
+        strings), ``example`` (an object holding every required key) and ``description`` (a
+        string), each optional."""
+        where = Where("context", "context", (), "context.")
+        if not isinstance(value, dict):
+            self.add("wrong_type", TOP, "context", f"context must be an object, got {kind(value)}")
+            return
+        self.keys(value, _CONTEXT_KEYS, where)
+        self.string(value.get("description", MISSING), "description", where)
+        required = value.get("required", [])
+        if not isinstance(required, list):
+            self.add("wrong_type", where, "required", f"context.required must be an array, got {kind(required)}")
+            required = []
+        for k, key in enumerate(required):
+            rel = f"required[{k}]"
+            if key == "":
+                self.add("bad_value", where, rel, f"context.{rel} is empty")
+            elif isinstance(key, str) and key in required[:k]:
+                self.add("bad_value", where, rel, f"context.{rel} repeats {quote(key)}")
+            self.string(key, rel, where)
+        example = value.get("example", MISSING)
+        if example is MISSING:
+            return
+        if not isinstance(example, dict):
+            self.add("wrong_type", where, "example", f"context.example must be an object, got {kind(example)}")
+            return
+        for key in dict.fromkeys(k for k in required if isinstance(k, str) and k):
+            if key not in example:
+                self.add("bad_value", where, "example", f"context.example lacks the required key {quote(key)}")
+
     def too_big(self, obj: Mapping[str, Any]) -> bool:
         """Check the size limits; True when the document is over one (then nothing else is checked)."""
         raw_stages, raw_edges = obj.get("stages"), obj.get("edges")
@@ -217,6 +255,8 @@ class StructureRules(Report):
         it is not an array)."""
         self.keys(obj, _TOP_KEYS, TOP)
         self.string(obj.get("on_failure", MISSING), "on_failure", TOP, ON_FAILURE_MODES)
+        if "context" in obj:
+            self.context(obj["context"])
         defaults = obj.get("defaults", {})
         if not isinstance(defaults, dict):
             self.add("wrong_type", TOP, "defaults", f"defaults must be an object, got {kind(defaults)}")

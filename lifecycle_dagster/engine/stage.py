@@ -27,7 +27,7 @@ import contextlib
 import functools
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -254,6 +254,17 @@ def _ensure_execution(
     return ensured.id
 
 
+def execution_of_runs(conn: Connection, definition_id: str, run_ids: Sequence[str]) -> str | None:
+    """The id of the execution of definition ``definition_id`` that one of the Dagster runs
+    ``run_ids`` (e.g. a re-execution's parent and root run) executed, the first run's first; None
+    when none did (named query ``execution_of_runs``)."""
+    ids = [r for r in run_ids if r]
+    if not ids:
+        return None
+    row = conn.execute(query("execution_of_runs"), {"definition_id": definition_id, "run_ids": ids}).fetchone()
+    return None if row is None else str(row["execution_id"])
+
+
 def run_stage(
     conn: Connection,
     spec: StageSpec,
@@ -266,6 +277,7 @@ def run_stage(
     draw: Callable[[], float] = random.random,
     resume: bool = False,
     listen: bool = True,
+    on_execution: Callable[[str], None] | None = None,
 ) -> StageOutcome:
     """Run one attempt (1-based; the database may raise it, see ``lifecycle.stage_start``): start
     it, call its agent (or wait for its queue task), record the outcome.
@@ -274,6 +286,8 @@ def run_stage(
     uniform [0, 1) value for the backoff jitter. ``resume``: this run resumes the execution (a
     completed stage is not run again; a failed one is retried as its next attempt). ``listen``: a
     queue agent's attempt LISTENs on ``conn`` while it waits for the task (else it polls).
+    ``on_execution``: called with the execution id as soon as the execution row exists (before the
+    stage starts), e.g. to tag the Dagster run with it.
 
     Raises:
         StageRetry: a retry was recorded; the caller waits ``delay_s`` and runs the next attempt.
@@ -285,7 +299,14 @@ def run_stage(
     """
     start_ns = time.time_ns()
     started = _start(
-        conn, spec, run_id=run_id, attempt=attempt, execution_id=execution_id, context=context, resume=resume
+        conn,
+        spec,
+        run_id=run_id,
+        attempt=attempt,
+        execution_id=execution_id,
+        context=context,
+        resume=resume,
+        on_execution=on_execution,
     )
     if isinstance(started, StageOutcome):
         return started
@@ -363,6 +384,7 @@ def _start(
     execution_id: str | None,
     context: Mapping[str, Any] | None,
     resume: bool,
+    on_execution: Callable[[str], None] | None = None,
 ) -> Attempt | StageOutcome:
     """Ensure the execution and start the stage (``lifecycle.stage_start``): the attempt, or the
     outcome of a stage an earlier run completed. A stage already in progress (this op run again
@@ -374,6 +396,8 @@ def _start(
     try:
         exec_id = _ensure_execution(conn, spec, run_id, execution_id, context, resume)
         trace = _stage_trace(conn, spec, exec_id, run_id)  # before the task is inserted: it carries the trace
+        if on_execution is not None:
+            on_execution(exec_id)
         started = stage_start(
             conn,
             execution_id=exec_id,

@@ -1,6 +1,9 @@
 """The code location: one job per ``workflow_definitions`` row that is active or that an
 unfinished execution (status not completed, rolled_back or compensation_failed) still runs on, so
-a run started on v1 finishes on v1 after v2 is activated (named query ``active_definitions``).
+a run started on v1 finishes on v1 after v2 is activated (named query ``active_definitions``),
+plus, per workflow, the stable job ``<name>`` running its active version (``is_active`` in the
+snapshot; see :mod:`~lifecycle_dagster.location.job_factory`), which the sensors watch like the
+versioned jobs.
 
 The table is read ONCE, when the code server loads (Dagster's INITIALIZATION load), into a JSON
 snapshot that Dagster stores with every run's execution plan (reconstruction metadata). Run and

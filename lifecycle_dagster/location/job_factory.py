@@ -1,12 +1,24 @@
 """``build_job(definition) -> JobDefinition``: one Dagster job per workflow definition version.
 
-A pure, deterministic function of one ``workflow_definitions`` row (no database, no clock): the
-job is ``<name>__v<version>``, each stage an op ``<name>__v<version>__<stage>`` (unique across the
-code location, since names cannot contain ``__``; the stage id ``compensate`` is reserved, so no
-op is named like a compensation job, and :func:`build_jobs` skips a row whose names are taken),
-each edge a dependency through a ``Nothing``
-input named ``upstream`` (a fan-in stage waits for all its parents). Data does not flow through
-Dagster: each op reads its ancestors' outputs from Postgres.
+A pure, deterministic function of one ``workflow_definitions`` row (no database, no clock).
+
+Naming policy:
+
+- the job of a version is ``<name>__v<version>``; it stays loaded while the version is active or
+  an unfinished execution is pinned to it;
+- the **stable job** ``<name>`` (:func:`stable_job`) runs the workflow's ACTIVE version: the same
+  graph and op definitions as that version's job under the workflow's name (names cannot contain
+  ``__``, so it never clashes with a versioned job); which version it runs changes when the code
+  location reloads after an activation, and each run is pinned to the snapshot stored at launch;
+- each stage's op DEFINITION is ``<name>__v<version>__<stage>`` (unique across the code location;
+  the stage id ``compensate`` is reserved, so no op is named like a compensation job), but its
+  NODE in the job is aliased to the stage id, so step keys, the Gantt chart and step selections
+  read ``discover``, ``qualify``;
+- the compensation job is ``<name>__v<version>__compensate``, its nodes ``undo_<stage>``.
+
+:func:`build_jobs` skips a row whose names are taken. Each edge is a dependency through a
+``Nothing`` input named ``upstream`` (a fan-in stage waits for all its parents). Data does not
+flow through Dagster: each op reads its ancestors' outputs from Postgres.
 """
 
 import contextlib
@@ -32,9 +44,21 @@ from lifecycle_dagster.engine.compensation import (
     run_undo,
     undo_op_name,
 )
-from lifecycle_dagster.engine.stage import StageError, StageOutcome, StageRetry, StageSpec, run_stage
+from lifecycle_dagster.engine.stage import (
+    StageError,
+    StageOutcome,
+    StageRetry,
+    StageSpec,
+    execution_of_runs,
+    run_stage,
+)
 from lifecycle_dagster.location.executors import executor_def
-from lifecycle_dagster.location.resources import ExecutionRequest, LifecycleDatabase, default_resources
+from lifecycle_dagster.location.resources import (
+    ExecutionRequest,
+    LifecycleDatabase,
+    declared_request,
+    default_resources,
+)
 from lifecycle_dagster.store.versions import WORKFLOW_NAME_PATTERN
 
 #: run tag naming the workflow_executions row a run executes
@@ -61,6 +85,8 @@ class DefinitionRow:
     version: int
     description: str | None
     dag_schema: Any
+    #: the row is its workflow's active version (``is_active``; False when the row does not say)
+    is_active: bool = False
 
     @classmethod
     def from_mapping(cls, row: Mapping[str, Any]) -> "DefinitionRow":
@@ -92,6 +118,7 @@ class DefinitionRow:
                 version=version,
                 description=row.get("description"),
                 dag_schema=dag_schema,
+                is_active=row.get("is_active") is True,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a usable workflow_definitions row: {exc}") from exc
@@ -118,6 +145,11 @@ def job_name(name: str, version: int) -> str:
 def op_name(job: str, stage_id: str) -> str:
     """The op of a stage: ``<job>__<stage_id>``."""
     return f"{job}__{stage_id}"
+
+
+def undo_node(stage_id: str) -> str:
+    """The node (step key) of a stage's undo op in the compensation job: ``undo_<stage>``."""
+    return f"undo_{stage_id}"
 
 
 def _bounded(timeout_s: float | None) -> float | None:
@@ -181,6 +213,65 @@ def _stage_metadata(outcome: StageOutcome) -> dict[str, Any]:
     }
 
 
+def _new_context(context: dg.OpExecutionContext, request: ExecutionRequest, required: Sequence[str]) -> dict[str, Any]:
+    """The context of the execution a run creates: the request's, refused when the DAG declares
+    ``required`` keys and the run config gave no ``lifecycle_request`` (the job's default config,
+    the declared example, is never run by accident: a client must name its context) or the context
+    lacks one of them (e.g. read from ``context_file``).
+
+    Raises:
+        dagster.Failure: as above, naming the missing keys and where to fill them in.
+    """
+    ctx = request.resolved_context()
+    if not required:
+        return ctx
+    resources = context.run.run_config.get("resources")
+    given = resources.get("lifecycle_request") if isinstance(resources, Mapping) else None
+    missing = list(required) if not given else [k for k in required if k not in ctx]
+    if missing:
+        raise dg.Failure(
+            description=(
+                f"this run creates an execution but its context lacks {', '.join(missing)}: set "
+                "resources.lifecycle_request.config.context (or context_file) in the run config, holding "
+                f"{', '.join(required)} (the job's default run config, shown by the Launchpad, is an example)"
+            ),
+            allow_retries=False,
+        )
+    return ctx
+
+
+def _ancestor_runs(tags: Mapping[str, str]) -> list[str]:
+    """The runs a re-execution descends from, nearest first: its parent run, then its root run."""
+    return [r for r in (tags.get(PARENT_RUN_TAG), tags.get(ROOT_RUN_TAG)) if r]
+
+
+#: (run id, execution id) pairs this process has tagged or seen tagged (bounded: oldest dropped)
+_TAGGED: dict[tuple[str, str], None] = {}
+_TAGGED_MAX = 256
+
+
+def tag_run(context: dg.OpExecutionContext, execution_id: str) -> None:
+    """Give the op's run the ``lifecycle/execution_id`` tag when it lacks it, whoever launched it
+    (the Launchpad, GraphQL, ``dagster job execute``): once per run and process (the run's stored
+    tags are read once; ``context.run.tags`` is fixed at launch). A run tagged with another
+    execution keeps its tag (the execution ensured is the tagged one anyway). Dagster's storage
+    failing to tag is logged, not raised: the stage still runs (the next op tries again)."""
+    key = (context.run_id, execution_id)
+    if context.run.tags.get(EXECUTION_ID_TAG) or key in _TAGGED:
+        return
+    try:
+        run = context.instance.get_run_by_id(context.run_id)
+        if run is not None and EXECUTION_ID_TAG not in run.tags:
+            context.instance.add_run_tags(context.run_id, {EXECUTION_ID_TAG: execution_id})
+            context.log.info(f"run tagged {EXECUTION_ID_TAG}={execution_id}")
+    except Exception as exc:  # Dagster's run storage (any backend) could not be read or written
+        context.log.warning(f"could not tag the run {EXECUTION_ID_TAG}={execution_id}: {exc}")
+        return
+    if len(_TAGGED) >= _TAGGED_MAX:
+        del _TAGGED[next(iter(_TAGGED))]
+    _TAGGED[key] = None
+
+
 def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
     stage = dag.stage(stage_id)
     spec = StageSpec(
@@ -192,18 +283,20 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
         timeout_s=_bounded(stage.timeout_s if stage.timeout_s is not None else dag.default_timeout_s),
     )
     has_parents = bool(dag.parents(stage.id))
+    required = dag.context.required
 
     def compute(context: dg.OpExecutionContext) -> None:
         db: LifecycleDatabase = context.resources.lifecycle_db
         request: ExecutionRequest = context.resources.lifecycle_request
         tags = context.run.tags
         execution_id = tags.get(EXECUTION_ID_TAG) or request.execution_id or None
-        resume = bool(execution_id) and (RESUME_TAG in tags or PARENT_RUN_TAG in tags)
-        ctx = {} if execution_id else request.resolved_context()
         run = db.run  # the run's op connection and its one heartbeat (see RunConnections)
         run.beat(execution_id)
         try:
             with run.connection() as conn, _as_dagster_errors(context):
+                if not execution_id and PARENT_RUN_TAG in tags:  # a re-execution of an untagged run
+                    execution_id = execution_of_runs(conn, spec.definition_id, _ancestor_runs(tags))
+                resume = bool(execution_id) and (RESUME_TAG in tags or PARENT_RUN_TAG in tags)
                 outcome = run_stage(
                     conn,
                     spec,
@@ -211,8 +304,9 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
                     attempt=1,  # the database numbers the attempts (Dagster's retries count lost connections too)
                     registry=context.resources.lifecycle_agents,
                     execution_id=execution_id,
-                    context=ctx,
+                    context={} if execution_id else _new_context(context, request, required),
                     resume=resume,
+                    on_execution=lambda eid: tag_run(context, eid),
                 )
         except psycopg.OperationalError as exc:
             raise _retry_when_db_lost(context, spec.stage_id, execution_id, exc, spec.policy.max_attempts) from exc
@@ -241,8 +335,69 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
     )(compute)
 
 
+def _aliased(
+    ops: Mapping[str, dg.OpDefinition], inputs: Mapping[str, tuple[str, Sequence[str]]], alias: Any
+) -> "dict[dg.NodeInvocation, dict[str, dg.IDependencyDefinition]]":
+    """The dependencies of a graph whose node of stage ``s`` is op ``ops[s]`` invoked as
+    ``alias(s)`` (its step key), with ``inputs[s] = (input name, upstream stages)``: a node with no
+    upstream stage has no entry in ``inputs``."""
+    deps: dict[dg.NodeInvocation, dict[str, dg.IDependencyDefinition]] = {}
+    for stage_id, op in ops.items():
+        node = dg.NodeInvocation(op.name, alias=alias(stage_id))
+        if stage_id in inputs:
+            name, upstream = inputs[stage_id]
+            deps[node] = {name: dg.MultiDependencyDefinition([dg.DependencyDefinition(alias(u)) for u in upstream])}
+        else:
+            deps[node] = {}
+    return deps
+
+
+def _graph(row: DefinitionRow, dag: Dag) -> dg.GraphDefinition:
+    """The graph of a definition version: one node per stage, named (aliased) by its stage id, so
+    the step keys, the run's Gantt chart and step selections read ``discover``, ``qualify``; its
+    op definitions keep their location-wide unique names ``<job>__<stage>``."""
+    order = dag.topological_order()
+    ops = {stage_id: _stage_op(row, dag, stage_id) for stage_id in order}
+    inputs = {s: ("upstream", dag.parents(s)) for s in order if dag.parents(s)}
+    return dg.GraphDefinition(
+        name=job_name(row.name, row.version),
+        node_defs=list(ops.values()),
+        dependencies=_aliased(ops, inputs, lambda s: s),
+        description=row.description or f"workflow {row.label}",
+    )
+
+
+def _to_job(
+    graph: dg.GraphDefinition, name: str, row: DefinitionRow, dag: Dag, resources: Mapping[str, Any] | None
+) -> dg.JobDefinition:
+    """The job of ``graph``. A DAG declaring its ``context`` gets a ``lifecycle_request`` whose
+    config requires the declared keys (:func:`declared_request`), and its ``example`` as the job's
+    default run config (the Launchpad's default)."""
+    order = dag.topological_order()
+    resource_defs = dict(resources) if resources is not None else default_resources()
+    declared = dag.context
+    config = None
+    if declared.required or declared.example is not None:
+        resource_defs["lifecycle_request"] = declared_request(declared.required, declared.description)
+    if declared.example is not None:
+        config = {"resources": {"lifecycle_request": {"config": {"context": dict(declared.example)}}}}
+    return graph.to_job(
+        name=name,
+        tags={
+            "lifecycle/workflow": row.name,
+            "lifecycle/version": str(row.version),
+            "lifecycle/definition_id": row.id,
+        },
+        metadata={"stages": len(order), "topological_order": ", ".join(order)},
+        resource_defs=resource_defs,
+        config=config,
+        executor_def=executor_def(),  # LIFECYCLE_DAGSTER_EXECUTOR (location/executors.py)
+    )
+
+
 def build_job(definition: Mapping[str, Any], resources: Mapping[str, Any] | None = None) -> dg.JobDefinition:
-    """Build the job of one ``workflow_definitions`` row.
+    """Build the job of one ``workflow_definitions`` row: ``<name>__v<version>``, one node per
+    stage named by the stage id (its step key).
 
     ``definition``: ``{"id", "name", "version", "description", "dag_schema"}`` (or
     ``"dag_schema_json"``, the DAG's JSON text). ``resources``: what the job is bound to (default:
@@ -258,32 +413,23 @@ def build_job(definition: Mapping[str, Any], resources: Mapping[str, Any] | None
     """
     row = DefinitionRow.from_mapping(definition)
     dag = parse_dag(row.dag_schema)
-    name = job_name(row.name, row.version)
-    order = dag.topological_order()
-    ops = {stage_id: _stage_op(row, dag, stage_id) for stage_id in order}
-    deps: dict[str, dict[str, dg.IDependencyDefinition]] = {}
-    for stage_id in order:
-        parents = dag.parents(stage_id)
-        if parents:
-            deps[ops[stage_id].name] = {
-                "upstream": dg.MultiDependencyDefinition([dg.DependencyDefinition(ops[p].name) for p in parents])
-            }
-    graph = dg.GraphDefinition(
-        name=name,
-        node_defs=[ops[s] for s in order],
-        dependencies=deps,
-        description=row.description or f"workflow {row.label}",
-    )
-    return graph.to_job(
-        name=name,
-        tags={
-            "lifecycle/workflow": row.name,
-            "lifecycle/version": str(row.version),
-            "lifecycle/definition_id": row.id,
-        },
-        metadata={"stages": len(order), "topological_order": ", ".join(order)},
-        resource_defs=dict(resources) if resources is not None else default_resources(),
-        executor_def=executor_def(),  # LIFECYCLE_DAGSTER_EXECUTOR (location/executors.py)
+    return _to_job(_graph(row, dag), job_name(row.name, row.version), row, dag, resources)
+
+
+def stable_job(versioned: dg.JobDefinition, workflow: str) -> dg.JobDefinition:
+    """The stable job of a workflow, named ``workflow`` (e.g. ``lifecycle_v1``): the job of its
+    ACTIVE version ``versioned`` under the workflow's name, on the same graph and op definitions
+    (so no Dagster name is defined twice), tags and resources. Clients submit it without knowing
+    versions; each run is pinned, like every run, to the snapshot stored at launch, so a run keeps
+    the version that was active when it was launched."""
+    return versioned.graph.to_job(
+        name=workflow,
+        tags={**versioned.tags, "lifecycle/stable": "true"},
+        metadata=versioned.metadata,
+        resource_defs=dict(versioned.resource_defs),
+        config=versioned.run_config,
+        executor_def=versioned.executor_def,
+        description=f"the active version of workflow {workflow} ({versioned.name} since the last reload)",
     )
 
 
@@ -296,23 +442,28 @@ class SkippedDefinition:
     error: str
 
 
-def _dagster_names(job: dg.JobDefinition) -> set[str]:
-    """The names Dagster requires to be unique across a code location: the job's, its graph's and
-    each op's (one definition per name: ``Conflicting definitions found in repository``)."""
-    return {job.name, job.graph.name, *(node.name for node in job.all_node_defs)}
+def _dagster_defs(job: dg.JobDefinition) -> dict[str, object]:
+    """The definitions Dagster requires to be uniquely named across a code location, by name: the
+    job, its graph and each op (one definition per name: ``Conflicting definitions found in
+    repository``; one definition used by two jobs, as a stable job shares its version's graph, is
+    fine)."""
+    defs: dict[str, object] = {node.name: node for node in job.all_node_defs}
+    defs[job.graph.name] = job.graph
+    defs[job.name] = job.graph  # a job is its graph's: a versioned job and its graph share a name
+    return defs
 
 
 def _name_clash(row_jobs: Sequence[dg.JobDefinition], taken: Mapping[str, str]) -> str | None:
     """Why the jobs of one row cannot join a code location whose names are ``taken`` (name -> the
-    row that has it), or None: a name used twice by the row itself, or already used."""
-    own: dict[str, str] = {}
+    row that has it), or None: a name the row itself gives two definitions, or one already used."""
+    own: dict[str, tuple[str, object]] = {}
     for job in row_jobs:
-        for name in sorted(_dagster_names(job)):
-            if name in own and own[name] != job.name:
-                return f"the Dagster name '{name}' is used by both its job '{own[name]}' and its job '{job.name}'"
+        for name, definition in sorted(_dagster_defs(job).items()):
+            if name in own and own[name][1] is not definition:
+                return f"the Dagster name '{name}' is used by both its job '{own[name][0]}' and its job '{job.name}'"
             if name in taken:
                 return f"the Dagster name '{name}' is already used by workflow {taken[name]}"
-            own[name] = job.name
+            own.setdefault(name, (job.name, definition))
     return None
 
 
@@ -347,6 +498,9 @@ def build_jobs(
     for raw in rows:
         try:
             row_jobs = [build_job(raw, resources), build_compensation_job(raw, resources)]
+            row = DefinitionRow.from_mapping(raw)
+            if row.is_active:  # the stable job: the workflow's name runs its active version
+                row_jobs.insert(0, stable_job(row_jobs[0], row.name))
         except (DagValidationError, ValueError, RecursionError, dg.DagsterInvalidDefinitionError) as exc:
             skipped.append(_skipped(raw, str(exc)))
             continue
@@ -358,7 +512,7 @@ def build_jobs(
             skipped.append(_skipped(raw, clash))
             continue
         label = DefinitionRow.from_mapping(raw).label
-        taken.update((name, label) for job in row_jobs for name in _dagster_names(job))
+        taken.update((name, label) for job in row_jobs for name in _dagster_defs(job))
         jobs.extend(row_jobs)
     return jobs, skipped
 
@@ -433,8 +587,9 @@ def build_compensation_job(
     definition: Mapping[str, Any], resources: Mapping[str, Any] | None = None
 ) -> dg.JobDefinition:
     """The compensation job of one ``workflow_definitions`` row: ``<job>__compensate``, one undo op
-    per stage, each waiting for the undo ops of the stages that depended on it (the forward edges
-    reversed). Runs carry the ``lifecycle/execution_id`` tag. ``resources``: as :func:`build_job`.
+    per stage (node and step key ``undo_<stage>``), each waiting for the undo ops of the stages that
+    depended on it (the forward edges reversed). Runs carry the ``lifecycle/execution_id`` tag.
+    ``resources``: as :func:`build_job`.
 
     Raises:
         ValueError / DagValidationError / AgentsSettingError: as :func:`build_job`.
@@ -444,19 +599,12 @@ def build_compensation_job(
     forward = job_name(row.name, row.version)
     order = tuple(reversed(dag.topological_order()))
     ops = {stage_id: _undo_op(row, dag, stage_id) for stage_id in order}
-    deps: dict[str, dict[str, dg.IDependencyDefinition]] = {}
-    for stage_id in order:
-        children = dag.children(stage_id)
-        if children:
-            deps[ops[stage_id].name] = {
-                "after_dependents": dg.MultiDependencyDefinition(
-                    [dg.DependencyDefinition(ops[c].name) for c in children]
-                )
-            }
+    inputs = {s: ("after_dependents", dag.children(s)) for s in order if dag.children(s)}
+    deps = _aliased(ops, inputs, undo_node)
     name = compensation_job_name(forward)
     graph = dg.GraphDefinition(
         name=name,
-        node_defs=[ops[s] for s in order],
+        node_defs=list(ops.values()),
         dependencies=deps,
         description=f"compensation of workflow {row.label}: undo completed stages in reverse order",
     )

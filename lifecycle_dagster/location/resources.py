@@ -17,7 +17,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +248,38 @@ class ExecutionRequest(dg.ConfigurableResource):  # type: ignore[type-arg]
                 raise dg.Failure(f"context_file {str(path)!r} must hold a JSON object")
             base = loaded
         return {**base, **self.context}
+
+
+def declared_request(required: Sequence[str], description: str | None = None) -> dg.ResourceDefinition:
+    """The ``lifecycle_request`` resource of a job whose DAG declares its context (``context`` in
+    the ``dag_schema``): :class:`ExecutionRequest`, its config field ``context`` a permissive
+    object whose ``required`` keys are REQUIRED fields (any JSON value, each documented), so a run
+    config giving a context without one of them is refused at launch, naming the missing key (the
+    Launchpad shows it). ``context`` itself stays optional: a run adopting an execution (the
+    sensors launch with the ``lifecycle/execution_id`` tag only) or reading ``context_file`` gives
+    none; the stage op checks those (see ``job_factory``)."""
+    about = f" ({description})" if description else ""
+    keys = {
+        key: dg.Field(dg.Any, description=f"required by the workflow's context declaration{about}") for key in required
+    }
+    schema = {
+        "context": dg.Field(
+            dg.Permissive(keys),  # type: ignore[no-untyped-call]
+            is_required=False,
+            description=f"the execution context (a JSON object){about}; it must hold {', '.join(required)}",
+        ),
+        "context_file": dg.Field(
+            str, default_value="", description="a JSON file holding the context (relative to the working directory)"
+        ),
+        "execution_id": dg.Field(
+            str, default_value="", description="an existing workflow_executions row to adopt (its own context is used)"
+        ),
+    }
+    return dg.ResourceDefinition(
+        resource_fn=lambda init: ExecutionRequest(**init.resource_config),
+        config_schema=schema,
+        description="what one run executes: its context (required keys declared by the workflow) or execution",
+    )
 
 
 #: names the registry of the code location's python agents: ``MODULE:FUNCTION`` (unset: the built-in five)

@@ -29,6 +29,72 @@ REVOKE ALL ON FUNCTION lifecycle.dag_assert_valid(p_dag jsonb, p_what text) FROM
 GRANT ALL ON FUNCTION lifecycle.dag_assert_valid(p_dag jsonb, p_what text) TO service_role;
 
 
+-- lifecycle.dag_check_context
+CREATE OR REPLACE FUNCTION lifecycle.dag_check_context(p_value jsonb) RETURNS SETOF lifecycle.dag_problem
+    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+    AS $$
+DECLARE
+  v_required jsonb;
+  v_example  jsonb;
+  v_name     jsonb;
+  v_k        integer := 0;
+  v_key      text;
+BEGIN
+  -- the context declaration (dag_structure.StructureRules.context): required, example, description
+  IF jsonb_typeof(p_value) <> 'object' THEN
+    RETURN NEXT lifecycle.dag_report('wrong_type', '', 'context', 'workflow DAG', '{}',
+      'context must be an object, got ' || lifecycle.dag_kind(p_value));
+    RETURN;
+  END IF;
+  RETURN QUERY SELECT * FROM lifecycle.dag_check_keys(p_value, ARRAY['required', 'example', 'description'],
+                                                      'context', 'context', '{}', 'context.');
+  RETURN QUERY SELECT * FROM lifecycle.dag_check_string(p_value -> 'description', 'description', 'context',
+                                                        'context', '{}', 'context.');
+  v_required := coalesce(p_value -> 'required', '[]'::jsonb);
+  IF jsonb_typeof(v_required) <> 'array' THEN
+    RETURN NEXT lifecycle.dag_report('wrong_type', 'context', 'required', 'context', '{}',
+      'context.required must be an array, got ' || lifecycle.dag_kind(v_required));
+    v_required := '[]'::jsonb;
+  END IF;
+  FOR v_name IN SELECT e FROM jsonb_array_elements(v_required) AS e LOOP
+    IF v_name = '""'::jsonb THEN
+      RETURN NEXT lifecycle.dag_report('bad_value', 'context', format('required[%s]', v_k), 'context', '{}',
+        format('context.required[%s] is empty', v_k));
+    ELSIF jsonb_typeof(v_name) = 'string' AND EXISTS (
+        SELECT 1 FROM jsonb_array_elements(v_required) WITH ORDINALITY AS t(e, i) WHERE i <= v_k AND e = v_name) THEN
+      RETURN NEXT lifecycle.dag_report('bad_value', 'context', format('required[%s]', v_k), 'context', '{}',
+        format('context.required[%s] repeats %s', v_k, lifecycle.dag_quote(v_name #>> '{}')));
+    END IF;
+    RETURN QUERY SELECT * FROM lifecycle.dag_check_string(v_name, format('required[%s]', v_k), 'context',
+                                                          'context', '{}', 'context.');
+    v_k := v_k + 1;
+  END LOOP;
+  IF NOT p_value ? 'example' THEN
+    RETURN;
+  END IF;
+  v_example := p_value -> 'example';
+  IF jsonb_typeof(v_example) <> 'object' THEN
+    RETURN NEXT lifecycle.dag_report('wrong_type', 'context', 'example', 'context', '{}',
+      'context.example must be an object, got ' || lifecycle.dag_kind(v_example));
+    RETURN;
+  END IF;
+  FOR v_key IN
+    SELECT e #>> '{}' FROM jsonb_array_elements(v_required) WITH ORDINALITY AS t(e, i)
+    WHERE jsonb_typeof(e) = 'string' AND e <> '""'::jsonb
+    GROUP BY e ORDER BY min(i)
+  LOOP
+    IF NOT v_example ? v_key THEN
+      RETURN NEXT lifecycle.dag_report('bad_value', 'context', 'example', 'context', '{}',
+        'context.example lacks the required key ' || lifecycle.dag_quote(v_key));
+    END IF;
+  END LOOP;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.dag_check_context(p_value jsonb) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.dag_check_context(p_value jsonb) TO service_role;
+
+
 -- lifecycle.dag_check_keys
 CREATE OR REPLACE FUNCTION lifecycle.dag_check_keys(p_obj jsonb, p_allowed text[], p_where text, p_label text, p_stages text[], p_field text) RETURNS SETOF lifecycle.dag_problem
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -533,10 +599,13 @@ BEGIN
   END IF;
 
   -- top level
-  RETURN QUERY SELECT * FROM lifecycle.dag_check_keys(p_dag, ARRAY['stages', 'edges', 'defaults', 'on_failure', 'schedule'],
-                                                      '', 'workflow DAG', '{}', '');
+  RETURN QUERY SELECT * FROM lifecycle.dag_check_keys(p_dag, ARRAY['stages', 'edges', 'defaults', 'on_failure',
+                                                      'context', 'schedule'], '', 'workflow DAG', '{}', '');
   RETURN QUERY SELECT * FROM lifecycle.dag_check_string(p_dag -> 'on_failure', 'on_failure', '', 'workflow DAG',
                                                         '{}', '', ARRAY['compensate', 'hold']);
+  IF p_dag ? 'context' THEN
+    RETURN QUERY SELECT * FROM lifecycle.dag_check_context(p_dag -> 'context');
+  END IF;
   v_defaults := coalesce(p_dag -> 'defaults', '{}'::jsonb);
   IF jsonb_typeof(v_defaults) <> 'object' THEN
     RETURN QUERY SELECT * FROM lifecycle.dag_report('wrong_type', '', 'defaults', 'workflow DAG', '{}',

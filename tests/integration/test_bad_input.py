@@ -1518,14 +1518,14 @@ def _mutate(doc: dict[str, Any], rng: random.Random) -> Any:
             stages.append(copy.deepcopy(rng.choice(stages)))  # a duplicate id
         elif op == 4 and stages:
             stages.pop(rng.randrange(len(stages)))
-        elif op == 5:
-            doc.setdefault("edges", []).append({"from": rng.choice(ids), "to": rng.choice([*ids, "zz", 7])})
+        elif op == 5 and isinstance(doc.setdefault("edges", []), list):
+            doc["edges"].append({"from": rng.choice(ids), "to": rng.choice([*ids, "zz", 7])})
         elif op == 6 and len(ids) >= 2 and isinstance(stage, dict):
             stage.setdefault("next", []).append(ids[0])  # often a cycle back to the first stage
         elif op == 7:
             doc["stages"] = copy.deepcopy(rng.choice([[], "stages", None, {}, [7]]))
         elif op == 8:
-            doc[rng.choice(["on_failure", "defaults", "extra"])] = copy.deepcopy(rng.choice(BAD_VALUES))
+            doc[rng.choice(["on_failure", "defaults", "context", "extra"])] = copy.deepcopy(rng.choice(BAD_VALUES))
         elif op == 9:
             doc["defaults"] = {
                 "retry": {rng.choice(RETRY_KEYS): copy.deepcopy(rng.choice(BAD_VALUES))},

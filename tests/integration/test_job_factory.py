@@ -40,27 +40,28 @@ def _upstreams(job: dg.JobDefinition) -> dict[str, list[str]]:
 def test_lifecycle_job_shape() -> None:
     job = build_job(_fixture("lifecycle_v1"))
     assert job.name == "lifecycle_v1__v1"
-    p = "lifecycle_v1__v1__"
+    # each node (step key) is its stage id; its op definition keeps a location-wide unique name
     assert _upstreams(job) == {
-        f"{p}discover": [],
-        f"{p}qualify": [f"{p}discover"],
-        f"{p}target_design": [f"{p}qualify"],
-        f"{p}value_realization": [f"{p}target_design"],
-        f"{p}integrity": [f"{p}value_realization"],
+        "discover": [],
+        "qualify": ["discover"],
+        "target_design": ["qualify"],
+        "value_realization": ["target_design"],
+        "integrity": ["value_realization"],
     }
     assert job.tags["lifecycle/definition_id"] == "00000000-0000-0000-0000-0000000000a1"
     assert job.tags["lifecycle/version"] == "1"
-    op = job.graph.node_named(f"{p}qualify").definition
+    op = job.graph.node_named("qualify").definition
+    assert op.name == "lifecycle_v1__v1__qualify"
     assert op.tags["lifecycle/capability"] == "assessment"
 
 
 def test_diamond_fans_out_and_in() -> None:
     job = build_job(_fixture("diamond"))
     assert _upstreams(job) == {
-        "diamond__v1__a": [],
-        "diamond__v1__b": ["diamond__v1__a"],
-        "diamond__v1__c": ["diamond__v1__a"],
-        "diamond__v1__d": ["diamond__v1__b", "diamond__v1__c"],
+        "a": [],
+        "b": ["a"],
+        "c": ["a"],
+        "d": ["b", "c"],
     }
 
 
@@ -139,11 +140,19 @@ def test_a_row_that_cannot_join_the_location_is_skipped_with_why(
 
 def test_two_versions_coexist_in_one_code_location() -> None:
     v1 = _fixture("lifecycle_v1")
-    v2 = {**v1, "id": "00000000-0000-0000-0000-0000000000a2", "version": 2}
+    v2 = {**v1, "id": "00000000-0000-0000-0000-0000000000a2", "version": 2, "is_active": True}
     snapshot = json.dumps([v1, v2])
     d = definitions_from_snapshot(snapshot)
     repo = d.get_repository_def()
+    # the stable job runs the active version, on that version's own graph and op definitions
+    stable = repo.get_job("lifecycle_v1")
+    assert stable.tags["lifecycle/definition_id"] == v2["id"]
+    assert stable.graph is repo.get_job("lifecycle_v1__v2").graph
+    # the failure sensor mirrors failed runs of the stable job too (no public accessor in 1.13)
+    monitored = repo.get_sensor_def("lifecycle_run_failure_sensor")._monitored_jobs  # type: ignore[attr-defined]
+    assert "lifecycle_v1" in {j.name for j in monitored}
     assert sorted(j.name for j in repo.get_all_jobs()) == [
+        "lifecycle_v1",
         "lifecycle_v1__v1",
         "lifecycle_v1__v1__compensate",
         "lifecycle_v1__v2",
@@ -167,7 +176,14 @@ def test_code_location_loads_every_active_job_and_skips_invalid(seeded_db: str) 
     with scoped_definitions_load_context(DefinitionsLoadType.INITIALIZATION):
         repo = defs().get_repository_def()
     names = sorted(j.name for j in repo.get_all_jobs())
-    assert names == ["diamond__v1", "diamond__v1__compensate", "lifecycle_v1__v1", "lifecycle_v1__v1__compensate"]
+    assert names == [
+        "diamond",  # the stable job of each active workflow
+        "diamond__v1",
+        "diamond__v1__compensate",
+        "lifecycle_v1",
+        "lifecycle_v1__v1",
+        "lifecycle_v1__v1__compensate",
+    ]
     for name in names:  # each job resolves with its ops (project_fully_featured's test_defs)
         job = repo.get_job(name)
         assert len(job.graph.nodes) == (4 if name.startswith("diamond") else 5)
@@ -181,7 +197,7 @@ def test_code_location_loads_every_active_job_and_skips_invalid(seeded_db: str) 
 
 
 def test_reconstruction_uses_the_snapshot_not_the_table(seeded_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    v1 = ["lifecycle_v1__v1", "lifecycle_v1__v1__compensate"]
+    v1 = ["lifecycle_v1", "lifecycle_v1__v1", "lifecycle_v1__v1__compensate"]
     with scoped_definitions_load_context(DefinitionsLoadType.INITIALIZATION) as ctx:  # a code server loads
         assert [j.name for j in defs().get_repository_def().get_all_jobs()] == v1
         stored = dict(ctx.get_pending_reconstruction_metadata())  # what Dagster stores with each run
@@ -204,13 +220,13 @@ def test_compensation_job_reverses_the_edges() -> None:
 
     job = build_compensation_job(_fixture("diamond"))
     assert job.name == "diamond__v1__compensate"
-    u = "diamond__v1__UNDO__"
     assert _upstreams(job) == {
-        f"{u}d": [],
-        f"{u}b": [f"{u}d"],
-        f"{u}c": [f"{u}d"],
-        f"{u}a": [f"{u}b", f"{u}c"],
+        "undo_d": [],
+        "undo_b": ["undo_d"],
+        "undo_c": ["undo_d"],
+        "undo_a": ["undo_b", "undo_c"],
     }
+    assert job.graph.node_named("undo_a").definition.name == "diamond__v1__UNDO__a"
     chain = build_compensation_job(_fixture("lifecycle_v1"))
     assert chain.metadata["undo_order"].text == "integrity, value_realization, target_design, qualify, discover"
 

@@ -13,12 +13,18 @@ from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.agents import AgentBadRequest, AgentRegistry, Task
 from lifecycle_dagster.location.definitions import definitions_from_snapshot, fetch_snapshot
-from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG, PARENT_RUN_TAG, RESUME_TAG, build_job
+from lifecycle_dagster.location.job_factory import (
+    EXECUTION_ID_TAG,
+    PARENT_RUN_TAG,
+    RESUME_TAG,
+    ROOT_RUN_TAG,
+    build_job,
+)
 from lifecycle_dagster.location.resources import agents_resource
 from lifecycle_dagster.location.sensors import resume_requests
 from lifecycle_dagster.store.db import connect
 
-from helpers import events, install, rows, run
+from helpers import create_execution, events, install, rows, run
 
 CHAIN = {
     "stages": [
@@ -192,3 +198,74 @@ def test_a_run_adopts_an_execution_driven_by_hand(seeded_db: str, instance: Any)
     assert set(logs.values()) == {"completed"} and len(logs) == 5
     assert rows(seeded_db, "SELECT count(*) AS n FROM task_queue WHERE task_type = 'discover'") == [{"n": 0}]
     assert rows(seeded_db, "SELECT status FROM workflow_executions") == [{"status": "completed"}]
+
+
+def test_a_run_launched_without_the_tag_gets_it_and_its_reexecution_resumes(db: str, instance: Any) -> None:
+    """A run started with only a context (the Launchpad, GraphQL, `dagster job execute`) is tagged
+    with the execution it created; a re-execution carrying only Dagster's parent/root run tags
+    (a parent that was never tagged, or tags not copied) finds that execution in Postgres."""
+    install(db, "wf", CHAIN, {"a": "A", "b": "B", "c": "C"})
+    agents = {"A": Counting("A"), "B": Counting("B", fail_times=1), "C": Counting("C")}
+    resources = {"lifecycle_agents": agents_resource(AgentRegistry(agents.values()))}
+    job = build_job(
+        rows(db, "SELECT id::text AS id, name, version, description, dag_schema FROM workflow_definitions")[0]
+    )
+    config = {"resources": {"lifecycle_request": {"config": {"context": {"customer": "ACME"}}}}}
+    first = job.execute_in_process(instance=instance, run_config=config, raise_on_error=False, resources=resources)
+    assert not first.success
+    [ex] = rows(db, "SELECT id::text AS id, dagster_run_id FROM workflow_executions")
+    assert ex["dagster_run_id"] == first.run_id
+    stored = instance.get_run_by_id(first.run_id)
+    assert stored.tags[EXECUTION_ID_TAG] == ex["id"]
+    assert [r.run_id for r in instance.get_runs(dg.RunsFilter(tags={EXECUTION_ID_TAG: ex["id"]}))] == [first.run_id]
+    # step keys are the stage ids
+    assert first.get_failed_step_keys() == {"b"}
+
+    second = job.execute_in_process(
+        instance=instance,
+        tags={PARENT_RUN_TAG: first.run_id, ROOT_RUN_TAG: first.run_id},
+        raise_on_error=False,
+        resources=resources,
+    )
+    assert second.success
+    assert agents["A"].calls == [1] and agents["B"].calls == [1, 2] and agents["C"].calls == [1]
+    done = rows(db, "SELECT id::text AS id, status FROM workflow_executions")
+    assert done == [{"id": ex["id"], "status": "completed"}]
+    assert instance.get_run_by_id(second.run_id).tags[EXECUTION_ID_TAG] == ex["id"]
+
+
+def test_a_declared_context_is_required_when_a_run_creates_its_execution(db: str, instance: Any) -> None:
+    """A DAG declaring ``context``: its job's default run config is the example; a run config
+    giving an empty context is refused at launch naming the key; a run given no
+    lifecycle_request config at all (the example would run by accident) or a context file lacking
+    a key is refused by its first op, and creates no execution; a run adopting an execution by
+    its tag needs no context."""
+    declared = {**CHAIN, "context": {"required": ["customer"], "example": {"customer": "ACME", "n": 1}}}
+    install(db, "wf", declared, {"a": "A", "b": "B", "c": "C"})
+    registry = AgentRegistry([Counting("A"), Counting("B"), Counting("C")])
+    resources = {"lifecycle_agents": agents_resource(registry)}
+    job = build_job(
+        rows(db, "SELECT id::text AS id, name, version, description, dag_schema FROM workflow_definitions")[0]
+    )
+    assert job.run_config == {"resources": {"lifecycle_request": {"config": {"context": {"customer": "ACME", "n": 1}}}}}
+    empty = {"resources": {"lifecycle_request": {"config": {"context": {}}}}}
+    try:
+        job.execute_in_process(instance=instance, run_config=empty, resources=resources)
+        raise AssertionError("an empty context was accepted")
+    except dg.DagsterInvalidConfigError as exc:
+        assert 'Missing required config entry "customer"' in str(exc)
+    nothing = job.execute_in_process(instance=instance, raise_on_error=False, resources=resources)
+    assert not nothing.success
+    [failure] = nothing.get_step_failure_events()
+    assert "its context lacks customer: set resources.lifecycle_request.config.context" in str(
+        failure.event_specific_data.error.message  # type: ignore[union-attr]
+    )
+    assert rows(db, "SELECT count(*) AS n FROM workflow_executions") == [{"n": 0}]
+    _, eid = create_execution(db, "wf", {"customer": "Globex"})
+    adopted = job.execute_in_process(
+        instance=instance, tags={EXECUTION_ID_TAG: eid}, raise_on_error=False, resources=resources
+    )
+    assert adopted.success
+    assert rows(db, "SELECT status, context FROM workflow_executions") == [
+        {"status": "completed", "context": {"customer": "Globex"}}
+    ]

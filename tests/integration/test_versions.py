@@ -618,7 +618,7 @@ def test_a_stage_named_compensate_is_refused_by_every_validator(db: str, tmp_pat
     assert result.exit_code == 1
     assert "ok__v1: valid" in result.output and "wf__v1: valid" not in result.output
     assert "wf v1: SKIPPED by the code location: invalid workflow DAG" in result.output
-    assert _loaded_jobs(db) == ["ok__v1", "ok__v1__compensate"]
+    assert _loaded_jobs(db) == ["ok", "ok__v1", "ok__v1__compensate"]
 
 
 def test_cli_validate_warns_about_unconnected_stages_and_unserved_capabilities(db: str, tmp_path: Path) -> None:
@@ -771,8 +771,8 @@ def test_a_version_is_loaded_while_an_execution_of_it_is_not_final(db: str, stat
         [v] = [v for v in list_versions(conn, "wf") if v.version == 1]
     pinned = status in PINNING
     assert (v.active, v.unfinished) == (False, 1 if pinned else 0)
-    expected = ["wf__v2", "wf__v2__compensate"]
-    assert _loaded_jobs(db) == (["wf__v1", "wf__v1__compensate", *expected] if pinned else expected)
+    expected = ["wf", "wf__v2", "wf__v2__compensate"]  # the stable job wf runs the active v2
+    assert _loaded_jobs(db) == (["wf", "wf__v1", "wf__v1__compensate", *expected[1:]] if pinned else expected)
 
 
 class _Preparer:
@@ -851,7 +851,7 @@ def test_a_run_started_on_v1_finishes_on_v1_after_v2_is_activated(db: str, insta
     assert seen["status"] == [{"status": "in_progress"}]
     assert (seen["v2"].version, seen["v2"].activated, seen["v2"].previous_version) == (2, True, 1)
     assert seen["versions"] == [(1, False, 1), (2, True, 0)]
-    assert seen["jobs_meanwhile"] == ["wf__v1", "wf__v1__compensate", "wf__v2", "wf__v2__compensate"]
+    assert seen["jobs_meanwhile"] == ["wf", "wf__v1", "wf__v1__compensate", "wf__v2", "wf__v2__compensate"]
     # the execution ran v1's DAG to the end and keeps v1's row
     [ex] = rows(
         db,
@@ -870,18 +870,19 @@ def test_a_run_started_on_v1_finishes_on_v1_after_v2_is_activated(db: str, insta
         {"stage_id": "work", "status": "completed", "attempt_number": 2},
     ]
     # finished: a reload no longer loads v1, unless it is active again
-    assert _loaded_jobs(db) == ["wf__v2", "wf__v2__compensate"]
+    assert _loaded_jobs(db) == ["wf", "wf__v2", "wf__v2__compensate"]
     with connect(db) as conn:
         activate(conn, "wf", 1)
-    assert _loaded_jobs(db) == ["wf__v1", "wf__v1__compensate"]
+    assert _loaded_jobs(db) == ["wf", "wf__v1", "wf__v1__compensate"]
 
 
 def test_active_definitions_keeps_its_columns(db: str) -> None:
     with connect(db) as conn:
         publish(conn, "wf", "d", _chain("a"), activate=True)
         [row] = conn.execute(query("active_definitions")).fetchall()
-    assert set(row) == {"id", "name", "description", "version", "is_active", "dag_schema_json"}
-    assert (row["name"], row["description"], row["version"], row["is_active"], json.loads(row["dag_schema_json"])) == (
+    assert set(row) == {"id", "name", "description", "version", "dag_schema_json", "is_active"}
+    assert row["is_active"] is True
+    assert (row["name"], row["description"], row["version"], json.loads(row["dag_schema_json"])) == (
         "wf",
         "d",
         1,
@@ -967,7 +968,7 @@ def test_publish_and_activate_reload_a_running_webserver(
                 pass
             assert time.monotonic() < deadline, "the webserver did not come up"
             time.sleep(0.5)
-        assert _webserver_jobs(url) == ["wf__v1", "wf__v1__compensate"]
+        assert _webserver_jobs(url) == ["wf", "wf__v1", "wf__v1__compensate"]
         code_servers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "grpc" in " ".join(p.cmdline())]
 
         monkeypatch.setenv(WEBSERVER_URL_ENV, url)
@@ -978,7 +979,7 @@ def test_publish_and_activate_reload_a_running_webserver(
             "published wf v2 and activated it (v1 deactivated)",
             f"code location 'lifecycle_dagster' reloaded on {url}",
         ]
-        assert _webserver_jobs(url) == ["wf__v2", "wf__v2__compensate"]
+        assert _webserver_jobs(url) == ["wf", "wf__v2", "wf__v2__compensate"]
 
         result = _cli("activate", "wf", "1")
         assert result.exit_code == 0, result.output
@@ -986,7 +987,7 @@ def test_publish_and_activate_reload_a_running_webserver(
             "activated wf v1 (v2 deactivated)",
             f"code location 'lifecycle_dagster' reloaded on {url}",
         ]
-        assert _webserver_jobs(url) == ["wf__v1", "wf__v1__compensate"]
+        assert _webserver_jobs(url) == ["wf", "wf__v1", "wf__v1__compensate"]
 
         outcome = reload_code_location(url, location="no_such_location")
         assert not outcome.ok
