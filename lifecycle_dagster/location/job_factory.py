@@ -272,6 +272,16 @@ def tag_run(context: dg.OpExecutionContext, execution_id: str) -> None:
     _TAGGED[key] = None
 
 
+def _completed_line(stage_id: str, outcome: StageOutcome) -> str:
+    """The INFO line of a completed stage: agent, attempt and duration (or that it was done before)."""
+    how = (
+        "by an earlier run (nothing ran)"
+        if outcome.already_completed
+        else f"agent {outcome.agent_name}, attempt {outcome.attempt}, {outcome.duration_ms:.0f} ms"
+    )
+    return f"stage '{stage_id}' completed: {how} (execution {outcome.execution_id})"
+
+
 def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
     stage = dag.stage(stage_id)
     spec = StageSpec(
@@ -312,15 +322,7 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
             raise _retry_when_db_lost(context, spec.stage_id, execution_id, exc, spec.policy.max_attempts) from exc
         run.beat(outcome.execution_id)  # the heartbeat's log lines name the execution
         context.add_output_metadata(_stage_metadata(outcome))
-        context.log.info(
-            f"stage '{spec.stage_id}' completed: "
-            + (
-                "by an earlier run (nothing ran)"
-                if outcome.already_completed
-                else f"agent {outcome.agent_name}, attempt {outcome.attempt}, {outcome.duration_ms:.0f} ms"
-            )
-            + f" (execution {outcome.execution_id})"
-        )
+        context.log.info(_completed_line(spec.stage_id, outcome))
 
     return dg.op(
         name=op_name(job_name(row.name, row.version), stage.id),
