@@ -13,14 +13,15 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 
 from lifecycle_dagster.cli.common import dagster_home, execute_here, main, print_execution
 from lifecycle_dagster.cli.common import dsn as _dsn
-from lifecycle_dagster.cli.output import BackgroundProgress, progress_view
+from lifecycle_dagster.cli.output import BackgroundProgress, is_idle_tick_line, progress_view
 from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.store import migrate, transitions
 from lifecycle_dagster.store.db import connect
@@ -377,8 +378,10 @@ def compensate_cmd(execution_id: str, reason: str, no_wait: bool) -> None:
 @main.command("dev", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
 def dev_cmd(ctx: click.Context) -> None:
-    """Run `dagster dev` (workspace.yaml) on this database and Dagster home; extra arguments are
-    passed on. The embedded server stays up while it runs and stops when it ends.
+    """Run `dg dev` (workspace.yaml, else the module lifecycle_dagster) on this database and
+    Dagster home; extra arguments are passed on. The embedded server stays up while it runs. Its
+    log leaves out the daemon's lines of sensor ticks that neither launched a run nor failed.
+    Ctrl-C or SIGTERM stops everything it started within about 2 s.
     """
 
     dsn = _dsn()
@@ -386,32 +389,84 @@ def dev_cmd(ctx: click.Context) -> None:
     home = dagster_home(Settings.from_env(), dsn)
     target = ["-w", "workspace.yaml"] if Path("workspace.yaml").exists() else ["-m", "lifecycle_dagster"]
     env = {**os.environ, "DATABASE_URL": dsn, "DAGSTER_HOME": str(home)}
-    args = [sys.executable, "-m", "dagster", "dev", *target, *ctx.args]
-    sys.exit(_run_process_group(args, env))
+    args = [sys.executable, "-m", "dagster_dg_cli.cli", "dev", *target, *ctx.args]
+    sys.exit(_run_process_group(args, env, drop_line=is_idle_tick_line))
 
 
-def _run_process_group(args: list[str], env: dict[str, str], grace_s: float = 10.0) -> int:
-    """Run ``args`` in its own process group; SIGINT or SIGTERM to us sends SIGTERM to the whole group
-    (dagster dev's webserver, daemon and code servers) and SIGKILL ``grace_s`` seconds later if it
-    is still there, so that this process then exits normally and stops the embedded server it holds."""
+#: how long `dev`'s processes get to stop on their own after SIGINT before the rest is killed
+DEV_STOP_GRACE_S = 1.0
+
+
+def _run_process_group(
+    args: list[str],
+    env: dict[str, str],
+    grace_s: float = DEV_STOP_GRACE_S,
+    drop_line: Callable[[str], bool] | None = None,
+) -> int:
+    """Run ``args`` in its own process group and return its exit status (0 after a stop). SIGINT or SIGTERM to us
+    is passed on as SIGINT to the whole group, as a terminal's Ctrl-C is: `dagster dev` (which
+    maps SIGTERM to SIGINT itself), its webserver, daemon and code servers each start their own
+    shutdown at once instead of one after the other. Whatever of the group is still there
+    ``grace_s`` seconds later is killed (a code server otherwise waits for the runs it started;
+    a run worker killed so is caught by the execution heartbeat and resumed). This process then
+    returns normally and releases the embedded server it holds.
+
+    ``drop_line``: when given, the group's output (stdout and stderr) is copied to our stderr line
+    by line, leaving out the lines it returns True for."""
     import signal
     import threading
+    import time
 
-    proc = subprocess.Popen(args, env=env, start_new_session=True)
+    pipe = subprocess.PIPE if drop_line is not None else None
+    proc = subprocess.Popen(
+        args, env=env, start_new_session=True, stdout=pipe, stderr=subprocess.STDOUT if pipe else None
+    )
+    copier = None
+    if drop_line is not None and proc.stdout is not None:
+        copier = threading.Thread(target=_copy_lines, args=(proc.stdout, drop_line), name="dev-log", daemon=True)
+        copier.start()
+    stopping = threading.Event()
 
-    def kill_group(sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
+    def signal_group(sig: int) -> bool:
+        """Send ``sig`` to the group; False when none of it is left."""
+        try:
             os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
 
     def stop(signum: int, _frame: object) -> None:
-        kill_group(signal.SIGTERM)
-        timer = threading.Timer(grace_s, kill_group, args=(signal.SIGKILL,))
-        timer.daemon = True
-        timer.start()
+        if not stopping.is_set():
+            stopping.set()
+            signal_group(signal.SIGINT)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    return proc.wait()
+    while True:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.05)
+        if stopping.wait(0) or proc.returncode is not None:
+            break
+    deadline = time.monotonic() + grace_s
+    while signal_group(0) and time.monotonic() < deadline:  # the group, not only dagster dev
+        time.sleep(0.05)
+    signal_group(signal.SIGKILL)
+    code = proc.wait()
+    if copier is not None:
+        copier.join(timeout=1)
+    return 0 if stopping.is_set() else code  # a stop asked for is not a failure
+
+
+def _copy_lines(source: IO[bytes], drop_line: Callable[[str], bool]) -> None:
+    """Copy ``source`` to our stderr line by line until its end, leaving out the lines
+    ``drop_line`` returns True for (decoded as UTF-8, bad bytes replaced)."""
+    out = sys.stderr.buffer
+    for line in iter(source.readline, b""):
+        if drop_line(line.decode("utf-8", "replace")):
+            continue
+        with contextlib.suppress(OSError, ValueError):  # our stderr closed: keep draining the pipe
+            out.write(line)
+            out.flush()
 
 
 # the other command groups register their commands on ``main`` when imported

@@ -91,6 +91,22 @@ def _rich_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Co
 
 
 # --------------------------------------------------------------------------------------------
+# `dev`'s log
+
+#: the daemon's lines of a sensor tick that neither launched nor failed (dagster.daemon.SensorDaemon
+#: at INFO): one "Checking for new runs" line per sensor and tick, and its "skipped" line
+_IDLE_TICK_MARKS = ("Checking for new runs for sensor: ", " skipped: ")
+
+
+def is_idle_tick_line(line: str) -> bool:
+    """Whether ``line`` (one line of `dagster dev`'s output, colour codes and all) is the daemon
+    logging a sensor tick that launched nothing and did not fail: `dev` leaves those out. Ticks
+    that launch ("Launching run for ...", "Completed launch of run ...") or fail (ERROR lines)
+    are kept, and so is everything else."""
+    return "dagster.daemon.SensorDaemon" in line and any(mark in line for mark in _IDLE_TICK_MARKS)
+
+
+# --------------------------------------------------------------------------------------------
 # following an execution
 
 
