@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,13 @@ import click
 
 from lifecycle_dagster.cli.common import dagster_home, execute_here, main, print_execution
 from lifecycle_dagster.cli.common import dsn as _dsn
-from lifecycle_dagster.cli.output import BackgroundProgress, is_idle_tick_line, progress_view
+from lifecycle_dagster.cli.output import (
+    BackgroundProgress,
+    is_idle_tick_line,
+    progress_view,
+    read_progress,
+    summary_line,
+)
 from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.store import migrate, transitions
 from lifecycle_dagster.store.db import connect
@@ -211,7 +218,8 @@ def run_cmd(workflow: str, context_file: Path) -> None:
     click.echo(f"execution {execution_id}  ({workflow} v{row['version']}, job {job.name})")
 
     os.environ.setdefault("DAGSTER_HOME", str(dagster_home(settings, dsn)))
-    with BackgroundProgress(dsn, execution_id):  # a progress bar on stderr when it is a terminal
+    started = time.monotonic()
+    with BackgroundProgress(dsn, execution_id):  # the stages' progress on stderr
         result = execute_here(dsn, job, {EXECUTION_ID_TAG: execution_id}, run_id=run_id)
     status = print_execution(dsn, execution_id)
     click.echo(f"dagster run {result.run_id}: {'success' if result.success else 'failure'}")
@@ -219,7 +227,61 @@ def run_cmd(workflow: str, context_file: Path) -> None:
         for event in result.all_events:
             if event.event_type_value == "STEP_FAILURE" and event.step_failure_data.error:
                 click.echo(f"  {event.step_key}: {event.step_failure_data.error.message.strip()[:500]}", err=True)
+    _summary(dsn, execution_id, time.monotonic() - started)
     sys.exit(0 if status == "completed" else 1)
+
+
+def _summary(dsn: str, execution_id: str, elapsed_s: float) -> None:
+    """Print the summary line (status, stages done, seconds) and, unless the execution completed,
+    what happens next (:func:`_next_steps`)."""
+    with connect(dsn) as conn:
+        p = fetch_one(conn, "execution_progress", {"execution_id": execution_id})
+        due = conn.execute(query("compensation_due_for"), {"execution_id": execution_id}).fetchone() is not None
+    click.echo(summary_line(p, elapsed_s))
+    for line in _next_steps(execution_id, str(p["status"]), compensation_due=due, daemon=_daemon_running()):
+        click.echo(line)
+
+
+def _next_steps(execution_id: str, status: str, *, compensation_due: bool, daemon: bool) -> list[str]:
+    """The lines saying what happens next to an execution that ended ``status`` in this command:
+    the reconciler of a running daemon compensates it, or the commands that do
+    (``compensate ID``, ``retry ID`` while its compensation has not started)."""
+    if status in ("compensating", "rolled_back", "compensation_failed"):
+        done = {"rolled_back": "its completed stages were undone", "compensation_failed": "an undo failed"}
+        return [
+            f"next: compensation {'is under way' if status == 'compensating' else 'ended'}"
+            f"{': ' + done[status] if status in done else ''} (lifecycle-dagster status {execution_id})"
+        ]
+    if status != "failed":
+        return []
+    if compensation_due and daemon:
+        return [
+            "next: the daemon's reconciler compensates it within about 10 s (undoes its completed stages); "
+            f"follow it with: lifecycle-dagster status {execution_id}"
+        ]
+    why = "no dagster-daemon is running to compensate it" if compensation_due else "it is held (on_failure: hold)"
+    lines = [f"next: {why}; by hand:"]
+    lines.append(f"  undo its completed stages:      lifecycle-dagster compensate {execution_id}")
+    lines.append(f"  or run its failed stage again:  lifecycle-dagster retry {execution_id}")
+    return lines
+
+
+def _daemon_running(within_s: float = 60.0) -> bool:
+    """Whether a dagster-daemon on this Dagster home ran its sensor daemon in the last
+    ``within_s`` seconds (its heartbeat); False when there is no Dagster home here."""
+    settings = Settings.from_env()
+    if not (settings.dagster_home / "dagster.yaml").exists():
+        return False
+    from dagster import DagsterInstance
+
+    instance = DagsterInstance.from_config(str(settings.dagster_home))
+    try:
+        beat = instance.get_daemon_heartbeats().get("SENSOR")
+        return beat is not None and time.time() - beat.timestamp < within_s
+    except Exception:  # an instance that cannot say: assume none
+        return False
+    finally:
+        instance.dispose()
 
 
 @main.command("start")
@@ -242,28 +304,30 @@ def start_cmd(workflow: str, context_file: Path, wait: bool, timeout_s: float) -
     click.echo(execution_id)
     if not wait:
         return
+    started = time.monotonic()
     _follow(dsn, execution_id, timeout_s)
     status = print_execution(dsn, execution_id)
+    _summary(dsn, execution_id, time.monotonic() - started)
     sys.exit(0 if status == "completed" else 1)
 
 
 def _follow(dsn: str, execution_id: str, timeout_s: float) -> None:
-    """Show the execution's progress on stderr (a bar on a terminal, else a line per change) until
-    its status leaves pending, in_progress and compensating.
+    """Show the execution's progress per stage on stderr (a live table on a terminal, else a line
+    per change: :func:`progress_view`) until its status leaves pending, in_progress and compensating.
 
     Raises:
         click.ClickException: still going after ``timeout_s`` seconds.
     """
-    import time
-
     started = time.monotonic()
     hinted = False
     view = progress_view()
     try:
         with connect(dsn) as conn:
             while True:
-                p = fetch_one(conn, "execution_progress", {"execution_id": execution_id})
-                view.update(p)
+                p, stages = read_progress(conn, execution_id)
+                if p is None:
+                    raise click.ClickException(f"no execution {execution_id}")
+                view.update(p, stages)
                 if p["status"] not in ("pending", "in_progress", "compensating"):
                     return
                 waited = time.monotonic() - started
@@ -415,7 +479,6 @@ def _run_process_group(
     by line, leaving out the lines it returns True for."""
     import signal
     import threading
-    import time
 
     pipe = subprocess.PIPE if drop_line is not None else None
     proc = subprocess.Popen(
