@@ -238,7 +238,9 @@ def _summary(dsn: str, execution_id: str, elapsed_s: float) -> None:
         p = fetch_one(conn, "execution_progress", {"execution_id": execution_id})
         due = conn.execute(query("compensation_due_for"), {"execution_id": execution_id}).fetchone() is not None
     click.echo(summary_line(p, elapsed_s))
-    for line in _next_steps(execution_id, str(p["status"]), compensation_due=due, daemon=_daemon_running()):
+    status = str(p["status"])
+    daemon = status == "failed" and due and _daemon_running()  # asked only when it matters
+    for line in _next_steps(execution_id, status, compensation_due=due, daemon=daemon):
         click.echo(line)
 
 
