@@ -142,7 +142,8 @@ def db_seed() -> None:
 
 @db.command("start")
 def db_start() -> None:
-    """Start the embedded server and leave it running; print its URL."""
+    """Start the embedded server and keep it running after every command using it has exited,
+    until `db stop`; print its URL."""
     settings = Settings.from_env()
     if not settings.embedded:
         raise click.ClickException("DATABASE_URL is set: there is no embedded server to start")
@@ -153,7 +154,7 @@ def db_start() -> None:
 
 @db.command("stop")
 def db_stop() -> None:
-    """Stop the embedded server."""
+    """Stop the embedded server (and undo `db start`), whichever commands still use it."""
     from lifecycle_dagster.store.embedded import stop_server
 
     stopped = stop_server(Settings.from_env().pgdata)
