@@ -455,7 +455,8 @@ def dev_cmd(ctx: click.Context) -> None:
     _upgrade_and_seed(dsn)
     home = dagster_home(Settings.from_env(), dsn)
     target = ["-w", "workspace.yaml"] if Path("workspace.yaml").exists() else ["-m", "lifecycle_dagster"]
-    env = {**os.environ, "DATABASE_URL": dsn, "DAGSTER_HOME": str(home)}
+    # unbuffered: its output reaches us through a pipe (for the log filter) line by line
+    env = {**os.environ, "DATABASE_URL": dsn, "DAGSTER_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     args = [sys.executable, "-m", "dagster_dg_cli.cli", "dev", *target, *ctx.args]
     sys.exit(_run_process_group(args, env, drop_line=is_idle_tick_line))
 
