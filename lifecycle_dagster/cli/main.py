@@ -484,8 +484,8 @@ def _run_process_group(
     on_stop: Callable[[], None] | None = None,
 ) -> int:
     """Run ``args`` in its own process group and return its exit status (0 after a stop). SIGINT or SIGTERM to us
-    is passed on as SIGINT to the whole group, as a terminal's Ctrl-C is: `dagster dev` (which
-    maps SIGTERM to SIGINT itself), its webserver, daemon and code servers each start their own
+    is passed on as SIGINT to the whole group, as a terminal's Ctrl-C is: `dg dev` (which, as
+    `dagster dev` does, maps SIGTERM to SIGINT itself), its webserver, daemon and code servers each start their own
     shutdown at once instead of one after the other. Whatever of the group is still there
     ``grace_s`` seconds later is killed (a code server otherwise waits for the runs it started;
     a run worker killed so is caught by the execution heartbeat and resumed). This process then
@@ -507,18 +507,10 @@ def _run_process_group(
         copier.start()
     stopping = threading.Event()
 
-    def signal_group(sig: int) -> bool:
-        """Send ``sig`` to the group; False when none of it is left."""
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return False
-        return True
-
     def stop(signum: int, _frame: object) -> None:
         if not stopping.is_set():
             stopping.set()
-            signal_group(signal.SIGINT)
+            _signal_group(proc.pid, signal.SIGINT)
             if on_stop is not None:
                 threading.Thread(target=on_stop, name="dev-stop", daemon=True).start()
 
@@ -530,13 +522,22 @@ def _run_process_group(
         if stopping.wait(0) or proc.returncode is not None:
             break
     deadline = time.monotonic() + grace_s
-    while signal_group(0) and time.monotonic() < deadline:  # the group, not only dagster dev
+    while _signal_group(proc.pid, 0) and time.monotonic() < deadline:  # the group, not only dg dev
         time.sleep(0.05)
-    signal_group(signal.SIGKILL)
+    _signal_group(proc.pid, signal.SIGKILL)
     code = proc.wait()
     if copier is not None:
         copier.join(timeout=0.5)
     return 0 if stopping.is_set() else code  # a stop asked for is not a failure
+
+
+def _signal_group(group: int, sig: int) -> bool:
+    """Send ``sig`` to the process group ``group``; False when none of it is left."""
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _copy_lines(source: IO[bytes], drop_line: Callable[[str], bool]) -> None:
