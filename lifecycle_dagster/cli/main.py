@@ -448,7 +448,7 @@ def dev_cmd(ctx: click.Context) -> None:
     """Run `dg dev` (workspace.yaml, else the module lifecycle_dagster) on this database and
     Dagster home; extra arguments are passed on. The embedded server stays up while it runs. Its
     log leaves out the daemon's lines of sensor ticks that neither launched a run nor failed.
-    Ctrl-C or SIGTERM stops everything it started within about a second.
+    Ctrl-C or SIGTERM stops everything it started within about 2 s.
     """
 
     dsn = _dsn()

@@ -112,6 +112,7 @@ def test_dev_stops_within_3_s_with_the_embedded_server_it_started(tmp_path: Path
     finally:
         for p in psutil.Process().children(recursive=True):
             p.kill()
+        dev.wait(30)
         if server_running(tmp_path / "pgdata"):
             subprocess.run([str(BIN / "lifecycle-dagster"), "db", "stop"], env=env, timeout=60)
     text = (tmp_path / "dev.log").read_text()
