@@ -5,6 +5,7 @@ imports them all to register their commands."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,21 +63,66 @@ def dagster_home(settings: Settings, dsn: str) -> Path:
     return home
 
 
+#: the code location and repository the runs of this command are filed under, as ``workspace.yaml``
+#: and ``[tool.dagster]`` name them (Dagster names a ``Definitions`` object's repository
+#: ``__repository__``): the UI's job page lists a run by its job name and this repository's label
+LOCATION_NAME = "lifecycle_dagster"
+REPOSITORY_NAME = "__repository__"
+DEFINITIONS_MODULE = "lifecycle_dagster.definitions"
+
+
+def run_origins(job_name: str) -> tuple[Any, Any]:
+    """The ``(remote_job_origin, job_code_origin)`` a run of ``job_name`` launched from the code
+    location carries: location ``lifecycle_dagster``, repository ``__repository__``, the module
+    ``lifecycle_dagster.definitions`` run by this Python. Built without loading a workspace (no
+    code server is started)."""
+    from dagster._core.code_pointer import ModuleCodePointer
+    from dagster._core.origin import JobPythonOrigin, RepositoryPythonOrigin
+    from dagster._core.remote_origin import (
+        ManagedGrpcPythonEnvCodeLocationOrigin,
+        RemoteJobOrigin,
+        RemoteRepositoryOrigin,
+    )
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    target = LoadableTargetOrigin(executable_path=sys.executable, module_name=DEFINITIONS_MODULE)
+    location = ManagedGrpcPythonEnvCodeLocationOrigin(target, location_name=LOCATION_NAME)
+    remote = RemoteJobOrigin(RemoteRepositoryOrigin(location, REPOSITORY_NAME), job_name)
+    pointer = ModuleCodePointer(DEFINITIONS_MODULE, "defs", working_directory=None)
+    code = JobPythonOrigin(job_name, RepositoryPythonOrigin(sys.executable, pointer, None, None, None))
+    return remote, code
+
+
 def execute_here(dsn: str, job: Any, tags: dict[str, str], run_id: str | None = None) -> Any:
     """Execute the Dagster ``job`` in this process on the Dagster home of ``dsn`` (in-process
     executor, console logging off) with run ``tags`` (and run id ``run_id``, a new one when None);
-    return its ExecuteInProcessResult. A failed run is returned, not raised."""
+    return its ``JobExecutionResult`` (``run_id``, ``success``, ``all_events``). A failed run is
+    returned, not raised.
+
+    The run is created with the code location's origin (:func:`run_origins`), as a run launched
+    from the UI or a sensor is: the job's page in the UI lists it and the location's run failure
+    sensor sees it. No daemon and no code server are involved."""
     from dagster import DagsterInstance
+    from dagster._core.definitions.job_base import InMemoryJob
+    from dagster._core.execution.api import create_execution_plan, execute_run
 
     instance = DagsterInstance.from_config(str(dagster_home(Settings.from_env(), dsn)))
     try:
-        return job.execute_in_process(
-            instance=instance,
-            tags=tags,
+        ephemeral = job.as_ephemeral_job(resource_defs={}, input_values={})  # the in-process executor
+        in_memory = InMemoryJob(ephemeral)
+        run_config = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+        plan = create_execution_plan(in_memory, run_config=run_config, instance_ref=instance.get_ref())
+        remote_origin, code_origin = run_origins(job.name)
+        run = instance.create_run_for_job(
+            job_def=ephemeral,
+            execution_plan=plan,
             run_id=run_id,
-            run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
-            raise_on_error=False,
+            run_config=run_config,
+            tags={**job.run_tags, **tags},
+            remote_job_origin=remote_origin,
+            job_code_origin=code_origin,
         )
+        return execute_run(in_memory, run, instance, raise_on_error=False)
     finally:
         instance.dispose()
 

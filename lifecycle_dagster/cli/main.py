@@ -12,15 +12,23 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 
 from lifecycle_dagster.cli.common import dagster_home, execute_here, main, print_execution
 from lifecycle_dagster.cli.common import dsn as _dsn
-from lifecycle_dagster.cli.output import BackgroundProgress, progress_view
+from lifecycle_dagster.cli.output import (
+    BackgroundProgress,
+    is_idle_tick_line,
+    progress_view,
+    read_progress,
+    summary_line,
+)
 from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.store import migrate, transitions
 from lifecycle_dagster.store.db import connect
@@ -134,7 +142,8 @@ def db_seed() -> None:
 
 @db.command("start")
 def db_start() -> None:
-    """Start the embedded server and leave it running; print its URL."""
+    """Start the embedded server and keep it running after every command using it has exited,
+    until `db stop`; print its URL."""
     settings = Settings.from_env()
     if not settings.embedded:
         raise click.ClickException("DATABASE_URL is set: there is no embedded server to start")
@@ -145,7 +154,7 @@ def db_start() -> None:
 
 @db.command("stop")
 def db_stop() -> None:
-    """Stop the embedded server."""
+    """Stop the embedded server (and undo `db start`), whichever commands still use it."""
     from lifecycle_dagster.store.embedded import stop_server
 
     stopped = stop_server(Settings.from_env().pgdata)
@@ -210,7 +219,8 @@ def run_cmd(workflow: str, context_file: Path) -> None:
     click.echo(f"execution {execution_id}  ({workflow} v{row['version']}, job {job.name})")
 
     os.environ.setdefault("DAGSTER_HOME", str(dagster_home(settings, dsn)))
-    with BackgroundProgress(dsn, execution_id):  # a progress bar on stderr when it is a terminal
+    started = time.monotonic()
+    with BackgroundProgress(dsn, execution_id):  # the stages' progress on stderr
         result = execute_here(dsn, job, {EXECUTION_ID_TAG: execution_id}, run_id=run_id)
     status = print_execution(dsn, execution_id)
     click.echo(f"dagster run {result.run_id}: {'success' if result.success else 'failure'}")
@@ -218,7 +228,63 @@ def run_cmd(workflow: str, context_file: Path) -> None:
         for event in result.all_events:
             if event.event_type_value == "STEP_FAILURE" and event.step_failure_data.error:
                 click.echo(f"  {event.step_key}: {event.step_failure_data.error.message.strip()[:500]}", err=True)
+    _summary(dsn, execution_id, time.monotonic() - started)
     sys.exit(0 if status == "completed" else 1)
+
+
+def _summary(dsn: str, execution_id: str, elapsed_s: float) -> None:
+    """Print the summary line (status, stages done, seconds) and, unless the execution completed,
+    what happens next (:func:`_next_steps`)."""
+    with connect(dsn) as conn:
+        p = fetch_one(conn, "execution_progress", {"execution_id": execution_id})
+        due = conn.execute(query("compensation_due_for"), {"execution_id": execution_id}).fetchone() is not None
+    click.echo(summary_line(p, elapsed_s))
+    status = str(p["status"])
+    daemon = status == "failed" and due and _daemon_running()  # asked only when it matters
+    for line in _next_steps(execution_id, status, compensation_due=due, daemon=daemon):
+        click.echo(line)
+
+
+def _next_steps(execution_id: str, status: str, *, compensation_due: bool, daemon: bool) -> list[str]:
+    """The lines saying what happens next to an execution that ended ``status`` in this command:
+    the reconciler of a running daemon compensates it, or the commands that do
+    (``compensate ID``, ``retry ID`` while its compensation has not started)."""
+    if status in ("compensating", "rolled_back", "compensation_failed"):
+        done = {"rolled_back": "its completed stages were undone", "compensation_failed": "an undo failed"}
+        return [
+            f"next: compensation {'is under way' if status == 'compensating' else 'ended'}"
+            f"{': ' + done[status] if status in done else ''} (lifecycle-dagster status {execution_id})"
+        ]
+    if status != "failed":
+        return []
+    if compensation_due and daemon:
+        return [
+            "next: the daemon's reconciler compensates it within about 10 s (undoes its completed stages); "
+            f"follow it with: lifecycle-dagster status {execution_id}"
+        ]
+    why = "no dagster-daemon is running to compensate it" if compensation_due else "it is held (on_failure: hold)"
+    lines = [f"next: {why}; by hand:"]
+    lines.append(f"  undo its completed stages:      lifecycle-dagster compensate {execution_id}")
+    lines.append(f"  or run its failed stage again:  lifecycle-dagster retry {execution_id}")
+    return lines
+
+
+def _daemon_running(within_s: float = 60.0) -> bool:
+    """Whether a dagster-daemon on this Dagster home ran its sensor daemon in the last
+    ``within_s`` seconds (its heartbeat); False when there is no Dagster home here."""
+    settings = Settings.from_env()
+    if not (settings.dagster_home / "dagster.yaml").exists():
+        return False
+    from dagster import DagsterInstance
+
+    instance = DagsterInstance.from_config(str(settings.dagster_home))
+    try:
+        beat = instance.get_daemon_heartbeats().get("SENSOR")
+        return beat is not None and time.time() - beat.timestamp < within_s
+    except Exception:  # an instance that cannot say: assume none
+        return False
+    finally:
+        instance.dispose()
 
 
 @main.command("start")
@@ -241,28 +307,30 @@ def start_cmd(workflow: str, context_file: Path, wait: bool, timeout_s: float) -
     click.echo(execution_id)
     if not wait:
         return
+    started = time.monotonic()
     _follow(dsn, execution_id, timeout_s)
     status = print_execution(dsn, execution_id)
+    _summary(dsn, execution_id, time.monotonic() - started)
     sys.exit(0 if status == "completed" else 1)
 
 
 def _follow(dsn: str, execution_id: str, timeout_s: float) -> None:
-    """Show the execution's progress on stderr (a bar on a terminal, else a line per change) until
-    its status leaves pending, in_progress and compensating.
+    """Show the execution's progress per stage on stderr (a live table on a terminal, else a line
+    per change: :func:`progress_view`) until its status leaves pending, in_progress and compensating.
 
     Raises:
         click.ClickException: still going after ``timeout_s`` seconds.
     """
-    import time
-
     started = time.monotonic()
     hinted = False
     view = progress_view()
     try:
         with connect(dsn) as conn:
             while True:
-                p = fetch_one(conn, "execution_progress", {"execution_id": execution_id})
-                view.update(p)
+                p, stages = read_progress(conn, execution_id)
+                if p is None:
+                    raise click.ClickException(f"no execution {execution_id}")
+                view.update(p, stages)
                 if p["status"] not in ("pending", "in_progress", "compensating"):
                     return
                 waited = time.monotonic() - started
@@ -377,41 +445,111 @@ def compensate_cmd(execution_id: str, reason: str, no_wait: bool) -> None:
 @main.command("dev", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
 def dev_cmd(ctx: click.Context) -> None:
-    """Run `dagster dev` (workspace.yaml) on this database and Dagster home; extra arguments are
-    passed on. The embedded server stays up while it runs and stops when it ends.
+    """Run `dg dev` (workspace.yaml, else the module lifecycle_dagster) on this database and
+    Dagster home; extra arguments are passed on. The embedded server stays up while it runs. Its
+    log leaves out the daemon's lines of sensor ticks that neither launched a run nor failed.
+    Ctrl-C or SIGTERM stops everything it started within about 2 s.
     """
 
     dsn = _dsn()
     _upgrade_and_seed(dsn)
     home = dagster_home(Settings.from_env(), dsn)
     target = ["-w", "workspace.yaml"] if Path("workspace.yaml").exists() else ["-m", "lifecycle_dagster"]
-    env = {**os.environ, "DATABASE_URL": dsn, "DAGSTER_HOME": str(home)}
-    args = [sys.executable, "-m", "dagster", "dev", *target, *ctx.args]
-    sys.exit(_run_process_group(args, env))
+    # unbuffered: its output reaches us through a pipe (for the log filter) line by line
+    env = {**os.environ, "DATABASE_URL": dsn, "DAGSTER_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "dagster_dg_cli.cli", "dev", *target, *ctx.args]
+    # the embedded server this process may stop at exit: its shutdown checkpoint is written while
+    # dev's processes stop, so that stopping the server afterwards is quick
+    on_stop = (lambda: _checkpoint(dsn)) if Settings.from_env().embedded else None
+    sys.exit(_run_process_group(args, env, drop_line=is_idle_tick_line, on_stop=on_stop))
 
 
-def _run_process_group(args: list[str], env: dict[str, str], grace_s: float = 10.0) -> int:
-    """Run ``args`` in its own process group; SIGINT or SIGTERM to us sends SIGTERM to the whole group
-    (dagster dev's webserver, daemon and code servers) and SIGKILL ``grace_s`` seconds later if it
-    is still there, so that this process then exits normally and stops the embedded server it holds."""
+def _checkpoint(dsn: str) -> None:
+    """Ask the server of ``dsn`` for a checkpoint (superuser only; anything failing is ignored)."""
+    import psycopg
+
+    with contextlib.suppress(psycopg.Error), psycopg.connect(dsn, autocommit=True, connect_timeout=2) as conn:
+        conn.execute("CHECKPOINT")
+
+
+#: how long `dev`'s processes get to stop on their own after SIGINT before the rest is killed
+DEV_STOP_GRACE_S = 0.5
+
+
+def _run_process_group(
+    args: list[str],
+    env: dict[str, str],
+    grace_s: float = DEV_STOP_GRACE_S,
+    drop_line: Callable[[str], bool] | None = None,
+    on_stop: Callable[[], None] | None = None,
+) -> int:
+    """Run ``args`` in its own process group and return its exit status (0 after a stop). SIGINT or SIGTERM to us
+    is passed on as SIGINT to the whole group, as a terminal's Ctrl-C is: `dg dev` (which, as
+    `dagster dev` does, maps SIGTERM to SIGINT itself), its webserver, daemon and code servers each start their own
+    shutdown at once instead of one after the other. Whatever of the group is still there
+    ``grace_s`` seconds later is killed (a code server otherwise waits for the runs it started;
+    a run worker killed so is caught by the execution heartbeat and resumed). This process then
+    returns normally and releases the embedded server it holds.
+
+    ``drop_line``: when given, the group's output (stdout and stderr) is copied to our stderr line
+    by line, leaving out the lines it returns True for. ``on_stop``: called in a thread when a stop
+    is asked for, while the group stops."""
     import signal
     import threading
 
-    proc = subprocess.Popen(args, env=env, start_new_session=True)
-
-    def kill_group(sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
+    pipe = subprocess.PIPE if drop_line is not None else None
+    proc = subprocess.Popen(
+        args, env=env, start_new_session=True, stdout=pipe, stderr=subprocess.STDOUT if pipe else None
+    )
+    copier = None
+    if drop_line is not None and proc.stdout is not None:
+        copier = threading.Thread(target=_copy_lines, args=(proc.stdout, drop_line), name="dev-log", daemon=True)
+        copier.start()
+    stopping = threading.Event()
 
     def stop(signum: int, _frame: object) -> None:
-        kill_group(signal.SIGTERM)
-        timer = threading.Timer(grace_s, kill_group, args=(signal.SIGKILL,))
-        timer.daemon = True
-        timer.start()
+        if not stopping.is_set():
+            stopping.set()
+            _signal_group(proc.pid, signal.SIGINT)
+            if on_stop is not None:
+                threading.Thread(target=on_stop, name="dev-stop", daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    return proc.wait()
+    while True:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.05)
+        if stopping.wait(0) or proc.returncode is not None:
+            break
+    deadline = time.monotonic() + grace_s
+    while _signal_group(proc.pid, 0) and time.monotonic() < deadline:  # the group, not only dg dev
+        time.sleep(0.05)
+    _signal_group(proc.pid, signal.SIGKILL)
+    code = proc.wait()
+    if copier is not None:
+        copier.join(timeout=0.5)
+    return 0 if stopping.is_set() else code  # a stop asked for is not a failure
+
+
+def _signal_group(group: int, sig: int) -> bool:
+    """Send ``sig`` to the process group ``group``; False when none of it is left."""
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _copy_lines(source: IO[bytes], drop_line: Callable[[str], bool]) -> None:
+    """Copy ``source`` to our stderr line by line until its end, leaving out the lines
+    ``drop_line`` returns True for (decoded as UTF-8, bad bytes replaced)."""
+    out = sys.stderr.buffer
+    for line in iter(source.readline, b""):
+        if drop_line(line.decode("utf-8", "replace")):
+            continue
+        with contextlib.suppress(OSError, ValueError):  # our stderr closed: keep draining the pipe
+            out.write(line)
+            out.flush()
 
 
 # the other command groups register their commands on ``main`` when imported

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Collection, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
 
 import click
@@ -91,42 +92,81 @@ def _rich_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Co
 
 
 # --------------------------------------------------------------------------------------------
+# `dev`'s log
+
+#: the daemon's lines of a sensor tick that neither launched nor failed (dagster.daemon.SensorDaemon
+#: at INFO): one "Checking for new runs" line per sensor and tick, and its "skipped" line
+_IDLE_TICK_MARKS = ("Checking for new runs for sensor: ", " skipped: ")
+
+
+def is_idle_tick_line(line: str) -> bool:
+    """Whether ``line`` (one line of `dagster dev`'s output, colour codes and all) is the daemon
+    logging a sensor tick that launched nothing and did not fail: `dev` leaves those out. Ticks
+    that launch ("Launching run for ...", "Completed launch of run ...") or fail (ERROR lines)
+    are kept, and so is everything else."""
+    return "dagster.daemon.SensorDaemon" in line and any(mark in line for mark in _IDLE_TICK_MARKS)
+
+
+# --------------------------------------------------------------------------------------------
 # following an execution
 
 
-def progress_line(p: Mapping[str, Any]) -> str:
-    """``[###--] 3/5 in_progress target_design (reason)`` from a row of the named query
-    ``execution_progress``."""
-    total, done = int(p["stages"]), int(p["done"])
-    line = f"[{'#' * done}{'-' * max(total - done, 0)}] {done}/{total} {p['status']}"
-    if p["current_stage"]:
-        line += f" {p['current_stage']}"
-    if p["pending_reason"]:
-        line += f" ({p['pending_reason']})"
-    return line
+def stage_cells(stage: Mapping[str, Any], now: datetime) -> list[str]:
+    """``[stage, status, attempt, agent, duration]`` of a row of the named query
+    ``ops_execution_stages``: status ``not_started`` before its first attempt, the duration in
+    seconds (``1.25 s``; to ``now`` while it runs, blank before it starts)."""
+    started, completed = stage["started_at"], stage["completed_at"]
+    duration = ""
+    if started is not None:
+        duration = f"{max(((completed or now) - started).total_seconds(), 0.0):.2f} s"
+    return [
+        str(stage["stage"]),
+        str(stage["status"] or "not_started"),
+        str(stage["attempts"] or ""),
+        str(stage["agent"] or ""),
+        duration,
+    ]
 
 
 class ProgressView(Protocol):
-    """Where the progress of an execution is shown (stderr)."""
+    """Where the progress of an execution is shown (stderr): ``update`` takes a row of the named
+    query ``execution_progress`` and the rows of ``ops_execution_stages``."""
 
-    def update(self, p: Mapping[str, Any]) -> None: ...
+    def update(self, p: Mapping[str, Any], stages: Sequence[Mapping[str, Any]]) -> None: ...
 
     def note(self, text: str) -> None: ...
 
     def close(self) -> None: ...
 
 
+#: the statuses an execution rests in (a summary line says them)
+_ENDED = ("completed", "failed", "cancelled", "rolled_back", "compensation_failed")
+
+
 class _Lines:
-    """One line on stderr each time the progress changes (:func:`progress_line`)."""
+    """Plain lines on stderr: one per stage each time its status or attempt changes
+    (``stage qualify: completed (attempt 1, agent Assessment Agent, 0.41 s)``), after one when the
+    execution's own status or waiting reason changes while it is not at rest."""
 
     def __init__(self) -> None:
+        self._seen: dict[str, tuple[str, str]] = {}
         self._last = ""
 
-    def update(self, p: Mapping[str, Any]) -> None:
-        line = progress_line(p)
-        if line != self._last:
+    def update(self, p: Mapping[str, Any], stages: Sequence[Mapping[str, Any]]) -> None:
+        line = f"execution {p['status']}" + (f" ({p['pending_reason']})" if p["pending_reason"] else "")
+        if line != self._last and p["status"] not in _ENDED:  # the end is said by the summary
             click.echo(line, err=True)
             self._last = line
+        now = datetime.now(UTC)
+        for stage in stages:
+            name, status, attempt, agent, duration = stage_cells(stage, now)
+            if status == "not_started" or self._seen.get(name) == (status, attempt):
+                continue
+            self._seen[name] = (status, attempt)
+            detail = ", ".join(x for x in (f"attempt {attempt}", f"agent {agent}" if agent else "") if x)
+            if stage["completed_at"] is not None:
+                detail += f", {duration}"
+            click.echo(f"stage {name}: {status} ({detail})", err=True)
 
     def note(self, text: str) -> None:
         click.echo(text, err=True)
@@ -135,46 +175,59 @@ class _Lines:
         pass
 
 
-class _Bar:
-    """A rich progress bar on stderr: stages done of all, status, current stage, time elapsed."""
+class _Table:
+    """A live rich table on stderr: one row per stage (stage, status, attempt, agent, duration),
+    under a line with the stages done of all, the execution's status and the time elapsed."""
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.live import Live
 
-        self._progress = Progress(
-            SpinnerColumn(),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=Console(stderr=True, highlight=False),
-        )
-        self._task = self._progress.add_task("starting", total=None)
-        self._progress.start()
+        self._started = datetime.now(UTC)
+        self._console = Console(stderr=True, highlight=False)
+        self._live = Live(console=self._console, refresh_per_second=4, transient=False)
+        self._live.start()
 
-    def update(self, p: Mapping[str, Any]) -> None:
-        description = " ".join(str(v) for v in (p["status"], p["current_stage"]) if v)
+    def update(self, p: Mapping[str, Any], stages: Sequence[Mapping[str, Any]]) -> None:
+        from rich import box
+        from rich.table import Table
+        from rich.text import Text
+
+        now = datetime.now(UTC)
+        title = f"{p['done']}/{p['stages']} stages  {p['status']}  {(now - self._started).total_seconds():.0f} s"
         if p["pending_reason"]:
-            description += f" ({p['pending_reason']})"
-        self._progress.update(self._task, total=int(p["stages"]), completed=int(p["done"]), description=description)
+            title += f"  ({p['pending_reason']})"
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, header_style="bold")
+        for header in ("stage", "status", "attempt", "agent", "duration"):
+            table.add_column(header, justify="right" if header in ("attempt", "duration") else "left")
+        for stage in stages:
+            cells = stage_cells(stage, now)
+            table.add_row(*(Text(c, style=_STYLES.get(c, "")) for c in cells))
+        self._live.update(table)
 
     def note(self, text: str) -> None:
-        self._progress.console.print(text, markup=False)
+        self._console.print(text, markup=False)
 
     def close(self) -> None:
-        self._progress.stop()
+        self._live.stop()
 
 
 def progress_view() -> ProgressView:
-    """A progress bar when stderr is a terminal, else progress lines."""
-    return _Bar() if is_terminal(sys.stderr) else _Lines()
+    """A live table of the stages when stderr is a terminal, else plain lines."""
+    return _Table() if is_terminal(sys.stderr) else _Lines()
+
+
+def summary_line(p: Mapping[str, Any], elapsed_s: float) -> str:
+    """``summary: completed, 5/5 stages done, 3.2 s`` from a row of ``execution_progress``."""
+    return f"summary: {p['status']}, {p['done']}/{p['stages']} stages done, {elapsed_s:.1f} s"
 
 
 class BackgroundProgress:
-    """While a job executes in this process: a progress bar on stderr fed by polling the named query
-    ``execution_progress`` every ``interval_s`` seconds in a thread, only when stderr is a
-    terminal (elsewhere nothing is shown). Use as a context manager."""
+    """While a job executes in this process: the execution's progress on stderr (a live table on
+    a terminal, else plain lines: :func:`progress_view`), fed by polling the named queries
+    ``execution_progress`` and ``ops_execution_stages`` every ``interval_s`` seconds in a thread,
+    and once more when the block ends, so the display ends where the execution did. Use as a
+    context manager; a display error never stops the run."""
 
     def __init__(self, dsn: str, execution_id: str, interval_s: float = 0.5) -> None:
         self._dsn, self._execution_id, self._interval_s = dsn, execution_id, interval_s
@@ -182,9 +235,8 @@ class BackgroundProgress:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> BackgroundProgress:
-        if is_terminal(sys.stderr):
-            self._thread = threading.Thread(target=self._poll, name="lifecycle-progress", daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._poll, name="lifecycle-progress", daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *_exc: object) -> None:
@@ -194,16 +246,15 @@ class BackgroundProgress:
 
     def _poll(self) -> None:
         from lifecycle_dagster.store.db import connect
-        from lifecycle_dagster.store.sqlfiles import query
 
-        view = _Bar()
+        view = progress_view()
         try:
             with connect(self._dsn) as conn:
                 while True:
-                    stopping = self._stop.is_set()  # then one last update: the bar ends where the run did
-                    p = conn.execute(query("execution_progress"), {"execution_id": self._execution_id}).fetchone()
+                    stopping = self._stop.is_set()  # then one last update: the display ends where the run did
+                    p, stages = read_progress(conn, self._execution_id)
                     if p is not None:
-                        view.update(p)
+                        view.update(p, stages)
                     if stopping:
                         return
                     self._stop.wait(self._interval_s)
@@ -211,3 +262,13 @@ class BackgroundProgress:
             return
         finally:
             view.close()
+
+
+def read_progress(conn: Any, execution_id: str) -> tuple[Mapping[str, Any] | None, list[Mapping[str, Any]]]:
+    """The row of ``execution_progress`` (None: no such execution) and the rows of
+    ``ops_execution_stages`` of ``execution_id``, read on the psycopg connection ``conn``."""
+    from lifecycle_dagster.store.sqlfiles import query
+
+    params = {"execution_id": execution_id}
+    p = conn.execute(query("execution_progress"), params).fetchone()
+    return p, list(conn.execute(query("ops_execution_stages"), params).fetchall())

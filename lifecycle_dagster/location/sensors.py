@@ -394,7 +394,7 @@ def _tick_sensor(
     def _sensor(context: dg.SensorEvaluationContext) -> Iterator[dg.RunRequest]:
         for req in list(tick(context.instance, names, resolve_dsn())):
             if isinstance(req, dg.SkipReason):
-                context.log.info(req.skip_message or "")
+                context.log.debug(req.skip_message or "")  # an idle tick: not in `dev`'s log
             else:
                 yield req
 

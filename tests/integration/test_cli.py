@@ -125,3 +125,49 @@ def test_validate_all_fails_loudly_on_a_bad_agents_registry(seeded_db: str) -> N
     assert result.exit_code == 1
     assert "the code location cannot load: LIFECYCLE_DAGSTER_AGENTS='no_such_module_xyz:registry'" in result.output
     assert "SKIPPED" not in result.output and "ModuleNotFoundError" in result.output
+
+
+def _failed_run(home: Path) -> tuple[str, str]:
+    """`run` on globex (its integrity check fails) with Dagster home ``home``: (output, execution id)."""
+    result = _cli(
+        "run", "lifecycle_v1", "--context", str(REPO / "examples/globex.json"), env={"DAGSTER_HOME": str(home)}
+    )
+    assert result.exit_code == 1, result.output
+    execution_id = result.output.splitlines()[0].split()[1]
+    return result.output, execution_id
+
+
+def test_run_shows_each_stage_then_a_summary_and_what_happens_next(seeded_db: str, tmp_path: Path) -> None:
+    output, execution_id = _failed_run(tmp_path / "home")  # a new home: no daemon has ever beaten in it
+    lines = output.splitlines()
+    progress = [ln for ln in lines if ln.startswith("stage ")]  # stderr, plain: not a terminal
+    assert progress[-1] == next(ln for ln in progress if ln.startswith("stage integrity: failed (attempt 1, "))
+    assert "stage discover: completed (attempt 1, agent Opportunity Agent, " in output
+    summary = next(i for i, ln in enumerate(lines) if ln.startswith("summary: "))
+    assert lines[summary].startswith("summary: failed, 4/5 stages done, ")
+    assert lines[summary + 1 :] == [
+        "next: no dagster-daemon is running to compensate it; by hand:",
+        f"  undo its completed stages:      lifecycle-dagster compensate {execution_id}",
+        f"  or run its failed stage again:  lifecycle-dagster retry {execution_id}",
+    ]
+
+
+def test_a_failed_run_says_a_running_daemon_compensates_it(seeded_db: str, tmp_path: Path) -> None:
+    import time
+
+    from dagster import DagsterInstance
+    from dagster._daemon.types import DaemonHeartbeat
+
+    from lifecycle_dagster.location.instance import prepare_home
+
+    home = prepare_home(tmp_path / "home", seeded_db, managed=False)
+    instance = DagsterInstance.from_config(str(home))
+    try:  # the heartbeat a dagster-daemon's sensor daemon writes every few seconds
+        instance.add_daemon_heartbeat(DaemonHeartbeat(time.time(), "SENSOR", "test", []))
+    finally:
+        instance.dispose()
+    output, execution_id = _failed_run(home)
+    assert output.splitlines()[-1] == (
+        "next: the daemon's reconciler compensates it within about 10 s (undoes its completed stages); "
+        f"follow it with: lifecycle-dagster status {execution_id}"
+    )

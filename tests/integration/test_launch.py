@@ -155,7 +155,8 @@ def test_daemon_launches_every_pending_row_once(seeded_db: str, dagster_home: Pa
         )
         assert started.returncode == 0, started.stderr[-3000:]
         ids.append(started.stdout.splitlines()[0].strip())
-        assert "[#####] 5/5 completed" in started.stderr
+        assert "stage integrity: completed (attempt 1, agent Integrity Agent, " in started.stderr
+        assert "summary: completed, 5/5 stages done, " in started.stdout
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             done = rows(seeded_db, "SELECT count(*) AS n FROM workflow_executions WHERE status = 'completed'")[0]["n"]

@@ -28,3 +28,16 @@ def test_a_table_that_fits_is_as_wide_as_its_cells(
     output._rich_table(["ID", "STATUS"], [["abc", "completed"]], right=())
     lines = [line.rstrip() for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert lines[0].split() == ["ID", "STATUS"] and lines[-1].split() == ["abc", "completed"]
+
+
+def test_dev_leaves_out_only_the_daemons_lines_of_idle_sensor_ticks() -> None:
+    from lifecycle_dagster.cli.output import is_idle_tick_line
+
+    daemon = "\x1b[32m2026-12-07 05:44:20 +0000\x1b[0m - dagster.daemon.SensorDaemon - \x1b[34mINFO\x1b[0m - "
+    assert is_idle_tick_line(daemon + "Checking for new runs for sensor: lifecycle_launch_sensor\n")
+    assert is_idle_tick_line(daemon + "Sensor lifecycle_reconciler skipped: Sensor function returned an empty result\n")
+    assert not is_idle_tick_line(daemon + "Launching run for lifecycle_launch_sensor\n")
+    assert not is_idle_tick_line(daemon + "Completed launch of run 1b2c for lifecycle_launch_sensor\n")
+    error = daemon.replace("INFO", "ERROR")
+    assert not is_idle_tick_line(error + "Error occurred during the execution of evaluation_fn for sensor x\n")
+    assert not is_idle_tick_line("dagster-webserver - INFO - Serving dagster-webserver on http://127.0.0.1:3000\n")
