@@ -132,3 +132,20 @@ def instance(dagster_home: Path, monkeypatch: pytest.MonkeyPatch):  # type: igno
     inst = DagsterInstance.from_config(str(dagster_home))
     yield inst
     inst.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _dagster_load_context_restored() -> Iterator[None]:
+    """Put Dagster's definitions load context back after each test. Dagster installs one globally
+    when it loads definitions in this process (``execute_job`` of a reconstructable job, the
+    scheduler loop) and never removes it, so a later test's load would be a RECONSTRUCTION from
+    another test's snapshot. Dagster is not imported for it (unit tests check what loads it)."""
+    import sys
+
+    name = "dagster._core.definitions.definitions_load_context"
+    module = sys.modules.get(name)
+    before = module.DefinitionsLoadContext._instance if module is not None else None
+    yield
+    module = sys.modules.get(name)
+    if module is not None:
+        module.DefinitionsLoadContext._instance = before

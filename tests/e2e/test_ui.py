@@ -52,7 +52,6 @@ def registry() -> AgentRegistry:
 
 
 SELECTOR = {"repositoryLocationName": "lifecycle_dagster", "repositoryName": "__repository__"}
-IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
 
 CONFIG_VALID = """
 query($selector: PipelineSelector!, $config: RunConfigData) {
@@ -94,8 +93,8 @@ def _gql(ctx: Any, query: str, variables: dict[str, Any]) -> dict[str, Any]:
 
 
 def _submit(ctx: Any, job: str, customer: str) -> str:
-    """Submit ``job`` through GraphQL (no tags): the run id of the queued run."""
-    config = {"resources": {"lifecycle_request": {"config": {"context": {"customer": customer}}}}, **IN_PROCESS}
+    """Submit ``job`` through GraphQL (no tags, no executor config: the job's own): the run id of the queued run."""
+    config = {"resources": {"lifecycle_request": {"config": {"context": {"customer": customer}}}}}
     params = {"selector": {**SELECTOR, "jobName": job}, "runConfigData": config}
     out = _gql(ctx, LAUNCH, {"params": params})["launchPipelineExecution"]
     assert out["__typename"] == "LaunchRunSuccess", out

@@ -886,7 +886,6 @@ def test_active_definitions_keeps_its_columns(db: str) -> None:
         "wf",
         "d",
         1,
-        True,
         _chain("a"),
     )
 
