@@ -525,8 +525,9 @@ class World:
 
     # -- faults --------------------------------------------------------------------------------
     def kill_worker_mid_task(self) -> bool:
-        """SIGKILL a queue worker while it runs a claimed task."""
-        mine = set(self.worker_pids())
+        """SIGKILL a queue worker while it runs a claimed task (not one paused after its agent
+        returned: that one is :meth:`kill_worker_after_return`'s)."""
+        mine = set(self.worker_pids()) - self.paused_worker_pids()
         with connect(self.dsn) as conn:
             rows = conn.execute(
                 "SELECT claimed_by FROM task_queue WHERE status = 'in_progress' AND claimed_by <> 'op'"
@@ -550,7 +551,8 @@ class World:
             deadline = time.monotonic() + 5
             while victim is None and time.monotonic() < deadline:
                 blocked = self._blocked_claim_workers()  # over TCP or a unix socket alike
-                victim = next((pid for pid in self.worker_pids() if pid in blocked), None)
+                paused = self.paused_worker_pids()
+                victim = next((pid for pid in self.worker_pids() if pid in blocked and pid not in paused), None)
                 time.sleep(0.05)
             if victim is not None:
                 self.killed_worker_pids.add(victim)
@@ -572,6 +574,15 @@ class World:
             parts = str(r["application_name"]).split(":")
             if len(parts) >= 3 and parts[-2].isdigit():
                 pids.add(int(parts[-2]))
+        return pids
+
+    def paused_worker_pids(self) -> set[int]:
+        """Process ids of the queue workers paused after their agent returned (plan:
+        ``pause_after_return``), kept alive for :meth:`kill_worker_after_return`."""
+        pids: set[int] = set()
+        for marker in self.hooks.glob("*.returned"):
+            with contextlib.suppress(OSError, ValueError):
+                pids.add(int(marker.read_text() or 0))
         return pids
 
     def kill_worker_after_return(self, timeout_s: float = 15) -> bool:
