@@ -438,8 +438,8 @@ SELECT executions, events, global_events FROM lifecycle.audit_prune(%(before)s, 
 -- `lifecycle-dagster list`: executions newest first, optionally by workflow, status and creation
 -- time. manual: driven by hand (inserted as in_progress, the runbook's section 8): no Dagster run,
 -- not waiting to be launched, and not a pending row cancelled before any stage ran.
-SELECT e.id::text AS id, d.name AS workflow, d.version, e.status, e.current_stage, e.created_at,
-       e.updated_at, e.dagster_run_id,
+SELECT e.id::text AS id, d.name AS workflow, d.version, e.status, to_jsonb(e) ->> 'outcome' AS outcome,
+       e.current_stage, e.created_at, e.updated_at, e.dagster_run_id,
        (e.dagster_run_id IS NULL AND e.status <> 'pending'
         AND (e.status NOT IN ('cancelled', 'compensating', 'rolled_back', 'compensation_failed')
              OR EXISTS (SELECT 1 FROM workflow_execution_logs l WHERE l.execution_id = e.id))) AS manual
@@ -457,6 +457,7 @@ LIMIT %(limit)s;
 SELECT e.id::text AS id, d.name AS workflow, d.version, e.status, e.current_stage, e.created_at,
        e.updated_at, e.dagster_run_id, e.compensation_run_id, e.error_message,
        e.created_by::text AS created_by, to_jsonb(e) ->> 'pending_reason' AS pending_reason,
+       to_jsonb(e) ->> 'outcome' AS outcome, to_jsonb(e) ->> 'outcome_reason' AS outcome_reason,
        (e.dagster_run_id IS NULL AND e.status <> 'pending'
         AND (e.status NOT IN ('cancelled', 'compensating', 'rolled_back', 'compensation_failed')
              OR EXISTS (SELECT 1 FROM workflow_execution_logs l WHERE l.execution_id = e.id))) AS manual
@@ -470,7 +471,8 @@ WHERE e.id = %(execution_id)s;
 SELECT s.stage ->> 'id' AS stage, s.stage ->> 'capability' AS capability, l.status,
        l.attempt_number AS attempts, l.started_at, l.completed_at,
        round(extract(epoch FROM (l.completed_at - l.started_at))::numeric, 3)::float8 AS duration_s,
-       t.agent, l.error_message AS error
+       t.agent, l.error_message AS error, s.stage ->> 'kind' AS kind,
+       (to_jsonb(l) ->> 'wait_until')::timestamptz AS wait_until
 FROM workflow_executions e
 JOIN workflow_definitions d ON d.id = e.workflow_definition_id
 CROSS JOIN LATERAL jsonb_array_elements(
@@ -818,3 +820,26 @@ SELECT coalesce(p.capability, s.capability, '') AS capability, coalesce(p.depth,
        greatest(coalesce(extract(epoch FROM clock_timestamp() - p.oldest), 0), 0)::float8 AS oldest_age_s
 FROM pending p
 FULL JOIN served s ON s.capability = p.capability;
+
+-- name: stage_readiness
+SELECT lifecycle.stage_readiness(%(execution_id)s, %(stage_id)s) AS status;
+
+-- name: stage_edges
+SELECT target, fired FROM lifecycle.stage_edges(%(execution_id)s, %(stage_id)s);
+
+-- name: approval_wait
+SELECT status, wait_until, output
+FROM lifecycle.approval_wait(%(execution_id)s, %(stage_id)s, %(ancestors)s, %(run_id)s);
+
+-- name: approval_decide
+SELECT lifecycle.approval_decide(%(execution_id)s, %(stage_id)s, %(decision)s, %(comment)s, %(actor)s,
+                                 p_operator => %(operator)s) AS status;
+
+-- name: approvals_expire
+SELECT execution_id::text AS execution_id, stage_id, status FROM lifecycle.approvals_expire(%(limit)s);
+
+-- name: pending_stages
+-- The stages of an execution set to pending (a decision made them runnable, or retry_stage).
+SELECT stage_id FROM workflow_execution_logs
+WHERE execution_id = %(execution_id)s AND status = 'pending'
+ORDER BY stage_id;

@@ -15,6 +15,9 @@ from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.store.db import connect, resolve_dsn
 from lifecycle_dagster.store.sqlfiles import query
 
+#: `run` and `resume` exit with this when the execution waits for a decision (0: completed, 1: else)
+EXIT_WAITING = 3
+
 
 def dsn() -> str:
     """The database URL: ``DATABASE_URL``, else the embedded server, which this command owns

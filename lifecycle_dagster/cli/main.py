@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import click
 
-from lifecycle_dagster.cli.common import dagster_home, execute_here, main, print_execution
+from lifecycle_dagster.cli.common import EXIT_WAITING, dagster_home, execute_here, main, print_execution
 from lifecycle_dagster.cli.common import dsn as _dsn
 from lifecycle_dagster.cli.output import (
     BackgroundProgress,
@@ -194,7 +194,8 @@ def run_cmd(workflow: str, context_file: Path) -> None:
     """Run the active version of WORKFLOW end to end in this process (no daemon needed).
 
     Prints the execution id, each stage's status and output summary, and the final status.
-    Exits 0 only when the execution completed.
+    Exits 0 when the execution completed, 3 when it waits for a decision on an approval stage
+    (``decide``, then ``resume``), 1 otherwise.
     """
     context = _read_context(context_file)
 
@@ -229,7 +230,7 @@ def run_cmd(workflow: str, context_file: Path) -> None:
             if event.event_type_value == "STEP_FAILURE" and event.step_failure_data.error:
                 click.echo(f"  {event.step_key}: {event.step_failure_data.error.message.strip()[:500]}", err=True)
     _summary(dsn, execution_id, time.monotonic() - started)
-    sys.exit(0 if status == "completed" else 1)
+    sys.exit(0 if status == "completed" else EXIT_WAITING if status == "waiting" else 1)
 
 
 def _summary(dsn: str, execution_id: str, elapsed_s: float) -> None:
@@ -254,6 +255,12 @@ def _next_steps(execution_id: str, status: str, *, compensation_due: bool, daemo
         return [
             f"next: compensation {'is under way' if status == 'compensating' else 'ended'}"
             f"{': ' + done[status] if status in done else ''} (lifecycle-dagster status {execution_id})"
+        ]
+    if status == "waiting":
+        return [
+            "next: it waits for a decision: lifecycle-dagster decide "
+            f"{execution_id} STAGE approve|reject (lifecycle-dagster status {execution_id} names the stage); "
+            f"then a running daemon continues it, or: lifecycle-dagster resume {execution_id}"
         ]
     if status != "failed":
         return []
@@ -554,6 +561,7 @@ def _copy_lines(source: IO[bytes], drop_line: Callable[[str], bool]) -> None:
 
 # the other command groups register their commands on ``main`` when imported
 from lifecycle_dagster.cli import agent as _cli_agent  # noqa: E402,F401
+from lifecycle_dagster.cli import approvals as _cli_approvals  # noqa: E402,F401
 from lifecycle_dagster.cli import audit as _cli_audit  # noqa: E402,F401
 from lifecycle_dagster.cli import metrics as _cli_metrics  # noqa: E402,F401
 from lifecycle_dagster.cli import ops as _cli_ops  # noqa: E402,F401

@@ -31,6 +31,7 @@ from lifecycle_dagster.store.sqlfiles import query
 EXECUTION_STATUSES = (
     "pending",
     "in_progress",
+    "waiting",
     "completed",
     "failed",
     "cancelled",
@@ -126,7 +127,7 @@ def list_cmd(workflow: str | None, status: str | None, since: str | None, limit:
                 r["id"],
                 r["workflow"],
                 r["version"],
-                r["status"],
+                r["status"] if r["outcome"] in (None, "completed") else f"{r['status']} ({r['outcome']})",
                 r["current_stage"],
                 r["created_at"],
                 r["updated_at"],
@@ -159,6 +160,8 @@ def status_cmd(execution_id: str, as_json: bool) -> None:
     e = execution
     click.echo(f"execution {e['id']}  {e['workflow']} v{e['version']}")
     click.echo(f"  status:   {e['status']}" + (f"  ({e['error_message']})" if e["error_message"] else ""))
+    if e["outcome"]:
+        click.echo(f"  outcome:  {e['outcome']}" + (f"  ({e['outcome_reason']})" if e["outcome_reason"] else ""))
     if e["pending_reason"]:
         click.echo(f"  waiting:  {e['pending_reason']}")
     click.echo(f"  stage:    {_cell(e['current_stage'])}")
@@ -175,12 +178,20 @@ def status_cmd(execution_id: str, as_json: bool) -> None:
                 s["status"] or "not_started",
                 s["attempts"],
                 None if s["duration_s"] is None else f"{s['duration_s']:.3f}s",
-                s["agent"],
-                s["error"],
+                s["agent"] or ("(approval)" if s["kind"] == "approval" else None),
+                s["error"] or _waits(s),
             )
             for s in stages
         ],
     )
+
+
+def _waits(stage: dict[str, Any]) -> str | None:
+    """What a waiting approval stage waits for (None: it does not wait)."""
+    if stage["status"] != "waiting":
+        return None
+    until = stage["wait_until"]
+    return "waits for a decision" + (f" until {until.isoformat()}" if until else " (no deadline)")
 
 
 # --------------------------------------------------------------------------------------------

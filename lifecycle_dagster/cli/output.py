@@ -28,6 +28,8 @@ _STYLES = {
     "compensating": "yellow",
     "half_open": "yellow",
     "pending": "cyan",
+    "waiting": "cyan",
+    "skipped": "dim",
     "failed": "red",
     "cancelled": "red",
     "compensation_failed": "bold red",
@@ -140,7 +142,7 @@ class ProgressView(Protocol):
 
 
 #: the statuses an execution rests in (a summary line says them)
-_ENDED = ("completed", "failed", "cancelled", "rolled_back", "compensation_failed")
+_ENDED = ("completed", "waiting", "failed", "cancelled", "rolled_back", "compensation_failed")
 
 
 class _Lines:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from lifecycle_dagster.settings import Settings
@@ -197,6 +198,32 @@ def check_output(output: object, limit: int | None = None, what: str = "agent ou
         and all(isinstance(a, dict) and isinstance(a.get("kind"), str) and isinstance(a.get("key"), str) for a in found)
     ):
         return f'{what}: "artifacts" must be a list of {{"kind": string, "key": string, "data": ...}}'
+    problem = end_problem(output)
+    return None if problem is None else f"{what}: {problem}"
+
+
+#: an early end's outcome (docs/branches.md): a name, as ``workflow_executions.outcome`` takes it
+OUTCOME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+#: an early end's reason, at most this many characters
+MAX_END_REASON = 1000
+
+
+def end_problem(output: Mapping[str, Any]) -> str | None:
+    """What is wrong with ``output["end"]`` (None: no ``end``, or a good one): it must be
+    ``{"outcome": <name>, "reason": <string of at most 1000 characters>}`` (reason optional).
+    The same rule as SQL's ``lifecycle.end_problem``, word for word."""
+    if "end" not in output:
+        return None
+    end = output["end"]
+    if not isinstance(end, dict):
+        return 'output.end must be an object {"outcome", "reason"}'
+    if any(k not in ("outcome", "reason") for k in end):
+        return 'output.end takes only "outcome" and "reason"'
+    outcome = end.get("outcome")
+    if not isinstance(outcome, str) or not OUTCOME_RE.fullmatch(outcome):
+        return "output.end.outcome must be a name matching ^[a-z][a-z0-9_]{0,62}$"
+    if "reason" in end and (not isinstance(end["reason"], str) or len(end["reason"]) > MAX_END_REASON):
+        return "output.end.reason must be a string of at most 1000 characters"
     return None
 
 

@@ -49,13 +49,16 @@ from lifecycle_dagster.store.sqlfiles import query
 from lifecycle_dagster.store.transitions import (
     AgentKind,
     StageCompleteStatus,
+    StageReadiness,
     StageRetryStatus,
     StartedStage,
     TaskState,
     TaskStatus,
     execution_ensure,
     stage_complete,
+    stage_edges_fired,
     stage_fail,
+    stage_readiness,
     stage_schedule_retry,
     stage_start,
     task_abandon,
@@ -92,6 +95,11 @@ class StageOutcome:
     execution_status: str
     #: True when a resumed run found the stage completed by an earlier run (nothing was run)
     already_completed: bool = False
+    #: completed (the stage ran, or had: ``already_completed``), or what the op found instead
+    #: (:class:`~lifecycle_dagster.store.transitions.StageReadiness`): skipped (no fired edge
+    #: reaches it), waiting (an approval stage waits for its decision), blocked (a parent waits),
+    #: ended (a stage ended the execution early); only a completed stage's edges may fire
+    state: str = "completed"
 
 
 class StageError(Exception):
@@ -215,7 +223,7 @@ _ENSURED: dict[tuple[str, str, str, str, bool], str] = {}
 _ENSURED_MAX = 256
 
 #: what ``lifecycle.execution_ensure`` and ``lifecycle.stage_start`` raise when the stage may not run
-_NOT_RUNNABLE = (
+NOT_RUNNABLE = (
     psycopg.errors.ObjectNotInPrerequisiteState,  # the execution is not in progress, an upstream stage is not done
     psycopg.errors.UniqueViolation,  # the execution is bound to another run
     psycopg.errors.CheckViolation,  # an illegal transition
@@ -225,7 +233,7 @@ _NOT_RUNNABLE = (
 )
 
 
-def _ensure_execution(
+def ensure_execution(
     conn: Connection,
     spec: StageSpec,
     run_id: str,
@@ -391,13 +399,16 @@ def _start(
     after a lost connection) is adopted: the same attempt and task, whoever created the task.
 
     Raises:
-        StageStopped: the stage may not run (``not_runnable``: see :data:`_NOT_RUNNABLE`).
+        StageStopped: the stage may not run (``not_runnable``: see :data:`NOT_RUNNABLE`).
     """
     try:
-        exec_id = _ensure_execution(conn, spec, run_id, execution_id, context, resume)
+        exec_id = ensure_execution(conn, spec, run_id, execution_id, context, resume)
         trace = _stage_trace(conn, spec, exec_id, run_id)  # before the task is inserted: it carries the trace
         if on_execution is not None:
             on_execution(exec_id)
+        left = left_alone(conn, spec, exec_id)
+        if left is not None:
+            return left
         started = stage_start(
             conn,
             execution_id=exec_id,
@@ -411,7 +422,7 @@ def _start(
             resume=resume or bool(execution_id),
             run_id=run_id,
         )
-    except _NOT_RUNNABLE as exc:
+    except NOT_RUNNABLE as exc:
         raise StageStopped(
             safe_text(exc.diag.message_primary or exc),
             code="not_runnable",
@@ -432,6 +443,35 @@ def _start(
             already_completed=True,
         )
     return Attempt.of(exec_id, spec.stage_id, started, trace)
+
+
+#: what ``lifecycle.stage_readiness`` says when the op is to leave its stage alone
+_LEFT_ALONE = (StageReadiness.SKIPPED, StageReadiness.WAITING, StageReadiness.BLOCKED, StageReadiness.ENDED)
+
+
+def left_alone(conn: Connection, spec: StageSpec, execution_id: str) -> StageOutcome | None:
+    """The outcome of a stage its op is to leave alone (skipped, waiting, blocked behind an
+    approval, ended early: docs/branches.md), or None to start it."""
+    readiness = stage_readiness(conn, execution_id=execution_id, stage_id=spec.stage_id)
+    if readiness not in _LEFT_ALONE:
+        return None
+    return StageOutcome(
+        execution_id=execution_id,
+        log_id="",
+        task_id=None,
+        agent_name="",
+        attempt=0,
+        duration_ms=0.0,
+        output={},
+        execution_status="",
+        state=readiness.value,
+    )
+
+
+def next_stages(conn: Connection, execution_id: str, stage_id: str) -> tuple[str, ...]:
+    """The child stages whose edge from ``stage_id`` fired (``lifecycle.stage_edges``), sorted:
+    the op yields their outputs, so Dagster skips the branches not taken."""
+    return stage_edges_fired(conn, execution_id=execution_id, stage_id=stage_id)
 
 
 def _stage_trace(conn: Connection, spec: StageSpec, execution_id: str, run_id: str) -> ExecutionTrace | None:

@@ -33,6 +33,7 @@ import psycopg
 
 from lifecycle_dagster.core.dag import Dag, DagValidationError, parse_dag
 from lifecycle_dagster.core.retry import MAX_WAIT_S, resolve_policy
+from lifecycle_dagster.engine.approval import ApprovalOutcome, reach_approval
 from lifecycle_dagster.engine.compensation import (
     TAKEOVER_TAG,
     UndoFailed,
@@ -50,6 +51,7 @@ from lifecycle_dagster.engine.stage import (
     StageRetry,
     StageSpec,
     execution_of_runs,
+    next_stages,
     run_stage,
 )
 from lifecycle_dagster.location.executors import executor_def
@@ -65,6 +67,8 @@ from lifecycle_dagster.store.versions import WORKFLOW_NAME_PATTERN
 EXECUTION_ID_TAG = "lifecycle/execution_id"
 #: run tag marking a run that resumes its execution (set by the resume sensor)
 RESUME_TAG = "lifecycle/resume"
+#: the run a resume or continuation run continues (the run that reached an approval, or failed)
+CONTINUES_TAG = "lifecycle/continues"
 #: Dagster's tag on a re-execution of an earlier run: it resumes that run's execution too
 PARENT_RUN_TAG = "dagster/parent_run_id"
 #: a stage op whose database connection is lost runs again, this many attempts in all, backing off
@@ -282,9 +286,9 @@ def _completed_line(stage_id: str, outcome: StageOutcome) -> str:
     return f"stage '{stage_id}' completed: {how} (execution {outcome.execution_id})"
 
 
-def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
+def _stage_spec(row: DefinitionRow, dag: Dag, stage_id: str) -> StageSpec:
     stage = dag.stage(stage_id)
-    spec = StageSpec(
+    return StageSpec(
         definition_id=row.id,
         stage_id=stage.id,
         capability=stage.capability,
@@ -292,42 +296,99 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
         policy=resolve_policy(dag, stage.id),
         timeout_s=_bounded(stage.timeout_s if stage.timeout_s is not None else dag.default_timeout_s),
     )
-    has_parents = bool(dag.parents(stage.id))
+
+
+def edge_output(child: str) -> str:
+    """The name of a stage op's output that feeds the op of stage ``child``: the op yields it when
+    the edge fired (docs/branches.md), so Dagster skips the ops of a branch not taken."""
+    return f"to_{child}"
+
+
+#: the output every stage op yields, whatever it found: its metadata says what the stage did
+RESULT_OUTPUT = "result"
+
+
+def _outputs(dag: Dag, stage_id: str) -> dict[str, dg.Out]:
+    outs = {RESULT_OUTPUT: dg.Out(dg.Nothing, description="always yielded; its metadata says what the stage did")}
+    for child in dag.children(stage_id):
+        outs[edge_output(child)] = dg.Out(dg.Nothing, is_required=False, description=f"the edge to '{child}' fired")
+    return outs
+
+
+def _yield_outputs(
+    context: dg.OpExecutionContext, conn_source: Any, spec: StageSpec, outcome: StageOutcome, metadata: dict[str, Any]
+) -> Iterator[dg.Output[None]]:
+    """The op's outputs: ``result`` with ``metadata``, and one per fired edge of a completed stage."""
+    fired: tuple[str, ...] = ()
+    if outcome.state == "completed" and outcome.execution_id:
+        with conn_source.connection() as conn:
+            fired = next_stages(conn, outcome.execution_id, spec.stage_id)
+    yield dg.Output(None, RESULT_OUTPUT, metadata={**metadata, "state": outcome.state, "next": ", ".join(fired)})
+    for child in fired:
+        yield dg.Output(None, edge_output(child))
+
+
+def _left_line(stage_id: str, outcome: StageOutcome) -> str:
+    why = {
+        "skipped": "skipped: no edge into it fired",
+        "blocked": "not run: an upstream approval stage waits for its decision",
+        "ended": "skipped: a stage ended the execution early",
+        "waiting": "waits for its decision",
+    }.get(outcome.state, outcome.state)
+    return f"stage '{stage_id}' {why} (execution {outcome.execution_id})"
+
+
+def _run_stage_op(context: dg.OpExecutionContext, spec: StageSpec, required: Sequence[str]) -> StageOutcome:
+    """Run the stage of op ``context`` (the run's connection and heartbeat), Dagster's way."""
+    db: LifecycleDatabase = context.resources.lifecycle_db
+    request: ExecutionRequest = context.resources.lifecycle_request
+    tags = context.run.tags
+    execution_id = tags.get(EXECUTION_ID_TAG) or request.execution_id or None
+    run = db.run  # the run's op connection and its one heartbeat (see RunConnections)
+    run.beat(execution_id)
+    try:
+        with run.connection() as conn, _as_dagster_errors(context):
+            if not execution_id and PARENT_RUN_TAG in tags:  # a re-execution of an untagged run
+                execution_id = execution_of_runs(conn, spec.definition_id, _ancestor_runs(tags))
+            resume = bool(execution_id) and (RESUME_TAG in tags or PARENT_RUN_TAG in tags)
+            outcome = run_stage(
+                conn,
+                spec,
+                run_id=context.run_id,
+                attempt=1,  # the database numbers the attempts (Dagster's retries count lost connections too)
+                registry=context.resources.lifecycle_agents,
+                execution_id=execution_id,
+                context={} if execution_id else _new_context(context, request, required),
+                resume=resume,
+                on_execution=lambda eid: tag_run(context, eid),
+            )
+    except psycopg.OperationalError as exc:
+        raise _retry_when_db_lost(context, spec.stage_id, execution_id, exc, spec.policy.max_attempts) from exc
+    run.beat(outcome.execution_id)  # the heartbeat's log lines name the execution
+    return outcome
+
+
+def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
+    stage = dag.stage(stage_id)
+    if stage.approval is not None:
+        return _approval_op(row, dag, stage_id)
+    spec = _stage_spec(row, dag, stage_id)
     required = dag.context.required
 
-    def compute(context: dg.OpExecutionContext) -> None:
-        db: LifecycleDatabase = context.resources.lifecycle_db
-        request: ExecutionRequest = context.resources.lifecycle_request
-        tags = context.run.tags
-        execution_id = tags.get(EXECUTION_ID_TAG) or request.execution_id or None
-        run = db.run  # the run's op connection and its one heartbeat (see RunConnections)
-        run.beat(execution_id)
-        try:
-            with run.connection() as conn, _as_dagster_errors(context):
-                if not execution_id and PARENT_RUN_TAG in tags:  # a re-execution of an untagged run
-                    execution_id = execution_of_runs(conn, spec.definition_id, _ancestor_runs(tags))
-                resume = bool(execution_id) and (RESUME_TAG in tags or PARENT_RUN_TAG in tags)
-                outcome = run_stage(
-                    conn,
-                    spec,
-                    run_id=context.run_id,
-                    attempt=1,  # the database numbers the attempts (Dagster's retries count lost connections too)
-                    registry=context.resources.lifecycle_agents,
-                    execution_id=execution_id,
-                    context={} if execution_id else _new_context(context, request, required),
-                    resume=resume,
-                    on_execution=lambda eid: tag_run(context, eid),
-                )
-        except psycopg.OperationalError as exc:
-            raise _retry_when_db_lost(context, spec.stage_id, execution_id, exc, spec.policy.max_attempts) from exc
-        run.beat(outcome.execution_id)  # the heartbeat's log lines name the execution
-        context.add_output_metadata(_stage_metadata(outcome))
-        context.log.info(_completed_line(spec.stage_id, outcome))
+    def compute(context: dg.OpExecutionContext) -> Iterator[dg.Output[None]]:
+        outcome = _run_stage_op(context, spec, required)
+        if outcome.state == "completed":
+            context.log.info(_completed_line(spec.stage_id, outcome))
+            metadata = _stage_metadata(outcome)
+        else:
+            context.log.info(_left_line(spec.stage_id, outcome))
+            metadata = {"execution_id": outcome.execution_id}
+        yield from _yield_outputs(context, context.resources.lifecycle_db.run, spec, outcome, metadata)
 
     return dg.op(
         name=op_name(job_name(row.name, row.version), stage.id),
-        ins={"upstream": dg.In(dg.Nothing)} if has_parents else {},
-        out=dg.Out(dg.Nothing),
+        ins={"upstream": dg.In(dg.Nothing)} if dag.parents(stage.id) else {},
+        out=_outputs(dag, stage.id),
         description=stage.description or f"stage '{stage.id}' (capability '{stage.capability}')",
         tags={"lifecycle/stage": stage.id, "lifecycle/capability": stage.capability},
         required_resource_keys={"lifecycle_db", "lifecycle_request", "lifecycle_agents"},
@@ -337,18 +398,86 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
     )(compute)
 
 
+def _reach_approval_op(context: dg.OpExecutionContext, spec: StageSpec, required: Sequence[str]) -> ApprovalOutcome:
+    db: LifecycleDatabase = context.resources.lifecycle_db
+    request: ExecutionRequest = context.resources.lifecycle_request
+    tags = context.run.tags
+    execution_id = tags.get(EXECUTION_ID_TAG) or request.execution_id or None
+    db.run.beat(execution_id)
+    try:
+        with db.run.connection() as conn, _as_dagster_errors(context):
+            if not execution_id and PARENT_RUN_TAG in tags:
+                execution_id = execution_of_runs(conn, spec.definition_id, _ancestor_runs(tags))
+            return reach_approval(
+                conn,
+                spec,
+                run_id=context.run_id,
+                execution_id=execution_id,
+                context={} if execution_id else _new_context(context, request, required),
+                resume=bool(execution_id) and (RESUME_TAG in tags or PARENT_RUN_TAG in tags),
+                on_execution=lambda eid: tag_run(context, eid),
+            )
+    except psycopg.OperationalError as exc:
+        raise _retry_when_db_lost(context, spec.stage_id, execution_id, exc) from exc
+
+
+def _approval_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
+    """The op of an approval stage: it records that the stage waits and ends (the run ends
+    successfully, its branch skipped); in a continuation run it yields the decided edges."""
+    stage = dag.stage(stage_id)
+    approval = stage.approval
+    assert approval is not None
+    spec = _stage_spec(row, dag, stage_id)
+    required = dag.context.required
+
+    def compute(context: dg.OpExecutionContext) -> Iterator[dg.Output[None]]:
+        found = _reach_approval_op(context, spec, required)
+        outcome = found.outcome
+        metadata: dict[str, Any] = {"execution_id": outcome.execution_id, "approvers": ", ".join(approval.approvers)}
+        if outcome.state == "waiting":
+            until = found.wait_until.isoformat() if found.wait_until else "no deadline"
+            metadata["waits_until"] = until
+            context.log.info(
+                f"stage '{stage_id}' waits for a decision by {', '.join(approval.approvers)} (until {until}): "
+                f"lifecycle-dagster decide {outcome.execution_id} {stage_id} approve|reject"
+            )
+        elif outcome.state == "completed":
+            metadata["decision"] = str(outcome.output.get("decision", ""))
+            metadata["decided_by"] = str(outcome.output.get("decided_by", ""))
+        else:
+            context.log.info(_left_line(stage_id, outcome))
+        yield from _yield_outputs(context, context.resources.lifecycle_db.run, spec, outcome, metadata)
+
+    return dg.op(
+        name=op_name(job_name(row.name, row.version), stage.id),
+        ins={"upstream": dg.In(dg.Nothing)} if dag.parents(stage.id) else {},
+        out=_outputs(dag, stage.id),
+        description=stage.description or f"approval stage '{stage.id}' (approvers: {', '.join(approval.approvers)})",
+        tags={"lifecycle/stage": stage.id, "lifecycle/kind": "approval"},
+        required_resource_keys={"lifecycle_db", "lifecycle_request", "lifecycle_agents"},
+    )(compute)
+
+
 def _aliased(
-    ops: Mapping[str, dg.OpDefinition], inputs: Mapping[str, tuple[str, Sequence[str]]], alias: Any
+    ops: Mapping[str, dg.OpDefinition],
+    inputs: Mapping[str, tuple[str, Sequence[str]]],
+    alias: Any,
+    output: Any = lambda upstream, stage: "result",
 ) -> "dict[dg.NodeInvocation, dict[str, dg.IDependencyDefinition]]":
     """The dependencies of a graph whose node of stage ``s`` is op ``ops[s]`` invoked as
     ``alias(s)`` (its step key), with ``inputs[s] = (input name, upstream stages)``: a node with no
-    upstream stage has no entry in ``inputs``."""
+    upstream stage has no entry in ``inputs``; ``output(u, s)`` names the output of ``u`` that
+    feeds ``s``."""
     deps: dict[dg.NodeInvocation, dict[str, dg.IDependencyDefinition]] = {}
     for stage_id, op in ops.items():
         node = dg.NodeInvocation(op.name, alias=alias(stage_id))
         if stage_id in inputs:
             name, upstream = inputs[stage_id]
-            deps[node] = {name: dg.MultiDependencyDefinition([dg.DependencyDefinition(alias(u)) for u in upstream])}
+            deps[node] = {
+                name: dg.MultiDependencyDefinition(
+                    [dg.DependencyDefinition(alias(u), output(u, stage_id)) for u in upstream]
+                )
+            }
         else:
             deps[node] = {}
     return deps
@@ -364,7 +493,7 @@ def _graph(row: DefinitionRow, dag: Dag) -> dg.GraphDefinition:
     return dg.GraphDefinition(
         name=job_name(row.name, row.version),
         node_defs=list(ops.values()),
-        dependencies=_aliased(ops, inputs, lambda s: s),
+        dependencies=_aliased(ops, inputs, lambda s: s, lambda _upstream, stage: edge_output(stage)),
         description=row.description or f"workflow {row.label}",
     )
 
@@ -519,9 +648,7 @@ def build_jobs(
     return jobs, skipped
 
 
-def _undo_here(
-    context: dg.OpExecutionContext, db: LifecycleDatabase, spec: UndoSpec, execution_id: str
-) -> UndoOutcome:
+def _undo_here(context: dg.OpExecutionContext, db: LifecycleDatabase, spec: UndoSpec, execution_id: str) -> UndoOutcome:
     """One undo attempt on the run's connection, its outcomes mapped to Dagster's retry or failure."""
     with db.run.connection() as conn:
         try:

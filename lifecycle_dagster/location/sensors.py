@@ -46,11 +46,12 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from lifecycle_dagster.engine.compensation import TAKEOVER_TAG, compensation_job_name
-from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG, RESUME_TAG, job_name
+from lifecycle_dagster.location.job_factory import CONTINUES_TAG, EXECUTION_ID_TAG, RESUME_TAG, job_name
 from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.store.db import Connection, connect, resolve_dsn
 from lifecycle_dagster.store.sqlfiles import query
 from lifecycle_dagster.store.transitions import (
+    approvals_expire,
     compensation_start,
     execution_fail,
     execution_set_pending_reason,
@@ -92,7 +93,7 @@ def resume_requests(
         yield dg.RunRequest(
             run_key=f"resume:{r['execution_id']}:{r['stage_id']}:{r['attempt_number']}",
             job_name=job,
-            tags={EXECUTION_ID_TAG: r["execution_id"], RESUME_TAG: r["stage_id"]},
+            tags={EXECUTION_ID_TAG: r["execution_id"], RESUME_TAG: r["stage_id"], CONTINUES_TAG: run.run_id},
         )
 
 
@@ -172,6 +173,7 @@ def reconcile(
     known = set(compensation_jobs)
     with connect(dsn) as conn:
         task_reap(conn)  # expired leases back to the queue, with or without workers
+        approvals_expire(conn)  # approval stages past their deadline decided by their on_timeout
         for r in conn.execute(query("running_executions"), {"limit": RECONCILE_BATCH}).fetchall():
             run = instance.get_run_by_id(r["dagster_run_id"])
             if run is not None and run.status in _FAILED:

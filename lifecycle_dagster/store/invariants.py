@@ -80,7 +80,7 @@ class Violation:
 
 def at_rest(status: str, on_failure: str, cancel_compensates: bool) -> bool:
     """Whether an execution in ``status`` may stay there (see the module docstring)."""
-    if status in FINAL:
+    if status in FINAL or status == "waiting":  # waiting: for a person's decision, as long as it takes
         return True
     if status == "failed":
         return on_failure == "hold"
@@ -209,12 +209,17 @@ def _stages(executions: Iterable[Mapping[str, Any]], stages: Iterable[Mapping[st
                     )
                 )
         if e["status"] == "completed" and dag is not None:
-            missing = [sid for sid in dag.topological_order() if (mine.get(sid) or {}).get("status") != "completed"]
+            missing = [
+                sid
+                for sid in dag.topological_order()
+                if (mine.get(sid) or {}).get("status") not in ("completed", "skipped")
+            ]
             if missing:
                 found.append(
                     Violation(
                         "execution_incomplete",
-                        f"execution {eid} is completed but stage(s) {', '.join(missing)} are not",
+                        f"execution {eid} is completed but stage(s) {', '.join(missing)} are neither "
+                        "completed nor skipped",
                         eid,
                     )
                 )

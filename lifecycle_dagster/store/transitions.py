@@ -76,6 +76,7 @@ class ExecutionStatus(StatusCode):
 
     PENDING = "pending"
     IN_PROGRESS = "in_progress"
+    WAITING = "waiting"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -120,10 +121,12 @@ class BreakerState(StatusCode):
 
 class StageCompleteStatus(StatusCode):
     """``lifecycle.stage_complete``: the execution's status after the stage completed (completed
-    when it was the last stage), or why the result was refused."""
+    when it was the last stage to run or its output ended the execution; waiting when only an
+    approval is left), or why the result was refused."""
 
     COMPLETED = "completed"
     IN_PROGRESS = "in_progress"
+    WAITING = "waiting"
     REFUSED_STALE_ATTEMPT = "refused_stale_attempt"
     REFUSED_STAGE_NOT_RUNNING = "refused_stage_not_running"
     REFUSED_EXECUTION_STOPPED = "refused_execution_stopped"
@@ -208,6 +211,33 @@ class ScheduleTickStatus(StatusCode):
     INACTIVE = "inactive"
 
 
+class StageReadiness(StatusCode):
+    """``lifecycle.stage_readiness``: what a stage's op is to do now (docs/branches.md)."""
+
+    READY = "ready"
+    COMPLETED = "completed"
+    SKIPPED = "skipped"
+    WAITING = "waiting"
+    BLOCKED = "blocked"
+    ENDED = "ended"
+    UNKNOWN = "unknown"
+
+
+class DecideStatus(StatusCode):
+    """``lifecycle.approval_decide``: the execution's next step after a decision (``continuing``:
+    stages became pending, a continuation run starts them), or why the decision was refused."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CONTINUING = "continuing"
+    WAITING = "waiting"
+    IN_PROGRESS = "in_progress"
+    REFUSED_UNKNOWN_STAGE = "refused_unknown_stage"
+    REFUSED_NOT_APPROVAL = "refused_not_approval"
+    REFUSED_NOT_WAITING = "refused_not_waiting"
+    REFUSED_NOT_APPROVER = "refused_not_approver"
+
+
 #: the enum of each SQL function that returns a status code (tests/sql/test_transitions.py pins these to sql/schema)
 STATUS_ENUMS: dict[str, type[StrEnum]] = {
     "lifecycle.stage_complete": StageCompleteStatus,
@@ -221,6 +251,8 @@ STATUS_ENUMS: dict[str, type[StrEnum]] = {
     "lifecycle.undo_fail": UndoFailStatus,
     "lifecycle.breaker_reset": BreakerState,
     "lifecycle.execution_schedule": ScheduleTickStatus,
+    "lifecycle.stage_readiness": StageReadiness,
+    "lifecycle.approval_decide": DecideStatus,
 }
 
 
@@ -447,6 +479,81 @@ def stage_complete(
     """``lifecycle.stage_complete``: record the attempt's output."""
     params = {"log_id": log_id, "task_id": task_id, "output": Jsonb(output), "attempt": attempt}
     return parse_status(StageCompleteStatus, "lifecycle.stage_complete", _row(conn, "complete_stage", params)["status"])
+
+
+def stage_readiness(conn: Connection, *, execution_id: str, stage_id: str) -> StageReadiness:
+    """``lifecycle.stage_readiness``: whether the stage's op should start it (``ready``) or
+    leave it (completed, skipped, waiting, blocked behind an approval, ended early, unknown)."""
+    row = _row(conn, "stage_readiness", {"execution_id": execution_id, "stage_id": stage_id})
+    return parse_status(StageReadiness, "lifecycle.stage_readiness", row["status"])
+
+
+def stage_edges_fired(conn: Connection, *, execution_id: str, stage_id: str) -> tuple[str, ...]:
+    """``lifecycle.stage_edges``: the child stages whose edge from this stage fired (its
+    ``when``/``unless`` patterns against its recorded output), sorted; empty unless completed."""
+    rows = conn.execute(query("stage_edges"), {"execution_id": execution_id, "stage_id": stage_id}).fetchall()
+    return tuple(str(r["target"]) for r in rows if r["fired"])
+
+
+@dataclass(frozen=True)
+class ApprovalWait:
+    """``lifecycle.approval_wait``: the approval stage's status (waiting, completed: decided
+    already, skipped), its deadline (None: none) and, when decided, its decision (the output)."""
+
+    status: str
+    wait_until: datetime | None
+    output: dict[str, Any] | None
+
+
+def approval_wait(
+    conn: Connection, *, execution_id: str, stage_id: str, ancestors: Mapping[str, str], run_id: str | None
+) -> ApprovalWait:
+    """``lifecycle.approval_wait``: the approval stage reached (its log waiting; the execution
+    waiting when nothing else of it can run). Idempotent.
+
+    Raises:
+        psycopg.errors.ObjectNotInPrerequisiteState: the execution is not in progress, a parent not done.
+        psycopg.errors.UniqueViolation: the execution is bound to another run.
+    """
+    params = {"execution_id": execution_id, "stage_id": stage_id, "ancestors": Jsonb(dict(ancestors)), "run_id": run_id}
+    row = _row(conn, "approval_wait", params)
+    output = row["output"]
+    return ApprovalWait(str(row["status"]), row["wait_until"], None if output is None else dict(output))
+
+
+def approval_decide(
+    conn: Connection,
+    *,
+    execution_id: str,
+    stage_id: str,
+    decision: str,
+    comment: str | None,
+    actor: str,
+    operator: bool,
+) -> DecideStatus:
+    """``lifecycle.approval_decide``: a decision (``approve``/``reject``) on a waiting approval
+    stage, by ``actor`` (``operator``: may decide for any approver), in one transaction.
+
+    Raises:
+        psycopg.errors.NoDataFound: no such execution.
+        psycopg.errors.InvalidParameterValue: a decision other than approve/reject, a comment over 4000 characters.
+    """
+    params = {
+        "execution_id": execution_id,
+        "stage_id": stage_id,
+        "decision": decision,
+        "comment": comment,
+        "actor": actor,
+        "operator": operator,
+    }
+    return parse_status(DecideStatus, "lifecycle.approval_decide", _row(conn, "approval_decide", params)["status"])
+
+
+def approvals_expire(conn: Connection, *, limit: int = 100) -> list[tuple[str, str, str]]:
+    """``lifecycle.approvals_expire``: waiting approval stages past their deadline decided by
+    their ``on_timeout``; ``[(execution id, stage id, next step)]``."""
+    rows = conn.execute(query("approvals_expire"), {"limit": limit}).fetchall()
+    return [(str(r["execution_id"]), str(r["stage_id"]), str(r["status"])) for r in rows]
 
 
 def stage_fail(

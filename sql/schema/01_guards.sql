@@ -164,9 +164,9 @@ BEGIN
     FROM public.workflow_definitions d, jsonb_array_elements(d.dag_schema -> 'stages') s
     WHERE d.id = NEW.workflow_definition_id
       AND NOT EXISTS (SELECT 1 FROM public.workflow_execution_logs l
-                      WHERE l.execution_id = NEW.id AND l.stage_id = s ->> 'id' AND l.status = 'completed');
+                      WHERE l.execution_id = NEW.id AND l.stage_id = s ->> 'id' AND l.status IN ('completed', 'skipped'));
     IF v_missing IS NOT NULL THEN
-      RAISE EXCEPTION 'execution % cannot complete: stage(s) % not completed', NEW.id, v_missing
+      RAISE EXCEPTION 'execution % cannot complete: stage(s) % neither completed nor skipped', NEW.id, v_missing
         USING ERRCODE = 'check_violation';
     END IF;
   END IF;

@@ -14,7 +14,7 @@ BEGIN
   IF NOT FOUND THEN
     RAISE EXCEPTION 'unknown workflow execution %', p_execution_id USING ERRCODE = 'no_data_found';
   END IF;
-  IF v_exec.status NOT IN ('pending', 'in_progress') THEN
+  IF v_exec.status NOT IN ('pending', 'in_progress', 'waiting') THEN
     RETURN QUERY SELECT false, v_exec.status, v_exec.status, v_exec.dagster_run_id;
     RETURN;
   END IF;
@@ -25,7 +25,7 @@ BEGIN
    WHERE e.id = p_execution_id;
   UPDATE public.workflow_execution_logs l
      SET status = 'skipped', completed_at = p_now, error_message = 'execution cancelled'
-   WHERE l.execution_id = p_execution_id AND l.status = 'pending';
+   WHERE l.execution_id = p_execution_id AND l.status IN ('pending', 'waiting');
   UPDATE public.task_queue t
      SET status = 'cancelled', updated_at = p_now, completed_at = p_now
    WHERE t.workflow_execution_id = p_execution_id AND t.status = 'pending';
@@ -51,14 +51,17 @@ CREATE OR REPLACE FUNCTION lifecycle.stage_complete(p_log_id uuid, p_task_id uui
 DECLARE
   v_exec   public.workflow_executions;
   v_log    public.workflow_execution_logs;
-  v_stages jsonb;
-  v_done   integer;
   v_reason text;
 BEGIN
   -- GUARD: output is a JSON object
   IF jsonb_typeof(p_output) IS DISTINCT FROM 'object' THEN
     RAISE EXCEPTION 'stage output must be a JSON object, got %', coalesce(jsonb_typeof(p_output), 'NULL')
       USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  -- GUARD: an `end` in it is well formed (docs/branches.md)
+  v_reason := lifecycle.end_problem(p_output);
+  IF v_reason IS NOT NULL THEN
+    RAISE EXCEPTION '%', v_reason USING ERRCODE = 'invalid_parameter_value';
   END IF;
 
   -- LOCK: execution, then stage log
@@ -103,22 +106,14 @@ BEGIN
   -- TRANSITION: breakers
   PERFORM lifecycle.breaker_record_task(p_task_id, true, NULL, p_now);
 
-  -- TRANSITION: execution completes when all its definition's stages have (one pass)
-  SELECT d.dag_schema -> 'stages',
-         (SELECT count(*) FROM public.workflow_execution_logs l
-           WHERE l.execution_id = v_exec.id AND l.status = 'completed'
-             AND l.stage_id IN (SELECT s ->> 'id' FROM jsonb_array_elements(d.dag_schema -> 'stages') s))
-    INTO v_stages, v_done
-    FROM public.workflow_definitions d WHERE d.id = v_exec.workflow_definition_id;
-  IF v_done = jsonb_array_length(v_stages) THEN
-    UPDATE public.workflow_executions e
-       SET status = 'completed', updated_at = p_now, error_message = NULL
-     WHERE e.id = v_exec.id;
-    INSERT INTO public.workflow_events (execution_id, event_type, metadata, "timestamp")
-    VALUES (v_exec.id, 'workflow_completed', jsonb_build_object('stages', v_done), p_now);
-    RETURN 'completed';
+  -- TRANSITION: an output with `end` completes the execution early (lifecycle.execution_end);
+  -- otherwise the stages no fired edge reaches are skipped and the execution completes when every
+  -- stage is completed or skipped, or waits for an approval (lifecycle.execution_advance)
+  IF p_output ? 'end' THEN
+    RETURN lifecycle.execution_end(v_exec.id, v_log.stage_id, p_output #>> '{end,outcome}',
+                                   p_output #>> '{end,reason}', p_now);
   END IF;
-  RETURN v_exec.status;
+  RETURN lifecycle.execution_advance(v_exec.id, p_now);
 END
 $$;
 
@@ -197,6 +192,13 @@ BEGIN
     RETURNING * INTO v;
     INSERT INTO public.workflow_events (execution_id, event_type, metadata, "timestamp")
     VALUES (v.id, 'workflow_started', jsonb_build_object('dagster_run_id', p_run_id), p_now);
+  ELSIF v.status IN ('waiting', 'completed') AND v.dagster_run_id = p_run_id THEN
+    NULL;  -- its own run's other ops: an approval waits, or a stage ended the execution early
+           -- (lifecycle.stage_readiness tells each op to leave its stage)
+  ELSIF v.status = 'waiting' THEN
+    RAISE EXCEPTION 'execution % is waiting for a decision on an approval stage and runs no more stages until then', v.id
+      USING ERRCODE = 'object_not_in_prerequisite_state',
+            HINT = 'decide it: lifecycle-dagster decide EXECUTION_ID STAGE approve|reject';
   ELSIF v.status <> 'in_progress' THEN
     RAISE EXCEPTION 'execution % is % and runs no more stages', v.id, v.status
       USING ERRCODE = 'object_not_in_prerequisite_state';
@@ -732,10 +734,11 @@ BEGIN
       USING ERRCODE = 'unique_violation';
   END IF;
 
-  -- GUARD: every ancestor completed; their outputs are the stage's upstream input (one pass)
-  SELECT string_agg(a.key, ', ' ORDER BY a.key) FILTER (WHERE l.status IS DISTINCT FROM 'completed'),
+  -- GUARD: every ancestor completed or skipped (a branch not taken); the outputs of the completed
+  -- ones are the stage's upstream input (one pass)
+  SELECT string_agg(a.key, ', ' ORDER BY a.key) FILTER (WHERE l.status IS NULL OR l.status NOT IN ('completed', 'skipped')),
          coalesce(jsonb_object_agg(a.key, jsonb_build_object('capability', a.value, 'output', l.output_data))
-                    FILTER (WHERE l.id IS NOT NULL),
+                    FILTER (WHERE l.status = 'completed'),
                   '{}'::jsonb)
     INTO v_missing, v_upstream
   FROM jsonb_each_text(coalesce(p_ancestors, '{}'::jsonb)) a

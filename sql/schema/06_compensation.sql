@@ -141,7 +141,8 @@ CREATE OR REPLACE FUNCTION lifecycle.stage_compensable(p_definition_id uuid, p_s
     LANGUAGE sql STABLE
     AS $$
   SELECT coalesce((
-    SELECT NOT (s ? 'compensate' AND s -> 'compensate' = 'false'::jsonb)
+    -- an approval stage has nothing to undo
+    SELECT NOT (s ? 'compensate' AND s -> 'compensate' = 'false'::jsonb) AND s ->> 'kind' IS DISTINCT FROM 'approval'
     FROM public.workflow_definitions d, jsonb_array_elements(d.dag_schema -> 'stages') s
     WHERE d.id = p_definition_id AND s ->> 'id' = p_stage_id), false)
 $$;
@@ -155,7 +156,8 @@ CREATE OR REPLACE FUNCTION lifecycle.compensation_stages(p_execution_id uuid) RE
     LANGUAGE sql STABLE
     AS $$
   SELECT coalesce(array_agg(l.stage_id ORDER BY l.stage_id), '{}')
-  FROM (SELECT jsonb_object_agg(s ->> 'id', NOT (s ? 'compensate' AND s -> 'compensate' = 'false'::jsonb)) AS m
+  FROM (SELECT jsonb_object_agg(s ->> 'id', NOT (s ? 'compensate' AND s -> 'compensate' = 'false'::jsonb)
+                                            AND s ->> 'kind' IS DISTINCT FROM 'approval') AS m
         FROM public.workflow_executions e
         JOIN public.workflow_definitions d ON d.id = e.workflow_definition_id,
              jsonb_array_elements(CASE WHEN jsonb_typeof(d.dag_schema -> 'stages') = 'array'
@@ -311,7 +313,7 @@ BEGIN
     INSERT INTO public.workflow_events (execution_id, event_type, metadata, "timestamp")
     VALUES (p_execution_id, 'workflow_cancelled',
             jsonb_build_object('reason', v_reason, 'previous_status', 'pending', 'compensate', true), p_now);
-  ELSIF v_exec.status = 'in_progress' THEN
+  ELSIF v_exec.status IN ('in_progress', 'waiting') THEN
     UPDATE public.workflow_executions e SET status = 'failed', error_message = v_reason, updated_at = p_now
      WHERE e.id = p_execution_id;
     INSERT INTO public.workflow_events (execution_id, event_type, metadata, "timestamp")
@@ -320,7 +322,7 @@ BEGIN
 
   UPDATE public.workflow_execution_logs l
      SET status = 'skipped', completed_at = p_now, error_message = coalesce(l.error_message, v_reason)
-   WHERE l.execution_id = p_execution_id AND l.status IN ('pending', 'in_progress');
+   WHERE l.execution_id = p_execution_id AND l.status IN ('pending', 'in_progress', 'waiting');
   UPDATE public.task_queue t
      SET status = 'cancelled', completed_at = p_now, updated_at = p_now
    WHERE t.workflow_execution_id = p_execution_id AND t.status IN ('pending', 'in_progress');

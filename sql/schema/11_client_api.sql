@@ -116,6 +116,58 @@ REVOKE ALL ON FUNCTION public.cancel_execution(execution_id uuid, reason text) F
 GRANT EXECUTE ON FUNCTION public.cancel_execution(execution_id uuid, reason text) TO authenticated, service_role;
 
 
+-- public.is_approver_of: whether the caller (auth.uid(), the JWT's roles) may decide an approval
+-- stage the execution waits on. Client API (row-level security uses it: an approver reads the
+-- execution, its stage logs and events). SECURITY DEFINER: it reads what the caller may not yet.
+CREATE OR REPLACE FUNCTION public.is_approver_of(execution_id uuid) RETURNS boolean
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT EXISTS (
+    SELECT 1 FROM public.workflow_execution_logs l
+      JOIN public.workflow_executions e ON e.id = l.execution_id
+      JOIN public.workflow_definitions d ON d.id = e.workflow_definition_id
+     WHERE l.execution_id = is_approver_of.execution_id AND l.status = 'waiting'
+       AND lifecycle.approver_matches(lifecycle.dag_stage(d.dag_schema, l.stage_id) -> 'approvers',
+                                      auth.uid()::text, lifecycle.jwt_roles()))
+$$;
+
+REVOKE ALL ON FUNCTION public.is_approver_of(execution_id uuid) FROM PUBLIC, anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION public.is_approver_of(execution_id uuid) TO authenticated, service_role;
+
+
+-- public.decide: the caller's decision on an approval stage an execution waits on (docs/branches.md):
+-- decision 'approve' or 'reject', an optional comment (at most 4000 characters). Only an approver
+-- may decide (auth.uid() or a role of the JWT among the stage's approvers), once. Returns
+-- lifecycle.approval_decide's code: completed | failed | continuing | waiting | in_progress, or
+-- refused_not_waiting (decided already, or not waiting), refused_not_approver,
+-- refused_unknown_stage, refused_not_approval. Raises insufficient_privilege (no user),
+-- no_data_found (no such execution), invalid_parameter_value (decision, comment).
+CREATE OR REPLACE FUNCTION public.decide(execution_id uuid, stage text, decision text, comment text DEFAULT NULL::text) RETURNS text
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_uid uuid := auth.uid();
+BEGIN
+  -- GUARD: a signed-in caller
+  IF v_uid IS NULL THEN
+    RAISE EXCEPTION 'decide: the request has no user (auth.uid() is NULL)'
+      USING ERRCODE = 'insufficient_privilege', HINT = 'call it with the approver''s JWT';
+  END IF;
+  IF decide.execution_id IS NULL THEN
+    RAISE EXCEPTION 'decide: execution_id is NULL' USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  -- TRANSITION: lifecycle.approval_decide (locks the execution first)
+  RETURN lifecycle.approval_decide(decide.execution_id, decide.stage, decide.decision, decide.comment,
+                                   v_uid::text, lifecycle.jwt_roles(), false);
+END
+$$;
+
+REVOKE ALL ON FUNCTION public.decide(execution_id uuid, stage text, decision text, comment text) FROM PUBLIC, anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION public.decide(execution_id uuid, stage text, decision text, comment text) TO authenticated, service_role;
+
+
 -- public.execution_artifacts: the artifacts of the caller's own executions, voided ones included.
 -- Not security_invoker: the client has no usage on schema lifecycle, so the view reads it as its
 -- owner and filters the rows itself (security_barrier: no caller's function sees the others).

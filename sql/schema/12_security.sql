@@ -45,6 +45,15 @@ CREATE POLICY authenticated_read_own ON public.workflow_execution_logs FOR SELEC
 DROP POLICY IF EXISTS authenticated_read_own ON public.workflow_executions;
 CREATE POLICY authenticated_read_own ON public.workflow_executions FOR SELECT TO authenticated USING ((created_by = ( SELECT auth.uid() AS uid)));
 
+-- policies authenticated_read_to_decide: an approver reads the execution that waits for its
+-- decision, its stage logs and its events (public.is_approver_of, sql/schema/14_branches.sql)
+DROP POLICY IF EXISTS authenticated_read_to_decide ON public.workflow_executions;
+CREATE POLICY authenticated_read_to_decide ON public.workflow_executions FOR SELECT TO authenticated USING (public.is_approver_of(id));
+DROP POLICY IF EXISTS authenticated_read_to_decide ON public.workflow_execution_logs;
+CREATE POLICY authenticated_read_to_decide ON public.workflow_execution_logs FOR SELECT TO authenticated USING (public.is_approver_of(execution_id));
+DROP POLICY IF EXISTS authenticated_read_to_decide ON public.workflow_events;
+CREATE POLICY authenticated_read_to_decide ON public.workflow_events FOR SELECT TO authenticated USING (public.is_approver_of(execution_id));
+
 -- rls lifecycle_adoption_rejects
 ALTER TABLE lifecycle.adoption_rejects ENABLE ROW LEVEL SECURITY;
 ALTER TABLE lifecycle.adoption_rejects NO FORCE ROW LEVEL SECURITY;
