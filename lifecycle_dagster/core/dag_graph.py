@@ -49,11 +49,15 @@ class GraphRules:
                     f"declared {count} times ({', '.join(at)})",
                 )
 
-    def next_target(self, where: Where, rel: str, source: str, target: str, local: list[str]) -> None:
-        """Check the string ``next`` entry ``target`` of stage ``source`` (``local``: its targets
-        accepted so far); the first of unknown_stage, self_loop, duplicate_edge, else an edge."""
+    def next_target(
+        self, where: Where, rel: str, source: str, target: str, local: list[str], to_rel: str | None = None
+    ) -> None:
+        """Check the target ``target`` (a string) of the ``next`` entry ``rel`` of stage ``source``
+        (``local``: its targets accepted so far, whatever their conditions); the first of
+        unknown_stage (at ``to_rel``, ``next[k].to`` for an object entry, else at ``rel``),
+        self_loop, duplicate_edge (at ``rel``), else an edge."""
         if target not in self.declared:
-            self.report.add("unknown_stage", where, rel, f"edge to unknown stage {quote(target)}")
+            self.report.add("unknown_stage", where, to_rel or rel, f"edge to unknown stage {quote(target)}")
         elif target == source:
             self.report.add("self_loop", where, rel, f"edge to itself ({rel})")
         elif target in local:

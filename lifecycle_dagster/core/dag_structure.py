@@ -1,6 +1,7 @@
 """Structure rules of a ``dag_schema`` (stdlib only): the document's shape, value types, stage ids,
-size limits, ``next``/``edges`` agreement, the ``retry``/``timeout_s``/``compensate`` fields and the
-``context`` declaration.
+size limits, ``next``/``edges`` agreement (conditions included), the ``when``/``unless`` patterns,
+the stage kinds (``agent``, ``approval``) and their keys, the ``retry``/``timeout_s``/``compensate``
+fields and the ``context`` declaration.
 
 :mod:`lifecycle_dagster.core.dag` documents the schema and every rule and walks the document,
 applying these and the graph rules of :mod:`lifecycle_dagster.core.dag_graph` in the order the
@@ -13,14 +14,25 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypeGuard
 
+from lifecycle_dagster.core.conditions import PATTERN_KEYS, json_key
+
 STAGE_ID_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
 ON_FAILURE_MODES = ("compensate", "hold")
 JITTER_MODES = ("none", "full", "equal")
+#: a stage's ``kind``; absent means ``agent``
+STAGE_KINDS = ("agent", "approval")
+#: an approval stage's ``on_timeout`` (default ``reject``) and ``on_reject`` (default ``end``)
+ON_TIMEOUT_MODES = ("reject", "approve", "fail")
+ON_REJECT_MODES = ("end", "fail", "branch")
+#: an entry of an approval stage's ``approvers``: a user id (a UUID, any case) or ``role:<name>``
+APPROVER_PATTERN = (
+    r"^([0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}|role:[A-Za-z0-9_.:-]{1,63})$"
+)
 #: most entries ``stages`` may have (the database's lifecycle.dag_validate has the same limit)
 MAX_STAGES = 500
 #: most edge entries a DAG may have: the entries of ``edges`` plus those of every ``next`` array
@@ -31,7 +43,25 @@ ID_RE = re.compile(STAGE_ID_PATTERN)
 MISSING: Any = object()
 _TOP_KEYS = ("stages", "edges", "defaults", "on_failure", "context", "schedule")
 _CONTEXT_KEYS = ("required", "example", "description")
-_STAGE_KEYS = ("id", "capability", "next", "description", "retry", "timeout_s", "compensate")
+_STAGE_KEYS = (
+    "id",
+    "kind",
+    "capability",
+    "next",
+    "description",
+    "retry",
+    "timeout_s",
+    "compensate",
+    "approvers",
+    "on_timeout",
+    "on_reject",
+)
+#: keys only an approval stage has; an agent stage's keys an approval stage has not
+APPROVAL_ONLY_KEYS = ("approvers", "on_timeout", "on_reject")
+AGENT_ONLY_KEYS = ("capability", "retry", "compensate")
+EDGE_KEYS = ("from", "to", "when", "unless")
+NEXT_ENTRY_KEYS = ("to", "when", "unless")
+APPROVER_RE = re.compile(APPROVER_PATTERN)
 _RETRY_KEYS = ("max_attempts", "base_delay_s", "max_delay_s", "multiplier", "jitter", "non_retryable")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 #: why a number is refused that a double cannot hold (JSON 1e400, 1e-400; a Python inf or 10**400)
@@ -282,6 +312,27 @@ class StructureRules(Report):
         if not isinstance(raw, dict):
             self.add("wrong_type", where, "", f"a stage must be an object, got {kind(raw)}")
             return where, None
+        self.stage_id(sid, where)
+        self.keys(raw, _STAGE_KEYS, where)
+        stage_kind = self.stage_kind(raw, where)
+        self.capability(raw, where, stage_kind)
+        self.string(raw.get("description", MISSING), "description", where)
+        if "retry" in raw and stage_kind == "agent":
+            self.retry(raw["retry"], Where(f"{where.path}.retry", where.label, where.stages, "retry."))
+        elif "retry" in raw and stage_kind == "approval":
+            self.add("bad_value", where, "retry", "an approval stage has no retry")
+        self.number(raw, "timeout_s", where, 0, positive=True)
+        self.compensate(raw, where, stage_kind)
+        self.approval(raw, where, stage_kind)
+        targets = raw.get("next", [])
+        if not isinstance(targets, list):
+            self.add("wrong_type", where, "next", f"next must be an array, got {kind(targets)}")
+            return where, None
+        return where, targets
+
+    def stage_id(self, sid: object, where: Where) -> None:
+        """``bad_stage_id`` for an id that does not match :data:`STAGE_ID_PATTERN` or is reserved."""
+        label = sid if isinstance(sid, str) else ""
         if not ID_RE.fullmatch(label):
             shown = quote(label) if isinstance(sid, str) else kind(sid)
             self.add("bad_stage_id", where, "id", f"id must match {STAGE_ID_PATTERN}, got {shown}")
@@ -293,25 +344,92 @@ class StructureRules(Report):
                 f"id {quote(label)} is reserved: its op would be named like the compensation job"
                 " (<name>__v<version>__compensate)",
             )
-        self.keys(raw, _STAGE_KEYS, where)
+
+    def stage_kind(self, raw: Mapping[str, Any], where: Where) -> str | None:
+        """Check ``kind``; return ``"agent"`` (also when absent), ``"approval"`` or ``None`` when it
+        is invalid (then the rules of neither kind apply to the stage)."""
+        value = raw.get("kind", MISSING)
+        self.string(value, "kind", where, STAGE_KINDS)
+        if value is MISSING:
+            return "agent"
+        return value if isinstance(value, str) and value in STAGE_KINDS else None
+
+    def capability(self, raw: Mapping[str, Any], where: Where, stage_kind: str | None) -> None:
         capability = raw.get("capability", MISSING)
+        if stage_kind == "approval":
+            if capability is not MISSING:
+                self.add("bad_value", where, "capability", "an approval stage has no capability")
+            return
+        if stage_kind != "agent":
+            return
         if capability is MISSING or capability == "":
             self.add("missing_capability", where, "capability", "capability is missing or empty")
         self.string(capability, "capability", where)
-        self.string(raw.get("description", MISSING), "description", where)
-        if "retry" in raw:
-            self.retry(raw["retry"], Where(f"{where.path}.retry", where.label, where.stages, "retry."))
-        self.number(raw, "timeout_s", where, 0, positive=True)
+
+    def compensate(self, raw: Mapping[str, Any], where: Where, stage_kind: str | None) -> None:
+        if stage_kind == "approval" and "compensate" in raw:
+            self.add("bad_value", where, "compensate", "an approval stage has no compensate")
+        if stage_kind != "agent":
+            return
         compensate = raw.get("compensate", False)
         if compensate is True or compensate == "":
             self.add("bad_value", where, "compensate", "compensate must be a capability name or false")
         elif compensate is not False:
             self.string(compensate, "compensate", where)
-        targets = raw.get("next", [])
-        if not isinstance(targets, list):
-            self.add("wrong_type", where, "next", f"next must be an array, got {kind(targets)}")
-            return where, None
-        return where, targets
+
+    def approval(self, raw: Mapping[str, Any], where: Where, stage_kind: str | None) -> None:
+        """The keys of an approval stage: ``approvers`` (required), ``on_timeout``, ``on_reject``;
+        in an agent stage each is ``bad_value``."""
+        if stage_kind == "agent":
+            for key in APPROVAL_ONLY_KEYS:
+                if key in raw:
+                    self.add("bad_value", where, key, f"only an approval stage has {key}")
+            return
+        if stage_kind != "approval":
+            return
+        self.approvers(raw.get("approvers", MISSING), where)
+        self.string(raw.get("on_timeout", MISSING), "on_timeout", where, ON_TIMEOUT_MODES)
+        self.string(raw.get("on_reject", MISSING), "on_reject", where, ON_REJECT_MODES)
+
+    def approvers(self, value: object, where: Where) -> None:
+        """A non-empty array of unique strings, each matching :data:`APPROVER_PATTERN`."""
+        if value is MISSING:
+            self.add("bad_value", where, "approvers", "an approval stage needs approvers")
+        elif not isinstance(value, list):
+            self.add("wrong_type", where, "approvers", f"approvers must be an array, got {kind(value)}")
+        elif not value:
+            self.add("bad_value", where, "approvers", "approvers is empty: an approval stage needs approvers")
+        entries: list[Any] = value if isinstance(value, list) else []
+        for k, approver in enumerate(entries):
+            rel = f"approvers[{k}]"
+            if not isinstance(approver, str):
+                self.add("wrong_type", where, rel, f"{rel} must be a string, got {kind(approver)}")
+            elif not APPROVER_RE.fullmatch(approver):
+                self.add(
+                    "bad_value",
+                    where,
+                    rel,
+                    f"{rel} must be a user id (a UUID) or role:<name> (name: [A-Za-z0-9_.:-], 1 to 63), got "
+                    + quote(approver),
+                )
+            elif approver in entries[:k]:
+                self.add("bad_value", where, rel, f"{rel} repeats {quote(approver)}")
+
+    def pattern(self, value: object, rel: str, where: Where) -> None:
+        """Check an optional ``when``/``unless`` pattern: a non-empty object whose keys are
+        ``output`` and/or ``context`` (their values may be any JSON)."""
+        name = where.field + rel
+        if value is MISSING:
+            return
+        if not isinstance(value, dict):
+            self.add("wrong_type", where, rel, f"{name} must be an object, got {kind(value)}")
+            return
+        other = sorted(str(k) for k in value if k not in PATTERN_KEYS)
+        if not value or other:
+            got = ", ".join(map(quote, other)) if other else "{}"
+            self.add(
+                "bad_value", where, rel, f"{name} must have the key output, context or both, and no other; got {got}"
+            )
 
     def edge(self, k: int, raw: object, declared: set[str]) -> tuple[Where, list[Any] | None]:
         """Check the shape of ``edges[k]``; return where it is and its ``[from, to]`` (each
@@ -324,32 +442,43 @@ class StructureRules(Report):
         if not isinstance(raw, dict):
             self.add("wrong_type", where, "", f"an edge must be an object, got {kind(raw)}")
             return where, None
-        self.keys(raw, ("from", "to"), where)
+        self.keys(raw, EDGE_KEYS, where)
         return where, ends
 
     def is_stage_id(self, value: object, where: Where, rel: str) -> TypeGuard[str]:
-        """Check that a reference (``next[k]``, an edge's ``from``/``to``) is a string."""
+        """Check that a reference (``next[k]``, ``next[k].to``, an edge's ``from``/``to``) is a string."""
         if isinstance(value, str):
             return True
         self.add("wrong_type", where, rel, f"{rel} must be a stage id, got {kind(value)}")
         return False
 
     def mismatches(self, raw_stages: list[Any], raw_edges: list[Any], nodes: set[str]) -> None:
-        """``next_edges_mismatch`` for each stage with an id in ``nodes`` and a ``next`` array."""
+        """``next_edges_mismatch`` for each stage with an id in ``nodes`` and a ``next`` array: its
+        entries and the edges from it must be the same set of (to, when, unless), compared as jsonb
+        compares them (a string entry, an absent and a ``null`` condition are no condition)."""
         for i, raw in enumerate(raw_stages):
             sid = raw.get("id") if isinstance(raw, dict) else None
             if not (isinstance(sid, str) and sid in nodes and isinstance(raw.get("next"), list)):
                 continue
-            listed: set[str] = {t for t in raw["next"] if isinstance(t, str)}
-            linked: set[str] = {
-                e["to"]
-                for e in raw_edges
-                if isinstance(e, dict) and e.get("from") == sid and isinstance(e.get("to"), str)
-            }
-            if listed != linked:
-                self.add(
-                    "next_edges_mismatch",
-                    Where(f"stages[{i}]", f"stage {quote(sid)}", (sid,)),
-                    "next",
-                    f"next {sorted(listed)} disagrees with the edges from {quote(sid)} to {sorted(linked)}",
-                )
+            listed = _links(t if isinstance(t, dict) else {"to": t} for t in raw["next"])
+            linked = _links(e for e in raw_edges if isinstance(e, dict) and e.get("from") == sid)
+            if listed == linked:
+                continue
+            where = Where(f"stages[{i}]", f"stage {quote(sid)}", (sid,))
+            to_listed, to_linked = sorted({t[0] for t in listed}), sorted({t[0] for t in linked})
+            if to_listed != to_linked:
+                text = f"next {to_listed} disagrees with the edges from {quote(sid)} to {to_linked}"
+            else:
+                differ = ", ".join(quote(t) for t in sorted({t[0] for t in listed ^ linked}))
+                text = f"the when/unless of next disagree with those of the edges from {quote(sid)} (to {differ})"
+            self.add("next_edges_mismatch", where, "next", text)
+
+
+def _links(entries: Iterable[Any]) -> set[tuple[str, Hashable, Hashable]]:
+    """``(to, when, unless)`` of each ``next`` entry or edge (an object) whose ``to`` is a string,
+    conditions as :func:`~lifecycle_dagster.core.conditions.json_key` (absent: as ``null``)."""
+    return {
+        (e["to"], json_key(e.get("when")), json_key(e.get("unless")))
+        for e in entries
+        if isinstance(e, dict) and isinstance(e.get("to"), str)
+    }

@@ -29,6 +29,70 @@ REVOKE ALL ON FUNCTION lifecycle.dag_assert_valid(p_dag jsonb, p_what text) FROM
 GRANT ALL ON FUNCTION lifecycle.dag_assert_valid(p_dag jsonb, p_what text) TO service_role;
 
 
+-- lifecycle.dag_check_approval: the keys of one kind of stage (dag_structure.StructureRules.approval):
+-- an approval stage's approvers (required), on_timeout and on_reject; in an agent stage each of
+-- those is bad_value; a stage whose kind is invalid (p_kind NULL) gets neither rule
+CREATE OR REPLACE FUNCTION lifecycle.dag_check_approval(p_raw jsonb, p_kind text, p_where text, p_label text, p_stages text[]) RETURNS SETOF lifecycle.dag_problem
+    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+    AS $_$
+DECLARE
+  c_approver_re CONSTANT text :=  -- dag_structure.APPROVER_PATTERN
+    '^([0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}|role:[A-Za-z0-9_.:-]{1,63})$';
+  v_key      text;
+  v_list     jsonb := p_raw -> 'approvers';
+  v_approver jsonb;
+  v_rel      text;
+  v_k        integer := 0;
+BEGIN
+  IF p_kind = 'agent' THEN
+    FOREACH v_key IN ARRAY ARRAY['approvers', 'on_timeout', 'on_reject'] LOOP
+      IF p_raw ? v_key THEN
+        RETURN NEXT lifecycle.dag_report('bad_value', p_where, v_key, p_label, p_stages,
+          'only an approval stage has ' || v_key);
+      END IF;
+    END LOOP;
+    RETURN;
+  ELSIF p_kind IS DISTINCT FROM 'approval' THEN
+    RETURN;
+  END IF;
+  IF v_list IS NULL THEN
+    RETURN NEXT lifecycle.dag_report('bad_value', p_where, 'approvers', p_label, p_stages,
+      'an approval stage needs approvers');
+  ELSIF jsonb_typeof(v_list) <> 'array' THEN
+    RETURN NEXT lifecycle.dag_report('wrong_type', p_where, 'approvers', p_label, p_stages,
+      'approvers must be an array, got ' || lifecycle.dag_kind(v_list));
+  ELSIF jsonb_array_length(v_list) = 0 THEN
+    RETURN NEXT lifecycle.dag_report('bad_value', p_where, 'approvers', p_label, p_stages,
+      'approvers is empty: an approval stage needs approvers');
+  END IF;
+  FOR v_approver IN SELECT e FROM jsonb_array_elements(CASE WHEN jsonb_typeof(v_list) = 'array' THEN v_list
+                                                             ELSE '[]'::jsonb END) AS e LOOP
+    v_rel := format('approvers[%s]', v_k);
+    IF jsonb_typeof(v_approver) <> 'string' THEN
+      RETURN NEXT lifecycle.dag_report('wrong_type', p_where, v_rel, p_label, p_stages,
+        format('%s must be a string, got %s', v_rel, lifecycle.dag_kind(v_approver)));
+    ELSIF NOT (v_approver #>> '{}') COLLATE "C" ~ c_approver_re THEN
+      RETURN NEXT lifecycle.dag_report('bad_value', p_where, v_rel, p_label, p_stages,
+        format('%s must be a user id (a UUID) or role:<name> (name: [A-Za-z0-9_.:-], 1 to 63), got %s', v_rel,
+               lifecycle.dag_quote(v_approver #>> '{}')));
+    ELSIF EXISTS (SELECT 1 FROM jsonb_array_elements(v_list) WITH ORDINALITY AS t(e, i)
+                  WHERE i <= v_k AND e = v_approver) THEN
+      RETURN NEXT lifecycle.dag_report('bad_value', p_where, v_rel, p_label, p_stages,
+        format('%s repeats %s', v_rel, lifecycle.dag_quote(v_approver #>> '{}')));
+    END IF;
+    v_k := v_k + 1;
+  END LOOP;
+  RETURN QUERY SELECT * FROM lifecycle.dag_check_string(p_raw -> 'on_timeout', 'on_timeout', p_where, p_label,
+                                                        p_stages, '', ARRAY['reject', 'approve', 'fail']);
+  RETURN QUERY SELECT * FROM lifecycle.dag_check_string(p_raw -> 'on_reject', 'on_reject', p_where, p_label,
+                                                        p_stages, '', ARRAY['end', 'fail', 'branch']);
+END
+$_$;
+
+REVOKE ALL ON FUNCTION lifecycle.dag_check_approval(p_raw jsonb, p_kind text, p_where text, p_label text, p_stages text[]) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.dag_check_approval(p_raw jsonb, p_kind text, p_where text, p_label text, p_stages text[]) TO service_role;
+
+
 -- lifecycle.dag_check_context
 CREATE OR REPLACE FUNCTION lifecycle.dag_check_context(p_value jsonb) RETURNS SETOF lifecycle.dag_problem
     LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
@@ -109,6 +173,62 @@ REVOKE ALL ON FUNCTION lifecycle.dag_check_keys(p_obj jsonb, p_allowed text[], p
 GRANT ALL ON FUNCTION lifecycle.dag_check_keys(p_obj jsonb, p_allowed text[], p_where text, p_label text, p_stages text[], p_field text) TO service_role;
 
 
+-- lifecycle.dag_check_next_edges: next_edges_mismatch (dag_structure.StructureRules.mismatches):
+-- for each stage with an id in p_nodes and a next array, its entries and the edges from it must be
+-- the same set of {to, when, unless} (jsonb equality; a string entry and an absent condition are
+-- null conditions); the message names the targets when they differ, else those whose conditions do
+CREATE OR REPLACE FUNCTION lifecycle.dag_check_next_edges(p_stages jsonb, p_edges jsonb, p_nodes text[]) RETURNS SETOF lifecycle.dag_problem
+    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+    AS $$
+DECLARE
+  v_raw    jsonb;
+  v_i      integer := 0;
+  v_listed jsonb[];
+  v_linked jsonb[];
+  v_to_l   text[];
+  v_to_e   text[];
+  v_text   text;
+BEGIN
+  FOR v_raw IN SELECT s FROM jsonb_array_elements(p_stages) AS s LOOP
+    v_i := v_i + 1;
+    CONTINUE WHEN NOT coalesce(jsonb_typeof(v_raw) = 'object' AND jsonb_typeof(v_raw -> 'id') = 'string'
+                               AND (v_raw ->> 'id') = ANY (p_nodes) AND jsonb_typeof(v_raw -> 'next') = 'array',
+                               false);
+    v_listed := ARRAY(SELECT DISTINCT jsonb_build_object('to', x -> 'to', 'when', x -> 'when', 'unless', x -> 'unless')
+                      FROM jsonb_array_elements(v_raw -> 'next') AS n,
+                           LATERAL (SELECT CASE WHEN jsonb_typeof(n) = 'string' THEN jsonb_build_object('to', n)
+                                                ELSE n END AS x) l
+                      WHERE jsonb_typeof(x) = 'object' AND jsonb_typeof(x -> 'to') = 'string');
+    v_linked := ARRAY(SELECT DISTINCT jsonb_build_object('to', e -> 'to', 'when', e -> 'when', 'unless', e -> 'unless')
+                      FROM jsonb_array_elements(p_edges) AS e
+                      WHERE jsonb_typeof(e) = 'object' AND e -> 'from' = to_jsonb(v_raw ->> 'id')
+                        AND jsonb_typeof(e -> 'to') = 'string');
+    CONTINUE WHEN v_listed <@ v_linked AND v_linked <@ v_listed;
+    v_to_l := ARRAY(SELECT DISTINCT (x ->> 'to') COLLATE "C" FROM unnest(v_listed) AS x ORDER BY 1);
+    v_to_e := ARRAY(SELECT DISTINCT (x ->> 'to') COLLATE "C" FROM unnest(v_linked) AS x ORDER BY 1);
+    IF v_to_l <> v_to_e THEN
+      v_text := format('next [%s] disagrees with the edges from %s to [%s]',
+                       (SELECT string_agg(lifecycle.dag_quote(x), ', ' ORDER BY o) FROM unnest(v_to_l) WITH ORDINALITY AS u(x, o)),
+                       lifecycle.dag_quote(v_raw ->> 'id'),
+                       (SELECT string_agg(lifecycle.dag_quote(x), ', ' ORDER BY o) FROM unnest(v_to_e) WITH ORDINALITY AS u(x, o)));
+    ELSE
+      v_text := format('the when/unless of next disagree with those of the edges from %s (to %s)',
+                       lifecycle.dag_quote(v_raw ->> 'id'),
+                       (SELECT string_agg(lifecycle.dag_quote(t), ', ' ORDER BY t COLLATE "C")
+                        FROM (SELECT DISTINCT x ->> 'to' AS t
+                              FROM unnest(v_listed || v_linked) AS x
+                              WHERE NOT (x = ANY (v_listed) AND x = ANY (v_linked))) d));
+    END IF;
+    RETURN NEXT lifecycle.dag_report('next_edges_mismatch', format('stages[%s]', v_i - 1), 'next',
+      'stage ' || lifecycle.dag_quote(v_raw ->> 'id'), ARRAY[v_raw ->> 'id'], v_text);
+  END LOOP;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.dag_check_next_edges(p_stages jsonb, p_edges jsonb, p_nodes text[]) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.dag_check_next_edges(p_stages jsonb, p_edges jsonb, p_nodes text[]) TO service_role;
+
+
 -- lifecycle.dag_check_number
 CREATE OR REPLACE FUNCTION lifecycle.dag_check_number(p_obj jsonb, p_key text, p_where text, p_label text, p_stages text[], p_field text, p_minimum double precision, p_positive boolean DEFAULT false, p_integral boolean DEFAULT false) RETURNS SETOF lifecycle.dag_problem
     LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
@@ -145,6 +265,35 @@ $$;
 
 REVOKE ALL ON FUNCTION lifecycle.dag_check_number(p_obj jsonb, p_key text, p_where text, p_label text, p_stages text[], p_field text, p_minimum double precision, p_positive boolean, p_integral boolean) FROM PUBLIC, anon, authenticated, service_role;
 GRANT ALL ON FUNCTION lifecycle.dag_check_number(p_obj jsonb, p_key text, p_where text, p_label text, p_stages text[], p_field text, p_minimum double precision, p_positive boolean, p_integral boolean) TO service_role;
+
+
+-- lifecycle.dag_check_pattern: an optional when/unless pattern (dag_structure.StructureRules.pattern):
+-- a non-empty object whose keys are output and/or context; one problem at most
+CREATE OR REPLACE FUNCTION lifecycle.dag_check_pattern(p_value jsonb, p_rel text, p_where text, p_label text, p_stages text[]) RETURNS SETOF lifecycle.dag_problem
+    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+    AS $$
+DECLARE
+  v_other text;
+BEGIN
+  IF p_value IS NULL THEN
+    RETURN;
+  END IF;
+  IF jsonb_typeof(p_value) <> 'object' THEN
+    RETURN NEXT lifecycle.dag_report('wrong_type', p_where, p_rel, p_label, p_stages,
+      format('%s must be an object, got %s', p_rel, lifecycle.dag_kind(p_value)));
+    RETURN;
+  END IF;
+  SELECT string_agg(lifecycle.dag_quote(k), ', ' ORDER BY k COLLATE "C") INTO v_other
+    FROM jsonb_object_keys(p_value) AS k WHERE k NOT IN ('output', 'context');
+  IF p_value = '{}'::jsonb OR v_other IS NOT NULL THEN
+    RETURN NEXT lifecycle.dag_report('bad_value', p_where, p_rel, p_label, p_stages,
+      format('%s must have the key output, context or both, and no other; got %s', p_rel, coalesce(v_other, '{}')));
+  END IF;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.dag_check_pattern(p_value jsonb, p_rel text, p_where text, p_label text, p_stages text[]) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.dag_check_pattern(p_value jsonb, p_rel text, p_where text, p_label text, p_stages text[]) TO service_role;
 
 
 -- lifecycle.dag_check_retry
@@ -561,6 +710,10 @@ DECLARE
   v_i        integer;
   v_k        integer;
   v_target   jsonb;
+  v_to       jsonb;                -- the target of a next entry: the entry, or its "to"
+  v_rel      text;
+  v_to_rel   text;
+  v_kind     text;                 -- 'agent', 'approval', or NULL when the kind is invalid
   v_local    text[];
   v_ids      text[] := '{}';     -- per stage: its id when a string, else NULL
   v_declared text[];             -- non-empty string ids
@@ -572,8 +725,6 @@ DECLARE
   v_known    text[];
   v_shown    text[];
   v_dup      record;
-  v_listed   text[];
-  v_linked   text[];
   -- cycles
   v_n        integer;
   v_ef       integer[];
@@ -677,30 +828,50 @@ BEGIN
                lifecycle.dag_quote(v_label)));
     END IF;
     RETURN QUERY SELECT * FROM lifecycle.dag_check_keys(v_raw,
-      ARRAY['id', 'capability', 'next', 'description', 'retry', 'timeout_s', 'compensate'],
+      ARRAY['id', 'kind', 'capability', 'next', 'description', 'retry', 'timeout_s', 'compensate', 'approvers',
+            'on_timeout', 'on_reject'],
       v_where, v_wlabel, ARRAY[v_label], '');
-    IF v_raw -> 'capability' IS NULL OR v_raw -> 'capability' = '""'::jsonb THEN
+    RETURN QUERY SELECT * FROM lifecycle.dag_check_string(v_raw -> 'kind', 'kind', v_where, v_wlabel, ARRAY[v_label],
+                                                          '', ARRAY['agent', 'approval']);
+    v_kind := CASE WHEN NOT v_raw ? 'kind' THEN 'agent'
+                   WHEN v_raw -> 'kind' IN ('"agent"'::jsonb, '"approval"'::jsonb) THEN v_raw ->> 'kind' END;
+    IF v_kind = 'agent' AND (v_raw -> 'capability' IS NULL OR v_raw -> 'capability' = '""'::jsonb) THEN
       RETURN QUERY SELECT * FROM lifecycle.dag_report('missing_capability', v_where, 'capability', v_wlabel,
         ARRAY[v_label], 'capability is missing or empty');
     END IF;
-    RETURN QUERY SELECT * FROM lifecycle.dag_check_string(v_raw -> 'capability', 'capability', v_where, v_wlabel,
-                                                          ARRAY[v_label], '');
+    IF v_kind = 'agent' THEN
+      RETURN QUERY SELECT * FROM lifecycle.dag_check_string(v_raw -> 'capability', 'capability', v_where, v_wlabel,
+                                                            ARRAY[v_label], '');
+    ELSIF v_kind = 'approval' AND v_raw ? 'capability' THEN
+      RETURN QUERY SELECT * FROM lifecycle.dag_report('bad_value', v_where, 'capability', v_wlabel, ARRAY[v_label],
+        'an approval stage has no capability');
+    END IF;
     RETURN QUERY SELECT * FROM lifecycle.dag_check_string(v_raw -> 'description', 'description', v_where,
                                                           v_wlabel, ARRAY[v_label], '');
-    IF v_raw ? 'retry' THEN
+    IF v_raw ? 'retry' AND v_kind = 'agent' THEN
       RETURN QUERY SELECT * FROM lifecycle.dag_check_retry(v_raw -> 'retry', v_where || '.retry', v_wlabel,
                                                            ARRAY[v_label]);
+    ELSIF v_raw ? 'retry' AND v_kind = 'approval' THEN
+      RETURN QUERY SELECT * FROM lifecycle.dag_report('bad_value', v_where, 'retry', v_wlabel, ARRAY[v_label],
+        'an approval stage has no retry');
     END IF;
     RETURN QUERY SELECT * FROM lifecycle.dag_check_number(v_raw, 'timeout_s', v_where, v_wlabel, ARRAY[v_label],
                                                           '', 0, p_positive => true);
-    IF v_raw -> 'compensate' IN ('true'::jsonb, '""'::jsonb) THEN
+    IF v_raw ? 'compensate' AND v_kind = 'approval' THEN
+      RETURN QUERY SELECT * FROM lifecycle.dag_report('bad_value', v_where, 'compensate', v_wlabel, ARRAY[v_label],
+        'an approval stage has no compensate');
+    ELSIF v_kind IS DISTINCT FROM 'agent' THEN
+      NULL;
+    ELSIF v_raw -> 'compensate' IN ('true'::jsonb, '""'::jsonb) THEN
       RETURN QUERY SELECT * FROM lifecycle.dag_report('bad_value', v_where, 'compensate', v_wlabel, ARRAY[v_label],
         'compensate must be a capability name or false');
     ELSIF v_raw -> 'compensate' IS DISTINCT FROM 'false'::jsonb THEN
       RETURN QUERY SELECT * FROM lifecycle.dag_check_string(v_raw -> 'compensate', 'compensate', v_where,
                                                             v_wlabel, ARRAY[v_label], '');
     END IF;
-    -- next: each entry yields at most one problem (wrong_type, unknown_stage, self_loop, duplicate_edge)
+    RETURN QUERY SELECT * FROM lifecycle.dag_check_approval(v_raw, v_kind, v_where, v_wlabel, ARRAY[v_label]);
+    -- next: each entry (a stage id, or an object {to, when, unless}) yields at most one problem for
+    -- its target (wrong_type, unknown_stage, self_loop, duplicate_edge), then its patterns' own
     v_target := coalesce(v_raw -> 'next', '[]'::jsonb);
     IF jsonb_typeof(v_target) <> 'array' THEN
       RETURN QUERY SELECT * FROM lifecycle.dag_report('wrong_type', v_where, 'next', v_wlabel, ARRAY[v_label],
@@ -710,23 +881,41 @@ BEGIN
     v_local := '{}';
     v_k := 0;
     FOR v_target IN SELECT e FROM jsonb_array_elements(v_raw -> 'next') AS e LOOP
-      IF jsonb_typeof(v_target) <> 'string' THEN
-        RETURN QUERY SELECT * FROM lifecycle.dag_report('wrong_type', v_where, format('next[%s]', v_k), v_wlabel,
-          ARRAY[v_label], format('next[%s] must be a stage id, got %s', v_k, lifecycle.dag_kind(v_target)));
-      ELSIF NOT (v_target #>> '{}') = ANY (v_declared) THEN
-        RETURN QUERY SELECT * FROM lifecycle.dag_report('unknown_stage', v_where, format('next[%s]', v_k), v_wlabel,
-          ARRAY[v_label], 'edge to unknown stage ' || lifecycle.dag_quote(v_target #>> '{}'));
-      ELSIF (v_target #>> '{}') = v_label THEN
-        RETURN QUERY SELECT * FROM lifecycle.dag_report('self_loop', v_where, format('next[%s]', v_k), v_wlabel,
-          ARRAY[v_label], format('edge to itself (next[%s])', v_k));
-      ELSIF (v_target #>> '{}') = ANY (v_local) THEN
-        RETURN QUERY SELECT * FROM lifecycle.dag_report('duplicate_edge', v_where, format('next[%s]', v_k), v_wlabel,
-          ARRAY[v_label, v_target #>> '{}'],
-          format('edge to %s is listed twice', lifecycle.dag_quote(v_target #>> '{}')));
+      v_rel := format('next[%s]', v_k);
+      v_to := v_target;
+      v_to_rel := v_rel;
+      IF jsonb_typeof(v_target) = 'object' THEN
+        RETURN QUERY SELECT * FROM lifecycle.dag_check_keys(v_target, ARRAY['to', 'when', 'unless'],
+          v_where || '.' || v_rel, v_wlabel, ARRAY[v_label], v_rel || '.');
+        v_to := v_target -> 'to';
+        v_to_rel := v_rel || '.to';
+      END IF;
+      IF jsonb_typeof(v_target) NOT IN ('string', 'object') THEN
+        RETURN QUERY SELECT * FROM lifecycle.dag_report('wrong_type', v_where, v_rel, v_wlabel, ARRAY[v_label],
+          format('%s must be a stage id or an object, got %s', v_rel, lifecycle.dag_kind(v_target)));
+      ELSIF jsonb_typeof(v_to) IS DISTINCT FROM 'string' THEN
+        RETURN QUERY SELECT * FROM lifecycle.dag_report('wrong_type', v_where, v_to_rel, v_wlabel, ARRAY[v_label],
+          format('%s must be a stage id, got %s', v_to_rel, lifecycle.dag_kind(v_to)));
+      ELSIF NOT (v_to #>> '{}') = ANY (v_declared) THEN
+        RETURN QUERY SELECT * FROM lifecycle.dag_report('unknown_stage', v_where, v_to_rel, v_wlabel,
+          ARRAY[v_label], 'edge to unknown stage ' || lifecycle.dag_quote(v_to #>> '{}'));
+      ELSIF (v_to #>> '{}') = v_label THEN
+        RETURN QUERY SELECT * FROM lifecycle.dag_report('self_loop', v_where, v_rel, v_wlabel,
+          ARRAY[v_label], format('edge to itself (%s)', v_rel));
+      ELSIF (v_to #>> '{}') = ANY (v_local) THEN
+        RETURN QUERY SELECT * FROM lifecycle.dag_report('duplicate_edge', v_where, v_rel, v_wlabel,
+          ARRAY[v_label, v_to #>> '{}'],
+          format('edge to %s is listed twice', lifecycle.dag_quote(v_to #>> '{}')));
       ELSE
-        v_local := v_local || (v_target #>> '{}');
+        v_local := v_local || (v_to #>> '{}');
         v_gfrom := v_gfrom || v_label;
-        v_gto := v_gto || (v_target #>> '{}');
+        v_gto := v_gto || (v_to #>> '{}');
+      END IF;
+      IF jsonb_typeof(v_target) = 'object' THEN
+        RETURN QUERY SELECT * FROM lifecycle.dag_check_pattern(v_target -> 'when', v_rel || '.when', v_where,
+                                                               v_wlabel, ARRAY[v_label]);
+        RETURN QUERY SELECT * FROM lifecycle.dag_check_pattern(v_target -> 'unless', v_rel || '.unless', v_where,
+                                                               v_wlabel, ARRAY[v_label]);
       END IF;
       v_k := v_k + 1;
     END LOOP;
@@ -754,7 +943,8 @@ BEGIN
                                    ELSE lifecycle.dag_kind(e) END
                        FROM unnest(v_ends) WITH ORDINALITY AS u(e, i) ORDER BY i);
       v_wlabel := format('%s (from %s to %s)', v_where, v_shown[1], v_shown[2]);
-      RETURN QUERY SELECT * FROM lifecycle.dag_check_keys(v_raw, ARRAY['from', 'to'], v_where, v_wlabel, v_known, '');
+      RETURN QUERY SELECT * FROM lifecycle.dag_check_keys(v_raw, ARRAY['from', 'to', 'when', 'unless'], v_where,
+                                                          v_wlabel, v_known, '');
       FOR v_i IN 1..2 LOOP
         IF jsonb_typeof(v_ends[v_i]) IS DISTINCT FROM 'string' THEN
           RETURN QUERY SELECT * FROM lifecycle.dag_report('wrong_type', v_where, (ARRAY['from', 'to'])[v_i], v_wlabel,
@@ -778,31 +968,12 @@ BEGIN
           v_gto := v_gto || v_known[2];
         END IF;
       END IF;
+      RETURN QUERY SELECT * FROM lifecycle.dag_check_pattern(v_raw -> 'when', 'when', v_where, v_wlabel, v_known);
+      RETURN QUERY SELECT * FROM lifecycle.dag_check_pattern(v_raw -> 'unless', 'unless', v_where, v_wlabel, v_known);
     END LOOP;
 
-    -- next_edges_mismatch: a stage's string next entries against the string targets of its edges
-    v_i := 0;
-    FOR v_raw IN SELECT s FROM jsonb_array_elements(v_stages) AS s LOOP
-      v_i := v_i + 1;
-      CONTINUE WHEN NOT coalesce(jsonb_typeof(v_raw) = 'object' AND jsonb_typeof(v_raw -> 'id') = 'string'
-                                 AND (v_raw ->> 'id') = ANY (v_nodes) AND jsonb_typeof(v_raw -> 'next') = 'array',
-                                 false);
-      v_listed := ARRAY(SELECT DISTINCT t COLLATE "C" FROM jsonb_array_elements(v_raw -> 'next') AS n,
-                                                     LATERAL (SELECT n #>> '{}' AS t) x
-                        WHERE jsonb_typeof(n) = 'string' ORDER BY 1);
-      v_linked := ARRAY(SELECT DISTINCT (e ->> 'to') COLLATE "C" FROM jsonb_array_elements(v_edges) AS e
-                        WHERE jsonb_typeof(e) = 'object' AND e -> 'from' = to_jsonb(v_raw ->> 'id')
-                          AND jsonb_typeof(e -> 'to') = 'string' ORDER BY 1);
-      IF v_listed <> v_linked THEN
-        RETURN QUERY SELECT * FROM lifecycle.dag_report('next_edges_mismatch', format('stages[%s]', v_i - 1), 'next',
-          'stage ' || lifecycle.dag_quote(v_raw ->> 'id'), ARRAY[v_raw ->> 'id'],
-          format('next [%s] disagrees with the edges from %s to [%s]',
-                 (SELECT string_agg(lifecycle.dag_quote(x), ', ' ORDER BY o) FROM unnest(v_listed) WITH ORDINALITY AS u(x, o)),
-                 lifecycle.dag_quote(v_raw ->> 'id'),
-                 (SELECT string_agg(lifecycle.dag_quote(x), ', ' ORDER BY o) FROM unnest(v_linked) WITH ORDINALITY AS u(x, o))
-          ));
-      END IF;
-    END LOOP;
+    -- next_edges_mismatch: a stage's next entries against its edges, conditions included
+    RETURN QUERY SELECT * FROM lifecycle.dag_check_next_edges(v_stages, v_edges, v_nodes);
   END IF;
 
   -- cycles, among the nodes and the graph's edges between them: Kahn's algorithm removes every
