@@ -205,14 +205,20 @@ DECLARE
   v_definition uuid;
 BEGIN
   -- the runbook's section 8 inserts a completed log directly; compensation states are only
-  -- ever reached from completed.
-  IF NEW.status NOT IN ('pending', 'in_progress', 'completed', 'failed', 'skipped') THEN
+  -- ever reached from completed; only an approval stage waits.
+  IF NEW.status NOT IN ('pending', 'in_progress', 'waiting', 'completed', 'failed', 'skipped') THEN
     RAISE EXCEPTION 'a stage log cannot be inserted as % (stage %)', NEW.status, NEW.stage_id
       USING ERRCODE = 'check_violation';
   END IF;
   SELECT e.workflow_definition_id INTO v_definition FROM public.workflow_executions e WHERE e.id = NEW.execution_id;
   IF v_definition IS NOT NULL AND NOT lifecycle.dag_has_stage(v_definition, NEW.stage_id) THEN
     RAISE EXCEPTION 'stage % is not a stage of the DAG that execution % runs', NEW.stage_id, NEW.execution_id
+      USING ERRCODE = 'check_violation';
+  END IF;
+  IF NEW.status = 'waiting' AND NOT EXISTS (
+       SELECT 1 FROM public.workflow_definitions d
+        WHERE d.id = v_definition AND lifecycle.dag_stage(d.dag_schema, NEW.stage_id) ->> 'kind' = 'approval') THEN
+    RAISE EXCEPTION 'stage % is not an approval stage: only an approval stage waits', NEW.stage_id
       USING ERRCODE = 'check_violation';
   END IF;
   RETURN NEW;
