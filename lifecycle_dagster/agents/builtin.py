@@ -19,7 +19,13 @@ total is ``round(sum(items), 2)``.  Formulas (constants below):
   a segment whose potential is below ``MIN_OPPORTUNITY`` is dropped.  Opportunity ids are
   ``"OPP-<1-based position of the segment>"``.
 * Assessment: ``score = round(potential / annual_spend, 4)``; qualified iff
-  ``score >= QUALIFY_THRESHOLD``, otherwise rejected.
+  ``score >= QUALIFY_THRESHOLD``, otherwise rejected.  When no opportunity qualifies (none
+  scored, or every one rejected), the output also holds
+  ``"end": {"outcome": "not_qualified", "reason": "3 opportunities scored, none reached the
+  threshold 0.05 (best: OPP-3 Office Operations, score 0.0367)"}`` (``examples/initech.json``):
+  the execution completes there with that outcome (``docs/branches.md``) instead of running the
+  later stages on nothing.  When at least one qualifies there is no ``end`` key: the output is
+  exactly as it always was.
 * Design: ``target = round(potential * CONFIDENCE, 2)`` per qualified opportunity.
 * Realization: ``realised = actuals[segment]`` (0 when absent),
   ``attainment = round(realised / target, 4)``; actuals of segments without a target are
@@ -41,6 +47,7 @@ SAVINGS_FACTOR = 0.35  # share of the non-automated process cost an initiative c
 MIN_OPPORTUNITY = 10_000.0  # potentials below this are not worth pursuing
 QUALIFY_THRESHOLD = 0.05  # minimum potential / annual_spend
 CONFIDENCE = 0.8  # share of the potential committed to as a target
+NOT_QUALIFIED = "not_qualified"  # the outcome of an execution the Assessment Agent ends
 
 BUILTIN_CAPABILITIES: Mapping[str, str] = MappingProxyType(
     {
@@ -193,9 +200,22 @@ class OpportunityAgent:
         return _undo(task)
 
 
+def _not_qualified_reason(rejected: list[dict[str, Any]]) -> str:
+    """The ``end.reason`` of an assessment where nothing qualified: the figures, in one sentence."""
+    count = len(rejected)
+    noun = "opportunity" if count == 1 else "opportunities"
+    text = f"{count} {noun} scored, none reached the threshold {QUALIFY_THRESHOLD}"
+    if rejected:
+        best = max(rejected, key=lambda r: r["score"])
+        text += f" (best: {best['id']} {best['segment']}, score {best['score']:.4f})"
+    return text
+
+
 class AssessmentAgent:
     """Assessment: ``score = round(potential / annual_spend, 4)``; qualified iff
-    ``score >= QUALIFY_THRESHOLD``; ``total_qualified`` sums the qualified potentials."""
+    ``score >= QUALIFY_THRESHOLD``; ``total_qualified`` sums the qualified potentials.
+    When nothing qualifies, the output also carries ``end`` (outcome ``not_qualified``): the
+    execution ends there, cleanly, instead of designing zero targets."""
 
     name = "Assessment Agent"
 
@@ -215,13 +235,16 @@ class AssessmentAgent:
             (qualified if ok else rejected).append(record)
         total = _total(q["potential_value"] for q in qualified)
         text = f"{len(qualified)} of {len(qualified) + len(rejected)} opportunities qualified"
-        return {
+        output: dict[str, Any] = {
             "qualified": qualified,
             "rejected": rejected,
             "total_qualified": total,
             "artifacts": artifacts("score", qualified + rejected),
             "summary": _summary(f"{p.customer}: {text}, worth {p.money(total)}"),
         }
+        if not qualified:
+            output["end"] = {"outcome": NOT_QUALIFIED, "reason": _not_qualified_reason(rejected)}
+        return output
 
     def compensate(self, task: CompensationTask) -> dict[str, Any]:
         """Undo: void exactly the artifacts this stage wrote."""

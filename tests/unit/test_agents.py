@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -153,9 +154,16 @@ def test_acme_every_stage_exact_values() -> None:
     }
 
 
-@pytest.mark.parametrize("example", ["acme", "globex"])
+# each example context, and the stages its lifecycle runs: acme completes, globex fails at
+# integrity (the 5th), initech ends at qualify (the 2nd)
+EXAMPLE_STAGES = {"acme": 5, "globex": 4, "initech": 2}
+ASSESSMENT_KEYS = {"qualified", "rejected", "total_qualified", "artifacts", "summary"}
+OUTCOME = r"^[a-z][a-z0-9_]{0,62}$"  # docs/branches.md: an `end.outcome` is a name
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLE_STAGES))
 def test_outputs_have_summary_and_are_json(example: str) -> None:
-    outputs = run_stages(load(example), upto=5 if example == "acme" else 4)
+    outputs = run_stages(load(example), upto=EXAMPLE_STAGES[example])
     for output in outputs.values():
         assert isinstance(output["summary"], str)
         assert 0 < len(output["summary"]) < 120 and "\n" not in output["summary"]
@@ -186,6 +194,89 @@ def test_globex_fails_integrity_with_clear_message() -> None:
             "which was never targeted"
         )
     )
+
+
+@pytest.mark.parametrize("example", ["acme", "globex"])
+def test_qualifying_examples_do_not_end_early(example: str) -> None:
+    """At least one opportunity qualifies: no stage's output has `end`, and the assessment's keys
+    are exactly those it always had (runbook-shaped DAGs behave as before)."""
+    outputs = run_stages(load(example), upto=4)
+    assert all("end" not in output for output in outputs.values())
+    assert set(outputs["assessment"]) == ASSESSMENT_KEYS
+    second = {"acme": "OPP-2", "globex": "OPP-3"}[example]
+    assert [q["id"] for q in outputs["assessment"]["qualified"]] == ["OPP-1", second]
+
+
+def test_initech_ends_the_lifecycle_not_qualified() -> None:
+    """Every opportunity scores below the threshold: the assessment's output is the usual one plus
+    `end`, outcome not_qualified, with the figures in its reason (docs/branches.md)."""
+    context = load("initech")
+    outputs = run_stages(context, upto=2)
+    potentials = {
+        "Software Services": round(320_000 * (1 - 0.6) * SAVINGS, 2),
+        "Customer Support": round(150_000 * (1 - 0.45) * SAVINGS, 2),
+        "Office Operations": round(60_000 * (1 - 0.3) * SAVINGS, 2),
+        "Printing": round(25_000 * (1 - 0.5) * SAVINGS, 2),
+    }
+    assert potentials == {
+        "Software Services": 44_800,
+        "Customer Support": 28_875,
+        "Office Operations": 14_700,
+        "Printing": 4_375,
+    }
+    assert potentials["Printing"] < MINIMUM <= min(v for k, v in potentials.items() if k != "Printing")
+    assert [o["segment"] for o in outputs["opportunity"]["opportunities"]] == [
+        "Software Services",
+        "Customer Support",
+        "Office Operations",
+    ]
+    scores = [round(44_800 / 3_000_000, 4), round(28_875 / 900_000, 4), round(14_700 / 400_000, 4)]
+    assert scores == [0.0149, 0.0321, 0.0367] and max(scores) < THRESHOLD
+
+    assessment = outputs["assessment"]
+    assert set(assessment) == ASSESSMENT_KEYS | {"end"}
+    assert assessment["qualified"] == [] and assessment["total_qualified"] == 0
+    rejected = [(r["id"], r["score"]) for r in assessment["rejected"]]
+    assert rejected == list(zip(["OPP-1", "OPP-2", "OPP-3"], scores, strict=True))
+    assert assessment["summary"] == "Initech: 0 of 3 opportunities qualified, worth 0.00 USD"
+    assert assessment["end"] == {
+        "outcome": "not_qualified",
+        "reason": (
+            "3 opportunities scored, none reached the threshold 0.05 (best: OPP-3 Office Operations, score 0.0367)"
+        ),
+    }
+    assert re.fullmatch(OUTCOME, assessment["end"]["outcome"]) and len(assessment["end"]["reason"]) <= 1000
+    assert "end" not in outputs["opportunity"]
+
+
+@pytest.mark.parametrize(
+    ("segments", "reason"),
+    [
+        # every segment too small: nothing to score
+        (
+            [{"name": "Retail", "annual_spend": 500_000, "process_cost": 20_000, "automation_rate": 0.5}],
+            "0 opportunities scored, none reached the threshold 0.05",
+        ),
+        # one opportunity, rejected
+        (
+            [{"name": "Retail", "annual_spend": 1_000_000, "process_cost": 100_000, "automation_rate": 0}],
+            "1 opportunity scored, none reached the threshold 0.05 (best: OPP-1 Retail, score 0.0350)",
+        ),
+    ],
+)
+def test_not_qualified_reason_counts_what_was_scored(segments: list[dict[str, Any]], reason: str) -> None:
+    context = {"customer": "Hooli", "currency": "USD", "segments": segments}
+    assert run_stages(context, upto=2)["assessment"]["end"] == {"outcome": "not_qualified", "reason": reason}
+
+
+def test_a_score_exactly_at_the_threshold_qualifies_and_does_not_end() -> None:
+    segments = [  # potential 40,000 * 0.35 = 14,000; 14,000 / 280,000 = 0.05
+        {"name": "Retail", "annual_spend": 280_000, "process_cost": 40_000, "automation_rate": 0},
+        {"name": "Research", "annual_spend": 1_000_000, "process_cost": 100_000, "automation_rate": 0},
+    ]
+    assessment = run_stages({"customer": "Hooli", "currency": "USD", "segments": segments}, upto=2)["assessment"]
+    assert [(q["segment"], q["score"]) for q in assessment["qualified"]] == [("Retail", THRESHOLD)]
+    assert set(assessment) == ASSESSMENT_KEYS
 
 
 def test_integrity_reports_missing_stages_and_unreconciled_totals() -> None:
