@@ -384,3 +384,13 @@ def test_an_invalid_kind_skips_the_rules_of_either_kind() -> None:
     [problem] = validate_dag({"stages": [{"id": "a", "kind": "Approval", "approvers": "x", "retry": 5}]})
     assert (problem.code, problem.path) == ("bad_value", "stages[0].kind")
     assert problem.message == "stage 'a': kind must be one of agent, approval, got 'Approval'"
+
+
+def test_canonical_form_of_the_new_keys_is_key_order_free() -> None:
+    from lifecycle_dagster.core.canonical import canonical_json
+
+    doc = BY_NAME["approval_stage_full"]["dag"]
+    shuffled = json.loads(json.dumps(doc), object_pairs_hook=lambda pairs: dict(reversed(pairs)))
+    assert shuffled == doc and list(shuffled["stages"][1]) != list(doc["stages"][1])
+    assert canonical_json(shuffled) == canonical_json(doc)
+    assert '"approvers":["role:finance_approver",' in canonical_json(doc)  # arrays keep their order
