@@ -72,7 +72,7 @@ def _capability_warnings(dag: Dag, label: str) -> None:
 
 def _warn_unserved(dag: Dag, missing: tuple[str, ...], label: str) -> None:
     for capability in missing:
-        stages = ", ".join(f"'{s.id}'" for s in dag.stages if s.capability == capability)
+        stages = ", ".join(f"'{s.id}'" for s in dag.stages if s.kind == "agent" and s.capability == capability)
         _warn(f"{label}: capability '{capability}' (stage {stages}) is served by no active agent (no_agent)")
 
 

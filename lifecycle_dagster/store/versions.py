@@ -315,8 +315,9 @@ def isolated_stages(dag: Dag) -> tuple[str, ...]:
 
 def unserved_capabilities(conn: Connection, dag: Dag) -> tuple[str, ...]:
     """The stage capabilities no active agent serves (by its latest orchestration ontology), in
-    declaration order: such a stage fails with ``no_agent`` until an agent is registered."""
-    wanted = list(dict.fromkeys(s.capability for s in dag.stages))
+    declaration order: such a stage fails with ``no_agent`` until an agent is registered. Approval
+    stages call no agent: they have no capability."""
+    wanted = list(dict.fromkeys(s.capability for s in dag.stages if s.kind == "agent"))
     rows = conn.execute(query("served_capabilities"), {"capabilities": wanted}).fetchall()
     served = {r["capability"] for r in rows}
     return tuple(c for c in wanted if c not in served)

@@ -1016,3 +1016,36 @@ def test_publish_on_an_unmigrated_database_says_to_upgrade(
         "",
         "Error: this database has no versioned publishing yet: run `lifecycle-dagster db upgrade` first\n",
     )
+
+
+def test_cli_validate_conditions_and_approval_stages(db: str, tmp_path: Path) -> None:
+    """An approval stage calls no agent: no capability warning for it; the new keys' problems are
+    listed as the database words them (issue 17)."""
+    when = {"output": {"decision": "approve"}}
+    doc = {
+        "name": "wf",
+        "stages": [
+            {"id": "a", "capability": "work", "next": ["sign_off"]},
+            {"id": "sign_off", "kind": "approval", "approvers": ["role:finance"], "next": [{"to": "b", "when": when}]},
+            {"id": "b", "capability": "work"},
+        ],
+    }
+    install(db, "other", _chain("x"), {"work": "worker"})
+    good = _write(tmp_path / "good.json", doc)
+    result = _cli("validate", str(good))
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    assert result.stdout == f"{good}: valid (3 stages: a -> sign_off -> b)\n"
+    doc["stages"][1].update(capability="work", approvers=[], next=[{"to": "b", "when": {"status": "ok"}}])
+    doc["stages"][0]["on_reject"] = "end"
+    bad = _write(tmp_path / "bad.json", doc)
+    result = _cli("validate", "--offline", str(bad))
+    assert result.exit_code == 1
+    listed = result.output.splitlines()[1:]
+    with psycopg.connect(db, autocommit=True) as conn:
+        assert sorted(listed) == sorted(f"  - {m}" for _, _, m in _sql_problems(conn, {"stages": doc["stages"]}))
+    assert listed == [
+        "  - stage 'a': only an approval stage has on_reject",
+        "  - stage 'sign_off': an approval stage has no capability",
+        "  - stage 'sign_off': approvers is empty: an approval stage needs approvers",
+        "  - stage 'sign_off': next[0].when must have the key output, context or both, and no other; got 'status'",
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import pickle
@@ -13,8 +14,10 @@ import pytest
 
 from lifecycle_dagster.core.dag import (
     STAGE_ID_PATTERN,
+    Approval,
     Dag,
     DagValidationError,
+    Edge,
     Problem,
     RetrySpec,
     Stage,
@@ -293,3 +296,101 @@ def test_hand_built_cyclic_dag_has_no_order() -> None:
     dag = Dag(stages=(Stage("a", "x"), Stage("b", "x")), edges=(("a", "b"), ("b", "a")))
     with pytest.raises(ValueError, match="cycle"):
         dag.topological_order()
+
+
+# ---------------------------------------------------------------------------- branches and approvals
+
+
+def test_edges_from_and_to_carry_the_conditions_in_declaration_order() -> None:
+    dag = parse_dag(BY_NAME["branch_next_objects_when_unless"]["dag"])
+    when = {"output": {"qualified_any": True}}
+    assert dag.edges_from("qualify") == (
+        Edge("qualify", "design", when=when),
+        Edge("qualify", "report", unless=when),
+    )
+    assert dag.edges_to("report") == (Edge("qualify", "report", unless=when), Edge("design", "report"))
+    assert dag.edges_to("qualify") == () and dag.edges_from("report") == ()
+    assert dag.stage("qualify").next == ("design", "report")
+    assert dag.children("qualify") == ("design", "report") and dag.parents("report") == ("qualify", "design")
+    assert dag.ancestors("report") == ("qualify", "design")
+    assert dag.edges == (("qualify", "design"), ("qualify", "report"), ("design", "report"))
+    edges_form = parse_dag(BY_NAME["branch_edges_when_unless"]["dag"])
+    assert edges_form.edge_specs == dag.edge_specs and edges_form.edges == dag.edges
+    with pytest.raises(KeyError):
+        dag.edges_from("nope")
+
+
+def test_edge_fires() -> None:
+    dag = parse_dag(BY_NAME["branch_both_forms_agree"]["dag"])
+    plain, conditional = dag.edges_from("a")
+    assert plain == Edge("a", "b") and plain.fires({}, {})
+    assert conditional.target == "c"
+    assert conditional.fires({"skip": False}, {"region": "eu", "tier": 1})
+    assert not conditional.fires({"skip": True}, {"region": "eu"})
+    assert not conditional.fires({}, {"region": "us"})
+
+
+def test_edges_from_a_dag_built_by_hand_have_no_conditions() -> None:
+    dag = Dag(stages=(Stage("a", "w"), Stage("b", "w")), edges=(("a", "b"),))
+    assert dag.edges_from("a") == (Edge("a", "b"),) and dag.edges_to("b") == (Edge("a", "b"),)
+
+
+def test_edge_conditions_are_copies_and_edges_hash() -> None:
+    doc = copy.deepcopy(BY_NAME["branch_edges_when_unless"]["dag"])
+    dag = parse_dag(doc)
+    doc["edges"][0]["when"]["output"]["qualified_any"] = False
+    assert dag.edges_from("qualify")[0].when == {"output": {"qualified_any": True}}
+    assert len(set(dag.edge_specs)) == 3
+
+
+def test_approval_stage_model() -> None:
+    dag = parse_dag(BY_NAME["approval_stage_full"]["dag"])
+    sign_off = dag.stage("sign_off")
+    assert sign_off.kind == "approval" and sign_off.capability == "" and sign_off.timeout_s == 86400
+    assert sign_off.approval == Approval(
+        approvers=(
+            "role:finance_approver",
+            "5b0c3a52-6f0e-4b8e-9d7a-2a4f4b0b9e11",
+            "5B0C3A52-6F0E-4B8E-9D7A-2A4F4B0B9E12",
+            "role:a.b:c-d_9",
+        ),
+        timeout_s=86400,
+        on_timeout="approve",
+        on_reject="branch",
+    )
+    assert sign_off.next == ("deliver", "rework")
+    [to_deliver, _] = dag.edges_from("sign_off")
+    assert to_deliver.fires({"decision": "approve", "comment": None}, {})
+    assert not to_deliver.fires({"decision": "reject"}, {})
+    design = dag.stage("design")
+    assert design.kind == "agent" and design.approval is None and design.capability == "work"
+    minimal = parse_dag(BY_NAME["approval_stage_minimal"]["dag"]).stage("sign_off").approval
+    assert minimal == Approval(("role:finance_approver",), None, "reject", "end")
+
+
+def test_next_object_problem_paths() -> None:
+    problems = validate_dag(BY_NAME["next_object_one_problem_per_reference_plus_patterns"]["dag"])
+    assert [(p.code, p.path) for p in problems] == [
+        ("unknown_stage", "stages[0].next[0].to"),
+        ("wrong_type", "stages[0].next[0].when"),
+        ("bad_value", "stages[0].next[0].unless"),
+    ]
+    assert problems[2].message == (
+        "stage 'a': next[0].unless must have the key output, context or both, and no other; got {}"
+    )
+
+
+def test_an_invalid_kind_skips_the_rules_of_either_kind() -> None:
+    [problem] = validate_dag({"stages": [{"id": "a", "kind": "Approval", "approvers": "x", "retry": 5}]})
+    assert (problem.code, problem.path) == ("bad_value", "stages[0].kind")
+    assert problem.message == "stage 'a': kind must be one of agent, approval, got 'Approval'"
+
+
+def test_canonical_form_of_the_new_keys_is_key_order_free() -> None:
+    from lifecycle_dagster.core.canonical import canonical_json
+
+    doc = BY_NAME["approval_stage_full"]["dag"]
+    shuffled = json.loads(json.dumps(doc), object_pairs_hook=lambda pairs: dict(reversed(pairs)))
+    assert shuffled == doc and list(shuffled["stages"][1]) != list(doc["stages"][1])
+    assert canonical_json(shuffled) == canonical_json(doc)
+    assert '"approvers":["role:finance_approver",' in canonical_json(doc)  # arrays keep their order
