@@ -27,6 +27,7 @@ _DECIDED = {
     transitions.DecideStatus.WAITING: "the execution still waits (another approval stage)",
     transitions.DecideStatus.IN_PROGRESS: "its run goes on",
 }
+_PAST = {"approve": "approved", "reject": "rejected"}
 _REFUSED = {
     transitions.DecideStatus.REFUSED_UNKNOWN_STAGE: "it has no stage '{stage}'",
     transitions.DecideStatus.REFUSED_NOT_APPROVAL: "stage '{stage}' is not an approval stage",
@@ -65,7 +66,7 @@ def decide_cmd(execution_id: str, stage: str, decision: str, comment: str | None
     if status.refused:
         click.echo(f"refused ({status}): {_REFUSED[status].format(stage=stage, id=eid)}", err=True)
         sys.exit(1)
-    click.echo(f"{decision}d stage '{stage}' of execution {eid} as {who}: {_DECIDED[status].format(id=eid)}")
+    click.echo(f"{_PAST[decision]} stage '{stage}' of execution {eid} as {who}: {_DECIDED[status].format(id=eid)}")
 
 
 @main.command("resume")
