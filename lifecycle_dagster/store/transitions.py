@@ -154,12 +154,13 @@ class StageRetryStatus(StatusCode):
 
 
 class TaskCompleteStatus(StatusCode):
-    """``lifecycle.task_complete``: ``completed``/``in_progress`` (a task without a stage log, or
-    the execution's status after its stage completed), or why the result was refused: by the task
-    protocol (token, finished task, lease, output) or by the stage's fencing."""
+    """``lifecycle.task_complete``: ``completed``/``in_progress``/``waiting`` (a task without a
+    stage log, or the execution's status after its stage completed), or why the result was refused:
+    by the task protocol (token, finished task, lease, output) or by the stage's fencing."""
 
     COMPLETED = "completed"
     IN_PROGRESS = "in_progress"
+    WAITING = "waiting"
     REFUSED_BAD_OUTPUT = "refused_bad_output"
     REFUSED_STALE_TOKEN = "refused_stale_token"
     REFUSED_TASK_FINISHED = "refused_task_finished"

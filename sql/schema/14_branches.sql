@@ -329,19 +329,22 @@ REVOKE ALL ON FUNCTION lifecycle.stage_readiness(p_execution_id uuid, p_stage_id
 GRANT ALL ON FUNCTION lifecycle.stage_readiness(p_execution_id uuid, p_stage_id text) TO service_role;
 
 
--- lifecycle.stage_edges: the edges out of a stage of an execution, and whether each fired (only a
--- completed stage's edges fire): the op yields the outputs of the fired ones.
+-- lifecycle.stage_edges: the edges out of a stage of an execution, and whether each fired: the
+-- stage completed, the edge's patterns hold and its target was not skipped (an early end skips
+-- it). The execution's status is not asked: the next op finds out from lifecycle.stage_readiness
+-- and lifecycle.stage_start that it may not run. The op yields the outputs of the fired ones.
 CREATE OR REPLACE FUNCTION lifecycle.stage_edges(p_execution_id uuid, p_stage_id text) RETURNS TABLE(target text, fired boolean)
     LANGUAGE sql STABLE
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
   SELECT e.target,
-         coalesce(l.status = 'completed' AND ex.status IN ('in_progress', 'waiting')
+         coalesce(l.status = 'completed' AND t.status IS DISTINCT FROM 'skipped'
                   AND lifecycle.edge_fires(e.when_pattern, e.unless_pattern, l.output_data, ex.context), false)
     FROM public.workflow_executions ex
     JOIN public.workflow_definitions d ON d.id = ex.workflow_definition_id
    CROSS JOIN LATERAL lifecycle.dag_edges(d.dag_schema) e
     LEFT JOIN public.workflow_execution_logs l ON l.execution_id = ex.id AND l.stage_id = p_stage_id
+    LEFT JOIN public.workflow_execution_logs t ON t.execution_id = ex.id AND t.stage_id = e.target
    WHERE ex.id = p_execution_id AND e.source = p_stage_id
    ORDER BY e.target
 $$;

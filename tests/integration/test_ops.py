@@ -101,6 +101,7 @@ def test_list_shows_each_execution_newest_first(runs: dict[str, Any], db: str, d
             "workflow": "wf",
             "version": 1,
             "status": stored[eid]["status"],
+            "outcome": "completed" if stored[eid]["status"] == "completed" else None,
             "current_stage": stored[eid]["current_stage"],
             "created_at": stored[eid]["created_at"].isoformat(),
             "updated_at": stored[eid]["updated_at"].isoformat(),
@@ -191,6 +192,8 @@ def test_status_of_a_completed_and_a_failed_run(runs: dict[str, Any], db: str, d
         "error_message": None,
         "created_by": None,
         "pending_reason": None,
+        "outcome": "completed",
+        "outcome_reason": None,
         "manual": False,
     }
     assert [

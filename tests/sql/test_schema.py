@@ -70,6 +70,7 @@ STATUSES: dict[str, list[str]] = {
     "execution": [
         "pending",
         "in_progress",
+        "waiting",
         "completed",
         "failed",
         "cancelled",
@@ -80,6 +81,7 @@ STATUSES: dict[str, list[str]] = {
     "stage": [
         "pending",
         "in_progress",
+        "waiting",
         "completed",
         "failed",
         "skipped",
@@ -102,6 +104,16 @@ EXPECTED_TRANSITIONS: frozenset[tuple[str, str, str]] = frozenset(
         ("execution", "cancelled", "compensating"),
         ("execution", "compensating", "rolled_back"),
         ("execution", "compensating", "compensation_failed"),
+        # an approval stage (docs/branches.md): the execution waits for a decision, then goes on
+        ("execution", "in_progress", "waiting"),
+        ("execution", "waiting", "in_progress"),
+        ("execution", "waiting", "completed"),
+        ("execution", "waiting", "failed"),
+        ("execution", "waiting", "cancelled"),
+        ("stage", "pending", "waiting"),
+        ("stage", "waiting", "completed"),
+        ("stage", "waiting", "failed"),
+        ("stage", "waiting", "skipped"),
         ("stage", "pending", "in_progress"),
         ("stage", "pending", "skipped"),
         ("stage", "in_progress", "completed"),
@@ -299,6 +311,9 @@ def test_stage_log_insert_status(sm_conn: Conn, sm_parent: dict[str, str], statu
         with pytest.raises(psycopg.errors.CheckViolation) as err:
             _new_row(sm_conn, sm_parent, "stage", status)
         assert f"a stage log cannot be inserted as {status}" in str(err.value)
+    elif status == "waiting":  # only an approval stage waits (tests/integration/test_branches.py)
+        with pytest.raises(psycopg.errors.CheckViolation, match="only an approval stage waits"):
+            _new_row(sm_conn, sm_parent, "stage", status)
     else:
         row_id = _new_row(sm_conn, sm_parent, "stage", status)
         assert _status(sm_conn, "stage", row_id) == status
@@ -1057,7 +1072,7 @@ def test_an_execution_completes_only_with_every_stage_completed(seeded_db: str) 
             )
         with pytest.raises(
             psycopg.errors.CheckViolation,
-            match="cannot complete: stage\\(s\\) integrity, target_design, value_realization not completed",
+            match="cannot complete: stage\\(s\\) integrity, target_design, value_realization neither completed nor skipped",
         ):
             conn.execute("UPDATE workflow_executions SET status = 'completed' WHERE id = %s", (exec_id,))
         for stage in ("target_design", "value_realization", "integrity"):

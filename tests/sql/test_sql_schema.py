@@ -58,7 +58,8 @@ def _installed(dsn: str) -> Counter[tuple[str, str]]:
             FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
             WHERE n.nspname = 'lifecycle'
                OR (n.nspname = 'public' AND p.proname IN ('perform_workflow_compensation', 'retry_stage',
-                                                          'trip_circuit_breaker', 'start_workflow', 'cancel_execution'))
+                                                          'trip_circuit_breaker', 'start_workflow', 'cancel_execution',
+                                                          'decide', 'is_approver_of'))
             UNION ALL
             SELECT 'VIEW', n.nspname || '.' || c.relname
             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace

@@ -45,6 +45,19 @@ COLUMNS: dict[tuple[str, str], tuple[set[str], str]] = {
         {"pending", "in_progress", "completed", "failed", "cancelled"},
         "the task's status before: any task_queue status (test_row_enums_equal_the_check_constraints)",
     ),
+    ("execution_end", "v_exec.status"): (
+        set(),
+        "every caller (stage_complete, approval_settle) holds an in_progress or waiting execution",
+    ),
+    ("execution_advance", "v_exec.status"): (
+        {"in_progress", "waiting"},
+        "the first RETURN is unreachable for its callers (an in_progress or waiting execution); the last "
+        "returns the status it found",
+    ),
+    ("stage_readiness", "v_status"): (
+        {"completed", "skipped", "waiting"},
+        "returned only when the stage log's status is one of these",
+    ),
     ("breaker_reset", "v_b.state"): (
         {"open", "half_open"},
         "a missing or closed breaker returned 'closed' before this RETURN",
@@ -146,6 +159,10 @@ def test_refusals_are_the_refused_codes() -> None:
         "refused_task_finished",
         "refused_lease_expired",
         "refused_bad_output",
+        "refused_unknown_stage",
+        "refused_not_approval",
+        "refused_not_waiting",
+        "refused_not_approver",
     }
     assert not t.StageCompleteStatus.IN_PROGRESS.refused
     assert [s for s in t.TaskStatus if s.final] == [t.TaskStatus.COMPLETED, t.TaskStatus.FAILED, t.TaskStatus.CANCELLED]
