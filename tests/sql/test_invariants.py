@@ -202,7 +202,8 @@ def test_a_completion_lost_and_an_incomplete_execution(world: dict[str, Any]) ->
         found = check(conn)
     assert {(v.rule, v.stage_id) for v in found} == {("completion_lost", "integrity"), ("execution_incomplete", None)}
     assert all(v.execution_id == world["completed"] for v in found)
-    assert "stage(s) integrity are neither completed nor skipped" in next(v.message for v in found if v.rule == "execution_incomplete")
+    incomplete = next(v.message for v in found if v.rule == "execution_incomplete")
+    assert "stage(s) integrity are neither completed nor skipped" in incomplete
 
 
 def test_a_rolled_back_execution_with_a_stage_left_undone(world: dict[str, Any]) -> None:

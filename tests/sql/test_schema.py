@@ -1072,7 +1072,8 @@ def test_an_execution_completes_only_with_every_stage_completed(seeded_db: str) 
             )
         with pytest.raises(
             psycopg.errors.CheckViolation,
-            match="cannot complete: stage\\(s\\) integrity, target_design, value_realization neither completed nor skipped",
+            match=r"cannot complete: stage\(s\) integrity, target_design, value_realization neither completed "
+            r"nor skipped",
         ):
             conn.execute("UPDATE workflow_executions SET status = 'completed' WHERE id = %s", (exec_id,))
         for stage in ("target_design", "value_realization", "integrity"):
