@@ -637,7 +637,7 @@ SELECT e.id::text AS execution_id, e.status, e.dagster_run_id,
                  WHERE ev.execution_id = e.id AND ev.event_type = 'workflow_cancelled'
                  ORDER BY ev.id DESC LIMIT 1), true) AS cancel_compensates,
        extract(epoch FROM (now() - greatest(e.updated_at, e.heartbeat_at)))::float8 AS idle_s,
-       d.dag_schema::text AS dag_schema_json
+       d.dag_schema::text AS dag_schema_json, e.context::text AS context_json
 FROM workflow_executions e
 JOIN workflow_definitions d ON d.id = e.workflow_definition_id
 ORDER BY e.created_at, e.id;
@@ -667,7 +667,8 @@ SELECT coalesce(l.execution_id, ev.execution_id)::text AS execution_id,
        lifecycle.stage_compensable(e.workflow_definition_id, coalesce(l.stage_id, ev.stage_id)) AS compensable,
        coalesce(ev.starts, 0) AS starts, coalesce(ev.completions, 0) AS completions,
        coalesce(ev.compensations, 0) AS compensations, ev.first_compensating, ev.last_compensated,
-       coalesce(tk.completed_tasks, 0) AS completed_tasks
+       coalesce(tk.completed_tasks, 0) AS completed_tasks,
+       l.output_data::text AS output_json, l.error_message AS error
 FROM workflow_execution_logs l
 FULL JOIN ev ON ev.execution_id = l.execution_id AND ev.stage_id = l.stage_id
 JOIN workflow_executions e ON e.id = coalesce(l.execution_id, ev.execution_id)

@@ -6,8 +6,9 @@ Rules (``Violation.rule``):
 
 ``not_quiesced``
     an execution is not in a state it may rest in: ``completed``, ``rolled_back``,
-    ``compensation_failed``; ``failed`` only under ``on_failure: hold``; ``cancelled`` only when its
-    cancel said ``compensate = false`` (``cancel --no-compensate``). Work in flight is reported so
+    ``compensation_failed``, ``waiting`` (for a person's decision); ``failed`` only under
+    ``on_failure: hold``; ``cancelled`` only when its cancel said ``compensate = false``
+    (``cancel --no-compensate``). Work in flight is reported so
     too (``idle_s`` lets recently active executions pass). An execution driven by hand (no Dagster
     run, as the runbook's section 8 does) whose every stage is completed is reported as such: nothing
     will complete it but its owner.
@@ -16,7 +17,12 @@ Rules (``Violation.rule``):
     completion: one ``stage_completed`` event and at most one completed task; a ``stage_completed``
     event never belongs to a stage that is not (or was not) completed.
 ``execution_incomplete``
-    a completed execution has every stage of its DAG completed.
+    a completed execution has every stage of its DAG completed or skipped (a branch not taken, an
+    early end: docs/branches.md).
+``ran_without_edge`` / ``skipped_with_edge``
+    the database's branching agrees with :mod:`lifecycle_dagster.core.conditions`, evaluated here
+    in Python on the stored outputs: a stage the engine started had an incoming edge that fired (or
+    no parents); a stage skipped because no edge fired has none that fires.
 ``not_compensated`` / ``compensated_twice`` / ``compensation_order``
     a rolled-back execution has every completed, compensable stage compensated; no stage is
     compensated twice; a stage's undo starts only after the undo of every stage that depended on
@@ -41,6 +47,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lifecycle_dagster.core.conditions import edge_fires
 from lifecycle_dagster.core.dag import Dag, DagValidationError, parse_dag
 from lifecycle_dagster.store import audit
 from lifecycle_dagster.store.db import Connection
@@ -57,6 +64,8 @@ RULES = (
     "completed_twice",
     "completion_lost",
     "execution_incomplete",
+    "ran_without_edge",
+    "skipped_with_edge",
     "not_compensated",
     "compensated_twice",
     "compensation_order",
@@ -225,7 +234,42 @@ def _stages(executions: Iterable[Mapping[str, Any]], stages: Iterable[Mapping[st
                 )
         if dag is not None:
             found += _order(eid, dag, mine)
+            found += _branches(eid, dag, json.loads(e["context_json"] or "{}"), mine)
     return found
+
+
+#: the stage log message of a stage skipped because no edge into it fired (lifecycle.execution_advance)
+NO_EDGE_FIRED = "no incoming edge fired"
+
+
+def _branches(eid: str, dag: Dag, context: Mapping[str, Any], mine: Mapping[str, Mapping[str, Any]]) -> list[Violation]:
+    """The stages started without a fired edge into them, and those skipped although one fires."""
+    found = []
+    for sid in dag.topological_order():
+        s, edges = mine.get(sid), dag.edges_to(sid)
+        if s is None or not edges:
+            continue
+        fired = [e.source for e in edges if _fires(e, mine.get(e.source), context)]
+        if s["starts"] > 0 and not fired:
+            found.append(
+                Violation("ran_without_edge", f"stage {sid} of execution {eid} ran but no edge into it fired", eid, sid)
+            )
+        if s["status"] == "skipped" and s["error"] == NO_EDGE_FIRED and fired:
+            found.append(
+                Violation(
+                    "skipped_with_edge",
+                    f"stage {sid} of execution {eid} was skipped but its edge(s) from {', '.join(fired)} fire",
+                    eid,
+                    sid,
+                )
+            )
+    return found
+
+
+def _fires(edge: Any, parent: Mapping[str, Any] | None, context: Mapping[str, Any]) -> bool:
+    if parent is None or parent["status"] not in WAS_COMPLETED:
+        return False
+    return edge_fires(edge.when, edge.unless, json.loads(parent["output_json"] or "{}"), context)
 
 
 def _completions(eid: str, sid: str, s: Mapping[str, Any]) -> list[Violation]:

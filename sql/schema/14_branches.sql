@@ -412,7 +412,11 @@ BEGIN
       p_stage_id, p_execution_id, v_missing USING ERRCODE = 'object_not_in_prerequisite_state';
   END IF;
 
-  -- TRANSITION: stage log -> waiting
+  -- TRANSITION: stage log -> waiting (a failed one, rejected or timed out before, through pending:
+  -- a retry of the execution asks again)
+  IF v_log.status = 'failed' THEN
+    UPDATE public.workflow_execution_logs l SET status = 'pending' WHERE l.id = v_log.id;
+  END IF;
   IF jsonb_typeof(v_stage -> 'timeout_s') = 'number' THEN
     v_until := p_now + make_interval(secs => (v_stage ->> 'timeout_s')::double precision);
   END IF;

@@ -391,3 +391,40 @@ def test_a_waiting_execution_is_not_stale_and_a_late_continuation_is_not_lost(db
     assert _decide(db, eid, "approve") == "continuing"
     second = _continue(db, instance, eid, AgentRegistry(agents.values()))
     assert second.success and _execution(db, eid)["status"] == "completed"
+
+
+def test_the_invariant_checker_reevaluates_the_branches_in_python(db: str, instance: Any) -> None:
+    install(db, "wf", DIAMOND, {s: s.upper() for s in "abcde"})
+    registry, _ = _agents(A={"go": True}, B={}, C={}, D={}, E={})
+    result, eid = run(db, instance, "wf", registry)
+    assert result.success
+    _no_violations(db)
+    with connect(db) as conn:  # a's output rewritten after the fact: the branches no longer agree with it
+        conn.execute(
+            "UPDATE workflow_execution_logs SET output_data = %s WHERE execution_id = %s AND stage_id = 'a'",
+            ('{"go": false}', eid),
+        )
+        found = invariants.check(conn)
+    assert sorted((v.rule, v.stage_id) for v in found) == [("ran_without_edge", "b"), ("skipped_with_edge", "c")]
+
+
+def test_a_retry_after_a_rejection_that_failed_asks_again(db: str, instance: Any) -> None:
+    dag = json.loads(json.dumps(SIGN_OFF))
+    dag["stages"][1]["on_reject"] = "fail"
+    dag["on_failure"] = "hold"
+    eid, first, agents = _reach_sign_off(db, instance, dag)
+    assert _decide(db, eid, "reject", "not yet") == "failed"
+    with connect(db) as conn:
+        row = conn.execute(query("active_definition_by_name"), {"name": "wf"}).fetchone()
+    assert row is not None
+    again = build_job(row).execute_in_process(
+        instance=instance,
+        tags={EXECUTION_ID_TAG: eid, RESUME_TAG: "sign_off", CONTINUES_TAG: first.run_id},
+        raise_on_error=False,
+        resources={"lifecycle_agents": agents_resource(AgentRegistry(agents.values()))},
+    )
+    assert again.success
+    assert _stages(db, eid) == {"design": "completed", "sign_off": "waiting"}
+    assert _execution(db, eid)["status"] == "waiting"
+    assert agents["Designer"].calls == 1
+    assert len(_events(db, eid, "approval_requested")) == 2

@@ -325,7 +325,7 @@ def test_a_task_completed_after_its_lease_expired(world: dict[str, Any]) -> None
 
 
 def test_every_rule_is_named() -> None:
-    assert len(set(RULES)) == len(RULES) == 12
+    assert len(set(RULES)) == len(RULES) == 14
 
 
 def test_doctor_invariants_text_and_json(world: dict[str, Any]) -> None:
