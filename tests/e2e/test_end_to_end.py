@@ -100,9 +100,20 @@ def test_acme_completes_all_five_stages(seeded_db: str, instance: Any) -> None:
         ("value_realization", "completed", "Realization Agent"),
         ("integrity", "completed", "Integrity Agent"),
     ]
-    # Dagster metadata of a stage op names the agent, the task and the attempt
+    # Dagster metadata of a stage op (on its output `result`) names the agent, the task and the
+    # attempt; each op but the last also yields the output of its fired edge (`to_<child>`)
     outputs = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
-    assert len(outputs) == 5
+    assert [e.event_specific_data.step_output_handle.output_name for e in outputs] == [
+        "result",
+        "to_qualify",
+        "result",
+        "to_target_design",
+        "result",
+        "to_value_realization",
+        "result",
+        "to_integrity",
+        "result",
+    ]
     md = outputs[0].event_specific_data.metadata
     assert md["agent"].value == "Opportunity Agent"
     assert md["attempt"].value == 1
