@@ -191,10 +191,18 @@ LIMIT %(limit)s;
 SELECT execution_id::text AS execution_id, reason FROM lifecycle.compensation_due();
 
 -- name: running_executions
--- Executions in progress under a Dagster run: the reconciler checks each run's status.
+-- Executions in progress under a Dagster run: the reconciler checks each run's status. Not those
+-- a decision continued after that run's part ended (a workflow_continued event after it, no stage
+-- in progress): the run may have failed since (a run worker killed after the approval was reached)
+-- without its execution; the continuation run takes it over (the heartbeat bound still applies).
 SELECT e.id::text AS execution_id, e.dagster_run_id
 FROM workflow_executions e
 WHERE e.status = 'in_progress' AND e.dagster_run_id IS NOT NULL
+  AND NOT (EXISTS (SELECT 1 FROM workflow_events ev
+                    WHERE ev.execution_id = e.id AND ev.event_type = 'workflow_continued'
+                      AND ev.metadata ->> 'after_run' = e.dagster_run_id)
+           AND NOT EXISTS (SELECT 1 FROM workflow_execution_logs l
+                            WHERE l.execution_id = e.id AND l.status = 'in_progress'))
 ORDER BY e.updated_at
 LIMIT %(limit)s;
 

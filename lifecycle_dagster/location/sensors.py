@@ -79,7 +79,13 @@ def resume_requests(
         rows = conn.execute(
             query("resumable_executions"), {"now": now or datetime.now(UTC), "limit": RESUME_BATCH}
         ).fetchall()
+    seen: set[str] = set()
     for r in rows:
+        # one run per execution: it runs every pending stage (a decision may make several pending);
+        # two would take the execution over from each other and call an agent twice
+        if r["execution_id"] in seen:
+            continue
+        seen.add(r["execution_id"])
         job = job_name(r["name"], r["version"])
         if job not in known:
             yield dg.SkipReason(f"execution {r['execution_id']}: job {job} is not loaded (reload the code location)")

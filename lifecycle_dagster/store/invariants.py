@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from lifecycle_dagster.core.conditions import edge_fires
@@ -181,9 +182,27 @@ def _executions(executions: Iterable[Mapping[str, Any]], idle_s: float, by_hand:
     return found
 
 
+def _exact(text: str) -> Any:
+    """JSON decoded with its numbers exact (``Decimal``), as jsonb holds them: conditions compare
+    ``0.30000000000000001`` and ``0.3`` as the database does (lifecycle_dagster.core.conditions)."""
+    return json.loads(text, parse_float=Decimal)
+
+
+def _floats_outside_patterns(value: Any, key: str | None = None) -> Any:
+    """A decoded DAG with its numbers floats (parse_dag's numbers) except in ``when``/``unless``
+    patterns, which keep their exact values."""
+    if key in ("when", "unless"):
+        return value
+    if isinstance(value, dict):
+        return {k: _floats_outside_patterns(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_floats_outside_patterns(v) for v in value]
+    return float(value) if isinstance(value, Decimal) else value
+
+
 def _dag(text: str) -> Dag | None:
     try:
-        return parse_dag(json.loads(text))
+        return parse_dag(_floats_outside_patterns(_exact(text)))
     except (DagValidationError, ValueError, RecursionError):
         return None
 
@@ -234,7 +253,7 @@ def _stages(executions: Iterable[Mapping[str, Any]], stages: Iterable[Mapping[st
                 )
         if dag is not None:
             found += _order(eid, dag, mine)
-            found += _branches(eid, dag, json.loads(e["context_json"] or "{}"), mine)
+            found += _branches(eid, dag, _exact(e["context_json"] or "{}"), mine)
     return found
 
 
@@ -269,7 +288,7 @@ def _branches(eid: str, dag: Dag, context: Mapping[str, Any], mine: Mapping[str,
 def _fires(edge: Any, parent: Mapping[str, Any] | None, context: Mapping[str, Any]) -> bool:
     if parent is None or parent["status"] not in WAS_COMPLETED:
         return False
-    return edge_fires(edge.when, edge.unless, json.loads(parent["output_json"] or "{}"), context)
+    return edge_fires(edge.when, edge.unless, _exact(parent["output_json"] or "{}"), context)
 
 
 def _completions(eid: str, sid: str, s: Mapping[str, Any]) -> list[Violation]:

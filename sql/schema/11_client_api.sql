@@ -140,9 +140,10 @@ GRANT EXECUTE ON FUNCTION public.is_approver_of(execution_id uuid) TO authentica
 -- decision 'approve' or 'reject', an optional comment (at most 4000 characters). Only an approver
 -- may decide (auth.uid() or a role of the JWT among the stage's approvers), once. Returns
 -- lifecycle.approval_decide's code: completed | failed | continuing | waiting | in_progress, or
--- refused_not_waiting (decided already, or not waiting), refused_not_approver,
--- refused_unknown_stage, refused_not_approval. Raises insufficient_privilege (no user),
--- no_data_found (no such execution), invalid_parameter_value (decision, comment).
+-- refused_not_waiting (decided already, or not waiting), refused_not_approver (to the owner, or an
+-- approver of another stage), refused_unknown_stage, refused_not_approval. Raises
+-- insufficient_privilege (no user), no_data_found (no such execution, or one the caller neither
+-- owns nor approves a stage of), invalid_parameter_value (decision, comment).
 CREATE OR REPLACE FUNCTION public.decide(execution_id uuid, stage text, decision text, comment text DEFAULT NULL::text) RETURNS text
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -157,6 +158,20 @@ BEGIN
   END IF;
   IF decide.execution_id IS NULL THEN
     RAISE EXCEPTION 'decide: execution_id is NULL' USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  -- GUARD: an execution the caller has no business with (neither its owner nor an approver of one
+  -- of its approval stages) is reported exactly like an unknown one (as public.cancel_execution
+  -- does): no refusal code tells a stranger it exists, its stage names or whether one waits
+  IF NOT EXISTS (
+    SELECT 1 FROM public.workflow_executions e
+      JOIN public.workflow_definitions d ON d.id = e.workflow_definition_id
+     WHERE e.id = decide.execution_id
+       AND (e.created_by = v_uid
+            OR EXISTS (SELECT 1 FROM jsonb_array_elements(CASE WHEN jsonb_typeof(d.dag_schema -> 'stages') = 'array'
+                                                              THEN d.dag_schema -> 'stages' ELSE '[]' END) s
+                        WHERE s.value ->> 'kind' = 'approval'
+                          AND lifecycle.approver_matches(s.value -> 'approvers', v_uid::text, lifecycle.jwt_roles())))) THEN
+    RAISE EXCEPTION 'unknown workflow execution %', decide.execution_id USING ERRCODE = 'no_data_found';
   END IF;
   -- TRANSITION: lifecycle.approval_decide (locks the execution first)
   RETURN lifecycle.approval_decide(decide.execution_id, decide.stage, decide.decision, decide.comment,
