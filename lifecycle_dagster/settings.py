@@ -50,6 +50,10 @@
     (``OTEL_SERVICE_NAME``, default ``lifecycle-dagster``; ``OTEL_RESOURCE_ATTRIBUTES``,
     ``OTEL_EXPORTER_OTLP_(TRACES_)HEADERS``, ``..._TIMEOUT``, ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*``);
     ``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`` may only be ``http/protobuf``.
+``LIFECYCLE_DAGSTER_RETENTION``
+    how long finished executions are kept: a duration of at least 1 hour (``90d``, ``12h``, ``2w``;
+    default ``90d``), after which the code location's daily ``lifecycle_retention_schedule`` removes
+    them (docs/retention.md); ``off``: no schedule (``lifecycle-dagster prune`` still works).
 ``LIFECYCLE_DAGSTER_EXECUTOR``
     the Dagster executor of every generated job (forward and compensation): ``in_process`` (the
     default, UI launches included), ``multiprocess``, ``celery`` (dagster-celery: the ``[celery]``
@@ -79,9 +83,12 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import platformdirs
+
+from lifecycle_dagster.core.duration import parse_duration
 
 #: the database the embedded server holds the orchestration schema in
 EMBEDDED_DATABASE = "lifecycle"
@@ -93,6 +100,10 @@ DEFAULT_MAX_OUTPUT_BYTES = 8 * 1024 * 1024
 DEFAULT_QUEUE_WAIT_S = 3600.0
 #: how long a queue's oldest pending task may wait before an alert, in seconds
 DEFAULT_ALERT_QUEUE_AGE_S = 600.0
+#: how long finished executions are kept by default (``LIFECYCLE_DAGSTER_RETENTION``)
+DEFAULT_RETENTION = timedelta(days=90)
+#: the shortest retention horizon accepted (a younger finished execution may still be looked at)
+MIN_RETENTION = timedelta(hours=1)
 #: the log formats of ``LIFECYCLE_DAGSTER_LOG_FORMAT`` and ``agent serve --log-format``
 LOG_FORMATS = ("text", "json")
 
@@ -278,6 +289,26 @@ class Settings:
             raise ValueError(f"LIFECYCLE_DAGSTER_CELERY_CONFIG must be a JSON object: {exc}") from None
         if not isinstance(value, dict):
             raise ValueError(f"LIFECYCLE_DAGSTER_CELERY_CONFIG must be a JSON object, got {raw!r}")
+        return value
+
+    @property
+    def retention(self) -> timedelta | None:
+        """``LIFECYCLE_DAGSTER_RETENTION``: the horizon (default 90 days), or None for ``off``.
+
+        Raises:
+            ValueError: not ``off`` nor a duration of at least 1 hour (the message names the variable).
+        """
+        raw = self._text("RETENTION")
+        if raw is None:
+            return DEFAULT_RETENTION
+        if raw.lower() == "off":
+            return None
+        try:
+            value = parse_duration(raw)
+        except ValueError as exc:
+            raise ValueError(f"LIFECYCLE_DAGSTER_RETENTION must be off or a duration such as 90d: {exc}") from None
+        if value < MIN_RETENTION:
+            raise ValueError(f"LIFECYCLE_DAGSTER_RETENTION must be at least 1h, got {raw!r}")
         return value
 
     @property
