@@ -88,11 +88,14 @@ def prune(
     instance: Any | None = None,
     batch: int = DEFAULT_BATCH,
     on_batch: Callable[[PruneBatch], None] | None = None,
+    now: datetime | None = None,
 ) -> PruneReport:
     """Remove every finished execution older than ``before`` (timezone-aware), batch by batch.
 
     ``instance``: the Dagster instance whose runs of the removed executions are deleted (None:
-    runs are left alone and not counted). ``on_batch`` is called after each batch commits.
+    runs are left alone and not counted). ``on_batch`` is called after each batch commits. ``now``:
+    the instant breaker windows are judged at and the batches' event is stamped with (default: the
+    database's clock; ``before`` must be at least 1 hour before it).
 
     Raises:
         psycopg.Error: the database refused a batch (``before`` less than 1 hour ago: the
@@ -103,7 +106,7 @@ def prune(
     cursor: tuple[datetime, str] | None = None
     with connect(dsn, application_name="lifecycle-dagster prune") as conn:
         while True:
-            done = executions_prune(conn, before=before, limit=batch, dry_run=dry_run, after=cursor)
+            done = executions_prune(conn, before=before, limit=batch, dry_run=dry_run, after=cursor, now=now)
             runs = _dagster_runs(instance, done.execution_ids, done.run_ids, delete=not dry_run)
             report.add(done, runs)
             if on_batch is not None:
