@@ -232,3 +232,89 @@ def test_the_retention_job_prunes_and_deletes_runs(db: str, instance: Any, world
     )
     assert result.success
     assert result.output_for_node("prune")["executions"] == 0  # nothing an hour old
+
+
+# -- claims while a large history is pruned ----------------------------------------------------------
+
+LIVE = 300  #: live executions, one queue task each
+HISTORY = 2000  #: finished executions of history (26 rows each: about 52k rows)
+LOCK_TIMEOUT_S = 5  #: a claim or completion that waits longer than this for a lock errors
+
+
+def _claimer(dsn: str, ready: Any, go: Any, stop: Any, out: Any) -> None:
+    """Claim and complete the live tasks one at a time until ``stop``; report what happened."""
+    conn = connect(dsn, application_name="retention test claimer")
+    conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT_S}s'")
+    done, empty, errors, slowest, times = 0, 0, [], 0.0, []
+    ready.set()
+    go.wait()
+    while not stop.is_set() or empty == 0:
+        t = time.perf_counter()
+        try:
+            claimed = task_claim(conn, worker="w1", agent="Q", limit=1, lease_s=60)
+            for c in claimed:
+                assert task_complete(conn, task_id=c.task_id, token=c.lease_token, output={"summary": "ok"}).value == "completed"
+                done += 1
+                times.append(time.time())
+        except Exception as exc:  # every claim must succeed: record what did not
+            errors.append(f"{type(exc).__name__}: {exc}")
+            claimed = []
+        slowest = max(slowest, time.perf_counter() - t)
+        if not claimed:
+            empty += 1
+            time.sleep(0.01)
+    out.put({"done": done, "errors": errors, "slowest_s": slowest, "times": times})
+    conn.close()
+
+
+def test_claims_keep_working_while_a_large_history_is_pruned(seeded_db: str) -> None:
+    db = seeded_db
+    install(db, "q", {"stages": [{"id": "work", "capability": "qcap"}], "defaults": {"retry": {"max_attempts": 1}}}, {"qcap": "Q"})
+    with connect(db) as conn:
+        conn.execute("UPDATE agents SET kind = 'queue' WHERE name = 'Q'")
+        conn.execute(HISTORY_SQL.read_text(encoding="utf-8"))
+        lifecycle = conn.execute("SELECT id FROM workflow_definitions WHERE name = 'lifecycle_v1'").fetchone()["id"]  # type: ignore[index]
+        with conn.transaction():
+            conn.execute("SELECT bench_generate_history(%s, %s)", (lifecycle, HISTORY))
+        q = conn.execute("SELECT id FROM workflow_definitions WHERE name = 'q'").fetchone()["id"]  # type: ignore[index]
+        ids = [r["id"] for r in conn.execute(
+            "INSERT INTO workflow_executions (workflow_definition_id, status, context)"
+            " SELECT %s, 'in_progress', jsonb_build_object('i', g) FROM generate_series(1, %s) g RETURNING id",
+            (q, LIVE),
+        ).fetchall()]
+        conn.execute("INSERT INTO workflow_execution_logs (execution_id, stage_id, status) SELECT e, 'work', 'pending' FROM unnest(%s::uuid[]) e", (ids,))
+        conn.execute(
+            "INSERT INTO task_queue (workflow_execution_id, task_type, input_data, status, capability, stage_log_id)"
+            " SELECT l.execution_id, 'work', jsonb_build_object('context', '{}'::jsonb, 'upstream', '{}'::jsonb), 'pending', 'qcap', l.id"
+            " FROM workflow_execution_logs l WHERE l.execution_id = ANY(%s::uuid[])",
+            (ids,),
+        )
+        history_rows = conn.execute(
+            "SELECT (SELECT count(*) FROM workflow_executions WHERE status <> 'in_progress')"
+            " + (SELECT count(*) FROM workflow_events) + (SELECT count(*) FROM task_queue WHERE status <> 'pending')"
+            " + (SELECT count(*) FROM workflow_execution_logs WHERE status <> 'pending') AS n"
+        ).fetchone()["n"]  # type: ignore[index]
+    assert history_rows >= 50_000
+
+    ctx = mp.get_context("spawn")
+    ready, go, stop, out = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Queue()
+    claimer = ctx.Process(target=_claimer, args=(db, ready, go, stop, out))
+    claimer.start()
+    try:
+        assert ready.wait(60)
+        go.set()
+        before = rows(db, "SELECT now() - interval '1 hour' AS t")[0]["t"]
+        started = time.time()
+        report = prune(db, before, batch=100)
+        ended = time.time()
+        stop.set()
+        got = out.get(timeout=60)
+    finally:
+        stop.set()
+        claimer.join(timeout=30)
+    assert report.executions == HISTORY and report.batches >= HISTORY // 100
+    assert got["errors"] == [] and got["done"] == LIVE
+    assert got["slowest_s"] < LOCK_TIMEOUT_S
+    assert any(started <= t <= ended for t in got["times"])  # claims completed while the prune ran
+    left = rows(db, "SELECT status, count(*) AS n FROM workflow_executions GROUP BY status ORDER BY status")
+    assert left == [{"status": "completed", "n": LIVE}]  # the history gone, every live execution completed
