@@ -179,7 +179,11 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"date": dt.date.today().isoformat(), "machine": machine(), "load_average_at_start": load_average()}
+    results: dict[str, Any] = {
+        "date": dt.date.today().isoformat(),
+        "machine": machine(),
+        "load_average_at_start": load_average(),
+    }
     with cluster() as c:
         results["postgres"] = c.server_version()
         dsn = c.create_db("bench_retention")

@@ -81,14 +81,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 import platformdirs
-
-from lifecycle_dagster.core.duration import parse_duration
 
 #: the database the embedded server holds the orchestration schema in
 EMBEDDED_DATABASE = "lifecycle"
@@ -106,6 +105,40 @@ DEFAULT_RETENTION = timedelta(days=90)
 MIN_RETENTION = timedelta(hours=1)
 #: the log formats of ``LIFECYCLE_DAGSTER_LOG_FORMAT`` and ``agent serve --log-format``
 LOG_FORMATS = ("text", "json")
+
+
+#: the units a duration may use, in seconds
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+#: the longest duration accepted, in days (100 years)
+MAX_DURATION_DAYS = 36500
+
+_DURATION = re.compile(r"^\s*(\d{1,9})\s*([smhdw])\s*$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"90d"`` -> 90 days: a whole number (at most 9 digits) and one unit of :data:`DURATION_UNITS`
+    (``s``, ``m``, ``h``, ``d``, ``w``), case-insensitive, at most :data:`MAX_DURATION_DAYS` days.
+
+    Raises:
+        ValueError: anything else (the message quotes the text and shows the form).
+    """
+    m = _DURATION.match(text.lower()) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError(f"not a duration: {text!r} (a whole number and a unit s, m, h, d or w, e.g. 90d, 12h, 30m)")
+    seconds = int(m.group(1)) * DURATION_UNITS[m.group(2)]
+    if seconds > MAX_DURATION_DAYS * 86400:
+        raise ValueError(f"duration too long: {text!r} (at most {MAX_DURATION_DAYS}d)")
+    return timedelta(seconds=seconds)
+
+
+def format_duration(value: timedelta) -> str:
+    """The shortest exact form of ``value`` in the largest unit that divides it (``90d``, ``36h``)."""
+    seconds = int(value.total_seconds())
+    for unit, size in sorted(DURATION_UNITS.items(), key=lambda kv: -kv[1]):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 @dataclass(frozen=True)

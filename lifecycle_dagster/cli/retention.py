@@ -12,11 +12,10 @@ import click
 
 from lifecycle_dagster.cli.common import dagster_home, main
 from lifecycle_dagster.cli.common import dsn as _dsn
-from lifecycle_dagster.core.duration import parse_duration
-from lifecycle_dagster.settings import MIN_RETENTION, Settings
+from lifecycle_dagster.settings import MIN_RETENTION, Settings, parse_duration
 
 
-class _Duration(click.ParamType):
+class _Duration(click.ParamType[timedelta]):
     """A duration of at least 1 hour (``90d``, ``12h``, ``90m``), as a ``timedelta``."""
 
     name = "duration"
@@ -43,7 +42,9 @@ class _Duration(click.ParamType):
 )
 @click.option("--dry-run", is_flag=True, help="Count what would go; delete nothing.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document of the counts instead of a line.")
-@click.option("--batch", type=click.IntRange(1, 10000), default=500, show_default=True, help="Executions per transaction.")
+@click.option(
+    "--batch", type=click.IntRange(1, 10000), default=500, show_default=True, help="Executions per transaction."
+)
 def prune_cmd(older_than: timedelta, dry_run: bool, as_json: bool, batch: int) -> None:
     """Remove the executions that are final (completed, rolled_back, compensation_failed) and older
     than --older-than, whole: their tasks, stage logs, artifacts, breaker outcomes outside every open

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 #: executions per batch (one transaction each)
 DEFAULT_BATCH = 500
+#: the run tag naming a run's execution (= ``location.job_factory.EXECUTION_ID_TAG``; the engine
+#: layer may not import the location's)
+EXECUTION_ID_TAG = "lifecycle/execution_id"
 #: the kinds of rows counted, in the order they are reported
 KINDS = ("executions", "tasks", "stage_logs", "artifacts", "breaker_outcomes", "events", "dagster_runs")
 
@@ -126,8 +129,6 @@ def _dagster_runs(instance: Any | None, execution_ids: Sequence[str], run_ids: S
         return 0
     from dagster import RunsFilter
 
-    from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG
-
     found = set(instance.get_run_ids(RunsFilter(run_ids=list(run_ids)))) if run_ids else set()
     found |= set(instance.get_run_ids(RunsFilter(tags={EXECUTION_ID_TAG: list(execution_ids)})))
     if delete:
@@ -139,4 +140,3 @@ def _dagster_runs(instance: Any | None, execution_ids: Sequence[str], run_ids: S
 def counts_line(report: PruneReport) -> str:
     """One line of counts: ``12 executions, 120 tasks, ... 3 dagster runs``."""
     return ", ".join(f"{getattr(report, kind)} {kind.replace('_', ' ')}" for kind in KINDS)
-

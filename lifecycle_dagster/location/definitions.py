@@ -93,7 +93,8 @@ def definitions_from_snapshot(snapshot: str) -> dg.Definitions:
     The retention job ``lifecycle__retention`` is always defined, its daily schedule
     ``lifecycle_retention_schedule`` unless ``LIFECYCLE_DAGSTER_RETENTION`` is ``off``
     (:mod:`~lifecycle_dagster.location.retention`). With ``LIFECYCLE_DAGSTER_ALERT_URL`` set,
-    ``lifecycle_alert_sensor`` is defined too (jobs or not); with ``LIFECYCLE_DAGSTER_LOG_FORMAT=json`` the ``lifecycle_dagster`` loggers write JSON lines.
+    ``lifecycle_alert_sensor`` is defined too (jobs or not); with ``LIFECYCLE_DAGSTER_LOG_FORMAT=json``
+    the ``lifecycle_dagster`` loggers write JSON lines.
 
     Raises:
         lifecycle_dagster.location.resources.AgentsSettingError: ``LIFECYCLE_DAGSTER_AGENTS`` names

@@ -15,8 +15,7 @@ from datetime import timedelta
 
 import dagster as dg
 
-from lifecycle_dagster.core.duration import format_duration, parse_duration
-from lifecycle_dagster.settings import MIN_RETENTION
+from lifecycle_dagster.settings import MIN_RETENTION, format_duration, parse_duration
 
 #: the job, its op and the schedule
 RETENTION_JOB = "lifecycle__retention"
@@ -61,7 +60,9 @@ def prune_op(context: dg.OpExecutionContext, config: PruneConfig) -> dict[str, o
 
     older_than = _older_than(config)
     report = prune(resolve_dsn(), horizon(older_than), dry_run=config.dry_run, instance=context.instance)
-    context.log.info(f"{'would remove' if config.dry_run else 'removed'}: {counts_line(report)} ({report.seconds:.1f} s)")
+    context.log.info(
+        f"{'would remove' if config.dry_run else 'removed'}: {counts_line(report)} ({report.seconds:.1f} s)"
+    )
     data = report.as_json()
     context.add_output_metadata({k: v for k, v in data.items() if isinstance(v, int | float | str | bool)})
     return data
@@ -86,7 +87,8 @@ def retention_schedule(job: dg.JobDefinition, older_than: timedelta) -> dg.Sched
         execution_timezone="UTC",
         default_status=dg.DefaultScheduleStatus.RUNNING,
         run_config={"ops": {"prune": {"config": {"older_than": format_duration(older_than)}}}},
-        description=f"remove finished executions older than {format_duration(older_than)} (LIFECYCLE_DAGSTER_RETENTION)",
+        description=f"remove finished executions older than {format_duration(older_than)}"
+        " (LIFECYCLE_DAGSTER_RETENTION)",
     )
 
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import time
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from click.testing import CliRunner
-from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.agents import AgentRegistry, Task
 from lifecycle_dagster.cli.main import main
@@ -34,7 +33,8 @@ HISTORY_SQL = REPO / "bench" / "sql" / "history_functions.sql"
 #: every row that belongs to an execution, per kind (the executions' ids are %(ids)s)
 DUMPS = {
     "executions": "SELECT to_jsonb(e)::text AS r FROM workflow_executions e WHERE e.id = ANY(%(ids)s::uuid[])",
-    "stage_logs": "SELECT to_jsonb(l)::text AS r FROM workflow_execution_logs l WHERE l.execution_id = ANY(%(ids)s::uuid[])",
+    "stage_logs": "SELECT to_jsonb(l)::text AS r FROM workflow_execution_logs l"
+    " WHERE l.execution_id = ANY(%(ids)s::uuid[])",
     "tasks": "SELECT to_jsonb(t)::text AS r FROM task_queue t WHERE t.workflow_execution_id = ANY(%(ids)s::uuid[])",
     "artifacts": "SELECT to_jsonb(a)::text AS r FROM lifecycle.artifacts a WHERE a.execution_id = ANY(%(ids)s::uuid[])",
     "events": "SELECT to_jsonb(v)::text AS r FROM workflow_events v WHERE v.execution_id = ANY(%(ids)s::uuid[])",
@@ -85,18 +85,21 @@ def _extras(dsn: str, eid: str, *, breaker_state: str = "closed", agent_name: st
         ).fetchone()["id"]  # type: ignore[index]
         conn.execute("UPDATE task_queue SET status = 'cancelled' WHERE id = %s", (task,))
         conn.execute(
-            "INSERT INTO lifecycle.artifacts (execution_id, stage_id, kind, key, data) VALUES (%s, 'first', 'k', %s, '{}')",
+            "INSERT INTO lifecycle.artifacts (execution_id, stage_id, kind, key, data)"
+            " VALUES (%s, 'first', 'k', %s, '{}')",
             (eid, eid),
         )
         for scope, key in (("agent", agent), ("capability", capability)):
             conn.execute(
-                "INSERT INTO lifecycle.breakers (scope, key, state, state_since, opened_at) VALUES (%s, %s, %s, now() - interval '1 minute', now())"
+                "INSERT INTO lifecycle.breakers (scope, key, state, state_since, opened_at)"
+                " VALUES (%s, %s, %s, now() - interval '1 minute', now())"
                 " ON CONFLICT (scope, key) DO UPDATE SET state = EXCLUDED.state, state_since = EXCLUDED.state_since,"
                 " opened_at = EXCLUDED.opened_at",
                 (scope, key, breaker_state),
             )
             conn.execute(
-                "INSERT INTO lifecycle.breaker_outcomes (scope, key, at, success, task_id) VALUES (%s, %s, now(), true, %s)",
+                "INSERT INTO lifecycle.breaker_outcomes (scope, key, at, success, task_id)"
+                " VALUES (%s, %s, now(), true, %s)",
                 (scope, key, task),
             )
 
@@ -105,7 +108,8 @@ def _unfinished(dsn: str, definition_id: str, path: list[str]) -> str:
     """An execution driven by hand along ``path`` of statuses (legal transitions)."""
     with connect(dsn) as conn:
         eid = conn.execute(
-            "INSERT INTO workflow_executions (workflow_definition_id, status) VALUES (%s, 'pending') RETURNING id::text AS id",
+            "INSERT INTO workflow_executions (workflow_definition_id, status) VALUES (%s, 'pending')"
+            " RETURNING id::text AS id",
             (definition_id,),
         ).fetchone()["id"]  # type: ignore[index]
         for status in path:
@@ -150,7 +154,9 @@ def world(db: str, instance: Any) -> dict[str, Any]:
     return w
 
 
-def test_prune_removes_old_finished_executions_whole_and_nothing_else(db: str, instance: Any, world: dict[str, Any]) -> None:
+def test_prune_removes_old_finished_executions_whole_and_nothing_else(
+    db: str, instance: Any, world: dict[str, Any]
+) -> None:
     kept_before = _dump(db, world["kept"])
     assert all(kept_before[k] for k in ("executions", "tasks", "events", "breaker_outcomes", "artifacts", "stage_logs"))
     gone_before = _dump(db, world["gone"])
@@ -196,24 +202,30 @@ def test_the_cli_prunes_with_counts_and_refuses_bad_horizons(db: str, instance: 
     assert text.exit_code == 0, text.output
     assert "removed (finished before " in text.output and "0 executions, 0 tasks" in text.output
     assert " s" in text.output.splitlines()[-1]
-    for bad, why in (("banana", "not a duration"), ("30m", "shorter than 1h"), ("0h", "shorter than 1h"), ("5x", "not a duration")):
+    for bad, why in (
+        ("banana", "not a duration"),
+        ("30m", "shorter than 1h"),
+        ("0h", "shorter than 1h"),
+        ("5x", "not a duration"),
+    ):
         out = runner.invoke(main, ["prune", "--older-than", bad])
         assert out.exit_code == 2 and "--older-than" in out.output and why in out.output, out.output
     assert "--older-than" in runner.invoke(main, ["prune"]).output
-    with connect(db) as conn:
-        with pytest.raises(psycopg.errors.InvalidParameterValue, match="at least 1 hour"):
-            conn.execute("SELECT * FROM lifecycle.executions_prune(now() - interval '59 minutes')")
+    with connect(db) as conn, pytest.raises(psycopg.errors.InvalidParameterValue, match="at least 1 hour"):
+        conn.execute("SELECT * FROM lifecycle.executions_prune(now() - interval '59 minutes')")
 
 
 def test_the_schedule_follows_the_setting(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     repo = definitions_from_snapshot(fetch_snapshot(db)).get_repository_def()
     schedule = repo.get_schedule_def(RETENTION_SCHEDULE)
-    assert (schedule.cron_schedule, schedule.execution_timezone, schedule.job_name) == ("17 3 * * *", "UTC", RETENTION_JOB)
+    assert (schedule.cron_schedule, schedule.execution_timezone, schedule.job_name) == (
+        "17 3 * * *",
+        "UTC",
+        RETENTION_JOB,
+    )
     monkeypatch.setenv("LIFECYCLE_DAGSTER_RETENTION", "30d")
     repo = definitions_from_snapshot(fetch_snapshot(db)).get_repository_def()
-    config = repo.get_schedule_def(RETENTION_SCHEDULE).evaluate_tick(
-        __import__("dagster").build_schedule_context()
-    )
+    config = repo.get_schedule_def(RETENTION_SCHEDULE).evaluate_tick(__import__("dagster").build_schedule_context())
     [request] = config.run_requests or []
     assert request.run_config == {"ops": {"prune": {"config": {"older_than": "30d"}}}}
     monkeypatch.setenv("LIFECYCLE_DAGSTER_RETENTION", "off")
@@ -253,7 +265,10 @@ def _claimer(dsn: str, ready: Any, go: Any, stop: Any, out: Any) -> None:
         try:
             claimed = task_claim(conn, worker="w1", agent="Q", limit=1, lease_s=60)
             for c in claimed:
-                assert task_complete(conn, task_id=c.task_id, token=c.lease_token, output={"summary": "ok"}).value == "completed"
+                assert (
+                    task_complete(conn, task_id=c.task_id, token=c.lease_token, output={"summary": "ok"}).value
+                    == "completed"
+                )
                 done += 1
                 times.append(time.time())
         except Exception as exc:  # every claim must succeed: record what did not
@@ -269,7 +284,12 @@ def _claimer(dsn: str, ready: Any, go: Any, stop: Any, out: Any) -> None:
 
 def test_claims_keep_working_while_a_large_history_is_pruned(seeded_db: str) -> None:
     db = seeded_db
-    install(db, "q", {"stages": [{"id": "work", "capability": "qcap"}], "defaults": {"retry": {"max_attempts": 1}}}, {"qcap": "Q"})
+    install(
+        db,
+        "q",
+        {"stages": [{"id": "work", "capability": "qcap"}], "defaults": {"retry": {"max_attempts": 1}}},
+        {"qcap": "Q"},
+    )
     with connect(db) as conn:
         conn.execute("UPDATE agents SET kind = 'queue' WHERE name = 'Q'")
         conn.execute(HISTORY_SQL.read_text(encoding="utf-8"))
@@ -277,15 +297,23 @@ def test_claims_keep_working_while_a_large_history_is_pruned(seeded_db: str) -> 
         with conn.transaction():
             conn.execute("SELECT bench_generate_history(%s, %s)", (lifecycle, HISTORY))
         q = conn.execute("SELECT id FROM workflow_definitions WHERE name = 'q'").fetchone()["id"]  # type: ignore[index]
-        ids = [r["id"] for r in conn.execute(
-            "INSERT INTO workflow_executions (workflow_definition_id, status, context)"
-            " SELECT %s, 'in_progress', jsonb_build_object('i', g) FROM generate_series(1, %s) g RETURNING id",
-            (q, LIVE),
-        ).fetchall()]
-        conn.execute("INSERT INTO workflow_execution_logs (execution_id, stage_id, status) SELECT e, 'work', 'pending' FROM unnest(%s::uuid[]) e", (ids,))
+        ids = [
+            r["id"]
+            for r in conn.execute(
+                "INSERT INTO workflow_executions (workflow_definition_id, status, context)"
+                " SELECT %s, 'in_progress', jsonb_build_object('i', g) FROM generate_series(1, %s) g RETURNING id",
+                (q, LIVE),
+            ).fetchall()
+        ]
+        conn.execute(
+            "INSERT INTO workflow_execution_logs (execution_id, stage_id, status)"
+            " SELECT e, 'work', 'pending' FROM unnest(%s::uuid[]) e",
+            (ids,),
+        )
         conn.execute(
             "INSERT INTO task_queue (workflow_execution_id, task_type, input_data, status, capability, stage_log_id)"
-            " SELECT l.execution_id, 'work', jsonb_build_object('context', '{}'::jsonb, 'upstream', '{}'::jsonb), 'pending', 'qcap', l.id"
+            " SELECT l.execution_id, 'work', jsonb_build_object('context', '{}'::jsonb, 'upstream', '{}'::jsonb),"
+            " 'pending', 'qcap', l.id"
             " FROM workflow_execution_logs l WHERE l.execution_id = ANY(%s::uuid[])",
             (ids,),
         )
