@@ -135,38 +135,44 @@ def run(ctx: Any) -> dict[str, Any]:
     return measure(dsn, 50_000 if ctx.quick else 200_000)
 
 
-def markdown(r: dict[str, Any]) -> str:
-    """The results as a short Markdown report."""
-    b, d, p = r["baseline"], r["during_prune"], r["prune"]
+def phase_rows(r: dict[str, Any]) -> list[str]:
+    """The Markdown table of both phases and the prune's line (the harness's report uses it too)."""
+    p = r["prune"]
 
     def line(name: str, phase: dict[str, Any]) -> str:
+        if not phase.get("claims"):
+            return f"| {name} | 0 | | | | | | | |"
         c, cc = phase["claim_ms"], phase["claim_complete_ms"]
         return (
             f"| {name} | {phase['claims']:,} | {phase['claims_per_s']:.0f} | {c['p50']:.2f} | {c['p99']:.2f} |"
             f" {c['max']:.1f} | {cc['p50']:.2f} | {cc['p99']:.2f} | {cc['max']:.1f} |"
         )
 
-    return "\n".join(
-        [
-            f"# retention: claims while pruning ({r['date']})",
-            "",
-            f"Machine: {r['machine']}; PostgreSQL {r['postgres']}; load average at start"
-            f" {r['load_average_at_start']}, at end {r['load_average_at_end']}.",
-            f"History: {r['history_rows']:,} rows ({r['history']}), generated in {r['generate_s']:.0f} s."
-            f" {CLAIMERS} claimer processes (claim one, complete it, enqueue one); baseline {BASELINE_S:.0f} s"
-            " without a prune, then while the prune (batches of 500 executions) removes the whole history.",
-            "",
-            "| phase | claims | claims/s | claim p50 ms | claim p99 ms | claim max ms | claim+complete p50 ms"
-            " | claim+complete p99 ms | claim+complete max ms |",
-            "|---|---|---|---|---|---|---|---|---|",
-            line("baseline", b),
-            line("during prune", d),
-            "",
-            f"Prune: {p['executions']:,} executions, {p['rows_removed']:,} rows in {p['seconds']:.1f} s"
-            f" ({p['rows_per_s']:,.0f} rows/s, {p['batches']} batches); claim errors: {len(r['errors'])}.",
-            "",
-        ]
-    )
+    return [
+        f"History: {r['history_rows']:,} rows ({r['history']}), generated in {r['generate_s']:.0f} s."
+        f" {CLAIMERS} claimer processes (claim one, complete it, enqueue one); baseline {BASELINE_S:.0f} s"
+        " without a prune, then while the prune (batches of 500 executions) removes the whole history.",
+        "",
+        "| phase | claims | claims/s | claim p50 ms | claim p99 ms | claim max ms | claim+complete p50 ms"
+        " | claim+complete p99 ms | claim+complete max ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+        line("baseline", r["baseline"]),
+        line("during prune", r["during_prune"]),
+        "",
+        f"Prune: {p['executions']:,} executions, {p['rows_removed']:,} rows in {p['seconds']:.1f} s"
+        f" ({p['rows_per_s']:,.0f} rows/s, {p['batches']} batches); claim errors: {len(r['errors'])}.",
+    ]
+
+
+def markdown(r: dict[str, Any]) -> str:
+    """The results as a short Markdown report."""
+    head = [
+        f"# retention: claims while pruning ({r['date']})",
+        "",
+        f"Machine: {r['machine']}; PostgreSQL {r['postgres']}; load average at start"
+        f" {r['load_average_at_start']}, at end {r['load_average_at_end']}.",
+    ]
+    return "\n".join([*head, *phase_rows(r), ""])
 
 
 def main() -> None:
