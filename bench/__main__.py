@@ -1,6 +1,6 @@
 """``python -m bench [--quick] [--only SECTIONS]``: run the benchmarks, write ``bench/results/``.
 
-Sections: overhead, queue, history, sensors, peers (see README, "Benchmarks"). Everything runs on a
+Sections: overhead, queue, history, sensors, peers, retention (see README, "Benchmarks"). Everything runs on a
 throwaway PostgreSQL cluster started here (``bench/pg.py``) and removed at the end.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 from bench import common
 from bench.pg import Cluster, cluster
 
-SECTIONS = ("overhead", "queue", "history", "sensors", "peers")
+SECTIONS = ("overhead", "queue", "history", "sensors", "peers", "retention")
 
 
 @dataclass

@@ -259,6 +259,10 @@ def markdown(r: dict[str, Any]) -> str:
             )
         out += ["", "How each expresses the undo:", ""]
         out += [f"- **{k}**: {v}." for k, v in pe["expressed"].items()]
+    if "retention" in s:
+        from bench.retention_bench import phase_rows
+
+        out += ["", "## 6. Retention: claims while a history is pruned", "", *phase_rows(s["retention"])]
     if r.get("notes"):
         out += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
     return "\n".join(out) + "\n"

@@ -50,6 +50,10 @@
     (``OTEL_SERVICE_NAME``, default ``lifecycle-dagster``; ``OTEL_RESOURCE_ATTRIBUTES``,
     ``OTEL_EXPORTER_OTLP_(TRACES_)HEADERS``, ``..._TIMEOUT``, ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*``);
     ``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`` may only be ``http/protobuf``.
+``LIFECYCLE_DAGSTER_RETENTION``
+    how long finished executions are kept: a duration of at least 1 hour (``90d``, ``12h``, ``2w``;
+    default ``90d``), after which the code location's daily ``lifecycle_retention_schedule`` removes
+    them (docs/retention.md); ``off``: no schedule (``lifecycle-dagster prune`` still works).
 ``LIFECYCLE_DAGSTER_EXECUTOR``
     the Dagster executor of every generated job (forward and compensation): ``in_process`` (the
     default, UI launches included), ``multiprocess``, ``celery`` (dagster-celery: the ``[celery]``
@@ -77,8 +81,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import platformdirs
@@ -93,8 +99,46 @@ DEFAULT_MAX_OUTPUT_BYTES = 8 * 1024 * 1024
 DEFAULT_QUEUE_WAIT_S = 3600.0
 #: how long a queue's oldest pending task may wait before an alert, in seconds
 DEFAULT_ALERT_QUEUE_AGE_S = 600.0
+#: how long finished executions are kept by default (``LIFECYCLE_DAGSTER_RETENTION``)
+DEFAULT_RETENTION = timedelta(days=90)
+#: the shortest retention horizon accepted (a younger finished execution may still be looked at)
+MIN_RETENTION = timedelta(hours=1)
 #: the log formats of ``LIFECYCLE_DAGSTER_LOG_FORMAT`` and ``agent serve --log-format``
 LOG_FORMATS = ("text", "json")
+
+
+#: the units a duration may use, in seconds
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+#: the longest duration accepted, in days (100 years)
+MAX_DURATION_DAYS = 36500
+
+_DURATION = re.compile(r"^\s*(\d{1,9})\s*([smhdw])\s*$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"90d"`` -> 90 days: a whole number (at most 9 digits) and one unit of :data:`DURATION_UNITS`
+    (``s``, ``m``, ``h``, ``d``, ``w``), case-insensitive, at most :data:`MAX_DURATION_DAYS` days.
+
+    Raises:
+        ValueError: anything else (the message quotes the text and shows the form).
+    """
+    m = _DURATION.match(text.lower()) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError(f"not a duration: {text!r} (a whole number and a unit s, m, h, d or w, e.g. 90d, 12h, 30m)")
+    seconds = int(m.group(1)) * DURATION_UNITS[m.group(2)]
+    if seconds > MAX_DURATION_DAYS * 86400:
+        raise ValueError(f"duration too long: {text!r} (at most {MAX_DURATION_DAYS}d)")
+    return timedelta(seconds=seconds)
+
+
+def format_duration(value: timedelta) -> str:
+    """The shortest exact form of ``value`` in the largest unit that divides it (``90d``, ``36h``)."""
+    seconds = int(value.total_seconds())
+    for unit, size in sorted(DURATION_UNITS.items(), key=lambda kv: -kv[1]):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 @dataclass(frozen=True)
@@ -278,6 +322,26 @@ class Settings:
             raise ValueError(f"LIFECYCLE_DAGSTER_CELERY_CONFIG must be a JSON object: {exc}") from None
         if not isinstance(value, dict):
             raise ValueError(f"LIFECYCLE_DAGSTER_CELERY_CONFIG must be a JSON object, got {raw!r}")
+        return value
+
+    @property
+    def retention(self) -> timedelta | None:
+        """``LIFECYCLE_DAGSTER_RETENTION``: the horizon (default 90 days), or None for ``off``.
+
+        Raises:
+            ValueError: not ``off`` nor a duration of at least 1 hour (the message names the variable).
+        """
+        raw = self._text("RETENTION")
+        if raw is None:
+            return DEFAULT_RETENTION
+        if raw.lower() == "off":
+            return None
+        try:
+            value = parse_duration(raw)
+        except ValueError as exc:
+            raise ValueError(f"LIFECYCLE_DAGSTER_RETENTION must be off or a duration such as 90d: {exc}") from None
+        if value < MIN_RETENTION:
+            raise ValueError(f"LIFECYCLE_DAGSTER_RETENTION must be at least 1h, got {raw!r}")
         return value
 
     @property

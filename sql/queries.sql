@@ -442,6 +442,14 @@ WHERE id = %(id)s;
 -- name: audit_prune
 SELECT executions, events, global_events FROM lifecycle.audit_prune(%(before)s, %(max_streams)s);
 
+-- name: executions_prune
+-- Retention: one bounded batch of finished executions older than `before`, after the keyset cursor
+-- (after_created, after_id; NULL: from the oldest); dry_run counts without deleting.
+SELECT executions, tasks, stage_logs, artifacts, breaker_outcomes, events, deferred, last_created_at,
+       last_id::text AS last_id, execution_ids::text[] AS execution_ids, run_ids
+FROM lifecycle.executions_prune(%(before)s, %(limit)s, %(dry_run)s, %(after_created)s::timestamptz, %(after_id)s::uuid,
+                                    coalesce(%(now)s::timestamptz, now()));
+
 -- name: ops_executions
 -- `lifecycle-dagster list`: executions newest first, optionally by workflow, status and creation
 -- time. manual: driven by hand (inserted as in_progress, the runbook's section 8): no Dagster run,

@@ -565,4 +565,5 @@ from lifecycle_dagster.cli import approvals as _cli_approvals  # noqa: E402,F401
 from lifecycle_dagster.cli import audit as _cli_audit  # noqa: E402,F401
 from lifecycle_dagster.cli import metrics as _cli_metrics  # noqa: E402,F401
 from lifecycle_dagster.cli import ops as _cli_ops  # noqa: E402,F401
+from lifecycle_dagster.cli import retention as _cli_retention  # noqa: E402,F401
 from lifecycle_dagster.cli import versions as _cli_versions  # noqa: E402,F401

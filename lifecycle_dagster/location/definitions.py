@@ -29,6 +29,7 @@ import dagster as dg
 from lifecycle_dagster.core.logs import configure
 from lifecycle_dagster.location.alerts import alert_sensor
 from lifecycle_dagster.location.job_factory import build_jobs
+from lifecycle_dagster.location.retention import retention_definitions
 from lifecycle_dagster.location.schedules import build_schedules
 from lifecycle_dagster.location.sensors import failure_sensor, launch_sensor, reconciler, resume_sensor
 from lifecycle_dagster.settings import Settings
@@ -89,14 +90,19 @@ def definitions_from_snapshot(snapshot: str) -> dg.Definitions:
     """Build the code location's definitions from a snapshot (jobs, sensors, and the schedule of
     each active row that declares one); invalid rows are logged and skipped.
 
-    With ``LIFECYCLE_DAGSTER_ALERT_URL`` set, ``lifecycle_alert_sensor`` is defined too (jobs or
-    not); with ``LIFECYCLE_DAGSTER_LOG_FORMAT=json`` the ``lifecycle_dagster`` loggers write JSON lines.
+    The retention job ``lifecycle__retention`` is always defined, its daily schedule
+    ``lifecycle_retention_schedule`` unless ``LIFECYCLE_DAGSTER_RETENTION`` is ``off``
+    (:mod:`~lifecycle_dagster.location.retention`). With ``LIFECYCLE_DAGSTER_ALERT_URL`` set,
+    ``lifecycle_alert_sensor`` is defined too (jobs or not); with ``LIFECYCLE_DAGSTER_LOG_FORMAT=json``
+    the ``lifecycle_dagster`` loggers write JSON lines.
 
     Raises:
         lifecycle_dagster.location.resources.AgentsSettingError: ``LIFECYCLE_DAGSTER_AGENTS`` names
             no usable registry: the load fails with it (the code location's status shows it), since
             no job could run.
-        ValueError: ``LIFECYCLE_DAGSTER_LOG_FORMAT`` is neither text nor json (the message names it).
+        ValueError: ``LIFECYCLE_DAGSTER_LOG_FORMAT`` is neither text nor json, or
+            ``LIFECYCLE_DAGSTER_RETENTION`` is neither off nor a duration of at least 1h (the
+            message names the variable).
         lifecycle_dagster.location.executors.ExecutorSettingError: ``LIFECYCLE_DAGSTER_EXECUTOR``
             names no usable executor (the same).
     """
@@ -116,7 +122,12 @@ def definitions_from_snapshot(snapshot: str) -> dg.Definitions:
     )
     if settings.alert_url:
         sensors.append(alert_sensor(settings.alert_url))
-    return dg.Definitions(jobs=jobs, sensors=sensors, schedules=build_schedules(rows, jobs))
+    retention_jobs, retention_schedules = retention_definitions(settings.retention)
+    return dg.Definitions(
+        jobs=[*jobs, *retention_jobs],
+        sensors=sensors,
+        schedules=[*build_schedules(rows, jobs), *retention_schedules],
+    )
 
 
 @dg.definitions

@@ -882,3 +882,62 @@ def alert_failed(conn: Connection, *, alert_id: int, error: str, delay_s: float,
     ``now``. False when the alert was sent meanwhile (nothing changed)."""
     params = {"id": alert_id, "error": error, "delay_s": delay_s, "now": now}
     return bool(_row(conn, "alert_failed", params)["recorded"])
+
+
+# -- retention --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PruneBatch:
+    """``lifecycle.executions_prune``: one batch. Rows removed (or, in a dry run, that would be) per
+    kind; ``deferred`` finished executions looked at but kept (a newer event or row change, or a
+    breaker outcome still counted); ``cursor`` the ``(created_at, id)`` to pass to the next batch
+    (None: nothing was left to look at); the removed executions' ids and Dagster run ids."""
+
+    executions: int
+    tasks: int
+    stage_logs: int
+    artifacts: int
+    breaker_outcomes: int
+    events: int
+    deferred: int
+    cursor: tuple[datetime, str] | None
+    execution_ids: tuple[str, ...]
+    run_ids: tuple[str, ...]
+
+
+def executions_prune(
+    conn: Connection,
+    *,
+    before: datetime,
+    limit: int,
+    dry_run: bool,
+    after: tuple[datetime, str] | None,
+    now: datetime | None = None,
+) -> PruneBatch:
+    """``lifecycle.executions_prune``: remove one batch of at most ``limit`` finished executions
+    created before ``before`` (timezone-aware), after the cursor ``after``; ``now`` the database's
+    clock when None. Raises ``InvalidParameterValue`` when ``before`` is less than an hour before
+    now or ``limit`` is outside 1..10000."""
+    params = {
+        "before": before,
+        "limit": limit,
+        "dry_run": dry_run,
+        "after_created": after[0] if after else None,
+        "after_id": after[1] if after else None,
+        "now": now,
+    }
+    row = _row(conn, "executions_prune", params)
+    cursor = (row["last_created_at"], str(row["last_id"])) if row["last_id"] is not None else None
+    return PruneBatch(
+        executions=int(row["executions"]),
+        tasks=int(row["tasks"]),
+        stage_logs=int(row["stage_logs"]),
+        artifacts=int(row["artifacts"]),
+        breaker_outcomes=int(row["breaker_outcomes"]),
+        events=int(row["events"]),
+        deferred=int(row["deferred"]),
+        cursor=cursor,
+        execution_ids=tuple(row["execution_ids"] or ()),
+        run_ids=tuple(row["run_ids"] or ()),
+    )

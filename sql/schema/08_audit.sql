@@ -169,10 +169,8 @@ BEGIN
       upper(current_setting('transaction_isolation'))
       USING ERRCODE = 'invalid_transaction_state';
   END IF;
-  INSERT INTO lifecycle.audit_retention_marks (txid) VALUES (pg_current_xact_id()) ON CONFLICT DO NOTHING;
-
   -- executions: locked (the engine locks the execution row before writing its events), then
-  -- their stream; re-checked under the lock.
+  -- their stream (lifecycle.audit_prune_stream re-checks both under the locks)
   FOR v_exec IN
     SELECT e.id FROM public.workflow_executions e
      WHERE e.status IN ('completed', 'rolled_back', 'compensation_failed')
@@ -182,16 +180,8 @@ BEGIN
      LIMIT p_max_streams
      FOR UPDATE OF e SKIP LOCKED
   LOOP
-    PERFORM pg_advisory_xact_lock(lifecycle.audit_stream_key(v_exec.id));
-    CONTINUE WHEN EXISTS (SELECT 1 FROM public.workflow_events ev
-                           WHERE ev.execution_id = v_exec.id AND ev."timestamp" >= p_before);
-    SELECT ev.id, ev.hash INTO v_last
-      FROM public.workflow_events ev WHERE ev.execution_id = v_exec.id ORDER BY ev.id DESC LIMIT 1;
-    CONTINUE WHEN NOT FOUND;
-    DELETE FROM public.workflow_events ev WHERE ev.execution_id = v_exec.id;
-    GET DIAGNOSTICS v_n = ROW_COUNT;
-    INSERT INTO lifecycle.audit_checkpoints (execution_id, last_event_id, last_hash, events_pruned, cutoff)
-    VALUES (v_exec.id, v_last.id, v_last.hash, v_n, p_before);
+    v_n := lifecycle.audit_prune_stream(v_exec.id, p_before);
+    CONTINUE WHEN coalesce(v_n, 0) = 0;
     v_execs := v_execs + 1;
     v_events := v_events + v_n;
   END LOOP;
@@ -205,13 +195,13 @@ BEGIN
    WHERE ev.execution_id IS NULL AND (v_stop IS NULL OR ev.id < v_stop)
    ORDER BY ev.id DESC LIMIT 1;
   IF FOUND THEN
+    INSERT INTO lifecycle.audit_retention_marks (txid) VALUES (pg_current_xact_id()) ON CONFLICT DO NOTHING;
     DELETE FROM public.workflow_events ev WHERE ev.execution_id IS NULL AND ev.id <= v_last.id;
     GET DIAGNOSTICS v_global = ROW_COUNT;
     INSERT INTO lifecycle.audit_checkpoints (execution_id, last_event_id, last_hash, events_pruned, cutoff)
     VALUES (NULL, v_last.id, v_last.hash, v_global, p_before);
+    DELETE FROM lifecycle.audit_retention_marks m WHERE m.txid = pg_current_xact_id();
   END IF;
-
-  DELETE FROM lifecycle.audit_retention_marks m WHERE m.txid = pg_current_xact_id();
 
   IF v_execs > 0 OR v_global > 0 THEN
     INSERT INTO public.workflow_events (execution_id, event_type, metadata)
@@ -226,6 +216,56 @@ COMMENT ON FUNCTION lifecycle.audit_prune(p_before timestamp with time zone, p_m
 
 REVOKE ALL ON FUNCTION lifecycle.audit_prune(p_before timestamp with time zone, p_max_streams integer) FROM PUBLIC, anon, authenticated, service_role;
 GRANT ALL ON FUNCTION lifecycle.audit_prune(p_before timestamp with time zone, p_max_streams integer) TO service_role;
+
+
+-- lifecycle.audit_prune_stream
+-- One execution's whole stream, when the execution is finished and every event of it is older than
+-- p_before: deleted, with a checkpoint (its newest event's id and hash) from which the chain and
+-- `audit verify` continue. Returns the events deleted (0: the stream has none), or NULL when the
+-- stream must stay (the execution is unknown or unfinished, or an event is not older than p_before).
+-- Used by audit_prune and executions_prune (sql/schema/15_retention.sql).
+CREATE OR REPLACE FUNCTION lifecycle.audit_prune_stream(p_execution_id uuid, p_before timestamp with time zone) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_last record;
+  v_n    bigint;
+BEGIN
+  IF current_setting('transaction_isolation') <> 'read committed' THEN
+    RAISE EXCEPTION 'lifecycle.audit_prune_stream must run in a READ COMMITTED transaction, not %',
+      upper(current_setting('transaction_isolation'))
+      USING ERRCODE = 'invalid_transaction_state';
+  END IF;
+  -- LOCK: the execution row (the engine locks it before writing its events), then its stream
+  PERFORM 1 FROM public.workflow_executions e
+   WHERE e.id = p_execution_id AND e.status IN ('completed', 'rolled_back', 'compensation_failed')
+   FOR UPDATE;
+  IF NOT FOUND THEN
+    RETURN NULL;
+  END IF;
+  PERFORM pg_advisory_xact_lock(lifecycle.audit_stream_key(p_execution_id));
+  IF EXISTS (SELECT 1 FROM public.workflow_events ev
+              WHERE ev.execution_id = p_execution_id AND ev."timestamp" >= p_before) THEN
+    RETURN NULL;
+  END IF;
+  SELECT ev.id, ev.hash INTO v_last
+    FROM public.workflow_events ev WHERE ev.execution_id = p_execution_id ORDER BY ev.id DESC LIMIT 1;
+  IF NOT FOUND THEN
+    RETURN 0;
+  END IF;
+  INSERT INTO lifecycle.audit_retention_marks (txid) VALUES (pg_current_xact_id()) ON CONFLICT DO NOTHING;
+  DELETE FROM public.workflow_events ev WHERE ev.execution_id = p_execution_id;
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  DELETE FROM lifecycle.audit_retention_marks m WHERE m.txid = pg_current_xact_id();
+  INSERT INTO lifecycle.audit_checkpoints (execution_id, last_event_id, last_hash, events_pruned, cutoff)
+  VALUES (p_execution_id, v_last.id, v_last.hash, v_n, p_before);
+  RETURN v_n;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.audit_prune_stream(p_execution_id uuid, p_before timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.audit_prune_stream(p_execution_id uuid, p_before timestamp with time zone) TO service_role;
 
 
 -- lifecycle.stage_log_event

@@ -19,6 +19,7 @@ from psycopg.types.json import Jsonb
 from lifecycle_dagster.core.dag import DagValidationError
 from lifecycle_dagster.location.definitions import SNAPSHOT_KEY, definitions_from_snapshot, defs, fetch_snapshot
 from lifecycle_dagster.location.job_factory import build_job, build_jobs
+from lifecycle_dagster.location.retention import RETENTION_JOB
 from lifecycle_dagster.store.db import connect
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -96,7 +97,8 @@ def _loads(rows: list[dict[str, Any]], caplog: pytest.LogCaptureFixture) -> tupl
     """(the jobs the code location holds, the warnings it logged) for a snapshot of ``rows``."""
     with caplog.at_level("WARNING", logger="lifecycle_dagster.location.definitions"):
         repo = definitions_from_snapshot(json.dumps(rows)).get_repository_def()
-        names = sorted(j.name for j in repo.get_all_jobs())  # Dagster checks names when jobs resolve
+        # Dagster checks names when jobs resolve; the retention job is always there
+        names = sorted(j.name for j in repo.get_all_jobs() if j.name != RETENTION_JOB)
     return names, [r.getMessage() for r in caplog.records]
 
 
@@ -152,6 +154,7 @@ def test_two_versions_coexist_in_one_code_location() -> None:
     monitored = repo.get_sensor_def("lifecycle_run_failure_sensor")._monitored_jobs  # type: ignore[attr-defined]
     assert "lifecycle_v1" in {j.name for j in monitored}
     assert sorted(j.name for j in repo.get_all_jobs()) == [
+        RETENTION_JOB,  # the retention job (location/retention.py), whatever the snapshot
         "lifecycle_v1",
         "lifecycle_v1__v1",
         "lifecycle_v1__v1__compensate",
@@ -180,10 +183,12 @@ def test_code_location_loads_every_active_job_and_skips_invalid(seeded_db: str) 
         "diamond",  # the stable job of each active workflow
         "diamond__v1",
         "diamond__v1__compensate",
+        RETENTION_JOB,
         "lifecycle_v1",
         "lifecycle_v1__v1",
         "lifecycle_v1__v1__compensate",
     ]
+    names.remove(RETENTION_JOB)
     for name in names:  # each job resolves with its ops (project_fully_featured's test_defs)
         job = repo.get_job(name)
         assert len(job.graph.nodes) == (4 if name.startswith("diamond") else 5)
@@ -197,7 +202,7 @@ def test_code_location_loads_every_active_job_and_skips_invalid(seeded_db: str) 
 
 
 def test_reconstruction_uses_the_snapshot_not_the_table(seeded_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    v1 = ["lifecycle_v1", "lifecycle_v1__v1", "lifecycle_v1__v1__compensate"]
+    v1 = [RETENTION_JOB, "lifecycle_v1", "lifecycle_v1__v1", "lifecycle_v1__v1__compensate"]
     with scoped_definitions_load_context(DefinitionsLoadType.INITIALIZATION) as ctx:  # a code server loads
         assert [j.name for j in defs().get_repository_def().get_all_jobs()] == v1
         stored = dict(ctx.get_pending_reconstruction_metadata())  # what Dagster stores with each run
@@ -211,8 +216,9 @@ def test_reconstruction_uses_the_snapshot_not_the_table(seeded_db: str, monkeypa
     assert [j.name for j in repo.get_all_jobs()] == v1
     monkeypatch.setenv("DATABASE_URL", seeded_db)
     with scoped_definitions_load_context(DefinitionsLoadType.INITIALIZATION):  # a reload reads the table again
-        assert defs().get_repository_def().get_all_jobs() == []
-    assert defs().get_repository_def().get_all_jobs() == []  # and so does a load outside any Dagster process
+        assert [j.name for j in defs().get_repository_def().get_all_jobs()] == [RETENTION_JOB]
+    # and so does a load outside any Dagster process
+    assert [j.name for j in defs().get_repository_def().get_all_jobs()] == [RETENTION_JOB]
 
 
 def test_compensation_job_reverses_the_edges() -> None:

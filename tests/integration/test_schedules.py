@@ -66,7 +66,12 @@ def test_a_declared_schedule_is_a_dagster_schedule_of_the_active_version(db: str
         publish(conn, "plain", None, {"stages": [{"id": "work", "capability": "work"}]}, activate=True)
         publish(conn, "wf", None, _dag(cron="0 10 * * *"))  # v2, not active: no schedule of its own
     repo = _repo(db)
-    assert sorted(s.name for s in repo.schedule_defs) == ["off__schedule", "wf__schedule"]
+    # and retention's, on by default (location/retention.py)
+    assert sorted(s.name for s in repo.schedule_defs) == [
+        "lifecycle_retention_schedule",
+        "off__schedule",
+        "wf__schedule",
+    ]
     wf = repo.get_schedule_def("wf__schedule")
     assert (wf.cron_schedule, wf.execution_timezone, wf.job_name, wf.default_status) == (
         "0 9 * * 1-5",

@@ -29,6 +29,7 @@ from lifecycle_dagster.cli.main import main
 from lifecycle_dagster.core.dag import parse_dag, validate_dag
 from lifecycle_dagster.location.definitions import definitions_from_snapshot, fetch_snapshot
 from lifecycle_dagster.location.reload import WEBSERVER_URL_ENV, reload_code_location
+from lifecycle_dagster.location.retention import RETENTION_JOB
 from lifecycle_dagster.store.db import connect
 from lifecycle_dagster.store.sqlfiles import query
 from lifecycle_dagster.store.versions import (
@@ -84,7 +85,7 @@ def _definition_events(dsn: str) -> list[tuple[str, dict[str, Any]]]:
 def _loaded_jobs(dsn: str) -> list[str]:
     """The jobs the code location builds now (what a reload would load)."""
     repo = definitions_from_snapshot(fetch_snapshot(dsn)).get_repository_def()
-    return sorted(j.name for j in repo.get_all_jobs())
+    return sorted(j.name for j in repo.get_all_jobs() if j.name != RETENTION_JOB)
 
 
 # =============================================================================================
@@ -908,7 +909,7 @@ def _webserver_jobs(url: str) -> list[str]:
     assert entry["name"] == "lifecycle_dagster"
     loaded = entry["locationOrLoadError"]
     assert loaded["__typename"] == "RepositoryLocation", loaded
-    return sorted(j["name"] for r in loaded["repositories"] for j in r["jobs"])
+    return sorted(j["name"] for r in loaded["repositories"] for j in r["jobs"] if j["name"] != RETENTION_JOB)
 
 
 def _stop_group(proc: subprocess.Popen[bytes]) -> None:
