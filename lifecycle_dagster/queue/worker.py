@@ -8,7 +8,10 @@ with its token, so a result from a worker that lost its lease is refused. It wak
 listening connection dies it reconnects with capped exponential backoff and keeps polling
 meanwhile (``listen=False``: polling alone). When a claim fills every free slot (a backlog, whose
 inserts were notified long ago), it claims again as soon as one of its tasks finishes instead of
-waiting for a notification. Each loop also reaps expired leases (``lifecycle.task_reap``).
+waiting for a notification. An agent with a rate limit (docs/rate-limits.md) is claimed only as
+many tasks as it has tokens for; after a claim that came back short the worker sleeps until the
+next token is due (``lifecycle.rate_wait``, at most ``poll_s``), since a backlog notifies nothing
+new. Each loop also reaps expired leases (``lifecycle.task_reap``).
 Connections: a pool of at most ``concurrency`` (claims, heartbeats and results share it) plus the
 listening one. On stop
 (SIGTERM) it claims nothing more, lets running
