@@ -527,6 +527,26 @@ ORDER BY r.scope, r.name;
 -- name: breaker_reset
 SELECT lifecycle.breaker_reset(%(agent)s) AS previous_state;
 
+-- name: stage_rate_take
+-- A stage op's token for one call of its agent (lifecycle.stage_rate_take): granted, waiting
+-- (wait_s: seconds until a token; note: write the stage_rate_limited event) or refused.
+SELECT status, wait_s, scope FROM lifecycle.stage_rate_take(%(task_id)s, %(note)s);
+
+-- name: rate_wait
+-- Seconds until the agent's bucket and its capabilities' each hold a token (0: now or no limit):
+-- how long `agent serve` waits after a claim that came back short.
+SELECT lifecycle.rate_wait(%(agent)s) AS wait_s;
+
+-- name: capability_limit_set
+SELECT lifecycle.capability_limit_set(%(capability)s, %(per_s)s, %(burst)s) AS status;
+
+-- name: ops_limits
+-- `lifecycle-dagster limits`: every rate limit (agents' config.rate_limit, lifecycle.capability_limits),
+-- its tokens now and the calls started in the last 60 s (lifecycle.rate_limit_status).
+SELECT scope, name, per_s, burst, tokens, taken, last_taken_at, calls_60s
+FROM lifecycle.rate_limit_status
+ORDER BY scope, name;
+
 -- name: schema_fingerprints_present
 SELECT to_regclass('lifecycle.schema_fingerprints') IS NOT NULL AS present;
 

@@ -1,4 +1,4 @@
-"""``lifecycle-dagster list | status | breakers | doctor``: what an operator looks at.
+"""``lifecycle-dagster list | status | breakers | limits | doctor``: what an operator looks at.
 
 Registered on :data:`lifecycle_dagster.cli.main.main` (cli.py imports this module last). Each command
 prints a readable table, or with ``--json`` ONE JSON document on stdout (an object; times are ISO
@@ -244,6 +244,63 @@ def breakers_cmd(reset_agent: str | None, as_json: bool) -> None:
                 None if r["rate"] is None else round(float(r["rate"]), 4),
                 r["p95_ms"],
                 r["serves"],
+            )
+            for r in rows
+        ],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# limits
+
+
+@main.command("limits")
+@click.option("--capability", metavar="NAME", help="Set (--per-s) or --clear this capability's rate limit first.")
+@click.option("--per-s", "per_s", type=float, help="With --capability: calls a second, in (0, 1000000].")
+@click.option("--burst", type=float, help="With --per-s: calls at once, in [1, 1e9] (default max(1, per-s)).")
+@click.option("--clear", is_flag=True, help="With --capability: remove its rate limit.")
+@click.option("--json", "as_json", is_flag=True, help='One JSON document: {"changed": ..., "limits": [...]}.')
+def limits_cmd(capability: str | None, per_s: float | None, burst: float | None, clear: bool, as_json: bool) -> None:
+    """Rate limits (docs/rate-limits.md): each agent's config.rate_limit and each capability's
+    limit, its calls a second (PER_S), bucket size (BURST), the tokens it holds now, the calls
+    started in the last 60 s and the tokens ever taken. With ``--capability NAME --per-s R
+    [--burst B]`` the capability's limit is set first (``--clear``: removed; lifecycle.capability_limit_set);
+    a bad value exits 1 with the database's message. Agents' limits are set in their config."""
+    import psycopg
+
+    if capability is None and (per_s is not None or burst is not None or clear):
+        raise click.UsageError("--per-s, --burst and --clear need --capability")
+    if capability is not None and (per_s is None) == (not clear):
+        raise click.UsageError("--capability needs --per-s R (set) or --clear (remove), not both")
+    changed: dict[str, Any] | None = None
+    with connect(_dsn()) as conn:
+        if capability is not None:
+            try:
+                status = transitions.capability_limit_set(conn, capability=capability, per_s=per_s, burst=burst)
+            except psycopg.errors.CheckViolation as exc:
+                raise click.ClickException(str(exc.diag.message_primary or exc)) from exc
+            changed = {"capability": capability, "status": status.value, "per_s": per_s, "burst": burst}
+        rows = [dict(r) for r in conn.execute(query("ops_limits")).fetchall()]
+    if as_json:
+        _emit_json({"changed": changed, "limits": rows})
+        return
+    if changed is not None:
+        click.echo(f"capability '{capability}': limit {changed['status']}")
+    if not rows:
+        click.echo("no rate limits (set config.rate_limit on an agent, or: limits --capability NAME --per-s R)")
+        return
+    _table(
+        ("SCOPE", "NAME", "PER_S", "BURST", "TOKENS", "CALLS 60S", "TAKEN", "LAST TAKEN"),
+        [
+            (
+                r["scope"],
+                r["name"],
+                float(r["per_s"]),
+                float(r["burst"]),
+                round(float(r["tokens"]), 3),
+                r["calls_60s"],
+                r["taken"],
+                r["last_taken_at"],
             )
             for r in rows
         ],

@@ -19,12 +19,20 @@ Circuit breakers (``sql/schema/07_breakers.sql``): routing skips agents whose br
 when no agent may be called the attempt fails at once with the non-retryable ``breaker_open``
 (no task, no call). The database records each call's outcome against the agent's and the
 capability's breakers inside the transition that ends the attempt.
+
+Rate limits (``sql/schema/16_rate_limits.sql``, docs/rate-limits.md): before each call of a python
+or http agent the op takes a token of the agent's and the capability's limits
+(``lifecycle.stage_rate_take``); with none left it sleeps until one is due (at most
+:data:`RATE_SLEEP_MAX_S` at a time, the execution re-checked on each try) and tries again. Waiting is
+neither an attempt nor a failure, and uses none of the stage's timeout; each wait writes one
+``stage_rate_limited`` event.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -48,6 +56,7 @@ from lifecycle_dagster.store.fetch import fetch_one
 from lifecycle_dagster.store.sqlfiles import query
 from lifecycle_dagster.store.transitions import (
     AgentKind,
+    RateTakeStatus,
     StageCompleteStatus,
     StageReadiness,
     StageRetryStatus,
@@ -58,11 +67,17 @@ from lifecycle_dagster.store.transitions import (
     stage_complete,
     stage_edges_fired,
     stage_fail,
+    stage_rate_take,
     stage_readiness,
     stage_schedule_retry,
     stage_start,
     task_abandon,
 )
+
+log = logging.getLogger(__name__)
+
+#: the longest sleep (s) of a stage op waiting for a rate-limit token: it asks again after it
+RATE_SLEEP_MAX_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -506,6 +521,7 @@ def _call(conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRe
         )
     except AgentError as exc:
         return AttemptError(exc.code, safe_text(exc), False, type(exc).__name__, cause=exc)
+    _take_token(conn, spec, attempt)
     t0 = time.perf_counter()
     stopped = functools.partial(_execution_stopped, conn, attempt.execution_id)
     try:
@@ -531,6 +547,43 @@ def _call(conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRe
     if problem is not None:
         return AttemptError("bad_output", f"{name}: {problem}", True, "BadOutput")
     return _Output(raw, duration_ms)
+
+
+def _take_token(
+    conn: Connection, spec: StageSpec, attempt: Attempt, sleep: Callable[[float], None] = time.sleep
+) -> None:
+    """Wait until the agent's and the capability's rate limits give this call a token
+    (``lifecycle.stage_rate_take``; immediate when neither is limited). While none is left, sleep
+    until the next is due (plus up to 10% jitter, so that ops waiting together do not all wake at
+    once; at most :data:`RATE_SLEEP_MAX_S`) and ask again; the first refusal writes
+    ``stage_rate_limited``. Not an attempt, not a failure.
+
+    Raises:
+        StageStopped: the execution stopped or the task is no longer the op's meanwhile.
+    """
+    if attempt.task_id is None:
+        return
+    waited_since: float | None = None
+    while True:
+        took = stage_rate_take(conn, task_id=attempt.task_id, note=waited_since is None)
+        if took.status is RateTakeStatus.GRANTED:
+            if waited_since is not None:
+                waited = time.monotonic() - waited_since
+                log.info("stage '%s': rate limit: a token after %.3f s", attempt.stage_id, waited)
+            return
+        if took.status.refused:
+            raise StageStopped(f"rate-limited call not made: {took.status}", code="refused", **attempt.ids())
+        if waited_since is None:
+            waited_since = time.monotonic()
+            log.info(
+                "stage '%s': rate limit of %s '%s' reached; waiting %.3f s for a token",
+                attempt.stage_id,
+                took.scope,
+                attempt.agent_name if took.scope == "agent" else spec.capability,
+                took.wait_s or 0.0,
+            )
+        due = max(0.001, took.wait_s or 0.0)
+        sleep(min(RATE_SLEEP_MAX_S, due * (1.0 + 0.1 * random.random())))
 
 
 def _await_queue_task(

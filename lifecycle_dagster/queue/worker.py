@@ -8,7 +8,10 @@ with its token, so a result from a worker that lost its lease is refused. It wak
 listening connection dies it reconnects with capped exponential backoff and keeps polling
 meanwhile (``listen=False``: polling alone). When a claim fills every free slot (a backlog, whose
 inserts were notified long ago), it claims again as soon as one of its tasks finishes instead of
-waiting for a notification. Each loop also reaps expired leases (``lifecycle.task_reap``).
+waiting for a notification. An agent with a rate limit (docs/rate-limits.md) is claimed only as
+many tasks as it has tokens for; after a claim that came back short the worker sleeps until the
+next token is due (``lifecycle.rate_wait``, at most ``poll_s``), since a backlog notifies nothing
+new. Each loop also reaps expired leases (``lifecycle.task_reap``).
 Connections: a pool of at most ``concurrency`` (claims, heartbeats and results share it) plus the
 listening one. On stop
 (SIGTERM) it claims nothing more, lets running
@@ -48,6 +51,7 @@ from lifecycle_dagster.agents.errors import AgentCrashed, AttemptStopped, classi
 from lifecycle_dagster.agents.invoke import call_agent, preload
 from lifecycle_dagster.core.payload import check_output, safe_text
 from lifecycle_dagster.queue.metrics import WorkerMetrics
+from lifecycle_dagster.store.sqlfiles import query
 from lifecycle_dagster.store.transitions import (
     ClaimedTask,
     TaskCompleteStatus,
@@ -205,12 +209,16 @@ class Worker:
                     with pool.connection() as conn:
                         task_reap(conn)
                         free, claimed = self._claim(conn)
+                        rate_wait_s = self._rate_wait_s(conn) if claimed < free else 0.0
                 except psycopg.Error as exc:
                     log.warning("claim failed: %s", exc)
                     stop.wait(min(self.poll_s, 1.0))
                     continue
                 if claimed >= free:  # every slot busy, and maybe more waiting: claim when one frees
                     self._slot_freed.wait(self.poll_s)
+                    continue
+                if rate_wait_s > 0:  # out of tokens (maybe with a backlog): claim again when one is due
+                    stop.wait(min(rate_wait_s, self.poll_s))
                     continue
                 listener.wait(stop, self.poll_s)
         finally:
@@ -234,6 +242,14 @@ class Worker:
             self.metrics.task_claimed(task.capability)
             t.start()
         return free, len(tasks)
+
+    def _rate_wait_s(self, conn: psycopg.Connection[Any]) -> float:
+        """Seconds until the agent's rate limits (its own, its capabilities') each hold a token
+        (``lifecycle.rate_wait``; 0: now, or no limit): after a claim that came back short, a
+        worker with tokens to wait for sleeps that long instead of waiting for a notification (a
+        backlog notifies nothing new)."""
+        row = conn.execute(query("rate_wait"), {"agent": self.agent_name}).fetchone()
+        return 0.0 if row is None or row["wait_s"] is None else float(row["wait_s"])
 
     # -- one task ----------------------------------------------------------------------------
     def _handle(self, task: ClaimedTask, pool: ConnectionPool[Any]) -> None:

@@ -239,6 +239,25 @@ class DecideStatus(StatusCode):
     REFUSED_NOT_APPROVER = "refused_not_approver"
 
 
+class RateTakeStatus(StatusCode):
+    """``lifecycle.stage_rate_take``: the call may start (``granted``), must wait for a token
+    (``waiting``), or may not happen (the execution stopped, the task is no longer the op's)."""
+
+    GRANTED = "granted"
+    WAITING = "waiting"
+    REFUSED_EXECUTION_STOPPED = "refused_execution_stopped"
+    REFUSED_TASK_FINISHED = "refused_task_finished"
+
+
+class CapabilityLimitStatus(StatusCode):
+    """``lifecycle.capability_limit_set``: the limit was ``set``, ``cleared``, or there was none
+    to clear (``unchanged``)."""
+
+    SET = "set"
+    CLEARED = "cleared"
+    UNCHANGED = "unchanged"
+
+
 #: the enum of each SQL function that returns a status code (tests/sql/test_transitions.py pins these to sql/schema)
 STATUS_ENUMS: dict[str, type[StrEnum]] = {
     "lifecycle.stage_complete": StageCompleteStatus,
@@ -254,6 +273,8 @@ STATUS_ENUMS: dict[str, type[StrEnum]] = {
     "lifecycle.execution_schedule": ScheduleTickStatus,
     "lifecycle.stage_readiness": StageReadiness,
     "lifecycle.approval_decide": DecideStatus,
+    "lifecycle.stage_rate_take": RateTakeStatus,
+    "lifecycle.capability_limit_set": CapabilityLimitStatus,
 }
 
 
@@ -815,6 +836,48 @@ def breaker_reset(conn: Connection, *, agent: str) -> BreakerState:
     return parse_status(
         BreakerState, "lifecycle.breaker_reset", _row(conn, "breaker_reset", {"agent": agent})["previous_state"]
     )
+
+
+# -- rate limits (sql/schema/16_rate_limits.sql) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RateTake:
+    """What ``lifecycle.stage_rate_take`` gave: ``status``; ``wait_s``: seconds until the refusing
+    bucket holds a token (``waiting``; 0 or more, None when refused); ``scope``: the bucket that
+    refused (``agent`` or ``capability``; None unless waiting)."""
+
+    status: RateTakeStatus
+    wait_s: float | None
+    scope: str | None
+
+
+def stage_rate_take(conn: Connection, *, task_id: str, note: bool) -> RateTake:
+    """``lifecycle.stage_rate_take``: a token of the agent's and the capability's rate limits for
+    one call of an op's task; ``note``: when none is left, write ``stage_rate_limited`` (the first
+    refusal of a wait). An unlimited agent and capability: ``granted`` with nothing written.
+
+    Raises:
+        psycopg.errors.NoDataFound: an unknown task.
+    """
+    row = _row(conn, "stage_rate_take", {"task_id": task_id, "note": note})
+    status = parse_status(RateTakeStatus, "lifecycle.stage_rate_take", row["status"])
+    wait = None if row["wait_s"] is None else float(row["wait_s"])
+    return RateTake(status, wait, _text(row["scope"]))
+
+
+def capability_limit_set(
+    conn: Connection, *, capability: str, per_s: float | None, burst: float | None
+) -> CapabilityLimitStatus:
+    """``lifecycle.capability_limit_set``: limit ``capability`` to ``per_s`` calls a second with
+    bursts of ``burst`` (None: max(1, per_s)); ``per_s`` None removes its limit.
+
+    Raises:
+        psycopg.errors.CheckViolation: a limit out of range (the message names the capability and
+            the field).
+    """
+    row = _row(conn, "capability_limit_set", {"capability": capability, "per_s": per_s, "burst": burst})
+    return parse_status(CapabilityLimitStatus, "lifecycle.capability_limit_set", row["status"])
 
 
 # -- alerts (sql/schema/13_alerts.sql) ---------------------------------------------------------------------

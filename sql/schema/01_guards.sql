@@ -42,6 +42,12 @@ BEGIN
       USING ERRCODE = 'check_violation',
             HINT = 'see lifecycle.breaker_defaults() for the keys and their defaults';
   END IF;
+  v_problem := lifecycle.rate_limit_problem(NEW.config -> 'rate_limit');
+  IF v_problem IS NOT NULL THEN
+    RAISE EXCEPTION 'agent %: config.rate_limit %', NEW.name, v_problem
+      USING ERRCODE = 'check_violation',
+            HINT = 'config.rate_limit is {"per_s": calls a second, "burst": calls at once (default max(1, per_s))}: docs/rate-limits.md';
+  END IF;
   RETURN NEW;
 END
 $$;

@@ -15,7 +15,9 @@
 --   3. the stage log (workflow_execution_logs) of that execution;
 --   4. the task (task_queue) of that stage;
 --   then, as they are written, the breaker rows (the agent's, then the capability's) and the audit
---   streams (pg_advisory_xact_lock: the execution's, then the global one).
+--   streams (pg_advisory_xact_lock: the execution's, then the global one); or (task_claim and
+--   lifecycle.stage_rate_take, which write no breaker row) the rate buckets, the agent's then the
+--   capability's (16_rate_limits.sql), after the task they are taken for.
 -- The logs and tasks of an execution are locked only by the transaction that holds its row, so
 -- they never take part in a wait cycle. A task without an execution has no rows 1 and 3: it is
 -- locked alone (SKIP LOCKED where a claim or the reaper may meet another). task_heartbeat locks
@@ -69,6 +71,9 @@ DECLARE
   v_execs uuid[];
   v_cand  record;
   v_task  record;
+  v_rated boolean;
+  v_dry   text[] := '{}';
+  v_take  record;
 BEGIN
   -- GUARD: arguments (NaN is greater than every number in Postgres: the upper bound refuses it)
   IF p_limit IS NULL OR p_limit < 1 OR p_lease_s IS NULL OR NOT (p_lease_s > 0 AND p_lease_s <= 31536000) THEN
@@ -87,6 +92,10 @@ BEGIN
   END IF;
   v_caps := lifecycle.agent_capabilities(v_agent.id);
   v_limit := nullif(v_agent.config ->> 'concurrency', '')::integer;
+  -- rate limits (the agent's config.rate_limit, its capabilities' lifecycle.capability_limits): a
+  -- task is claimed only with a token of each (lifecycle.rate_take_call)
+  v_rated := EXISTS (SELECT 1 FROM lifecycle.agent_rate_limit(v_agent.config))
+             OR EXISTS (SELECT 1 FROM lifecycle.capability_limits c WHERE c.capability = ANY (v_caps));
   v_want := p_limit;
   IF v_limit IS NOT NULL THEN
     SELECT count(*) INTO v_busy FROM public.task_queue t WHERE t.agent_id = v_agent.id AND t.status = 'in_progress';
@@ -134,7 +143,7 @@ BEGIN
   -- TRANSITION: pending -> in_progress, in claim order, for the tasks of the executions locked
   -- above and tasks without an execution
   FOR v_cand IN
-    SELECT q.id, q.workflow_execution_id, q.stage_log_id FROM public.task_queue q
+    SELECT q.id, q.workflow_execution_id, q.stage_log_id, q.capability FROM public.task_queue q
      WHERE q.status = 'pending' AND q.capability = ANY (v_caps)
        AND (q.agent_id IS NULL OR q.agent_id = v_agent.id)
        AND (q.not_before IS NULL OR q.not_before <= p_now)
@@ -148,6 +157,20 @@ BEGIN
     IF v_cand.workflow_execution_id IS NOT NULL THEN
       PERFORM 1 FROM public.workflow_execution_logs l
        WHERE l.id = v_cand.stage_log_id AND l.execution_id = v_cand.workflow_execution_id FOR UPDATE;
+    END IF;
+    IF v_rated THEN
+      CONTINUE WHEN v_cand.capability = ANY (v_dry);
+      PERFORM 1 FROM public.task_queue q WHERE q.id = v_cand.id AND q.status = 'pending'
+         AND q.lease_token < 9223372036854775807 FOR UPDATE SKIP LOCKED;
+      CONTINUE WHEN NOT FOUND;
+      -- LOCK: the rate buckets, after the task: a token of the agent's and of the capability's.
+      -- None of the agent's: nothing more is claimed; none of the capability's: its other tasks wait
+      SELECT * INTO v_take FROM lifecycle.rate_take_call(v_agent.id, v_cand.capability, p_now) r;
+      IF NOT v_take.granted THEN
+        EXIT WHEN v_take.scope = 'agent';
+        v_dry := v_dry || v_cand.capability;
+        CONTINUE;
+      END IF;
     END IF;
     UPDATE public.task_queue t
        SET status = 'in_progress', agent_id = v_agent.id, lease_token = t.lease_token + 1,

@@ -86,6 +86,14 @@ ALTER TABLE lifecycle.breaker_outcomes NO FORCE ROW LEVEL SECURITY;
 ALTER TABLE lifecycle.breakers ENABLE ROW LEVEL SECURITY;
 ALTER TABLE lifecycle.breakers NO FORCE ROW LEVEL SECURITY;
 
+-- rls lifecycle_capability_limits
+ALTER TABLE lifecycle.capability_limits ENABLE ROW LEVEL SECURITY;
+ALTER TABLE lifecycle.capability_limits NO FORCE ROW LEVEL SECURITY;
+
+-- rls lifecycle_rate_buckets
+ALTER TABLE lifecycle.rate_buckets ENABLE ROW LEVEL SECURITY;
+ALTER TABLE lifecycle.rate_buckets NO FORCE ROW LEVEL SECURITY;
+
 -- rls lifecycle.schema_files
 ALTER TABLE lifecycle.schema_files ENABLE ROW LEVEL SECURITY;
 ALTER TABLE lifecycle.schema_files NO FORCE ROW LEVEL SECURITY;
@@ -141,6 +149,14 @@ CREATE POLICY service_role_all ON lifecycle.breaker_outcomes TO service_role USI
 -- policy lifecycle_breakers service_role_all
 DROP POLICY IF EXISTS service_role_all ON lifecycle.breakers;
 CREATE POLICY service_role_all ON lifecycle.breakers TO service_role USING (true) WITH CHECK (true);
+
+-- policy lifecycle_capability_limits service_role_all
+DROP POLICY IF EXISTS service_role_all ON lifecycle.capability_limits;
+CREATE POLICY service_role_all ON lifecycle.capability_limits TO service_role USING (true) WITH CHECK (true);
+
+-- policy lifecycle_rate_buckets service_role_all
+DROP POLICY IF EXISTS service_role_all ON lifecycle.rate_buckets;
+CREATE POLICY service_role_all ON lifecycle.rate_buckets TO service_role USING (true) WITH CHECK (true);
 
 -- policy lifecycle.schema_files service_role_all
 DROP POLICY IF EXISTS service_role_all ON lifecycle.schema_files;
@@ -286,6 +302,14 @@ GRANT ALL ON SEQUENCE lifecycle.breaker_outcomes_id_seq TO service_role;
 -- privileges lifecycle_breakers
 REVOKE ALL ON TABLE lifecycle.breakers FROM PUBLIC, anon, authenticated, service_role;
 GRANT ALL ON TABLE lifecycle.breakers TO service_role;
+
+-- privileges lifecycle_capability_limits
+REVOKE ALL ON TABLE lifecycle.capability_limits FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON TABLE lifecycle.capability_limits TO service_role;
+
+-- privileges lifecycle_rate_buckets
+REVOKE ALL ON TABLE lifecycle.rate_buckets FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON TABLE lifecycle.rate_buckets TO service_role;
 
 -- privileges lifecycle_breaker_status
 REVOKE ALL ON TABLE lifecycle.breaker_status FROM PUBLIC, anon, authenticated, service_role;

@@ -34,6 +34,8 @@ OUR_TABLES = [
     "lifecycle.audit_retention_marks",
     "lifecycle.breaker_outcomes",
     "lifecycle.breakers",
+    "lifecycle.capability_limits",
+    "lifecycle.rate_buckets",
     "lifecycle.schema_files",
     "lifecycle.schema_fingerprints",
     "lifecycle.schema_migrations",
@@ -44,7 +46,7 @@ OUR_TABLES = [
     "workflow_execution_logs",
     "workflow_executions",
 ]
-VIEWS = ["lifecycle.breaker_status", "workflow_audit_feed", "audit_feed"]
+VIEWS = ["lifecycle.breaker_status", "lifecycle.rate_limit_status", "workflow_audit_feed", "audit_feed"]
 
 
 def _rel(name: str) -> sql.Composable:
@@ -341,6 +343,7 @@ def test_every_table_has_rls_and_every_state_change_is_security_definer(db: str)
         ).fetchall()
         assert [dict(v) for v in views] == [
             {"relname": "lifecycle.breaker_status", "reloptions": ["security_invoker=true"]},
+            {"relname": "lifecycle.rate_limit_status", "reloptions": ["security_invoker=true"]},
             {"relname": "public.audit_feed", "reloptions": ["security_invoker=true"]},
             # the client's own artifacts: filtered by auth.uid() in the view (clients cannot reach lifecycle)
             {
