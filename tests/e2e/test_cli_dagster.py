@@ -132,5 +132,10 @@ def test_dg_sees_the_project(seeded_db: str, dagster_home: Path) -> None:
     )
     assert listed.returncode == 0, listed.stderr[-3000:]
     defs = json.loads(listed.stdout)
-    assert {j["name"] for j in defs["jobs"]} == {"lifecycle_v1", "lifecycle_v1__v1", "lifecycle_v1__v1__compensate"}
+    assert {j["name"] for j in defs["jobs"]} == {
+        "lifecycle_v1",
+        "lifecycle_v1__v1",
+        "lifecycle_v1__v1__compensate",
+        "lifecycle__retention",  # the daily prune (LIFECYCLE_DAGSTER_RETENTION)
+    }
     assert len(defs["sensors"]) == 4
