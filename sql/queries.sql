@@ -369,7 +369,9 @@ SELECT lifecycle.execution_set_pending_reason(%(execution_id)s, %(reason)s) AS c
 -- name: execution_progress
 SELECT e.status, e.current_stage, e.pending_reason, e.error_message, e.dagster_run_id,
        jsonb_array_length(d.dag_schema -> 'stages') AS stages,
-       (SELECT count(*) FROM workflow_execution_logs l WHERE l.execution_id = e.id AND l.status = 'completed') AS done
+       (SELECT count(*) FROM workflow_execution_logs l WHERE l.execution_id = e.id AND l.status = 'completed') AS done,
+       (SELECT count(*) FROM workflow_execution_logs l WHERE l.execution_id = e.id AND l.status = 'skipped') AS skipped,
+       to_jsonb(e) ->> 'outcome' AS outcome
 FROM workflow_executions e JOIN workflow_definitions d ON d.id = e.workflow_definition_id
 WHERE e.id = %(execution_id)s;
 

@@ -242,11 +242,13 @@ def _summary(dsn: str, execution_id: str, elapsed_s: float) -> None:
     click.echo(summary_line(p, elapsed_s))
     status = str(p["status"])
     daemon = status == "failed" and due and _daemon_running()  # asked only when it matters
-    for line in _next_steps(execution_id, status, compensation_due=due, daemon=daemon):
+    for line in _next_steps(execution_id, status, compensation_due=due, daemon=daemon, stage=p["current_stage"]):
         click.echo(line)
 
 
-def _next_steps(execution_id: str, status: str, *, compensation_due: bool, daemon: bool) -> list[str]:
+def _next_steps(
+    execution_id: str, status: str, *, compensation_due: bool, daemon: bool, stage: str | None = None
+) -> list[str]:
     """The lines saying what happens next to an execution that ended ``status`` in this command:
     the reconciler of a running daemon compensates it, or the commands that do
     (``compensate ID``, ``retry ID`` while its compensation has not started)."""
@@ -258,9 +260,8 @@ def _next_steps(execution_id: str, status: str, *, compensation_due: bool, daemo
         ]
     if status == "waiting":
         return [
-            "next: it waits for a decision: lifecycle-dagster decide "
-            f"{execution_id} STAGE approve|reject (lifecycle-dagster status {execution_id} names the stage); "
-            f"then a running daemon continues it, or: lifecycle-dagster resume {execution_id}"
+            f"next: it waits for a decision: lifecycle-dagster decide {execution_id} {stage or 'STAGE'} "
+            f"approve|reject; then a running daemon continues it, or: lifecycle-dagster resume {execution_id}"
         ]
     if status != "failed":
         return []

@@ -121,12 +121,14 @@ def stage_cells(stage: Mapping[str, Any], now: datetime) -> list[str]:
     duration = ""
     if started is not None:
         duration = f"{max(((completed or now) - started).total_seconds(), 0.0):.2f} s"
+    status = str(stage["status"] or "not_started")
+    ran = status not in ("skipped", "waiting")  # a skipped or approval stage made no attempt
     return [
         str(stage["stage"]),
-        str(stage["status"] or "not_started"),
-        str(stage["attempts"] or ""),
+        status,
+        str(stage["attempts"] or "") if ran else "",
         str(stage["agent"] or ""),
-        duration,
+        duration if ran else "",
     ]
 
 
@@ -165,10 +167,11 @@ class _Lines:
             if status == "not_started" or self._seen.get(name) == (status, attempt):
                 continue
             self._seen[name] = (status, attempt)
-            detail = ", ".join(x for x in (f"attempt {attempt}", f"agent {agent}" if agent else "") if x)
-            if stage["completed_at"] is not None:
-                detail += f", {duration}"
-            click.echo(f"stage {name}: {status} ({detail})", err=True)
+            parts = [f"attempt {attempt}" if attempt else "", f"agent {agent}" if agent else ""]
+            if stage["completed_at"] is not None and duration:
+                parts.append(duration)
+            detail = ", ".join(x for x in parts if x)
+            click.echo(f"stage {name}: {status}" + (f" ({detail})" if detail else ""), err=True)
 
     def note(self, text: str) -> None:
         click.echo(text, err=True)
@@ -220,8 +223,12 @@ def progress_view() -> ProgressView:
 
 
 def summary_line(p: Mapping[str, Any], elapsed_s: float) -> str:
-    """``summary: completed, 5/5 stages done, 3.2 s`` from a row of ``execution_progress``."""
-    return f"summary: {p['status']}, {p['done']}/{p['stages']} stages done, {elapsed_s:.1f} s"
+    """``summary: completed, 5/5 stages done, 3.2 s`` from a row of ``execution_progress``; an
+    early end says its outcome and the stages it skipped (``summary: completed (not_qualified),
+    2/6 stages done, 4 skipped, 0.9 s``)."""
+    status = p["status"] if p.get("outcome") in (None, "completed") else f"{p['status']} ({p['outcome']})"
+    skipped = f", {p['skipped']} skipped" if p.get("skipped") else ""
+    return f"summary: {status}, {p['done']}/{p['stages']} stages done{skipped}, {elapsed_s:.1f} s"
 
 
 class BackgroundProgress:

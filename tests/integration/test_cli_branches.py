@@ -48,8 +48,7 @@ def test_run_stops_at_the_approval_then_decide_and_resume_finish_it(cli: Any, se
     eid = _execution_id(ran.output)
     assert "status: waiting" in ran.output
     assert ran.output.splitlines()[-1] == (
-        f"next: it waits for a decision: lifecycle-dagster decide {eid} STAGE approve|reject "
-        f"(lifecycle-dagster status {eid} names the stage); "
+        f"next: it waits for a decision: lifecycle-dagster decide {eid} sign_off approve|reject; "
         f"then a running daemon continues it, or: lifecycle-dagster resume {eid}"
     )
 
@@ -135,6 +134,8 @@ def test_initech_completes_not_qualified(cli: Any, seeded_db: str) -> None:
     assert ran.exit_code == 0, ran.output
     eid = _execution_id(ran.output)
     assert "status: completed" in ran.output
+    summary = r"^summary: completed \(not_qualified\), 2/5 stages done, 3 skipped, "
+    assert re.search(summary, ran.output, re.MULTILINE), ran.output
 
     status = cli("status", eid)
     assert status.exit_code == 0, status.output
