@@ -165,6 +165,12 @@ def db_stop() -> None:
 def db_url() -> None:
     """Print the database URL in use (starting the embedded server for this command only)."""
     click.echo(_dsn())
+    if not os.environ.get("DATABASE_URL"):
+        click.echo(
+            "note: the embedded server stops when this command exits unless `lifecycle-dagster db start` "
+            "keeps it up",
+            err=True,
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -191,7 +191,7 @@ def _waits(stage: dict[str, Any]) -> str | None:
     if stage["status"] != "waiting":
         return None
     until = stage["wait_until"]
-    return "waits for a decision" + (f" until {until.isoformat()}" if until else " (no deadline)")
+    return "waits for a decision" + (f" until {_cell(until)}" if until else " (no deadline)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,6 +280,9 @@ def limits_cmd(capability: str | None, per_s: float | None, burst: float | None,
             except psycopg.errors.CheckViolation as exc:
                 raise click.ClickException(str(exc.diag.message_primary or exc)) from exc
             changed = {"capability": capability, "status": status.value, "per_s": per_s, "burst": burst}
+            served = conn.execute(query("capability_breakers"), {"capability": capability}).fetchall()
+            if not any(r["scope"] == "agent" for r in served):  # a typo, or an agent still to come
+                click.echo(f"note: no agent serves capability '{capability}' (yet)", err=True)
         rows = [dict(r) for r in conn.execute(query("ops_limits")).fetchall()]
     if as_json:
         _emit_json({"changed": changed, "limits": rows})
