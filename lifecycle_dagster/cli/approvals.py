@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import getpass
 import sys
+import time
 import uuid
 
 import click
@@ -13,6 +14,8 @@ import psycopg
 
 from lifecycle_dagster.cli.common import EXIT_WAITING, execute_here, main, print_execution
 from lifecycle_dagster.cli.common import dsn as _dsn
+from lifecycle_dagster.cli.next_steps import print_summary
+from lifecycle_dagster.cli.output import BackgroundProgress
 from lifecycle_dagster.store import transitions
 from lifecycle_dagster.store.db import connect
 from lifecycle_dagster.store.fetch import fetch_one
@@ -92,9 +95,12 @@ def resume_cmd(execution_id: str) -> None:
     stages = ", ".join(r["stage_id"] for r in pending)
     click.echo(f"continuing execution {eid} ({row['name']} v{row['version']}): {stages}")
     tags = {EXECUTION_ID_TAG: eid, RESUME_TAG: pending[0]["stage_id"], CONTINUES_TAG: previous}
-    result = execute_here(dsn, build_job(row), tags)
+    started = time.monotonic()
+    with BackgroundProgress(dsn, eid):  # the stages' progress on stderr, as `run` shows it
+        result = execute_here(dsn, build_job(row), tags)
     status = print_execution(dsn, eid)
     click.echo(f"dagster run {result.run_id}: {'success' if result.success else 'failure'}")
+    print_summary(dsn, eid, time.monotonic() - started)
     sys.exit(0 if status == "completed" else EXIT_WAITING if status == "waiting" else 1)
 
 

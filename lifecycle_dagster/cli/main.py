@@ -22,12 +22,12 @@ import click
 
 from lifecycle_dagster.cli.common import EXIT_WAITING, dagster_home, execute_here, main, print_execution
 from lifecycle_dagster.cli.common import dsn as _dsn
+from lifecycle_dagster.cli.next_steps import print_summary
 from lifecycle_dagster.cli.output import (
     BackgroundProgress,
     is_idle_tick_line,
     progress_view,
     read_progress,
-    summary_line,
 )
 from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.store import migrate, transitions
@@ -167,8 +167,7 @@ def db_url() -> None:
     click.echo(_dsn())
     if not os.environ.get("DATABASE_URL"):
         click.echo(
-            "note: the embedded server stops when this command exits unless `lifecycle-dagster db start` "
-            "keeps it up",
+            "note: the embedded server stops when this command exits unless `lifecycle-dagster db start` keeps it up",
             err=True,
         )
 
@@ -235,70 +234,8 @@ def run_cmd(workflow: str, context_file: Path) -> None:
         for event in result.all_events:
             if event.event_type_value == "STEP_FAILURE" and event.step_failure_data.error:
                 click.echo(f"  {event.step_key}: {event.step_failure_data.error.message.strip()[:500]}", err=True)
-    _summary(dsn, execution_id, time.monotonic() - started)
+    print_summary(dsn, execution_id, time.monotonic() - started)
     sys.exit(0 if status == "completed" else EXIT_WAITING if status == "waiting" else 1)
-
-
-def _summary(dsn: str, execution_id: str, elapsed_s: float) -> None:
-    """Print the summary line (status, stages done, seconds) and, unless the execution completed,
-    what happens next (:func:`_next_steps`)."""
-    with connect(dsn) as conn:
-        p = fetch_one(conn, "execution_progress", {"execution_id": execution_id})
-        due = conn.execute(query("compensation_due_for"), {"execution_id": execution_id}).fetchone() is not None
-    click.echo(summary_line(p, elapsed_s))
-    status = str(p["status"])
-    daemon = status == "failed" and due and _daemon_running()  # asked only when it matters
-    for line in _next_steps(execution_id, status, compensation_due=due, daemon=daemon, stage=p["current_stage"]):
-        click.echo(line)
-
-
-def _next_steps(
-    execution_id: str, status: str, *, compensation_due: bool, daemon: bool, stage: str | None = None
-) -> list[str]:
-    """The lines saying what happens next to an execution that ended ``status`` in this command:
-    the reconciler of a running daemon compensates it, or the commands that do
-    (``compensate ID``, ``retry ID`` while its compensation has not started)."""
-    if status in ("compensating", "rolled_back", "compensation_failed"):
-        done = {"rolled_back": "its completed stages were undone", "compensation_failed": "an undo failed"}
-        return [
-            f"next: compensation {'is under way' if status == 'compensating' else 'ended'}"
-            f"{': ' + done[status] if status in done else ''} (lifecycle-dagster status {execution_id})"
-        ]
-    if status == "waiting":
-        return [
-            f"next: it waits for a decision: lifecycle-dagster decide {execution_id} {stage or 'STAGE'} "
-            f"approve|reject; then a running daemon continues it, or: lifecycle-dagster resume {execution_id}"
-        ]
-    if status != "failed":
-        return []
-    if compensation_due and daemon:
-        return [
-            "next: the daemon's reconciler compensates it within about 10 s (undoes its completed stages); "
-            f"follow it with: lifecycle-dagster status {execution_id}"
-        ]
-    why = "no dagster-daemon is running to compensate it" if compensation_due else "it is held (on_failure: hold)"
-    lines = [f"next: {why}; by hand:"]
-    lines.append(f"  undo its completed stages:      lifecycle-dagster compensate {execution_id}")
-    lines.append(f"  or run its failed stage again:  lifecycle-dagster retry {execution_id}")
-    return lines
-
-
-def _daemon_running(within_s: float = 60.0) -> bool:
-    """Whether a dagster-daemon on this Dagster home ran its sensor daemon in the last
-    ``within_s`` seconds (its heartbeat); False when there is no Dagster home here."""
-    settings = Settings.from_env()
-    if not (settings.dagster_home / "dagster.yaml").exists():
-        return False
-    from dagster import DagsterInstance
-
-    instance = DagsterInstance.from_config(str(settings.dagster_home))
-    try:
-        beat = instance.get_daemon_heartbeats().get("SENSOR")
-        return beat is not None and time.time() - beat.timestamp < within_s
-    except Exception:  # an instance that cannot say: assume none
-        return False
-    finally:
-        instance.dispose()
 
 
 @main.command("start")
@@ -324,7 +261,7 @@ def start_cmd(workflow: str, context_file: Path, wait: bool, timeout_s: float) -
     started = time.monotonic()
     _follow(dsn, execution_id, timeout_s)
     status = print_execution(dsn, execution_id)
-    _summary(dsn, execution_id, time.monotonic() - started)
+    print_summary(dsn, execution_id, time.monotonic() - started)
     sys.exit(0 if status == "completed" else 1)
 
 

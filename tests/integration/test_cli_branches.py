@@ -80,6 +80,7 @@ def test_run_stops_at_the_approval_then_decide_and_resume_finish_it(cli: Any, se
     assert resumed.exit_code == 0, resumed.output
     assert f"continuing execution {eid} (lifecycle_signoff v1): value_realization" in resumed.output
     assert "status: completed" in resumed.output
+    assert re.search(r"^summary: completed, 6/6 stages done, ", resumed.output, re.MULTILINE), resumed.output
     [ex] = rows(seeded_db, "SELECT status::text AS status, outcome FROM workflow_executions WHERE id = %(e)s", e=eid)
     assert ex == {"status": "completed", "outcome": "completed"}
     started = rows(
