@@ -192,17 +192,13 @@ SELECT execution_id::text AS execution_id, reason FROM lifecycle.compensation_du
 
 -- name: running_executions
 -- Executions in progress under a Dagster run: the reconciler checks each run's status. Not those
--- a decision continued after that run's part ended (a workflow_continued event after it, no stage
--- in progress): the run may have failed since (a run worker killed after the approval was reached)
--- without its execution; the continuation run takes it over (the heartbeat bound still applies).
+-- a decision continued after that run's part ended (lifecycle.execution_continued_after): the run
+-- may have failed since (a run worker killed after the approval was reached) without its
+-- execution; the continuation run takes it over.
 SELECT e.id::text AS execution_id, e.dagster_run_id
 FROM workflow_executions e
 WHERE e.status = 'in_progress' AND e.dagster_run_id IS NOT NULL
-  AND NOT (EXISTS (SELECT 1 FROM workflow_events ev
-                    WHERE ev.execution_id = e.id AND ev.event_type = 'workflow_continued'
-                      AND ev.metadata ->> 'after_run' = e.dagster_run_id)
-           AND NOT EXISTS (SELECT 1 FROM workflow_execution_logs l
-                            WHERE l.execution_id = e.id AND l.status = 'in_progress'))
+  AND NOT lifecycle.execution_continued_after(e.id, e.dagster_run_id)
 ORDER BY e.updated_at
 LIMIT %(limit)s;
 
@@ -224,13 +220,15 @@ LIMIT %(limit)s;
 -- Of the given STARTED Dagster runs (run_ids[i] tagged with execution_ids[i]; compensation[i]: a
 -- run of a compensation job), those whose execution is no longer theirs (neither in_progress under
 -- the run, nor compensating under it or with no owner yet for a compensation run, nor pending a
--- launch) and silent for over timeout_s seconds: their run worker is gone.
+-- launch) and silent for over timeout_s seconds: their run worker is gone. An execution a decision
+-- continued after the run's part (lifecycle.execution_continued_after) is no longer the run's.
 SELECT x.run_id, e.id::text AS execution_id, e.status
 FROM unnest(%(run_ids)s::text[], %(execution_ids)s::text[], %(compensation)s::boolean[])
        AS x(run_id, execution_id, compensation)
 JOIN workflow_executions e ON e.id::text = x.execution_id
 WHERE e.status <> 'pending'
-  AND NOT (e.status = 'in_progress' AND e.dagster_run_id IS NOT DISTINCT FROM x.run_id)
+  AND NOT (e.status = 'in_progress' AND e.dagster_run_id IS NOT DISTINCT FROM x.run_id
+           AND NOT lifecycle.execution_continued_after(e.id, x.run_id))
   AND NOT (e.status = 'compensating' AND e.compensation_run_id IS NOT DISTINCT FROM x.run_id)
   AND NOT (e.status = 'compensating' AND e.compensation_run_id IS NULL AND x.compensation)
   AND greatest(e.heartbeat_at, e.updated_at) < now() - make_interval(secs => %(timeout_s)s);

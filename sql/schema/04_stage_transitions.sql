@@ -678,6 +678,8 @@ CREATE OR REPLACE FUNCTION lifecycle.executions_stale(p_timeout_s double precisi
     AND NOT EXISTS (SELECT 1 FROM public.workflow_execution_logs l
                     WHERE l.execution_id = e.id AND l.status = 'pending'
                       AND l.not_before > p_now - make_interval(secs => p_timeout_s))
+    -- continued by a decision after its run's part: that run's silence says nothing of it
+    AND NOT lifecycle.execution_continued_after(e.id, e.dagster_run_id)
   ORDER BY e.updated_at
 $$;
 

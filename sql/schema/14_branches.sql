@@ -677,3 +677,23 @@ $$;
 
 REVOKE ALL ON FUNCTION lifecycle.jwt_roles() FROM PUBLIC, anon, authenticated, service_role;
 GRANT ALL ON FUNCTION lifecycle.jwt_roles() TO service_role;
+
+
+-- lifecycle.execution_continued_after: whether a decision continued the execution after Dagster
+-- run p_run_id's part of it (a workflow_continued event naming that run) and no stage of it is in
+-- progress: that run has nothing of it left to do, whether its worker lives or not. The reconciler
+-- does not fail such an execution for that run's silence or failure; it reports the run failed
+-- once silent (released_runs), and the resume sensor then starts the continuation run.
+CREATE OR REPLACE FUNCTION lifecycle.execution_continued_after(p_execution_id uuid, p_run_id text) RETURNS boolean
+    LANGUAGE sql STABLE
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT EXISTS (SELECT 1 FROM public.workflow_events ev
+                  WHERE ev.execution_id = p_execution_id AND ev.event_type = 'workflow_continued'
+                    AND ev.metadata ->> 'after_run' = p_run_id)
+     AND NOT EXISTS (SELECT 1 FROM public.workflow_execution_logs l
+                      WHERE l.execution_id = p_execution_id AND l.status = 'in_progress')
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.execution_continued_after(p_execution_id uuid, p_run_id text) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.execution_continued_after(p_execution_id uuid, p_run_id text) TO service_role;

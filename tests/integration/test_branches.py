@@ -429,3 +429,25 @@ def test_a_retry_after_a_rejection_that_failed_asks_again(db: str, instance: Any
     assert _execution(db, eid)["status"] == "waiting"
     assert agents["Designer"].calls == 1
     assert len(_events(db, eid, "approval_requested")) == 2
+
+
+def test_a_run_whose_part_a_decision_continued_is_released_not_its_execution(db: str, instance: Any) -> None:
+    """The run that reached the approval dies before Dagster marks it finished, and the approver
+    decides meanwhile: the reconciler does not fail the execution for that run's silence (it would
+    be compensated); it reports the silent run failed, and the resume sensor then continues."""
+    eid, first, _ = _reach_sign_off(db, instance)
+    assert _decide(db, eid, "approve") == "continuing"
+    with connect(db) as conn:
+        conn.execute(
+            "UPDATE workflow_executions SET heartbeat_at = now() - interval '1 hour',"
+            " updated_at = now() - interval '1 hour' WHERE id = %s",
+            (eid,),
+        )
+        stale = conn.execute(query("stale_executions"), {"timeout_s": 60}).fetchall()
+        running = conn.execute(query("running_executions"), {"limit": 100}).fetchall()
+        released = conn.execute(
+            query("released_runs"),
+            {"run_ids": [first.run_id], "execution_ids": [eid], "compensation": [False], "timeout_s": 60},
+        ).fetchall()
+    assert stale == [] and running == []
+    assert [(r["run_id"], r["execution_id"], r["status"]) for r in released] == [(first.run_id, eid, "in_progress")]
