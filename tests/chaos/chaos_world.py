@@ -527,11 +527,18 @@ class World:
     def kill_worker_mid_task(self) -> bool:
         """SIGKILL a queue worker while it runs a claimed task (not one paused after its agent
         returned: that one is :meth:`kill_worker_after_return`'s)."""
+        from chaos_agents import mode_of
+
         mine = set(self.worker_pids()) - self.paused_worker_pids()
         with connect(self.dsn) as conn:
             rows = conn.execute(
-                "SELECT claimed_by FROM task_queue WHERE status = 'in_progress' AND claimed_by <> 'op'"
+                "SELECT claimed_by, task_type, input_data -> 'context' AS context FROM task_queue"
+                " WHERE status = 'in_progress' AND claimed_by <> 'op'"
             ).fetchall()
+        # a task whose plan pauses its worker after the agent returned is left to that kill, before
+        # the pause too (else three mid-task kills can take all its attempts and no after-return
+        # kill ever happens)
+        rows = [r for r in rows if mode_of(r["context"] or {}, r["task_type"]) != "pause_after_return"]
         pids = [p for p in (_worker_pid(r["claimed_by"]) for r in rows) if p in mine]
         if not pids:
             return False
