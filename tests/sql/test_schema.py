@@ -24,6 +24,8 @@ from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.store.sqlfiles import seed_sql
 
+from helpers import runbook_absent
+
 REPO = Path(__file__).resolve().parents[2]
 RUNBOOK = REPO.parent / "shared" / "seed" / "000_e3ce442ac9e1577a.txt"
 LIFECYCLE_FIXTURE = REPO / "tests" / "fixtures" / "lifecycle_v1.json"
@@ -444,7 +446,7 @@ _HEREDOC = re.compile(r"<<'?SQL'?\n(.*?)\nSQL$", re.DOTALL | re.MULTILINE)
 def _runbook_sections() -> dict[int, list[str]]:
     """``{section number: [SQL of each heredoc, in order]}``."""
     if not RUNBOOK.exists():
-        pytest.skip(f"runbook {RUNBOOK} is absent")
+        runbook_absent()
     text = RUNBOOK.read_text(encoding="utf-8")
     parts = _SECTION.split(text)
     sections = {int(num): _HEREDOC.findall(body) for num, body in zip(parts[1::2], parts[2::2], strict=True)}
