@@ -54,6 +54,12 @@
     how long finished executions are kept: a duration of at least 1 hour (``90d``, ``12h``, ``2w``;
     default ``90d``), after which the code location's daily ``lifecycle_retention_schedule`` removes
     them (docs/retention.md); ``off``: no schedule (``lifecycle-dagster prune`` still works).
+``LIFECYCLE_DAGSTER_BATCH``
+    the batch of every definition whose DAG sets no ``batch`` key: ``N`` or ``N/S``, at most ``N``
+    executions (an integer from 1 to 10000) per batch, waiting at most ``S`` seconds (a number from
+    0 to 3600, default 5) for it to fill, e.g. ``500/2``; ``off`` or unset: no default (such a
+    definition is not batched). A DAG's own ``batch`` object wins; ``"batch": null`` counts as
+    no key (:attr:`lifecycle_dagster.core.dag.Dag.batch` is None for both).
 ``LIFECYCLE_DAGSTER_EXECUTOR``
     the Dagster executor of every generated job (forward and compensation): ``in_process`` (the
     default, UI launches included), ``multiprocess``, ``celery`` (dagster-celery: the ``[celery]``
@@ -105,6 +111,12 @@ DEFAULT_RETENTION = timedelta(days=90)
 MIN_RETENTION = timedelta(hours=1)
 #: the log formats of ``LIFECYCLE_DAGSTER_LOG_FORMAT`` and ``agent serve --log-format``
 LOG_FORMATS = ("text", "json")
+#: the bounds of ``LIFECYCLE_DAGSTER_BATCH``: those of a DAG's ``batch`` (the same constants of
+#: :mod:`lifecycle_dagster.core.dag_batch`; this lowest layer cannot import them, a test pins them)
+BATCH_MAX_EXECUTIONS = 10000
+BATCH_MAX_WAIT_S = 3600.0
+#: the wait of ``LIFECYCLE_DAGSTER_BATCH=N`` (no ``/S``), in seconds
+BATCH_DEFAULT_WAIT_S = 5.0
 
 
 #: the units a duration may use, in seconds
@@ -139,6 +151,33 @@ def format_duration(value: timedelta) -> str:
         if seconds and seconds % size == 0:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+_BATCH = re.compile(r"^\s*([0-9]{1,9})\s*(?:/\s*([0-9]{1,9}(?:\.[0-9]{1,9})?|\.[0-9]{1,9})\s*)?$")
+
+
+def parse_batch(text: str) -> tuple[int, float]:
+    """``"500/2"`` -> ``(500, 2.0)``, ``"500"`` -> ``(500, 5.0)``: ``N`` or ``N/S``, at most ``N``
+    executions per batch (an integer from 1 to :data:`BATCH_MAX_EXECUTIONS`) and at most ``S``
+    seconds of wait (digits with an optional decimal point, from 0 to :data:`BATCH_MAX_WAIT_S`;
+    default :data:`BATCH_DEFAULT_WAIT_S`), blanks around either ignored. The pair is a DAG's
+    ``batch`` (``core.dag.Batch(*pair)``).
+
+    Raises:
+        ValueError: anything else (the message quotes the text and shows the form).
+    """
+    m = _BATCH.match(text) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError(
+            f"not a batch: {text!r} (N or N/S: at most N executions, waiting at most S seconds, e.g. 500/2)"
+        )
+    most = int(m.group(1))
+    wait = float(m.group(2)) if m.group(2) is not None else BATCH_DEFAULT_WAIT_S
+    if not 1 <= most <= BATCH_MAX_EXECUTIONS:
+        raise ValueError(f"batch size out of range: {text!r} (N must be an integer from 1 to {BATCH_MAX_EXECUTIONS})")
+    if not 0 <= wait <= BATCH_MAX_WAIT_S:
+        raise ValueError(f"batch wait out of range: {text!r} (S must be a number from 0 to {BATCH_MAX_WAIT_S:g})")
+    return most, wait
 
 
 @dataclass(frozen=True)
@@ -343,6 +382,22 @@ class Settings:
         if value < MIN_RETENTION:
             raise ValueError(f"LIFECYCLE_DAGSTER_RETENTION must be at least 1h, got {raw!r}")
         return value
+
+    @property
+    def batch(self) -> tuple[int, float] | None:
+        """``LIFECYCLE_DAGSTER_BATCH``: the default batch ``(max_executions, max_wait_s)`` of a
+        definition whose DAG sets no ``batch`` key (:func:`parse_batch`), or None (unset, ``off``).
+
+        Raises:
+            ValueError: not ``off`` nor ``N`` or ``N/S`` in range (the message names the variable).
+        """
+        raw = self._text("BATCH")
+        if raw is None or raw.lower() == "off":
+            return None
+        try:
+            return parse_batch(raw)
+        except ValueError as exc:
+            raise ValueError(f"LIFECYCLE_DAGSTER_BATCH must be off, N or N/S such as 500/2: {exc}") from None
 
     @property
     def embedded_allowed(self) -> bool | None:

@@ -17,7 +17,8 @@ A ``dag_schema`` is a JSON object::
      "context": {"required": ["customer"], "example": {"customer": "ACME"},
                  "description": "..."},                               # optional
      "schedule": {"cron": "0 9 * * 1-5", "timezone": "Europe/Berlin",  # optional: a Dagster
-                  "context": {...}, "enabled": true}}                  # schedule (dag_schedule)
+                  "context": {...}, "enabled": true},                  # schedule (dag_schedule)
+     "batch": {"max_executions": 500, "max_wait_s": 2}}               # optional, or null (dag_batch)
 
 ``context`` declares the execution context a run must be given: ``required`` (unique non-empty
 strings: the keys the context must hold), ``example`` (an object holding every required key: the
@@ -42,6 +43,9 @@ approve, fail; default reject) and ``on_reject`` (end, fail, branch; default end
 ``on_timeout``, ``on_reject``.
 A ``schedule`` (rules: :mod:`lifecycle_dagster.core.dag_schedule`) makes the code location insert
 one pending execution per cron tick, in ``timezone`` (default UTC), with ``context`` (default {}).
+A ``batch`` (rules: :mod:`lifecycle_dagster.core.dag_batch`) declares batching: ``max_executions``
+(required, an integer 1..10000) and ``max_wait_s`` (a number 0..3600, default 5); ``null`` or no
+``batch`` key: no batching (:attr:`Dag.batch` is None).
 
 Rules the database-side validator shares with this one (``tests/dag_cases.json`` pins them):
 
@@ -60,9 +64,10 @@ Rules the database-side validator shares with this one (``tests/dag_cases.json``
   other than ``output``/``context`` is one ``bad_value`` (naming the other keys in code-point
   order); a ``next`` entry neither a string nor an object is ``wrong_type``; unknown keys of an
   object entry are ``unknown_key`` (``stages[i].next[k].label``);
-  ``null`` is never accepted for an optional key; bools are not numbers; a number must be one a
-  double can hold (``1e400`` overflows, ``1e-400`` rounds to 0: ``bad_value`` saying so; Python's
-  JSON readers round these before this module sees them, the database sees them as written);
+  ``null`` is never accepted for an optional key, but for the top-level ``batch`` (no batching);
+  bools are not numbers; a number must be one a double can hold (``1e400`` overflows, ``1e-400``
+  rounds to 0: ``bad_value`` saying so; Python's JSON readers round these before this module sees
+  them, the database sees them as written);
   ``max_attempts`` may be any integral number (``3.0``);
 * the stage id ``compensate`` is reserved (``bad_stage_id``): its op would have the name of the
   definition's compensation job, ``<name>__v<version>__compensate``, and Dagster refuses two
@@ -104,6 +109,7 @@ from functools import cached_property
 from typing import Any, cast
 
 from lifecycle_dagster.core.conditions import edge_fires
+from lifecycle_dagster.core.dag_batch import DEFAULT_BATCH_WAIT_S, check_batch
 from lifecycle_dagster.core.dag_graph import GraphRules, topological_order
 from lifecycle_dagster.core.dag_schedule import check_schedule
 from lifecycle_dagster.core.dag_structure import (
@@ -138,6 +144,7 @@ __all__ = [
     "STAGE_ID_PATTERN",
     "STAGE_KINDS",
     "Approval",
+    "Batch",
     "ContextSpec",
     "Dag",
     "DagValidationError",
@@ -188,6 +195,15 @@ class ScheduleSpec:
     timezone: str = "UTC"
     context: Mapping[str, Any] = field(default_factory=dict, hash=False)
     enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A ``batch`` object: at most ``max_executions`` executions (1..10000) per batch, and how long,
+    in seconds (0..3600, default 5), a batch waits to fill (``max_wait_s``)."""
+
+    max_executions: int
+    max_wait_s: float = DEFAULT_BATCH_WAIT_S
 
 
 @dataclass(frozen=True)
@@ -268,6 +284,8 @@ class Dag:
     on_failure: str = "compensate"
     context: ContextSpec = ContextSpec()
     schedule: ScheduleSpec | None = None
+    #: the DAG's ``batch``; None when it has none (or ``null``): no batching
+    batch: Batch | None = None
     edge_specs: tuple[Edge, ...] = ()
 
     @cached_property
@@ -366,6 +384,7 @@ class _Validator(StructureRules):
             return
         raw_stages = self.top(obj)
         check_schedule(self, obj)
+        check_batch(self, obj)
         graph = GraphRules(self, raw_stages)
         graph.duplicates()
         for i, raw in enumerate(raw_stages):
@@ -470,6 +489,7 @@ def parse_dag(obj: object) -> Dag:
             description=declared.get("description"),
         ),
         schedule=_schedule(doc.get("schedule")),
+        batch=_batch(doc.get("batch")),
         edge_specs=specs,
     )
 
@@ -518,4 +538,13 @@ def _schedule(raw: Mapping[str, Any] | None) -> ScheduleSpec | None:
         timezone=raw.get("timezone", "UTC"),
         context=dict(raw.get("context", {})),
         enabled=raw.get("enabled", True),
+    )
+
+
+def _batch(raw: Mapping[str, Any] | None) -> Batch | None:
+    if raw is None:
+        return None
+    return Batch(
+        max_executions=int(raw["max_executions"]),
+        max_wait_s=float(raw.get("max_wait_s", DEFAULT_BATCH_WAIT_S)),
     )

@@ -41,7 +41,7 @@ MAX_EDGES = 5000
 ID_RE = re.compile(STAGE_ID_PATTERN)
 #: the value of an absent key (``None`` is JSON ``null``, which is never accepted for one)
 MISSING: Any = object()
-_TOP_KEYS = ("stages", "edges", "defaults", "on_failure", "context", "schedule")
+_TOP_KEYS = ("stages", "edges", "defaults", "on_failure", "context", "schedule", "batch")
 _CONTEXT_KEYS = ("required", "example", "description")
 _STAGE_KEYS = (
     "id",

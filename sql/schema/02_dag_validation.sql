@@ -93,6 +93,74 @@ REVOKE ALL ON FUNCTION lifecycle.dag_check_approval(p_raw jsonb, p_kind text, p_
 GRANT ALL ON FUNCTION lifecycle.dag_check_approval(p_raw jsonb, p_kind text, p_where text, p_label text, p_stages text[]) TO service_role;
 
 
+-- lifecycle.dag_check_batch: the problems of the optional top-level "batch" object (the rules of
+-- lifecycle_dagster/core/dag_batch.py, with its messages, in its order): absent or null is no
+-- batch; else an object with only max_executions (required, an integer from 1 to 10000) and
+-- max_wait_s (optional, a number from 0 to 3600); unknown keys in code-point order
+CREATE OR REPLACE FUNCTION lifecycle.dag_check_batch(p_dag jsonb) RETURNS SETOF lifecycle.dag_problem
+    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+    AS $$
+DECLARE
+  c_max_executions CONSTANT integer := 10000;         -- dag_batch.MAX_BATCH_EXECUTIONS
+  c_max_wait_s     CONSTANT double precision := 3600;  -- dag_batch.MAX_BATCH_WAIT_S
+  v_raw   jsonb := p_dag -> 'batch';
+  v_value jsonb;
+  v_key   text;
+  v_rule  text;
+  v_n     double precision;
+  v_ok    boolean;
+BEGIN
+  IF v_raw IS NULL OR jsonb_typeof(v_raw) = 'null' THEN
+    RETURN;
+  END IF;
+  IF jsonb_typeof(v_raw) <> 'object' THEN
+    RETURN NEXT lifecycle.dag_report('wrong_type', '', 'batch', 'workflow DAG', '{}',
+      'batch must be an object or null, got ' || lifecycle.dag_kind(v_raw));
+    RETURN;
+  END IF;
+  FOR v_key IN
+    SELECT k FROM jsonb_object_keys(v_raw) AS k
+    WHERE k NOT IN ('max_executions', 'max_wait_s') ORDER BY k COLLATE "C"
+  LOOP
+    RETURN NEXT lifecycle.dag_report('unknown_key', 'batch', v_key, 'workflow DAG', '{}',
+      'unknown key ' || lifecycle.dag_quote('batch.' || v_key));
+  END LOOP;
+  FOREACH v_key IN ARRAY ARRAY['max_executions', 'max_wait_s'] LOOP
+    v_value := v_raw -> v_key;
+    CONTINUE WHEN v_value IS NULL AND v_key = 'max_wait_s';
+    v_rule := CASE v_key WHEN 'max_executions' THEN format('an integer from 1 to %s', c_max_executions)
+                         ELSE format('a number from 0 to %s', c_max_wait_s) END;
+    IF jsonb_typeof(v_value) IS DISTINCT FROM 'number' THEN
+      RETURN NEXT lifecycle.dag_report('wrong_type', 'batch', v_key, 'workflow DAG', '{}',
+        format('batch.%s must be %s, got %s', v_key, v_rule, lifecycle.dag_kind(v_value)));
+      CONTINUE;
+    END IF;
+    v_n := lifecycle.dag_float(v_value);
+    IF v_n IS NULL THEN
+      RETURN NEXT lifecycle.dag_report('bad_value', 'batch', v_key, 'workflow DAG', '{}',
+        format('batch.%s must be a number a double can hold (finite, and not so small that it rounds to 0), got %s',
+               v_key,
+               CASE WHEN length(v_value::text) <= 24 THEN v_value::text ELSE left(v_value::text, 20) || '...' END));
+      CONTINUE;
+    END IF;
+    IF v_key = 'max_executions' THEN
+      v_ok := v_n = trunc(v_n) AND v_n >= 1 AND v_n <= c_max_executions;
+    ELSE
+      v_ok := v_n >= 0 AND v_n <= c_max_wait_s;
+    END IF;
+    IF NOT v_ok THEN
+      RETURN NEXT lifecycle.dag_report('bad_value', 'batch', v_key, 'workflow DAG', '{}',
+        format('batch.%s must be %s, got %s', v_key, v_rule,
+               CASE WHEN length(v_value::text) <= 24 THEN v_value::text ELSE left(v_value::text, 20) || '...' END));
+    END IF;
+  END LOOP;
+END
+$$;
+
+REVOKE ALL ON FUNCTION lifecycle.dag_check_batch(p_dag jsonb) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.dag_check_batch(p_dag jsonb) TO service_role;
+
+
 -- lifecycle.dag_check_context
 CREATE OR REPLACE FUNCTION lifecycle.dag_check_context(p_value jsonb) RETURNS SETOF lifecycle.dag_problem
     LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
@@ -751,7 +819,8 @@ BEGIN
 
   -- top level
   RETURN QUERY SELECT * FROM lifecycle.dag_check_keys(p_dag, ARRAY['stages', 'edges', 'defaults', 'on_failure',
-                                                      'context', 'schedule'], '', 'workflow DAG', '{}', '');
+                                                      'context', 'schedule', 'batch'], '', 'workflow DAG', '{}',
+                                                      '');
   RETURN QUERY SELECT * FROM lifecycle.dag_check_string(p_dag -> 'on_failure', 'on_failure', '', 'workflow DAG',
                                                         '{}', '', ARRAY['compensate', 'hold']);
   IF p_dag ? 'context' THEN
@@ -783,6 +852,7 @@ BEGIN
   -- STABLE (it reads pg_timezone_names) inside this IMMUTABLE function: the names change only
   -- with the server's time zone data, so a folded result stays right while the server runs
   RETURN QUERY SELECT * FROM lifecycle.dag_check_schedule(p_dag);
+  RETURN QUERY SELECT * FROM lifecycle.dag_check_batch(p_dag);
 
   -- declared ids, duplicates, the nodes of the graph
   SELECT coalesce(array_agg(CASE WHEN jsonb_typeof(s -> 'id') = 'string' THEN s ->> 'id' END ORDER BY i), '{}')

@@ -15,6 +15,7 @@ import pytest
 from lifecycle_dagster.core.dag import (
     STAGE_ID_PATTERN,
     Approval,
+    Batch,
     Dag,
     DagValidationError,
     Edge,
@@ -394,3 +395,52 @@ def test_canonical_form_of_the_new_keys_is_key_order_free() -> None:
     assert shuffled == doc and list(shuffled["stages"][1]) != list(doc["stages"][1])
     assert canonical_json(shuffled) == canonical_json(doc)
     assert '"approvers":["role:finance_approver",' in canonical_json(doc)  # arrays keep their order
+
+
+def test_batch_is_parsed_with_its_default_wait() -> None:
+    assert parse_dag(BY_NAME["batch_executions_and_wait"]["dag"]).batch == Batch(500, 2.0)
+    only = parse_dag(BY_NAME["batch_executions_only_waits_the_default"]["dag"]).batch
+    assert only == Batch(1, 5.0) and isinstance(only.max_wait_s, float)
+    integral = parse_dag(BY_NAME["batch_integral_float_executions"]["dag"]).batch
+    assert integral is not None and integral.max_executions == 100 and isinstance(integral.max_executions, int)
+    assert parse_dag(BY_NAME["batch_null_is_no_batch"]["dag"]).batch is None
+    assert parse_dag(DIAMOND).batch is None
+    with pytest.raises(AttributeError):
+        Batch(1, 5.0).max_executions = 2  # type: ignore[misc]
+
+
+def test_batch_problem_paths_messages_and_order() -> None:
+    problems = validate_dag(BY_NAME["batch_everything_wrong"]["dag"])
+    assert [(p.code, p.stages, p.path, p.message) for p in problems] == [
+        ("unknown_key", (), "batch.alpha", "workflow DAG: unknown key 'batch.alpha'"),
+        ("unknown_key", (), "batch.zeta", "workflow DAG: unknown key 'batch.zeta'"),
+        (
+            "wrong_type",
+            (),
+            "batch.max_executions",
+            "workflow DAG: batch.max_executions must be an integer from 1 to 10000, got a boolean",
+        ),
+        (
+            "wrong_type",
+            (),
+            "batch.max_wait_s",
+            "workflow DAG: batch.max_wait_s must be a number from 0 to 3600, got a string",
+        ),
+    ]
+    [zero] = validate_dag(BY_NAME["batch_executions_zero"]["dag"])
+    assert zero.message == "workflow DAG: batch.max_executions must be an integer from 1 to 10000, got 0"
+    [not_object] = validate_dag(BY_NAME["batch_not_an_object"]["dag"])
+    assert (not_object.path, not_object.message) == (
+        "batch",
+        "workflow DAG: batch must be an object or null, got a number",
+    )
+    # schedule, then batch, then the stages
+    mixed = validate_dag(BY_NAME["batch_with_stage_and_schedule_problems"]["dag"])
+    assert [p.path for p in mixed] == [
+        "schedule.cron",
+        "batch.max_executions",
+        "batch.max_wait_s",
+        "stages[0].capability",
+    ]
+    [huge] = validate_dag({"stages": [{"id": "a", "capability": "w"}], "batch": {"max_executions": float("inf")}})
+    assert huge.code == "bad_value" and "a double can hold" in huge.message
