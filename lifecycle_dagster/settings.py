@@ -400,6 +400,12 @@ class Settings:
             raise ValueError(f"LIFECYCLE_DAGSTER_BATCH must be off, N or N/S such as 500/2: {exc}") from None
 
     @property
+    def batch_concurrency(self) -> int:
+        """``LIFECYCLE_DAGSTER_BATCH_CONCURRENCY``: at most this many calls of one agent a batch run's
+        stage op makes at once (default 8; docs/batches.md)."""
+        return int(self._number("BATCH_CONCURRENCY", 8, integer=True, minimum=1))
+
+    @property
     def embedded_allowed(self) -> bool | None:
         """``LIFECYCLE_DAGSTER_EMBEDDED``: True (``1``), False (``0``), or None when unset (each
         process decides: see :func:`lifecycle_dagster.store.db.resolve_dsn`).

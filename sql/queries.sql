@@ -105,9 +105,13 @@ FROM lifecycle.stage_start(%(execution_id)s, %(stage_id)s, %(capability)s, %(anc
 
 -- name: resumable_executions
 -- In-progress executions with a stage set back to pending (retry_stage) whose not-before time has
--- passed: the resume sensor launches a run for each whose Dagster run is over.
+-- passed: the resume sensor launches a run for each whose Dagster run is over (or that left its
+-- batch: docs/batches.md).
 SELECT e.id::text AS execution_id, e.dagster_run_id, d.name, d.version, l.id::text AS log_id,
-       l.stage_id, l.attempt_number
+       l.stage_id, l.attempt_number,
+       -- a member that left its batch to retry: resumed alone while its batch run goes on
+       EXISTS (SELECT 1 FROM lifecycle.batch_members m
+               WHERE m.execution_id = e.id AND m.left_at IS NOT NULL) AS left_batch
 FROM workflow_executions e
 JOIN workflow_definitions d ON d.id = e.workflow_definition_id
 JOIN workflow_execution_logs l ON l.execution_id = e.id
@@ -180,7 +184,8 @@ FROM lifecycle.executions_stale(%(timeout_s)s);
 -- Pending executions no run has started yet (unbound, or created bound to the run of
 -- `lifecycle-dagster run`), older than the bound: the reconciler checks whether a run was launched
 -- for them and lost (lifecycle_dagster.sensors._settle_unstarted).
-SELECT e.id::text AS execution_id
+SELECT e.id::text AS execution_id,
+       (SELECT m.batch_id::text FROM lifecycle.batch_members m WHERE m.execution_id = e.id) AS batch_id
 FROM workflow_executions e
 WHERE e.status = 'pending'
   AND e.created_at < now() - make_interval(secs => %(timeout_s)s)
@@ -880,3 +885,55 @@ SELECT execution_id::text AS execution_id, stage_id, status FROM lifecycle.appro
 SELECT stage_id FROM workflow_execution_logs
 WHERE execution_id = %(execution_id)s AND status = 'pending'
 ORDER BY stage_id;
+
+-- name: batch_form
+SELECT batch_id::text AS batch_id, size
+FROM lifecycle.batch_form(%(definition_id)s, %(max_executions)s, %(max_wait_s)s);
+
+-- name: batch_ensure
+SELECT execution_id::text AS execution_id, status, message
+FROM lifecycle.batch_ensure(%(batch_id)s, %(definition_id)s, %(run_id)s);
+
+-- name: batch_stage_start
+SELECT execution_id::text AS execution_id, state, log_id::text AS log_id, task_id::text AS task_id,
+       agent_id::text AS agent_id, agent_name, agent_kind, input_data, attempt_number, output_data, message
+FROM lifecycle.batch_stage_start(%(batch_id)s, %(run_id)s, %(stage_id)s, %(capability)s, %(ancestors)s,
+                                 %(timeout_s)s, %(max_attempts)s);
+
+-- name: batch_stage_record
+SELECT execution_id::text AS execution_id, log_id::text AS log_id, status, error_state, message
+FROM lifecycle.batch_stage_record(%(results)s);
+
+-- name: batch_stage_edges
+SELECT target FROM lifecycle.batch_stage_edges(%(batch_id)s, %(run_id)s, %(stage_id)s);
+
+-- name: batches_unlaunched
+-- Batches no run has bound yet, oldest first, with their job's name and version: the launch
+-- sensor requests their runs every tick (run key 'batch:<id>': Dagster launches each once).
+SELECT b.id::text AS batch_id, b.size, d.name, d.version
+FROM lifecycle.batches b JOIN workflow_definitions d ON d.id = b.workflow_definition_id
+WHERE b.run_id IS NULL
+ORDER BY b.created_at, b.id
+LIMIT %(limit)s;
+
+-- name: batch_of_execution
+-- The batch an execution was launched in (none: no row), its size, run and whether it left.
+SELECT b.id::text AS batch_id, b.size, b.run_id, m.left_at, m.left_reason
+FROM lifecycle.batch_members m JOIN lifecycle.batches b ON b.id = m.batch_id
+WHERE m.execution_id = %(execution_id)s;
+
+-- name: executions_of_run
+-- The in_progress executions bound to a Dagster run (a batch run binds many).
+SELECT e.id::text AS execution_id FROM workflow_executions e
+WHERE e.dagster_run_id = %(run_id)s AND e.status = 'in_progress'
+ORDER BY e.id;
+
+-- name: batch_live_members
+-- The members still in a batch and held by its run, in execution id order.
+SELECT m.execution_id::text AS execution_id
+FROM lifecycle.batch_members m JOIN workflow_executions e ON e.id = m.execution_id
+WHERE m.batch_id = %(batch_id)s AND m.left_at IS NULL AND e.dagster_run_id = %(run_id)s
+ORDER BY m.execution_id;
+
+-- name: batch_leave
+SELECT lifecycle.batch_leave(%(execution_id)s, %(reason)s);

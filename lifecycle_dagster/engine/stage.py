@@ -223,7 +223,7 @@ class Attempt:
 
 
 @dataclass(frozen=True)
-class _Output:
+class AgentOutput:
     """An agent's output, checked but not recorded yet, and how long the call took."""
 
     output: dict[str, Any]
@@ -334,9 +334,9 @@ def run_stage(
     if isinstance(started, StageOutcome):
         return started
     with _attempt_span(spec, started, start_ns) as span:
-        current, result = _call_step(conn, spec, started, registry, listen)
+        current, result = call_step(conn, spec, started, registry, listen)
         span.set_attribute(tracing.ATTR_ATTEMPT, current.number)
-        if isinstance(result, _Output):
+        if isinstance(result, AgentOutput):
             result = _record_output(conn, current, result)
         if isinstance(result, StageOutcome):
             return result
@@ -373,9 +373,9 @@ def _attempt_span(spec: StageSpec, attempt: Attempt, start_ns: int) -> Iterator[
         tracing.end_with(span, "completed")
 
 
-def _call_step(
+def call_step(
     conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRegistry, listen: bool
-) -> tuple[Attempt, StageOutcome | _Output | AttemptError]:
+) -> tuple[Attempt, StageOutcome | AgentOutput | AttemptError]:
     """The call step: no agent may be called, wait for the queue task, or call the agent. Returns
     the attempt (moved on when a queue task's lease was reaped) and what the call gave."""
     if attempt.agent_kind is None:
@@ -383,7 +383,7 @@ def _call_step(
     kind = SpanKind.CLIENT if attempt.agent_kind is AgentKind.HTTP else SpanKind.INTERNAL
     with tracing.span(f"agent {attempt.agent_name}", attributes=attempt.span_attributes(), kind=kind) as span:
         current: Attempt = attempt
-        result: StageOutcome | _Output | AttemptError
+        result: StageOutcome | AgentOutput | AttemptError
         if attempt.agent_kind is AgentKind.QUEUE:
             current, result = _await_queue_task(conn, spec, attempt, listen=listen)
         else:
@@ -507,7 +507,7 @@ def _execution_stopped(conn: Connection, execution_id: str) -> bool:
     return row is None or row["status"] != "in_progress"
 
 
-def _call(conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRegistry) -> _Output | AttemptError:
+def _call(conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRegistry) -> AgentOutput | AttemptError:
     """Call an in-process (registry) or http agent: its checked output, or why the attempt failed."""
     name = attempt.agent_name
     try:
@@ -546,7 +546,7 @@ def _call(conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRe
     problem = check_output(raw)
     if problem is not None:
         return AttemptError("bad_output", f"{name}: {problem}", True, "BadOutput")
-    return _Output(raw, duration_ms)
+    return AgentOutput(raw, duration_ms)
 
 
 def _take_token(
@@ -654,7 +654,7 @@ def _abandon(
 # -- record ---------------------------------------------------------------------------------------
 
 
-def _record_output(conn: Connection, attempt: Attempt, result: _Output) -> StageOutcome | AttemptError:
+def _record_output(conn: Connection, attempt: Attempt, result: AgentOutput) -> StageOutcome | AttemptError:
     """Complete the stage with the agent's output (``lifecycle.stage_complete``): the outcome, or
     why the attempt failed after all (the database refused the output, or it came after the deadline).
 
@@ -686,36 +686,56 @@ def _record_output(conn: Connection, attempt: Attempt, result: _Output) -> Stage
     )
 
 
+@dataclass(frozen=True)
+class FailurePlan:
+    """What a failed attempt becomes (:func:`plan_failure`): a retry after ``delay_s`` seconds, or
+    the stage's failure with ``message`` (the attempt count added to a retryable error's)."""
+
+    retry: bool
+    message: str
+    delay_s: float | None = None
+
+
+def plan_failure(policy: RetryPolicy, attempt: int, err: AttemptError, draw: Callable[[], float]) -> FailurePlan:
+    """Retry or fail a failed attempt ``attempt`` (1-based) by the stage's ``policy``: a retryable
+    error whose code the stage does not list as non-retryable, with attempts left, is retried after
+    the policy's delay (at least the agent's Retry-After, within the policy's cap and MAX_WAIT_S
+    seconds; ``draw`` gives the jitter's uniform [0, 1) value)."""
+    retryable = err.retryable and err.code not in policy.non_retryable
+    if retryable and attempt < policy.max_attempts:
+        delay = policy.delay(attempt, draw())
+        if err.retry_after_s is not None and err.retry_after_s > delay:
+            delay = min(policy.max_delay_s, float(err.retry_after_s))
+        return FailurePlan(True, err.message, min(delay, MAX_WAIT_S))
+    if retryable:
+        return FailurePlan(False, f"{err.message} (attempt {attempt} of {policy.max_attempts})")
+    return FailurePlan(False, err.message)
+
+
 def _record_failure(
     conn: Connection, spec: StageSpec, attempt: Attempt, err: AttemptError, draw: Callable[[], float]
 ) -> StageError:
     """Record a failed attempt: a retry when allowed (``lifecycle.stage_schedule_retry``), else the
     stage's failure (``lifecycle.stage_fail``). Returns the error for the caller to raise."""
-    policy = spec.policy
-    retryable = err.retryable and err.code not in policy.non_retryable
-    if retryable and attempt.number < policy.max_attempts:
-        return _record_retry(conn, spec, attempt, err, draw)
-    message = err.message
-    if retryable:
-        message = f"{err.message} (attempt {attempt.number} of {policy.max_attempts})"
+    plan = plan_failure(spec.policy, attempt.number, err, draw)
+    if plan.retry:
+        return _record_retry(conn, spec, attempt, err, float(plan.delay_s or 0.0))
     status = stage_fail(
-        conn, log_id=attempt.log_id, task_id=attempt.task_id, error=message, error_code=err.code, attempt=attempt.number
+        conn,
+        log_id=attempt.log_id,
+        task_id=attempt.task_id,
+        error=plan.message,
+        error_code=err.code,
+        attempt=attempt.number,
     )
     if status.refused:
         return StageStopped(f"{status} ({err.message})", code="refused", **attempt.ids())
-    return StageFailed(message, code=err.code, **attempt.ids())
+    return StageFailed(plan.message, code=err.code, **attempt.ids())
 
 
-def _record_retry(
-    conn: Connection, spec: StageSpec, attempt: Attempt, err: AttemptError, draw: Callable[[], float]
-) -> StageError:
-    """Schedule the next attempt after the policy's delay (at least the agent's Retry-After, within
-    the policy's cap)."""
+def _record_retry(conn: Connection, spec: StageSpec, attempt: Attempt, err: AttemptError, delay: float) -> StageError:
+    """Schedule the next attempt after ``delay`` seconds (:func:`plan_failure`)."""
     policy, n = spec.policy, attempt.number
-    delay = policy.delay(n, draw())
-    if err.retry_after_s is not None and err.retry_after_s > delay:
-        delay = min(policy.max_delay_s, float(err.retry_after_s))
-    delay = min(delay, MAX_WAIT_S)
     try:
         status = stage_schedule_retry(
             conn,

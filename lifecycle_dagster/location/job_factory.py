@@ -24,6 +24,8 @@ flow through Dagster: each op reads its ancestors' outputs from Postgres.
 import contextlib
 import json
 import re
+import time
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +36,14 @@ import psycopg
 from lifecycle_dagster.core.dag import Dag, DagValidationError, parse_dag
 from lifecycle_dagster.core.retry import MAX_WAIT_S, resolve_policy
 from lifecycle_dagster.engine.approval import ApprovalOutcome, reach_approval
+from lifecycle_dagster.engine.batch import (
+    BatchStageOutcome,
+    ensure_batch,
+    left_at_ensure,
+    live_members,
+    run_batch_stage,
+    settle,
+)
 from lifecycle_dagster.engine.compensation import (
     TAKEOVER_TAG,
     UndoFailed,
@@ -46,6 +56,7 @@ from lifecycle_dagster.engine.compensation import (
     undo_op_name,
 )
 from lifecycle_dagster.engine.stage import (
+    NOT_RUNNABLE,
     StageError,
     StageOutcome,
     StageRetry,
@@ -61,6 +72,8 @@ from lifecycle_dagster.location.resources import (
     declared_request,
     default_resources,
 )
+from lifecycle_dagster.settings import Settings
+from lifecycle_dagster.store.transitions import batch_leave, batch_stage_edges
 from lifecycle_dagster.store.versions import WORKFLOW_NAME_PATTERN
 
 #: run tag naming the workflow_executions row a run executes
@@ -78,6 +91,10 @@ DB_LOST_MAX_DELAY_S = 10.0
 _NAME_RE = re.compile(WORKFLOW_NAME_PATTERN)
 #: Dagster's tag naming the first run of a chain of re-executions
 ROOT_RUN_TAG = "dagster/root_run_id"
+#: run tag naming the batch a batch run carries (docs/batches.md); its run key is ``batch:<id>``
+BATCH_TAG = "lifecycle/batch"
+#: run tag: how many executions the batch run carries
+BATCH_SIZE_TAG = "lifecycle/batch_size"
 
 
 @dataclass(frozen=True)
@@ -368,6 +385,69 @@ def _run_stage_op(context: dg.OpExecutionContext, spec: StageSpec, required: Seq
     return outcome
 
 
+def _batch_bound(context: dg.OpExecutionContext, conn: Any, spec: StageSpec, batch_id: str) -> None:
+    """Bind the batch run's members (the first op of the run in this process); settle the ones that
+    could not start as their own failed runs would be."""
+    try:
+        left = left_at_ensure(ensure_batch(conn, spec, batch_id=batch_id, run_id=context.run_id))
+    except NOT_RUNNABLE as exc:
+        raise dg.Failure(
+            description=f"batch {batch_id} cannot run in this run: {exc.diag.message_primary or exc}",
+            metadata={"batch_id": batch_id},
+            allow_retries=False,
+        ) from exc
+    if left:
+        context.log.warning(f"batch {batch_id}: {len(left)} execution(s) could not start and left the batch")
+        settle(conn, left, run_id=context.run_id, stage_id=spec.stage_id)
+
+
+def _run_batch_op(context: dg.OpExecutionContext, spec: StageSpec) -> BatchStageOutcome:
+    """Run the stage for every execution of the run's batch (docs/batches.md). Only a lost
+    database connection fails the op (retried as for one execution)."""
+    db: LifecycleDatabase = context.resources.lifecycle_db
+    batch_id = context.run.tags[BATCH_TAG]
+    db.run.beat(None)
+    try:
+        with db.run.connection() as conn:
+            _batch_bound(context, conn, spec, batch_id)
+            outcome = run_batch_stage(
+                conn,
+                spec,
+                batch_id=batch_id,
+                run_id=context.run_id,
+                registry=context.resources.lifecycle_agents,
+                concurrency=Settings.from_env().batch_concurrency,
+            )
+            settle(conn, outcome.left, run_id=context.run_id, stage_id=spec.stage_id)
+    except psycopg.OperationalError as exc:
+        raise _retry_when_db_lost(context, spec.stage_id, batch_id, exc, spec.policy.max_attempts) from exc
+    return outcome
+
+
+def _batch_outputs(
+    context: dg.OpExecutionContext, spec: StageSpec, outcome: BatchStageOutcome
+) -> Iterator[dg.Output[None]]:
+    """A batch op's outputs: ``result`` with the counts, and one per edge that fired for any member."""
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(outcome.states.items())) or "no execution left"
+    context.log.info(
+        f"stage '{spec.stage_id}' for batch {outcome.batch_id}: {counts} ({outcome.calls} agent call(s), "
+        f"{outcome.duration_ms:.0f} ms)"
+    )
+    for execution_id, why in sorted(outcome.left.items()):
+        context.log.warning(f"execution {execution_id} left the batch at stage '{spec.stage_id}': {why}")
+    metadata: dict[str, Any] = {
+        "batch_id": outcome.batch_id,
+        "executions": outcome.members,
+        "agent_calls": outcome.calls,
+        "duration_ms": dg.MetadataValue.float(round(outcome.duration_ms, 3)),
+        "left_batch": len(outcome.left),
+        **{f"count_{state}": n for state, n in sorted(outcome.states.items())},
+    }
+    yield dg.Output(None, RESULT_OUTPUT, metadata={**metadata, "next": ", ".join(outcome.fired)})
+    for child in outcome.fired:
+        yield dg.Output(None, edge_output(child))
+
+
 def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
     stage = dag.stage(stage_id)
     if stage.approval is not None:
@@ -376,6 +456,9 @@ def _stage_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
     required = dag.context.required
 
     def compute(context: dg.OpExecutionContext) -> Iterator[dg.Output[None]]:
+        if BATCH_TAG in context.run.tags:
+            yield from _batch_outputs(context, spec, _run_batch_op(context, spec))
+            return
         outcome = _run_stage_op(context, spec, required)
         if outcome.state == "completed":
             context.log.info(_completed_line(spec.stage_id, outcome))
@@ -421,6 +504,37 @@ def _reach_approval_op(context: dg.OpExecutionContext, spec: StageSpec, required
         raise _retry_when_db_lost(context, spec.stage_id, execution_id, exc) from exc
 
 
+def _run_batch_approval_op(context: dg.OpExecutionContext, spec: StageSpec) -> BatchStageOutcome:
+    """An approval stage in a batch run: each member reaches it as its own run would (it waits for
+    its decision; each is continued alone by the resume sensor once decided)."""
+    db: LifecycleDatabase = context.resources.lifecycle_db
+    batch_id = context.run.tags[BATCH_TAG]
+    db.run.beat(None)
+    t0 = time.perf_counter()
+    states: Counter[str] = Counter()
+    left: dict[str, str] = {}
+    try:
+        with db.run.connection() as conn:
+            _batch_bound(context, conn, spec, batch_id)
+            for execution_id in live_members(conn, batch_id=batch_id, run_id=context.run_id):
+                try:
+                    found = reach_approval(
+                        conn, spec, run_id=context.run_id, execution_id=execution_id, context={}, resume=False
+                    )
+                    states[found.outcome.state] += 1
+                except StageError as exc:
+                    states["stopped"] += 1
+                    left[execution_id] = f"stopped: {exc}"
+                    batch_leave(conn, execution_id=execution_id, reason="stopped")
+            settle(conn, left, run_id=context.run_id, stage_id=spec.stage_id)
+            fired = batch_stage_edges(conn, batch_id=batch_id, run_id=context.run_id, stage_id=spec.stage_id)
+    except psycopg.OperationalError as exc:
+        raise _retry_when_db_lost(context, spec.stage_id, batch_id, exc) from exc
+    return BatchStageOutcome(
+        batch_id, spec.stage_id, dict(states), fired, left, 0, (time.perf_counter() - t0) * 1000.0
+    )
+
+
 def _approval_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:
     """The op of an approval stage: it records that the stage waits and ends (the run ends
     successfully, its branch skipped); in a continuation run it yields the decided edges."""
@@ -431,6 +545,9 @@ def _approval_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition
     required = dag.context.required
 
     def compute(context: dg.OpExecutionContext) -> Iterator[dg.Output[None]]:
+        if BATCH_TAG in context.run.tags:
+            yield from _batch_outputs(context, spec, _run_batch_approval_op(context, spec))
+            return
         found = _reach_approval_op(context, spec, required)
         outcome = found.outcome
         metadata: dict[str, Any] = {"execution_id": outcome.execution_id, "approvers": ", ".join(approval.approvers)}
@@ -498,6 +615,41 @@ def _graph(row: DefinitionRow, dag: Dag) -> dg.GraphDefinition:
     )
 
 
+#: job tags carrying a batched version's plan (docs/batches.md)
+BATCH_MAX_TAG = "lifecycle/batch_max_executions"
+BATCH_WAIT_TAG = "lifecycle/batch_max_wait_s"
+
+
+@dataclass(frozen=True, order=True)
+class BatchPlan:
+    """How the launch sensor batches a version's executions: at most ``max_executions`` per run,
+    waiting at most ``max_wait_s`` seconds to fill one."""
+
+    definition_id: str
+    max_executions: int
+    max_wait_s: float
+
+
+def _batch_tags(dag: Dag) -> dict[str, str]:
+    """The job tags of the DAG's ``batch`` (else of ``LIFECYCLE_DAGSTER_BATCH``); none: not batched."""
+    if dag.batch is not None:
+        size, wait = dag.batch.max_executions, dag.batch.max_wait_s
+    else:
+        default = Settings.from_env().batch
+        if default is None:
+            return {}
+        size, wait = default
+    return {BATCH_MAX_TAG: str(size), BATCH_WAIT_TAG: repr(float(wait))}
+
+
+def batch_plan(job: dg.JobDefinition) -> BatchPlan | None:
+    """The batch plan of a forward job (None: its executions run one per run)."""
+    tags = job.tags
+    if BATCH_MAX_TAG not in tags or "lifecycle/definition_id" not in tags:
+        return None
+    return BatchPlan(tags["lifecycle/definition_id"], int(tags[BATCH_MAX_TAG]), float(tags[BATCH_WAIT_TAG]))
+
+
 def _to_job(
     graph: dg.GraphDefinition, name: str, row: DefinitionRow, dag: Dag, resources: Mapping[str, Any] | None
 ) -> dg.JobDefinition:
@@ -518,6 +670,7 @@ def _to_job(
             "lifecycle/workflow": row.name,
             "lifecycle/version": str(row.version),
             "lifecycle/definition_id": row.id,
+            **_batch_tags(dag),
         },
         metadata={"stages": len(order), "topological_order": ", ".join(order)},
         resource_defs=resource_defs,

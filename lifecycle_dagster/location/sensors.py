@@ -40,18 +40,28 @@ often the sensor ticks or however many daemons run it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 
 import dagster as dg
 
 from lifecycle_dagster.engine.compensation import TAKEOVER_TAG, compensation_job_name
-from lifecycle_dagster.location.job_factory import CONTINUES_TAG, EXECUTION_ID_TAG, RESUME_TAG, job_name
+from lifecycle_dagster.location.job_factory import (
+    BATCH_SIZE_TAG,
+    BATCH_TAG,
+    CONTINUES_TAG,
+    EXECUTION_ID_TAG,
+    RESUME_TAG,
+    BatchPlan,
+    batch_plan,
+    job_name,
+)
 from lifecycle_dagster.settings import Settings
 from lifecycle_dagster.store.db import Connection, connect, resolve_dsn
 from lifecycle_dagster.store.sqlfiles import query
 from lifecycle_dagster.store.transitions import (
     approvals_expire,
+    batch_form,
     compensation_start,
     execution_fail,
     execution_set_pending_reason,
@@ -94,8 +104,8 @@ def resume_requests(
         if run is None:
             yield dg.SkipReason(f"execution {r['execution_id']}: its run {r['dagster_run_id']} is not in this instance")
             continue
-        if not run.is_finished:
-            continue  # that run retries the stage itself
+        if not run.is_finished and not r["left_batch"]:
+            continue  # that run retries the stage itself (a batch run leaves a member's retry to this sensor)
         yield dg.RunRequest(
             run_key=f"resume:{r['execution_id']}:{r['stage_id']}:{r['attempt_number']}",
             job_name=job,
@@ -159,10 +169,15 @@ def failure_sensor(jobs: Sequence[dg.JobDefinition]) -> dg.SensorDefinition:
     def _sensor(context: dg.RunFailureSensorContext) -> None:
         run = context.dagster_run
         message = context.failure_event.message or "run failed"
+        reason = f"Dagster run {run.run_id} failed: {message}"
         with connect(resolve_dsn()) as conn:
-            eid = mirror_run_failure(
-                conn, run.run_id, run.tags.get(EXECUTION_ID_TAG), f"Dagster run {run.run_id} failed: {message}"
-            )
+            if BATCH_TAG in run.tags:  # a batch run: every execution it still holds
+                rows = conn.execute(query("executions_of_run"), {"run_id": run.run_id}).fetchall()
+                for r in rows:
+                    mirror_run_failure(conn, run.run_id, r["execution_id"], reason)
+                context.log.info(f"batch run {run.run_id}: {len(rows)} execution(s) mirrored")
+                return
+            eid = mirror_run_failure(conn, run.run_id, run.tags.get(EXECUTION_ID_TAG), reason)
         context.log.info(f"run {run.run_id}: execution {eid} mirrored")
 
     return _sensor
@@ -195,7 +210,7 @@ def reconcile(
         for r in conn.execute(
             query("unbound_pending_executions"), {"timeout_s": timeout_s, "limit": RECONCILE_BATCH}
         ).fetchall():
-            _settle_unstarted(instance, conn, r["execution_id"], timeout_s)
+            _settle_unstarted(instance, conn, r["execution_id"], timeout_s, r["batch_id"])
         for r in conn.execute(query("compensation_due"), {}).fetchall():
             compensation_start(conn, execution_id=r["execution_id"], reason=r["reason"])
         rows = conn.execute(
@@ -299,14 +314,18 @@ def _compensation_run_lost(instance: dg.DagsterInstance, owner: str, *, stale: b
     return True
 
 
-def _settle_unstarted(instance: dg.DagsterInstance, conn: Connection, execution_id: str, timeout_s: float) -> None:
+def _settle_unstarted(
+    instance: dg.DagsterInstance, conn: Connection, execution_id: str, timeout_s: float, batch_id: str | None = None
+) -> None:
     """A pending execution that was launched but never started: every run launched for it (tag
     ``lifecycle/execution_id``) failed, was canceled, or lost its run worker before the first op
     bound the run (STARTED for over ``timeout_s`` seconds: the default run launcher cannot see a
     killed run worker, and the launch sensor never launches a run key twice). Its lost runs are
     failed in Dagster and the execution is cancelled and rolled back (nothing ran: nothing to
-    undo), so it does not wait forever. An execution not launched yet is left alone."""
-    runs = instance.get_runs(dg.RunsFilter(tags={EXECUTION_ID_TAG: execution_id}), limit=10)
+    undo), so it does not wait forever. An execution not launched yet is left alone. A member of
+    batch ``batch_id`` is looked up by its batch's runs (tag ``lifecycle/batch``)."""
+    tag = {BATCH_TAG: batch_id} if batch_id else {EXECUTION_ID_TAG: execution_id}
+    runs = instance.get_runs(dg.RunsFilter(tags=tag), limit=10)
     if not runs:
         return
     now = datetime.now(UTC).timestamp()
@@ -343,11 +362,22 @@ def reconciler(compensation_jobs: Sequence[dg.JobDefinition]) -> dg.SensorDefini
 LAUNCH_BATCH = 100
 
 
-def launch_requests(jobs: Sequence[str], dsn: str) -> Iterator[dg.RunRequest]:
+#: batches formed per batched job and tick at most
+BATCHES_PER_TICK = 20
+
+
+def launch_requests(
+    jobs: Sequence[str], dsn: str, batched: Mapping[str, BatchPlan] | None = None
+) -> Iterator[dg.RunRequest]:
     """The run requests of one launch tick (see the module docstring): the oldest
-    :data:`LAUNCH_BATCH` pending rows of the loaded ``jobs`` (rows of a version not loaded never
-    take their place: they are given a ``pending_reason`` instead, once)."""
+    :data:`LAUNCH_BATCH` pending rows of the loaded unbatched ``jobs`` (rows of a version not loaded
+    never take their place: they are given a ``pending_reason`` instead, once), then the batch runs
+    of the ``batched`` jobs (job name -> its plan: docs/batches.md): pending rows are grouped into
+    batches (``lifecycle.batch_form``) and every batch no run has bound yet is requested, run key
+    ``batch:<id>``."""
+    batched = dict(batched or {})
     known = sorted(set(jobs))
+    single = [j for j in known if j not in batched]
     with connect(dsn) as conn:
         unloaded = conn.execute(query("unloaded_pending_executions"), {"jobs": known, "limit": LAUNCH_BATCH})
         for r in unloaded.fetchall():
@@ -357,7 +387,18 @@ def launch_requests(jobs: Sequence[str], dsn: str) -> Iterator[dg.RunRequest]:
                 reason=f"job {job_name(r['workflow_name'], r['version'])} is not loaded: "
                 "reload the code location to pick up this version",
             )
-        rows = conn.execute(query("launchable_executions"), {"jobs": known, "limit": LAUNCH_BATCH}).fetchall()
+        rows = conn.execute(query("launchable_executions"), {"jobs": single, "limit": LAUNCH_BATCH}).fetchall()
+        for plan in sorted(set(batched.values())):
+            for _ in range(BATCHES_PER_TICK):
+                formed = batch_form(
+                    conn,
+                    definition_id=plan.definition_id,
+                    max_executions=plan.max_executions,
+                    max_wait_s=plan.max_wait_s,
+                )
+                if formed is None:
+                    break
+        unlaunched = conn.execute(query("batches_unlaunched"), {"limit": LAUNCH_BATCH}).fetchall()
     for r in rows:
         yield dg.RunRequest(
             run_key=r["execution_id"],
@@ -368,16 +409,31 @@ def launch_requests(jobs: Sequence[str], dsn: str) -> Iterator[dg.RunRequest]:
                 "lifecycle/version": str(r["version"]),
             },
         )
+    for b in unlaunched:
+        job = job_name(b["name"], b["version"])
+        if job not in known:
+            continue  # its version is not loaded here (yet)
+        yield dg.RunRequest(
+            run_key=f"batch:{b['batch_id']}",
+            job_name=job,
+            tags={
+                BATCH_TAG: b["batch_id"],
+                BATCH_SIZE_TAG: str(b["size"]),
+                "lifecycle/workflow": b["name"],
+                "lifecycle/version": str(b["version"]),
+            },
+        )
 
 
 def launch_sensor(jobs: Sequence[dg.JobDefinition]) -> dg.SensorDefinition:
     """The launch sensor over the forward ``jobs``."""
+    batched = {j.name: plan for j in jobs if (plan := batch_plan(j)) is not None}
     return _tick_sensor(
         "lifecycle_launch_sensor",
         jobs,
         4,  # a steady 5 s cadence (see sensor_interval_s)
-        "Launches executions inserted as pending (run key = execution id).",
-        lambda _instance, names, dsn: launch_requests(names, dsn),
+        "Launches executions inserted as pending (run key = execution id; a batched version's in batch runs).",
+        lambda _instance, names, dsn: launch_requests(names, dsn, batched),
     )
 
 

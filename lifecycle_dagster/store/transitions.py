@@ -258,6 +258,30 @@ class CapabilityLimitStatus(StatusCode):
     UNCHANGED = "unchanged"
 
 
+class BatchMemberStatus(StatusCode):
+    """What ``lifecycle.batch_ensure`` did with one member: ``bound`` to the run (started), or it
+    left the batch: ``stopped`` (cancelled, taken over) or ``not_runnable`` (a transition refused it)."""
+
+    BOUND = "bound"
+    STOPPED = "stopped"
+    NOT_RUNNABLE = "not_runnable"
+
+
+class BatchStartState(StatusCode):
+    """``lifecycle.batch_stage_start``: per member, ``started`` (an attempt), ``completed`` (done by
+    an earlier run), what the op leaves alone (the :class:`StageReadiness` codes), or that the member
+    left the batch (``stopped``, ``not_runnable``)."""
+
+    STARTED = "started"
+    COMPLETED = "completed"
+    SKIPPED = "skipped"
+    WAITING = "waiting"
+    BLOCKED = "blocked"
+    ENDED = "ended"
+    STOPPED = "stopped"
+    NOT_RUNNABLE = "not_runnable"
+
+
 #: the enum of each SQL function that returns a status code (tests/sql/test_transitions.py pins these to sql/schema)
 STATUS_ENUMS: dict[str, type[StrEnum]] = {
     "lifecycle.stage_complete": StageCompleteStatus,
@@ -1004,3 +1028,184 @@ def executions_prune(
         execution_ids=tuple(row["execution_ids"] or ()),
         run_ids=tuple(row["run_ids"] or ()),
     )
+
+
+# -- batches (sql/schema/17_batches.sql, docs/batches.md) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FormedBatch:
+    """``lifecycle.batch_form``: a new batch's id and how many executions it carries."""
+
+    id: str
+    size: int
+
+
+def batch_form(conn: Connection, *, definition_id: str, max_executions: int, max_wait_s: float) -> FormedBatch | None:
+    """``lifecycle.batch_form``: group up to ``max_executions`` pending executions of the definition
+    into a new batch, or None (none pending, or not full and the oldest has waited less than
+    ``max_wait_s`` seconds)."""
+    params = {"definition_id": definition_id, "max_executions": max_executions, "max_wait_s": max_wait_s}
+    row = conn.execute(query("batch_form"), params).fetchone()
+    return None if row is None else FormedBatch(id=str(row["batch_id"]), size=int(row["size"]))
+
+
+@dataclass(frozen=True)
+class BatchMember:
+    """One member's row of ``lifecycle.batch_ensure``; ``message`` says why it left (else None)."""
+
+    execution_id: str
+    status: BatchMemberStatus
+    message: str | None
+
+
+def batch_ensure(conn: Connection, *, batch_id: str, definition_id: str, run_id: str) -> list[BatchMember]:
+    """``lifecycle.batch_ensure``: bind every live member of the batch (and the batch) to the run."""
+    rows = conn.execute(
+        query("batch_ensure"), {"batch_id": batch_id, "definition_id": definition_id, "run_id": run_id}
+    ).fetchall()
+    return [
+        BatchMember(
+            execution_id=str(r["execution_id"]),
+            status=parse_status(BatchMemberStatus, "lifecycle.batch_ensure", r["status"]),
+            message=_text(r["message"]),
+        )
+        for r in rows
+    ]
+
+
+@dataclass(frozen=True)
+class BatchStart:
+    """One member's row of ``lifecycle.batch_stage_start``: its state, and for ``started`` or
+    ``completed`` the start's columns (``started``: None ids when no agent may be called)."""
+
+    execution_id: str
+    state: BatchStartState
+    started: StartedStage | None
+    message: str | None
+
+
+def batch_stage_start(
+    conn: Connection,
+    *,
+    batch_id: str,
+    run_id: str,
+    stage_id: str,
+    capability: str,
+    ancestors: Mapping[str, str],
+    timeout_s: float | None,
+    max_attempts: int,
+) -> list[BatchStart]:
+    """``lifecycle.batch_stage_start``: start the stage for every live member of the batch."""
+    params = {
+        "batch_id": batch_id,
+        "run_id": run_id,
+        "stage_id": stage_id,
+        "capability": capability,
+        "ancestors": Jsonb(dict(ancestors)),
+        "timeout_s": timeout_s,
+        "max_attempts": max_attempts,
+    }
+    out = []
+    for r in conn.execute(query("batch_stage_start"), params).fetchall():
+        state = parse_status(BatchStartState, "lifecycle.batch_stage_start", r["state"])
+        started = None
+        if state in (BatchStartState.STARTED, BatchStartState.COMPLETED):
+            kind = r["agent_kind"]
+            started = StartedStage(
+                log_id=str(r["log_id"]),
+                task_id=_text(r["task_id"]),
+                agent_id=_text(r["agent_id"]),
+                agent_name=_text(r["agent_name"]),
+                agent_kind=None if kind is None else parse_status(AgentKind, "lifecycle.batch_stage_start", kind),
+                input_data=r["input_data"],
+                attempt=int(r["attempt_number"]),
+                already_completed=state is BatchStartState.COMPLETED,
+                output=dict(r["output_data"] or {}),
+            )
+        out.append(BatchStart(str(r["execution_id"]), state, started, _text(r["message"])))
+    return out
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One outcome for ``lifecycle.batch_stage_record``: ``outcome`` completed (with ``output``),
+    retry (after ``delay_s`` seconds) or failed (with the error's message, code and class)."""
+
+    execution_id: str
+    log_id: str
+    task_id: str | None
+    attempt: int
+    outcome: str
+    output: Mapping[str, Any] | None = None
+    error: str | None = None
+    error_code: str | None = None
+    error_class: str | None = None
+    delay_s: float | None = None
+
+
+@dataclass(frozen=True)
+class BatchRecorded:
+    """One row of ``lifecycle.batch_stage_record``: the transition's status code (a
+    :class:`StageCompleteStatus`, :class:`StageRetryStatus` or :class:`StageFailStatus` value), or
+    ``error`` with the SQLSTATE and message of a data error (the output was refused)."""
+
+    execution_id: str
+    log_id: str
+    status: str
+    error_state: str | None
+    message: str | None
+
+
+_RECORD_ENUMS: dict[str, type[StatusCode]] = {
+    "completed": StageCompleteStatus,
+    "retry": StageRetryStatus,
+    "failed": StageFailStatus,
+}
+
+
+def batch_stage_record(conn: Connection, *, results: list[BatchResult]) -> dict[str, BatchRecorded]:
+    """``lifecycle.batch_stage_record``: record every outcome in one statement; by log id.
+
+    Raises:
+        UnknownStatusError: a status code the matching transition's enum does not know.
+    """
+    if not results:
+        return {}
+    payload = [
+        {
+            "execution_id": r.execution_id,
+            "log_id": r.log_id,
+            "task_id": r.task_id,
+            "attempt": r.attempt,
+            "outcome": r.outcome,
+            "output": None if r.output is None else dict(r.output),
+            "error": r.error,
+            "error_code": r.error_code,
+            "error_class": r.error_class,
+            "delay_s": r.delay_s,
+        }
+        for r in results
+    ]
+    outcome_of = {r.log_id: r.outcome for r in results}
+    out: dict[str, BatchRecorded] = {}
+    for row in conn.execute(query("batch_stage_record"), {"results": Jsonb(payload)}).fetchall():
+        status = str(row["status"])
+        if status != "error":
+            status = parse_status(_RECORD_ENUMS[outcome_of[str(row["log_id"])]], "lifecycle.batch_stage_record", status)
+        out[str(row["log_id"])] = BatchRecorded(
+            str(row["execution_id"]), str(row["log_id"]), status, _text(row["error_state"]), _text(row["message"])
+        )
+    return out
+
+
+def batch_stage_edges(conn: Connection, *, batch_id: str, run_id: str, stage_id: str) -> tuple[str, ...]:
+    """``lifecycle.batch_stage_edges``: the child stages whose edge fired for any live member, sorted."""
+    rows = conn.execute(query("batch_stage_edges"), {"batch_id": batch_id, "run_id": run_id, "stage_id": stage_id})
+    return tuple(str(r["target"]) for r in rows.fetchall())
+
+
+def batch_leave(conn: Connection, *, execution_id: str, reason: str) -> None:
+    """``lifecycle.batch_leave``: the member leaves its batch with ``reason`` (``stopped``,
+    ``not_runnable``, ``retry``, ``failed``); no-op when it has left already."""
+    conn.execute(query("batch_leave"), {"execution_id": execution_id, "reason": reason})

@@ -164,8 +164,8 @@ BEGIN
     INSERT INTO public.workflow_executions AS e (workflow_definition_id, status, context, dagster_run_id,
                                           created_at, updated_at)
     VALUES (p_definition_id, 'pending', coalesce(p_context, '{}'::jsonb), p_run_id, p_now, p_now)
-    ON CONFLICT (dagster_run_id) DO NOTHING;
-    SELECT * INTO v FROM public.workflow_executions e WHERE e.dagster_run_id = p_run_id FOR UPDATE;
+    ON CONFLICT (dagster_run_id) WHERE batch_id IS NULL DO NOTHING;  -- one run, one execution (outside batches)
+    SELECT * INTO v FROM public.workflow_executions e WHERE e.dagster_run_id = p_run_id AND e.batch_id IS NULL FOR UPDATE;
     IF v.workflow_definition_id <> p_definition_id THEN
       RAISE EXCEPTION 'Dagster run % already executes definition %, not %',
         p_run_id, v.workflow_definition_id, p_definition_id
@@ -382,7 +382,8 @@ GRANT ALL ON FUNCTION lifecycle.execution_schedule(p_definition_id uuid, p_tick 
 -- lifecycle.executions_launchable
 -- p_jobs: the job names the code location has loaded (<name>__v<version>, as
 -- lifecycle_dagster.location.job_factory.job_name makes them): rows of other versions never take
--- a place in the batch, so they cannot keep launchable rows waiting
+-- a place in the batch, so they cannot keep launchable rows waiting. Batched versions are not in
+-- p_jobs (lifecycle_dagster.location.sensors): their rows go to lifecycle.batch_form.
 CREATE OR REPLACE FUNCTION lifecycle.executions_launchable(p_jobs text[], p_limit integer DEFAULT 100) RETURNS TABLE(execution_id uuid, workflow_name text, version integer, created_at timestamp with time zone, pending_reason text)
     LANGUAGE sql STABLE
     AS $$
@@ -390,6 +391,8 @@ CREATE OR REPLACE FUNCTION lifecycle.executions_launchable(p_jobs text[], p_limi
   FROM public.workflow_executions e JOIN public.workflow_definitions d ON d.id = e.workflow_definition_id
   WHERE e.status = 'pending' AND e.dagster_run_id IS NULL
     AND d.name || '__v' || d.version::text = ANY (p_jobs)
+    -- a batch's member is launched with its batch (lifecycle.batch_form)
+    AND NOT EXISTS (SELECT 1 FROM lifecycle.batch_members m WHERE m.execution_id = e.id)
   ORDER BY e.created_at, e.id
   LIMIT p_limit
 $$;
