@@ -45,10 +45,6 @@ CREATE TABLE lifecycle.batch_members (
 
 CREATE INDEX lifecycle_batch_members_batch_idx ON lifecycle.batch_members (batch_id, execution_id);
 
--- internal tables: no client role reads them (row level security on, no policy)
-ALTER TABLE lifecycle.batches ENABLE ROW LEVEL SECURITY;
-ALTER TABLE lifecycle.batch_members ENABLE ROW LEVEL SECURITY;
-
 -- the batch an execution was launched in (NULL: it ran alone); batch members share their batch's
 -- Dagster run, so one run per execution holds only for executions outside a batch
 ALTER TABLE public.workflow_executions ADD COLUMN batch_id uuid;

@@ -93,6 +93,10 @@ ALTER TABLE lifecycle.capability_limits NO FORCE ROW LEVEL SECURITY;
 -- rls lifecycle_rate_buckets
 ALTER TABLE lifecycle.rate_buckets ENABLE ROW LEVEL SECURITY;
 ALTER TABLE lifecycle.rate_buckets NO FORCE ROW LEVEL SECURITY;
+ALTER TABLE lifecycle.batches ENABLE ROW LEVEL SECURITY;
+ALTER TABLE lifecycle.batches NO FORCE ROW LEVEL SECURITY;
+ALTER TABLE lifecycle.batch_members ENABLE ROW LEVEL SECURITY;
+ALTER TABLE lifecycle.batch_members NO FORCE ROW LEVEL SECURITY;
 
 -- rls lifecycle.schema_files
 ALTER TABLE lifecycle.schema_files ENABLE ROW LEVEL SECURITY;
@@ -310,6 +314,10 @@ GRANT ALL ON TABLE lifecycle.capability_limits TO service_role;
 -- privileges lifecycle_rate_buckets
 REVOKE ALL ON TABLE lifecycle.rate_buckets FROM PUBLIC, anon, authenticated, service_role;
 GRANT ALL ON TABLE lifecycle.rate_buckets TO service_role;
+REVOKE ALL ON TABLE lifecycle.batches FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON TABLE lifecycle.batches TO service_role;
+REVOKE ALL ON TABLE lifecycle.batch_members FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON TABLE lifecycle.batch_members TO service_role;
 
 -- privileges lifecycle_breaker_status
 REVOKE ALL ON TABLE lifecycle.breaker_status FROM PUBLIC, anon, authenticated, service_role;

@@ -32,6 +32,8 @@ OUR_TABLES = [
     "lifecycle.audit_checkpoints",
     "lifecycle.audit_heads",
     "lifecycle.audit_retention_marks",
+    "lifecycle.batch_members",
+    "lifecycle.batches",
     "lifecycle.breaker_outcomes",
     "lifecycle.breakers",
     "lifecycle.capability_limits",
