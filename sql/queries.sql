@@ -898,7 +898,15 @@ FROM lifecycle.batch_ensure(%(batch_id)s, %(definition_id)s, %(run_id)s);
 SELECT execution_id::text AS execution_id, state, log_id::text AS log_id, task_id::text AS task_id,
        agent_id::text AS agent_id, agent_name, agent_kind, input_data, attempt_number, output_data, message
 FROM lifecycle.batch_stage_start(%(batch_id)s, %(run_id)s, %(stage_id)s, %(capability)s, %(ancestors)s,
-                                 %(timeout_s)s, %(max_attempts)s);
+                                 %(timeout_s)s, %(max_attempts)s, %(after)s, %(limit)s);
+
+-- name: rate_limited_agents
+-- Of the given agents, those with a rate limit of their own, or all of them when the capability
+-- has one: a batch asks lifecycle.stage_rate_take for a token only for these.
+SELECT a.id::text AS agent_id FROM agents a
+WHERE a.id::text = ANY(%(agent_ids)s::text[])
+  AND (EXISTS (SELECT 1 FROM lifecycle.agent_rate_limit(a.config))
+       OR EXISTS (SELECT 1 FROM lifecycle.capability_limits c WHERE c.capability = %(capability)s));
 
 -- name: batch_stage_record
 SELECT execution_id::text AS execution_id, log_id::text AS log_id, status, error_state, message

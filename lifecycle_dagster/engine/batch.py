@@ -53,6 +53,7 @@ from lifecycle_dagster.store.transitions import (
     BatchMemberStatus,
     BatchRecorded,
     BatchResult,
+    BatchStart,
     BatchStartState,
     StageCompleteStatus,
     batch_ensure,
@@ -65,6 +66,11 @@ from lifecycle_dagster.store.transitions import (
 
 #: calls of one agent a batch stage op makes at once, unless told otherwise
 DEFAULT_CONCURRENCY = 8
+#: members started, then recorded, per statement: each statement is one transaction holding its
+#: members' execution rows (a cancel waits for it) and a subtransaction per member (PostgreSQL keeps
+#: 64 subtransaction ids per backend in shared memory; past that, other sessions' visibility checks
+#: read pg_subtrans), so a large batch goes in chunks of this many
+CHUNK = 50
 
 
 @dataclass(frozen=True)
@@ -131,12 +137,13 @@ def run_batch_stage(
     registry: AgentRegistry,
     concurrency: int = DEFAULT_CONCURRENCY,
     draw: Callable[[], float] = random.random,
+    chunk: int = CHUNK,
 ) -> BatchStageOutcome:
     """Run stage ``spec`` for every live member of batch ``batch_id`` (see the module docstring).
 
     ``conn``: autocommit, shared by the call threads (psycopg serialises its use). ``concurrency``:
     at most this many calls of one agent at a time (>= 1). ``draw``: the backoff jitter's uniform
-    [0, 1) value.
+    [0, 1) value. ``chunk``: members started and recorded per transaction (>= 1).
 
     Raises:
         psycopg.OperationalError: the database could not be reached (the op runs the stage again:
@@ -146,16 +153,44 @@ def run_batch_stage(
     t0 = time.perf_counter()
     states: Counter[str] = Counter()
     left: dict[str, str] = {}
-    starts = batch_stage_start(
-        conn,
+    calls = 0
+    after: str | None = None
+    while True:
+        starts = batch_stage_start(
+            conn,
+            batch_id=batch_id,
+            run_id=run_id,
+            stage_id=spec.stage_id,
+            capability=spec.capability,
+            ancestors=spec.ancestors,
+            timeout_s=spec.timeout_s,
+            max_attempts=spec.policy.max_attempts,
+            after=after,
+            limit=chunk,
+        )
+        attempts = _attempts(spec, starts, states, left)
+        results = _call_all(conn, spec, attempts, registry, concurrency)
+        _record(conn, spec, results, draw, states, left)
+        calls += len(attempts)
+        if len(starts) < chunk:
+            break
+        after = starts[-1].execution_id
+    fired = batch_stage_edges(conn, batch_id=batch_id, run_id=run_id, stage_id=spec.stage_id)
+    return BatchStageOutcome(
         batch_id=batch_id,
-        run_id=run_id,
         stage_id=spec.stage_id,
-        capability=spec.capability,
-        ancestors=spec.ancestors,
-        timeout_s=spec.timeout_s,
-        max_attempts=spec.policy.max_attempts,
+        states=dict(states),
+        fired=fired,
+        left=left,
+        calls=calls,
+        duration_ms=(time.perf_counter() - t0) * 1000.0,
     )
+
+
+def _attempts(
+    spec: StageSpec, starts: Sequence[BatchStart], states: Counter[str], left: dict[str, str]
+) -> list[Attempt]:
+    """The started attempts of one chunk; the other members counted in ``states`` (and ``left``)."""
     attempts: list[Attempt] = []
     for s in starts:
         if s.state is BatchStartState.STARTED and s.started is not None:
@@ -164,18 +199,7 @@ def run_batch_stage(
         states[s.state.value] += 1
         if s.state in (BatchStartState.STOPPED, BatchStartState.NOT_RUNNABLE):
             left[s.execution_id] = f"{s.state.value}: {s.message or ''}".rstrip(": ")
-    results = _call_all(conn, spec, attempts, registry, concurrency)
-    _record(conn, spec, results, draw, states, left)
-    fired = batch_stage_edges(conn, batch_id=batch_id, run_id=run_id, stage_id=spec.stage_id)
-    return BatchStageOutcome(
-        batch_id=batch_id,
-        stage_id=spec.stage_id,
-        states=dict(states),
-        fired=fired,
-        left=left,
-        calls=len(attempts),
-        duration_ms=(time.perf_counter() - t0) * 1000.0,
-    )
+    return attempts
 
 
 #: what one call gave: the attempt as it ended, and its output, completion, error or stop
@@ -192,11 +216,18 @@ def _call_all(
     bounds: dict[str, threading.BoundedSemaphore] = {}
     for a in attempts:
         bounds.setdefault(a.agent_name, threading.BoundedSemaphore(max(1, concurrency)))
+    agent_ids = sorted({a.agent_id for a in attempts if a.agent_id})
+    limited = {
+        str(r["agent_id"])
+        for r in conn.execute(
+            query("rate_limited_agents"), {"agent_ids": agent_ids, "capability": spec.capability}
+        ).fetchall()
+    }
 
     def one(attempt: Attempt) -> _Called:
         with bounds[attempt.agent_name]:
             try:
-                return call_step(conn, spec, attempt, registry, False)
+                return call_step(conn, spec, attempt, registry, False, attempt.agent_id in limited)
             except StageError as exc:  # the call may not happen or its task was cancelled: this member stops
                 return attempt, exc
 

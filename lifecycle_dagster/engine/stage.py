@@ -374,10 +374,17 @@ def _attempt_span(spec: StageSpec, attempt: Attempt, start_ns: int) -> Iterator[
 
 
 def call_step(
-    conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRegistry, listen: bool
+    conn: Connection,
+    spec: StageSpec,
+    attempt: Attempt,
+    registry: AgentRegistry,
+    listen: bool,
+    rate_limited: bool = True,
 ) -> tuple[Attempt, StageOutcome | AgentOutput | AttemptError]:
     """The call step: no agent may be called, wait for the queue task, or call the agent. Returns
-    the attempt (moved on when a queue task's lease was reaped) and what the call gave."""
+    the attempt (moved on when a queue task's lease was reaped) and what the call gave.
+    ``rate_limited`` False: the caller knows that neither the agent nor the capability has a rate
+    limit (no token is asked for: ``lifecycle.stage_rate_take`` would grant it and write nothing)."""
     if attempt.agent_kind is None:
         return attempt, _unrouted(conn, spec)
     kind = SpanKind.CLIENT if attempt.agent_kind is AgentKind.HTTP else SpanKind.INTERNAL
@@ -387,7 +394,7 @@ def call_step(
         if attempt.agent_kind is AgentKind.QUEUE:
             current, result = _await_queue_task(conn, spec, attempt, listen=listen)
         else:
-            result = _call(conn, spec, attempt, registry)
+            result = _call(conn, spec, attempt, registry, rate_limited)
         if isinstance(result, AttemptError):
             tracing.end_with(span, "failed", result.code, result.message)
         else:
@@ -507,7 +514,9 @@ def _execution_stopped(conn: Connection, execution_id: str) -> bool:
     return row is None or row["status"] != "in_progress"
 
 
-def _call(conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRegistry) -> AgentOutput | AttemptError:
+def _call(
+    conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRegistry, rate_limited: bool = True
+) -> AgentOutput | AttemptError:
     """Call an in-process (registry) or http agent: its checked output, or why the attempt failed."""
     name = attempt.agent_name
     try:
@@ -521,7 +530,8 @@ def _call(conn: Connection, spec: StageSpec, attempt: Attempt, registry: AgentRe
         )
     except AgentError as exc:
         return AttemptError(exc.code, safe_text(exc), False, type(exc).__name__, cause=exc)
-    _take_token(conn, spec, attempt)
+    if rate_limited:
+        _take_token(conn, spec, attempt)
     t0 = time.perf_counter()
     stopped = functools.partial(_execution_stopped, conn, attempt.execution_id)
     try:

@@ -1095,9 +1095,14 @@ def batch_stage_start(
     ancestors: Mapping[str, str],
     timeout_s: float | None,
     max_attempts: int,
+    after: str | None = None,
+    limit: int | None = None,
 ) -> list[BatchStart]:
-    """``lifecycle.batch_stage_start``: start the stage for every live member of the batch."""
+    """``lifecycle.batch_stage_start``: start the stage for the batch's live members (the next
+    ``limit`` after execution id ``after``; None: all), in execution id order."""
     params = {
+        "after": after,
+        "limit": limit,
         "batch_id": batch_id,
         "run_id": run_id,
         "stage_id": stage_id,

@@ -614,13 +614,17 @@ GRANT ALL ON FUNCTION lifecycle.dag_float(p_value jsonb) TO service_role;
 
 -- lifecycle.dag_has_stage
 CREATE OR REPLACE FUNCTION lifecycle.dag_has_stage(p_definition_id uuid, p_stage_id text) RETURNS boolean
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     AS $$
-  SELECT EXISTS (
+BEGIN
+  -- plpgsql, not sql: its plan is kept for the session (a SQL function that is not inlined is
+  -- planned again on every call, and a trigger calls this one for every stage log written)
+  RETURN EXISTS (
     SELECT 1 FROM public.workflow_definitions d, jsonb_array_elements(
       CASE WHEN jsonb_typeof(d.dag_schema -> 'stages') = 'array' THEN d.dag_schema -> 'stages' ELSE '[]'::jsonb END
     ) s
-    WHERE d.id = p_definition_id AND s ->> 'id' = p_stage_id)
+    WHERE d.id = p_definition_id AND s ->> 'id' = p_stage_id);
+END
 $$;
 
 REVOKE ALL ON FUNCTION lifecycle.dag_has_stage(p_definition_id uuid, p_stage_id text) FROM PUBLIC, anon, authenticated, service_role;

@@ -52,6 +52,7 @@ DECLARE
   v_exec   public.workflow_executions;
   v_log    public.workflow_execution_logs;
   v_reason text;
+  v_problem text;
 BEGIN
   -- GUARD: output is a JSON object
   IF jsonb_typeof(p_output) IS DISTINCT FROM 'object' THEN
@@ -59,9 +60,9 @@ BEGIN
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
   -- GUARD: an `end` in it is well formed (docs/branches.md)
-  v_reason := lifecycle.end_problem(p_output);
-  IF v_reason IS NOT NULL THEN
-    RAISE EXCEPTION '%', v_reason USING ERRCODE = 'invalid_parameter_value';
+  v_problem := lifecycle.end_problem(p_output);
+  IF v_problem IS NOT NULL THEN
+    RAISE EXCEPTION '%', v_problem USING ERRCODE = 'invalid_parameter_value';
   END IF;
 
   -- LOCK: execution, then stage log

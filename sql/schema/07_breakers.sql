@@ -95,11 +95,14 @@ GRANT ALL ON FUNCTION lifecycle.breaker_caller_fault(p_error_code text) TO servi
 
 -- lifecycle.breaker_config
 CREATE OR REPLACE FUNCTION lifecycle.breaker_config(p_scope text, p_key text) RETURNS jsonb
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     AS $$
-  SELECT lifecycle.breaker_defaults()
+BEGIN
+  -- plpgsql: its plan is kept for the session (see lifecycle.dag_has_stage)
+  RETURN lifecycle.breaker_defaults()
          || coalesce((SELECT nullif(a.config -> 'breaker', 'null'::jsonb) FROM public.agents a
-                      WHERE p_scope = 'agent' AND a.id::text = p_key), '{}'::jsonb)
+                      WHERE p_scope = 'agent' AND a.id::text = p_key), '{}'::jsonb);
+END
 $$;
 
 REVOKE ALL ON FUNCTION lifecycle.breaker_config(p_scope text, p_key text) FROM PUBLIC, anon, authenticated, service_role;

@@ -9,7 +9,6 @@
 -- declared (`next` before `edges`; validated DAGs declare both alike).
 CREATE OR REPLACE FUNCTION lifecycle.dag_edges(p_dag jsonb) RETURNS TABLE(source text, target text, when_pattern jsonb, unless_pattern jsonb)
     LANGUAGE sql IMMUTABLE
-    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
   SELECT DISTINCT ON (x.source, x.target) x.source, x.target, x.when_pattern, x.unless_pattern
   FROM (
@@ -38,12 +37,18 @@ GRANT ALL ON FUNCTION lifecycle.dag_edges(p_dag jsonb) TO service_role;
 -- lifecycle.edge_fires: whether an edge whose upstream stage completed with p_output fires
 -- (lifecycle_dagster.core.conditions.edge_fires is the same rule; tests/condition_cases.json).
 CREATE OR REPLACE FUNCTION lifecycle.edge_fires(p_when jsonb, p_unless jsonb, p_output jsonb, p_context jsonb) RETURNS boolean
-    LANGUAGE sql IMMUTABLE
-    SET search_path TO 'pg_catalog', 'pg_temp'
+    LANGUAGE plpgsql IMMUTABLE
     AS $$
-  SELECT (p_when IS NULL OR d.doc @> p_when) AND (p_unless IS NULL OR NOT d.doc @> p_unless)
-    FROM (SELECT jsonb_build_object('output', coalesce(p_output, '{}'::jsonb),
-                                    'context', coalesce(p_context, '{}'::jsonb)) AS doc) d
+DECLARE
+  v_doc jsonb;
+BEGIN
+  -- plpgsql: its plan is kept for the session (see lifecycle.dag_has_stage)
+  IF p_when IS NULL AND p_unless IS NULL THEN
+    RETURN true;
+  END IF;
+  v_doc := jsonb_build_object('output', coalesce(p_output, '{}'::jsonb), 'context', coalesce(p_context, '{}'::jsonb));
+  RETURN (p_when IS NULL OR v_doc @> p_when) AND (p_unless IS NULL OR NOT v_doc @> p_unless);
+END
 $$;
 
 REVOKE ALL ON FUNCTION lifecycle.edge_fires(p_when jsonb, p_unless jsonb, p_output jsonb, p_context jsonb) FROM PUBLIC, anon, authenticated, service_role;
@@ -68,10 +73,12 @@ GRANT ALL ON FUNCTION lifecycle.dag_stage(p_dag jsonb, p_stage_id text) TO servi
 -- lifecycle.end_problem: what is wrong with a stage output's `end` (NULL: no `end`, or a good one).
 -- {"end": {"outcome": "<name>", "reason": "<at most 1000 characters>"}}
 CREATE OR REPLACE FUNCTION lifecycle.end_problem(p_output jsonb) RETURNS text
-    LANGUAGE sql IMMUTABLE
+    LANGUAGE plpgsql IMMUTABLE
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
-  SELECT CASE
+BEGIN
+  -- plpgsql: its plan is kept for the session (see lifecycle.dag_has_stage)
+  RETURN CASE
     WHEN NOT (p_output ? 'end') THEN NULL
     WHEN jsonb_typeof(p_output -> 'end') <> 'object' THEN 'output.end must be an object {"outcome", "reason"}'
     WHEN EXISTS (SELECT 1 FROM jsonb_object_keys(p_output -> 'end') k WHERE k NOT IN ('outcome', 'reason'))
@@ -82,7 +89,8 @@ CREATE OR REPLACE FUNCTION lifecycle.end_problem(p_output jsonb) RETURNS text
     WHEN p_output #> '{end}' ? 'reason' AND (jsonb_typeof(p_output #> '{end,reason}') <> 'string'
                                              OR length(p_output #>> '{end,reason}') > 1000)
       THEN 'output.end.reason must be a string of at most 1000 characters'
-  END
+  END;
+END
 $$;
 
 REVOKE ALL ON FUNCTION lifecycle.end_problem(p_output jsonb) FROM PUBLIC, anon, authenticated, service_role;
@@ -95,7 +103,6 @@ GRANT ALL ON FUNCTION lifecycle.end_problem(p_output jsonb) TO service_role;
 -- fired. Root stages are not listed.
 CREATE OR REPLACE FUNCTION lifecycle.execution_frontier(p_execution_id uuid, p_dag jsonb, p_context jsonb) RETURNS TABLE(stage_id text, state text, edges jsonb)
     LANGUAGE sql STABLE
-    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
   WITH lg AS (
     SELECT l.stage_id, l.status, l.output_data FROM public.workflow_execution_logs l
@@ -157,11 +164,12 @@ CREATE OR REPLACE FUNCTION lifecycle.execution_advance(p_execution_id uuid, p_no
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_exec  public.workflow_executions;
-  v_dag   jsonb;
-  v_skip  record;
-  v_n     integer;
-  v_state record;
+  v_exec    public.workflow_executions;
+  v_dag     jsonb;
+  v_targets text[];
+  v_skip    record;
+  v_n       integer;
+  v_state   record;
 BEGIN
   -- LOCK: execution (the caller's lock, taken again)
   SELECT * INTO v_exec FROM public.workflow_executions e WHERE e.id = p_execution_id FOR UPDATE;
@@ -169,6 +177,8 @@ BEGIN
     RETURN v_exec.status;
   END IF;
   SELECT d.dag_schema INTO v_dag FROM public.workflow_definitions d WHERE d.id = v_exec.workflow_definition_id;
+  -- the stages some edge leads to (the others are roots), read once
+  SELECT coalesce(array_agg(DISTINCT e.target), '{}') INTO v_targets FROM lifecycle.dag_edges(v_dag) e;
 
   -- TRANSITION: skip the unreachable stages, cascading (each pass resolves at least one stage)
   LOOP
@@ -187,8 +197,7 @@ BEGIN
          count(*) FILTER (WHERE l.status = 'skipped') AS skipped,
          count(*) FILTER (WHERE l.status = 'waiting') AS waiting,
          count(*) FILTER (WHERE l.status IN ('in_progress', 'pending')
-                             OR (l.status IS NULL AND NOT EXISTS (SELECT 1 FROM lifecycle.dag_edges(v_dag) e
-                                                                  WHERE e.target = s.value ->> 'id'))) AS live,
+                             OR (l.status IS NULL AND NOT (s.value ->> 'id' = ANY (v_targets)))) AS live,
          jsonb_agg(s.value ->> 'id' ORDER BY s.value ->> 'id') FILTER (WHERE l.status = 'waiting') AS waiting_ids
     INTO v_state
     FROM jsonb_array_elements(v_dag -> 'stages') s
@@ -283,7 +292,6 @@ GRANT ALL ON FUNCTION lifecycle.execution_end(p_execution_id uuid, p_stage_id te
 -- start itself refuses a stage of a stopped execution), 'unknown' (no such execution).
 CREATE OR REPLACE FUNCTION lifecycle.stage_readiness(p_execution_id uuid, p_stage_id text) RETURNS text
     LANGUAGE plpgsql STABLE
-    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_exec   public.workflow_executions;
@@ -335,7 +343,6 @@ GRANT ALL ON FUNCTION lifecycle.stage_readiness(p_execution_id uuid, p_stage_id 
 -- and lifecycle.stage_start that it may not run. The op yields the outputs of the fired ones.
 CREATE OR REPLACE FUNCTION lifecycle.stage_edges(p_execution_id uuid, p_stage_id text) RETURNS TABLE(target text, fired boolean)
     LANGUAGE sql STABLE
-    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
   SELECT e.target,
          coalesce(l.status = 'completed' AND t.status IS DISTINCT FROM 'skipped'

@@ -157,8 +157,10 @@ GRANT ALL ON FUNCTION lifecycle.batch_ensure(p_batch_id uuid, p_definition_id uu
 -- lifecycle.stage_start with resume). One row per member: `state` is the readiness code the op
 -- leaves alone ('skipped', 'waiting', 'blocked', 'ended'), 'started' (an attempt: the start's
 -- columns), 'completed' (done by an earlier run: its output), or 'stopped' / 'not_runnable'
--- (the member left the batch; `message` says why).
-CREATE OR REPLACE FUNCTION lifecycle.batch_stage_start(p_batch_id uuid, p_run_id text, p_stage_id text, p_capability text, p_ancestors jsonb DEFAULT '{}'::jsonb, p_timeout_s double precision DEFAULT NULL::double precision, p_max_attempts integer DEFAULT NULL::integer, p_now timestamp with time zone DEFAULT now()) RETURNS TABLE(execution_id uuid, state text, log_id uuid, task_id uuid, agent_id uuid, agent_name text, agent_kind text, input_data jsonb, attempt_number integer, output_data jsonb, message text)
+-- (the member left the batch; `message` says why). p_after, p_limit: only the next p_limit members
+-- after execution id p_after (NULL: all), so that a large batch is started in short transactions
+-- (each holds its members' execution rows, and a subtransaction per member, until it commits).
+CREATE OR REPLACE FUNCTION lifecycle.batch_stage_start(p_batch_id uuid, p_run_id text, p_stage_id text, p_capability text, p_ancestors jsonb DEFAULT '{}'::jsonb, p_timeout_s double precision DEFAULT NULL::double precision, p_max_attempts integer DEFAULT NULL::integer, p_after uuid DEFAULT NULL::uuid, p_limit integer DEFAULT NULL::integer, p_now timestamp with time zone DEFAULT now()) RETURNS TABLE(execution_id uuid, state text, log_id uuid, task_id uuid, agent_id uuid, agent_name text, agent_kind text, input_data jsonb, attempt_number integer, output_data jsonb, message text)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -171,7 +173,8 @@ DECLARE
 BEGIN
   FOR v_member IN
     SELECT m.execution_id FROM lifecycle.batch_members m
-     WHERE m.batch_id = p_batch_id AND m.left_at IS NULL ORDER BY m.execution_id
+     WHERE m.batch_id = p_batch_id AND m.left_at IS NULL AND (p_after IS NULL OR m.execution_id > p_after)
+     ORDER BY m.execution_id LIMIT p_limit
   LOOP
     execution_id := v_member; log_id := NULL; task_id := NULL; agent_id := NULL; agent_name := NULL;
     agent_kind := NULL; input_data := NULL; attempt_number := NULL; output_data := NULL; message := NULL;
@@ -208,8 +211,8 @@ BEGIN
 END
 $$;
 
-REVOKE ALL ON FUNCTION lifecycle.batch_stage_start(p_batch_id uuid, p_run_id text, p_stage_id text, p_capability text, p_ancestors jsonb, p_timeout_s double precision, p_max_attempts integer, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
-GRANT ALL ON FUNCTION lifecycle.batch_stage_start(p_batch_id uuid, p_run_id text, p_stage_id text, p_capability text, p_ancestors jsonb, p_timeout_s double precision, p_max_attempts integer, p_now timestamp with time zone) TO service_role;
+REVOKE ALL ON FUNCTION lifecycle.batch_stage_start(p_batch_id uuid, p_run_id text, p_stage_id text, p_capability text, p_ancestors jsonb, p_timeout_s double precision, p_max_attempts integer, p_after uuid, p_limit integer, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.batch_stage_start(p_batch_id uuid, p_run_id text, p_stage_id text, p_capability text, p_ancestors jsonb, p_timeout_s double precision, p_max_attempts integer, p_after uuid, p_limit integer, p_now timestamp with time zone) TO service_role;
 
 
 -- lifecycle.batch_stage_record: record the outcomes of a batch's attempts of one stage, each as
@@ -281,7 +284,6 @@ GRANT ALL ON FUNCTION lifecycle.batch_stage_record(p_results jsonb, p_now timest
 -- database already, and its later ops find it so: lifecycle.stage_readiness)
 CREATE OR REPLACE FUNCTION lifecycle.batch_stage_edges(p_batch_id uuid, p_run_id text, p_stage_id text) RETURNS TABLE(target text)
     LANGUAGE sql STABLE
-    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
   SELECT DISTINCT s.target
   FROM lifecycle.batch_members m
