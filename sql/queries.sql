@@ -474,16 +474,20 @@ LIMIT %(limit)s;
 
 -- name: ops_execution
 -- `lifecycle-dagster status`: one execution (pending_reason read through to_jsonb, so that it is
--- NULL where the column does not exist).
+-- NULL where the column does not exist), with the batch it was launched in, if any.
 SELECT e.id::text AS id, d.name AS workflow, d.version, e.status, e.current_stage, e.created_at,
        e.updated_at, e.dagster_run_id, e.compensation_run_id, e.error_message,
        e.created_by::text AS created_by, to_jsonb(e) ->> 'pending_reason' AS pending_reason,
        to_jsonb(e) ->> 'outcome' AS outcome, to_jsonb(e) ->> 'outcome_reason' AS outcome_reason,
        (e.dagster_run_id IS NULL AND e.status <> 'pending'
         AND (e.status NOT IN ('cancelled', 'compensating', 'rolled_back', 'compensation_failed')
-             OR EXISTS (SELECT 1 FROM workflow_execution_logs l WHERE l.execution_id = e.id))) AS manual
+             OR EXISTS (SELECT 1 FROM workflow_execution_logs l WHERE l.execution_id = e.id))) AS manual,
+       b.id::text AS batch_id, b.size AS batch_size, b.run_id AS batch_run_id,
+       m.left_at AS batch_left_at, m.left_reason AS batch_left_reason
 FROM workflow_executions e
 JOIN workflow_definitions d ON d.id = e.workflow_definition_id
+LEFT JOIN lifecycle.batch_members m ON m.execution_id = e.id
+LEFT JOIN lifecycle.batches b ON b.id = m.batch_id
 WHERE e.id = %(execution_id)s;
 
 -- name: ops_execution_stages

@@ -167,6 +167,8 @@ def status_cmd(execution_id: str, as_json: bool) -> None:
     click.echo(f"  stage:    {_cell(e['current_stage'])}")
     click.echo(f"  created:  {_cell(e['created_at'])}  updated: {_cell(e['updated_at'])}")
     click.echo(f"  run:      {'manual' if e['manual'] else _cell(e['dagster_run_id'])}")
+    if e["batch_id"]:
+        click.echo(f"  batch:    {_batch_line(e)}")
     if e["compensation_run_id"]:
         click.echo(f"  undo run: {e['compensation_run_id']}")
     click.echo("")
@@ -184,6 +186,15 @@ def status_cmd(execution_id: str, as_json: bool) -> None:
             for s in stages
         ],
     )
+
+
+def _batch_line(e: Any) -> str:
+    """The batch an execution was launched in: its id, size and run, and whether and why it left."""
+    left = (
+        f"; left it: {e['batch_left_reason']} at {_cell(e['batch_left_at'])}" if e["batch_left_at"] else ""
+    )
+    run = f", run {e['batch_run_id']}" if e["batch_run_id"] else ", not launched yet"
+    return f"{e['batch_id']} ({e['batch_size']} executions{left}){run}"
 
 
 def _waits(stage: dict[str, Any]) -> str | None:

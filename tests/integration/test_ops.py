@@ -195,6 +195,11 @@ def test_status_of_a_completed_and_a_failed_run(runs: dict[str, Any], db: str, d
         "outcome": "completed",
         "outcome_reason": None,
         "manual": False,
+        "batch_id": None,
+        "batch_size": None,
+        "batch_run_id": None,
+        "batch_left_at": None,
+        "batch_left_reason": None,
     }
     assert [
         {k: s[k] for k in ("stage", "capability", "status", "attempts", "duration_s", "agent", "error")}
