@@ -190,9 +190,7 @@ def status_cmd(execution_id: str, as_json: bool) -> None:
 
 def _batch_line(e: Any) -> str:
     """The batch an execution was launched in: its id, size and run, and whether and why it left."""
-    left = (
-        f"; left it: {e['batch_left_reason']} at {_cell(e['batch_left_at'])}" if e["batch_left_at"] else ""
-    )
+    left = f"; left it: {e['batch_left_reason']} at {_cell(e['batch_left_at'])}" if e["batch_left_at"] else ""
     run = f", run {e['batch_run_id']}" if e["batch_run_id"] else ", not launched yet"
     return f"{e['batch_id']} ({e['batch_size']} executions{left}){run}"
 

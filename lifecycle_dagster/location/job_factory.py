@@ -530,9 +530,7 @@ def _run_batch_approval_op(context: dg.OpExecutionContext, spec: StageSpec) -> B
             fired = batch_stage_edges(conn, batch_id=batch_id, run_id=context.run_id, stage_id=spec.stage_id)
     except psycopg.OperationalError as exc:
         raise _retry_when_db_lost(context, spec.stage_id, batch_id, exc) from exc
-    return BatchStageOutcome(
-        batch_id, spec.stage_id, dict(states), fired, left, 0, (time.perf_counter() - t0) * 1000.0
-    )
+    return BatchStageOutcome(batch_id, spec.stage_id, dict(states), fired, left, 0, (time.perf_counter() - t0) * 1000.0)
 
 
 def _approval_op(row: DefinitionRow, dag: Dag, stage_id: str) -> dg.OpDefinition:

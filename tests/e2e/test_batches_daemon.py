@@ -12,7 +12,6 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 import psycopg
@@ -39,7 +38,9 @@ def test_inserted_rows_run_in_batch_runs_through_the_daemon(
 ) -> None:
     name = f"ld_batches_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template_db)))
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template_db))
+        )
     params = conninfo.conninfo_to_dict(server_dsn)
     params["dbname"] = name
     dsn = conninfo.make_conninfo(**params)  # type: ignore[arg-type]
@@ -101,7 +102,9 @@ def test_inserted_rows_run_in_batch_runs_through_the_daemon(
             run = instance.get_run_by_id(b["run_id"])
             assert run is not None and run.status == dg.DagsterRunStatus.SUCCESS  # globex never failed a run
             assert run.tags[BATCH_TAG] == b["id"] and run.tags[BATCH_SIZE_TAG] == str(b["size"])
-        left = rows(dsn, "SELECT left_reason, count(*) AS n FROM lifecycle.batch_members WHERE left_at IS NOT NULL GROUP BY 1")
+        left = rows(
+            dsn, "SELECT left_reason, count(*) AS n FROM lifecycle.batch_members WHERE left_at IS NOT NULL GROUP BY 1"
+        )
         assert {r["left_reason"]: r["n"] for r in left} == {"failed": 2}
         with connect(dsn) as conn:
             assert invariants.check(conn) == []

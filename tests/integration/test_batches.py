@@ -31,7 +31,11 @@ FAST = {"max_attempts": 3, "base_delay_s": 0.05, "max_delay_s": 0.1, "multiplier
 DAG: dict[str, Any] = {
     "defaults": {"retry": FAST},
     "stages": [
-        {"id": "a", "capability": "a", "next": [{"to": "b", "when": {"output": {"go": True}}}, {"to": "c", "unless": {"output": {"go": True}}}]},
+        {
+            "id": "a",
+            "capability": "a",
+            "next": [{"to": "b", "when": {"output": {"go": True}}}, {"to": "c", "unless": {"output": {"go": True}}}],
+        },
         {"id": "b", "capability": "b", "next": ["d"]},
         {"id": "c", "capability": "c", "next": ["d"]},
         {"id": "d", "capability": "d", "next": ["e"]},
@@ -150,7 +154,16 @@ def _run_batched(db: str, instance: Any, contexts: list[dict[str, Any]] = CONTEX
     return res, formed.id, ids
 
 
-_DROP = {"not_before", "task_id", "dagster_run_id", "previous_dagster_run_id", "duration_ms", "log_id", "run_id", "execution_id"}
+_DROP = {
+    "not_before",
+    "task_id",
+    "dagster_run_id",
+    "previous_dagster_run_id",
+    "duration_ms",
+    "log_id",
+    "run_id",
+    "execution_id",
+}
 
 
 def _clean(value: Any) -> Any:
@@ -212,7 +225,7 @@ def _truth(db: str) -> dict[int, dict[str, Any]]:
 def test_a_batch_run_carries_every_execution_to_its_end(db: str, instance: Any) -> None:
     install(db, "wf", DAG, AGENTS)
     contexts = [{"n": i} for i in range(25)]
-    res, batch_id, ids = _run_batched(db, instance, contexts)
+    res, batch_id, _ids = _run_batched(db, instance, contexts)
 
     assert res.success
     done = rows(db, "SELECT status, dagster_run_id FROM workflow_executions")
@@ -227,7 +240,9 @@ def test_a_batch_run_carries_every_execution_to_its_end(db: str, instance: Any) 
         assert invariants.check(conn) == []
 
 
-def test_a_batch_writes_what_one_run_per_execution_writes(new_db: Any, template_db: str, instance: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_batch_writes_what_one_run_per_execution_writes(
+    new_db: Any, template_db: str, instance: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     single, batched = new_db(template_db), new_db(template_db)
     for db in (single, batched):
         install(db, "wf", DAG, AGENTS)
@@ -236,9 +251,11 @@ def test_a_batch_writes_what_one_run_per_execution_writes(new_db: Any, template_
     _run_one_by_one(single, instance)
 
     monkeypatch.setenv("DATABASE_URL", batched)
-    res, batch_id, ids = _run_batched(batched, instance)
+    res, _batch_id, _ids = _run_batched(batched, instance)
     assert res.success  # no member's failure fails the batch run
-    left = rows(batched, "SELECT left_reason, count(*) AS n FROM lifecycle.batch_members WHERE left_at IS NOT NULL GROUP BY 1")
+    left = rows(
+        batched, "SELECT left_reason, count(*) AS n FROM lifecycle.batch_members WHERE left_at IS NOT NULL GROUP BY 1"
+    )
     assert {r["left_reason"]: r["n"] for r in left} == {"failed": 2, "retry": 1}
     row = rows(batched, "SELECT id::text AS id, name, version, description, dag_schema FROM workflow_definitions")[0]
     job = build_job(row)
@@ -275,7 +292,9 @@ def test_a_cancel_mid_batch_stops_only_that_execution(db: str, instance: Any) ->
         def run(self, task: Task) -> dict[str, Any]:
             if task.stage_id == "a" and task.execution_id == ids[0]:
                 with connect(db) as c:
-                    c.execute(query("cancel_execution"), {"execution_id": victim, "reason": "by test", "compensate": True})
+                    c.execute(
+                        query("cancel_execution"), {"execution_id": victim, "reason": "by test", "compensate": True}
+                    )
             return super().run(task)
 
     registry = AgentRegistry([Canceller("A"), *(ScriptAgent(n) for n in "BCDE")])
@@ -319,3 +338,44 @@ def test_batch_form_waits_to_fill_then_takes_the_oldest(db: str) -> None:
     assert full is not None and full.size == 3 and rest is not None and rest.size == 2 and none is None
     members = rows(db, "SELECT batch_id::text AS b, execution_id::text AS e FROM lifecycle.batch_members")
     assert sorted(m["e"] for m in members if m["b"] == full.id) == sorted(ids[:3])
+
+
+SIGN_OFF = {
+    "stages": [
+        {"id": "a", "capability": "a", "next": ["sign_off"]},
+        {
+            "id": "sign_off",
+            "kind": "approval",
+            "approvers": ["role:finance_approver"],
+            "timeout_s": 3600,
+            "on_timeout": "reject",
+            "next": [{"to": "e", "when": {"output": {"decision": "approve"}}}],
+        },
+        {"id": "e", "capability": "e"},
+    ]
+}
+
+
+def test_members_wait_at_an_approval_and_each_is_continued_alone(db: str, instance: Any) -> None:
+    install(db, "wf", SIGN_OFF, {"a": "A", "e": "E"})
+    res, _batch_id, ids = _run_batched(db, instance, [{"n": i} for i in range(3)])
+    assert res.success
+    assert {r["status"] for r in rows(db, "SELECT status FROM workflow_executions")} == {"waiting"}
+    with connect(db) as conn:
+        decided = conn.execute(
+            "SELECT lifecycle.approval_decide(%s, 'sign_off', 'approve', p_actor => 'cli:ops', p_operator => true) AS s",
+            (ids[1],),
+        ).fetchone()
+    assert decided is not None and decided["s"] == "continuing"
+    row = rows(db, "SELECT id::text AS id, name, version, description, dag_schema FROM workflow_definitions")[0]
+    job = build_job(row)
+    reqs = [r for r in resume_requests(instance, [job.name], db) if isinstance(r, dg.RunRequest)]
+    assert [r.tags[EXECUTION_ID_TAG] for r in reqs] == [ids[1]]  # only the decided one, alone
+    cont = job.execute_in_process(
+        instance=instance, tags=dict(reqs[0].tags), raise_on_error=False, resources=_resources()
+    )
+    assert cont.success
+    status = {r["id"]: r["status"] for r in rows(db, "SELECT id::text AS id, status FROM workflow_executions")}
+    assert status == {ids[0]: "waiting", ids[1]: "completed", ids[2]: "waiting"}
+    with connect(db) as conn:
+        assert invariants.check(conn) == []
