@@ -363,7 +363,8 @@ def test_members_wait_at_an_approval_and_each_is_continued_alone(db: str, instan
     assert {r["status"] for r in rows(db, "SELECT status FROM workflow_executions")} == {"waiting"}
     with connect(db) as conn:
         decided = conn.execute(
-            "SELECT lifecycle.approval_decide(%s, 'sign_off', 'approve', p_actor => 'cli:ops', p_operator => true) AS s",
+            "SELECT lifecycle.approval_decide(%s, 'sign_off', 'approve', p_actor => 'cli:ops', p_operator => true)"
+            " AS s",
             (ids[1],),
         ).fetchone()
     assert decided is not None and decided["s"] == "continuing"
