@@ -15,16 +15,17 @@ compensate`` (the default), compensation starts (``lifecycle.compensation_start`
 execution id and idempotent: a failure delivered twice, or a run retried and failed again, changes
 nothing the second time.
 
-``lifecycle_reconciler``: finds what the failure sensor cannot see or missed, every tick: in_progress
-executions whose Dagster run has failed or was canceled (runs of ``lifecycle-dagster run`` and
-``dagster job execute`` have no code-location origin; the sensor may have raised or the daemon been
-down), in_progress executions whose heartbeat is older than ``LIFECYCLE_DAGSTER_HEARTBEAT_TIMEOUT_S``
-(default 120; a killed run worker), pending executions whose run ended or lost its run worker before
-binding them (they are cancelled and rolled back: nothing ran), failed or cancelled executions whose
-compensation is due; and it
-launches the compensation run of every ``compensating`` execution (run key
-``compensate:<execution>``; a compensation run that failed, or whose heartbeat is older than the
-same bound (a killed run worker, a hung process), is taken over by a new one, tagged
+``lifecycle_reconciler``: finds what the failure sensor cannot see or missed, every tick:
+in_progress executions whose Dagster run has failed or was canceled (runs of ``lifecycle-dagster
+run`` and ``dagster job execute`` have no code-location origin; the sensor may have raised or the
+daemon been down), in_progress executions whose heartbeat is older than
+``LIFECYCLE_DAGSTER_HEARTBEAT_TIMEOUT_S`` (default 120; a killed run worker; not while a run
+launched for the execution, a resume or a continuation, is queued or starting: it waits for a slot
+of the run queue), pending executions whose run ended or lost its run worker before binding them
+(they are cancelled and rolled back: nothing ran), failed or cancelled executions whose
+compensation is due; and it launches the compensation run of every ``compensating`` execution (run
+key ``compensate:<execution>``; a compensation run that failed, or whose heartbeat is older than
+the same bound (a killed run worker, a hung process), is taken over by a new one, tagged
 ``lifecycle/takeover``; one lost before its first undo took the compensation is replaced by
 ``compensate:<execution>:after:<run>``). Dagster runs still STARTED whose execution moved on
 without them (ended, or taken over) and has been silent for the same bound are reported failed:
@@ -202,6 +203,8 @@ def reconcile(
                     conn, run.run_id, r["execution_id"], f"Dagster run {run.run_id} ended {run.status.value}"
                 )
         for r in conn.execute(query("stale_executions"), {"timeout_s": timeout_s}).fetchall():
+            if _run_waits_for(instance, r["execution_id"]):
+                continue  # a run launched for it (a resume) waits for its turn in the run queue
             reason = f"no heartbeat from Dagster run {r['dagster_run_id']} for over {timeout_s:g} s"
             mirror_run_failure(conn, r["dagster_run_id"], r["execution_id"], reason)
             lost = instance.get_run_by_id(r["dagster_run_id"])
@@ -237,6 +240,20 @@ def reconcile(
                 job_name=job,
                 tags={**tags, TAKEOVER_TAG: owner},
             )
+
+
+#: run statuses of a run that has not started its first op yet: it may wait in the run queue for long
+_WAITING_TO_START = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING]
+
+
+def _run_waits_for(instance: dg.DagsterInstance, execution_id: str) -> bool:
+    """Whether a forward run launched for the execution (tag ``lifecycle/execution_id``: a resume or
+    a continuation) is queued or starting: the execution's silence is that run's wait for a slot of
+    the run queue, not a lost run, and the run takes the execution over when it starts."""
+    runs = instance.get_runs(
+        dg.RunsFilter(tags={EXECUTION_ID_TAG: execution_id}, statuses=_WAITING_TO_START), limit=1
+    )
+    return any(r.tags.get("lifecycle/compensation") != "true" for r in runs)
 
 
 def _unowned_compensation_key(

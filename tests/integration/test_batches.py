@@ -15,7 +15,7 @@ import pytest
 from lifecycle_dagster.agents import AgentError, AgentRegistry, RetryableAgentError, Task
 from lifecycle_dagster.location.job_factory import BATCH_TAG, EXECUTION_ID_TAG, build_compensation_job, build_job
 from lifecycle_dagster.location.resources import agents_resource
-from lifecycle_dagster.location.sensors import mirror_run_failure, resume_requests
+from lifecycle_dagster.location.sensors import mirror_run_failure, reconcile, resume_requests
 from lifecycle_dagster.store import invariants
 from lifecycle_dagster.store.audit import verify
 from lifecycle_dagster.store.db import connect
@@ -380,3 +380,30 @@ def test_members_wait_at_an_approval_and_each_is_continued_alone(db: str, instan
     assert status == {ids[0]: "waiting", ids[1]: "completed", ids[2]: "waiting"}
     with connect(db) as conn:
         assert invariants.check(conn) == []
+
+
+def test_a_member_left_to_retry_is_not_failed_while_its_resume_run_waits_in_the_queue(db: str, instance: Any) -> None:
+    """The batch run ends; the member it left to retry is silent while its resume run waits for a
+    slot of the run queue past the heartbeat timeout: the reconciler waits for that run (found by
+    the chaos suite's batch scenario: it used to roll the member back as lost)."""
+    install(db, "wf", DAG, AGENTS)
+    res, _batch_id, ids = _run_batched(db, instance, [{"n": 0, "script": {"d": "flaky"}}, {"n": 1}])
+    assert res.success
+    [eid] = [
+        r["id"]
+        for r in rows(db, "SELECT execution_id::text AS id FROM lifecycle.batch_members WHERE left_at IS NOT NULL")
+    ]
+    assert eid == ids[0]
+    row = rows(db, "SELECT id::text AS id, name, version, description, dag_schema FROM workflow_definitions")[0]
+    job = build_job(row)
+    [req] = [r for r in resume_requests(instance, [job.name], db) if isinstance(r, dg.RunRequest)]
+    queued = instance.create_run_for_job(job_def=job, tags=dict(req.tags), status=dg.DagsterRunStatus.NOT_STARTED)
+    time.sleep(1.2)
+    assert list(reconcile(instance, [], db, timeout_s=1.0)) == []
+    assert rows(db, "SELECT status FROM workflow_executions WHERE id = %(e)s", e=eid) == [{"status": "in_progress"}]
+    instance.report_run_failed(queued, "never started (test)")  # no run waits any more: lost after all
+    list(reconcile(instance, [], db, timeout_s=1.0))
+    assert rows(db, "SELECT status FROM workflow_executions WHERE id = %(e)s", e=eid)[0]["status"] in (
+        "failed",
+        "compensating",
+    )
