@@ -13,7 +13,8 @@ The ``chaos`` DAG is a diamond whose four stages use the three agent kinds::
 
 Each execution carries its plan in its context (see ``chaos_agents``): which stage is slow, hangs,
 returns garbage or 10 MB, fails half its calls or for good. ``chaos_hold`` is the same DAG with
-``on_failure: hold``.
+``on_failure: hold``; ``chaos_batch`` the same DAG run in batch runs (its ``batch`` key: at most
+:data:`BATCH_SIZE` executions per run, formed at once).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from psycopg import conninfo, sql
 from psycopg.types.json import Jsonb
 
 from lifecycle_dagster.location.instance import prepare_home
-from lifecycle_dagster.store.db import connect
+from lifecycle_dagster.store.db import application_name, connect
 from lifecycle_dagster.store.invariants import Violation, check
 
 from helpers import send_json
@@ -57,9 +58,13 @@ PY, HTTP, QUEUE = "Chaos Py", "Chaos Http", "Chaos Queue"
 STAGES = ("a", "b", "c", "d")
 #: the agent kind of each stage of the chaos DAG
 KIND = {"a": "python", "b": "http", "c": "queue", "d": "python"}
+#: executions per batch run of ``chaos_batch`` (sql/schema/17_batches.sql)
+BATCH_SIZE = 4
 
 
-def chaos_dag(on_failure: str = "compensate", note: str = "") -> dict[str, Any]:
+def chaos_dag(on_failure: str = "compensate", note: str = "", batch: int | None = None) -> dict[str, Any]:
+    """The diamond; ``batch``: its executions run in batch runs of at most that many (formed as
+    soon as one is pending: ``max_wait_s`` 0)."""
     dag: dict[str, Any] = {
         "stages": [
             {"id": "a", "capability": "chaos_py", "next": ["b", "c"]},
@@ -72,6 +77,8 @@ def chaos_dag(on_failure: str = "compensate", note: str = "") -> dict[str, Any]:
     }
     if note:
         dag["stages"][0]["description"] = note
+    if batch is not None:
+        dag["batch"] = {"max_executions": batch, "max_wait_s": 0}
     return dag
 
 
@@ -246,7 +253,11 @@ class World:
         url = f"http://127.0.0.1:{self.http.server_address[1]}/task"
         with connect(self.dsn) as conn:
             conn.execute(EFFECTS_TABLE)
-            for name, dag in (("chaos", chaos_dag()), ("chaos_hold", chaos_dag("hold"))):
+            for name, dag in (
+                ("chaos", chaos_dag()),
+                ("chaos_hold", chaos_dag("hold")),
+                ("chaos_batch", chaos_dag(batch=BATCH_SIZE)),
+            ):
                 row = conn.execute(
                     "SELECT definition_id::text AS id FROM lifecycle.definition_publish(%s, 'chaos', %s, true)",
                     (name, Jsonb(dag)),
@@ -361,6 +372,11 @@ class World:
             self.http.server_close()
 
     def drop(self) -> None:
+        """Drop the world's two databases, unless ``CHAOS_KEEP_DATABASES=1`` (to look at the rows
+        after a failure: their names and the logs' folder are printed; drop them by hand)."""
+        if os.environ.get("CHAOS_KEEP_DATABASES") == "1":
+            print(f"\nchaos: kept databases {self.name} and {self.dagster_db} (logs: {self.logs})")
+            return
         for name in (self.name, self.dagster_db):
             with contextlib.suppress(psycopg.Error):
                 _admin(self.admin_dsn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
@@ -377,11 +393,14 @@ class World:
         workflow: str = "chaos",
         version: int | None = None,
         undo: dict[str, str] | None = None,
+        *,
+        atomic: bool = False,
     ) -> list[str]:
         """Insert one pending execution per plan (the launch sensor runs them); ``version`` None:
-        the active version; ``undo``: the plan of their undos (``{stage: "slow"}``)."""
+        the active version; ``undo``: the plan of their undos (``{stage: "slow"}``); ``atomic``: in
+        one transaction (a launch sensor tick sees all of them or none)."""
         ids = []
-        with connect(self.dsn) as conn:
+        with connect(self.dsn, autocommit=not atomic) as conn:
             for modes in plans:
                 row = conn.execute(
                     "INSERT INTO workflow_executions (workflow_definition_id, context)"
@@ -398,6 +417,95 @@ class World:
                 assert row is not None
                 ids.append(str(row["id"]))
         return ids
+
+    def start_batch(self, plans: list[dict[str, str]], workflow: str = "chaos_batch") -> tuple[str, list[str]]:
+        """Insert one pending execution per plan and form them into one batch
+        (``lifecycle.batch_form``) in the same transaction, so that no launch sensor tick sees them
+        outside it: the batch holds exactly these executions (the sensor launches its run, run key
+        ``batch:<id>``). Returns the batch id and the execution ids."""
+        assert 1 <= len(plans) <= BATCH_SIZE
+        with connect(self.dsn, autocommit=False) as conn:
+            ids = [
+                str(row["id"])
+                for modes in plans
+                if (
+                    row := conn.execute(
+                        "INSERT INTO workflow_executions (workflow_definition_id, context)"
+                        " SELECT id, %s FROM workflow_definitions WHERE name = %s AND is_active RETURNING id::text",
+                        (Jsonb({"customer": "chaos", "chaos": {"modes": modes, "undo": {}}}), workflow),
+                    ).fetchone()
+                )
+                is not None
+            ]
+            formed = conn.execute(
+                "SELECT b.batch_id::text AS batch_id FROM workflow_definitions d,"
+                " lifecycle.batch_form(d.id, %s, 0) b WHERE d.name = %s AND d.is_active",
+                (len(ids), workflow),
+            ).fetchone()
+            assert formed is not None, "no batch formed"
+            members = conn.execute(
+                "SELECT execution_id::text AS id FROM lifecycle.batch_members WHERE batch_id = %s",
+                (formed["batch_id"],),
+            ).fetchall()
+            assert sorted(m["id"] for m in members) == sorted(ids), "the batch took other executions"
+            conn.commit()
+        return str(formed["batch_id"]), ids
+
+    def batches_of(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """``{batch id: {"run_id", "members", "left"}}`` of the batches the executions ``ids`` were
+        launched in (``left``: ``{execution id: left_reason}`` of the members that left it)."""
+        with connect(self.dsn) as conn:
+            rows = conn.execute(
+                "SELECT b.id::text AS batch_id, b.run_id, m.execution_id::text AS execution_id, m.left_reason"
+                " FROM lifecycle.batch_members m JOIN lifecycle.batches b ON b.id = m.batch_id"
+                " WHERE m.execution_id = ANY (%s::uuid[]) ORDER BY b.created_at, m.execution_id",
+                (ids,),
+            ).fetchall()
+        out: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            b = out.setdefault(r["batch_id"], {"run_id": r["run_id"], "members": [], "left": {}})
+            b["members"].append(r["execution_id"])
+            if r["left_reason"] is not None:
+                b["left"][r["execution_id"]] = r["left_reason"]
+        return out
+
+    def batch_run(self, batch_id: str) -> str | None:
+        """The Dagster run that bound batch ``batch_id`` (None: not yet)."""
+        run = self.scalar("SELECT run_id FROM lifecycle.batches WHERE id = %s", batch_id)
+        return None if run is None else str(run)
+
+    def busy_stages(self, run_id: str) -> set[str]:
+        """The stages with an attempt in progress of the executions run ``run_id`` holds."""
+        with connect(self.dsn) as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT l.stage_id FROM workflow_execution_logs l"
+                " JOIN workflow_executions e ON e.id = l.execution_id"
+                " WHERE e.dagster_run_id = %s AND e.status = 'in_progress' AND l.status = 'in_progress'",
+                (run_id,),
+            ).fetchall()
+        return {str(r["stage_id"]) for r in rows}
+
+    def run_members(self, run_id: str) -> list[dict[str, Any]]:
+        """The in-progress executions run ``run_id`` holds: ``{"id", "live"}`` (``live``: still in
+        its batch; else ``left_reason`` says why it left)."""
+        with connect(self.dsn) as conn:
+            rows = conn.execute(
+                "SELECT e.id::text AS id, m.left_at IS NULL AS live, m.left_reason"
+                " FROM workflow_executions e LEFT JOIN lifecycle.batch_members m ON m.execution_id = e.id"
+                " WHERE e.dagster_run_id = %s AND e.status = 'in_progress' ORDER BY e.id",
+                (run_id,),
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    def run_sessions(self, run_id: str) -> int:
+        """How many sessions of run ``run_id`` (its op connection and heartbeat) the server has."""
+        names = [application_name("op", run_id), application_name("heartbeat", run_id)]
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = ANY (%s)",
+                (self.name, names),
+            ).fetchone()
+        return int(row[0]) if row else 0
 
     def statuses(self, ids: list[str] | None = None) -> dict[str, int]:
         with connect(self.dsn) as conn:
@@ -647,6 +755,55 @@ class World:
         self._note_run_kill(workers[victim])
         _kill_tree(victim)
         return True
+
+    def kill_run(self, run_id: str, settle_s: float = 10.0) -> bool:
+        """SIGKILL the run worker of Dagster run ``run_id`` (False: none is known for it now), then
+        wait (up to ``settle_s``) until the server has ended its sessions: a statement the worker
+        had in flight may still commit until then."""
+        pid = next((p for p, r in self.run_workers().items() if r == run_id), None)
+        if pid is None:
+            return False
+        self._note_run_kill(run_id)
+        _kill_tree(pid)
+        self.wait_for(lambda: self.run_sessions(run_id) == 0, settle_s, poll_s=0.1)
+        return True
+
+    def terminate_run_connection(self, run_id: str, role: str = "op") -> int:
+        """pg_terminate_backend of the ``role`` connection of Dagster run ``run_id`` (``op``: the one
+        its stage ops share; ``heartbeat``); how many sessions ended."""
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity"
+                " WHERE datname = %s AND application_name = %s AND pid <> pg_backend_pid()",
+                (self.name, application_name(role, run_id)),
+            ).fetchall()
+        return sum(1 for r in rows if r[0])
+
+    def run_status(self, run_id: str) -> str | None:
+        """The Dagster status of run ``run_id`` (None: unknown to the instance)."""
+        from dagster import DagsterInstance
+
+        instance = DagsterInstance.from_config(str(self.home))
+        try:
+            run = instance.get_run_by_id(run_id)
+            return None if run is None else str(run.status.value)
+        finally:
+            instance.dispose()
+
+    def op_retries(self, run_id: str) -> dict[str, int]:
+        """``{step: how many times Dagster retried it}`` in run ``run_id`` (a stage op retries when
+        it lost its database connection)."""
+        from dagster import DagsterEventType, DagsterInstance
+
+        instance = DagsterInstance.from_config(str(self.home))
+        counts: dict[str, int] = {}
+        try:
+            for entry in instance.all_logs(run_id, of_type=DagsterEventType.STEP_UP_FOR_RETRY):
+                step = entry.step_key or "?"
+                counts[step] = counts.get(step, 0) + 1
+        finally:
+            instance.dispose()
+        return counts
 
     def _note_run_kill(self, run_id: str | None) -> None:
         if run_id is None:

@@ -204,3 +204,49 @@ def test_quiesce_fails_when_no_check_could_run(server_dsn: str, tmp_path: Path) 
     took, [v] = world.quiesce(2.5)
     assert took is None and v.rule == "not_checked"
     assert "no invariant check completed in 2 s" in v.message and "OperationalError" in v.message
+
+
+def test_DEFECT_OPEN_a_batch_member_waiting_for_its_resume_run_is_failed_as_lost(db: str, instance: Any) -> None:
+    """DEFECT, OPEN (found by the batch_runs scenario of test_chaos.py; the product code is not
+    changed here): a member that left its batch to retry (attempts left) is resumed alone by a run
+    the resume sensor launches once its batch run ended. Until that run's first op takes it over,
+    nothing beats for it: the batch run's heartbeat stopped with the run, and the resume run may
+    wait in Dagster's run queue (``max_concurrent_runs``). Once the heartbeat timeout has passed
+    since its not-before time and the batch run's last beat, the reconciler's stale check
+    (``lifecycle.executions_stale``) fails it as lost ("no heartbeat from Dagster run <batch run>")
+    and rolls it back, though nothing was lost and its resume run is queued; that run then starts
+    and stops on a ``compensating`` execution. One run per execution never has this gap (its own
+    run retries the stage and keeps beating). Here: the resume run is queued, the reconciler ticks
+    after a heartbeat timeout of 1 s; the member must still wait for its resume run, and complete
+    when that run executes. It fails on the first assertion: the member is ``compensating``."""
+    import dagster as dg
+
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "integration"))  # when run on its own
+    from test_batches import AGENTS, DAG, _resources, _run_batched
+
+    from lifecycle_dagster.location.job_factory import EXECUTION_ID_TAG, build_job
+    from lifecycle_dagster.location.sensors import reconcile, resume_requests
+
+    install(db, "wf", DAG, AGENTS)
+    res, _batch, ids = _run_batched(db, instance, [{"n": 0}, {"n": 1, "script": {"d": "flaky"}}])
+    assert res.success
+    member = ids[1]
+    [left] = rows(db, "SELECT left_reason FROM lifecycle.batch_members WHERE execution_id = %(e)s", e=member)
+    assert left == {"left_reason": "retry"}
+    row = rows(db, "SELECT id::text AS id, name, version, description, dag_schema FROM workflow_definitions")[0]
+    job = build_job(row)
+    [req] = [r for r in resume_requests(instance, [job.name], db) if isinstance(r, dg.RunRequest)]
+    assert req.tags[EXECUTION_ID_TAG] == member
+    # the sensor's run, not started yet (queued behind other runs: a queued run needs the code
+    # location's origin, so here it is created NOT_STARTED)
+    queued = instance.create_run_for_job(job, tags=dict(req.tags))
+
+    time.sleep(1.5)  # the resume run waits in the queue past the heartbeat timeout
+    list(reconcile(instance, [], db, timeout_s=1.0))
+    [e] = rows(db, "SELECT status, error_message FROM workflow_executions WHERE id = %(e)s", e=member)
+    # fails today: {'status': 'compensating', 'error_message': 'no heartbeat from Dagster run <batch run> for over 1 s'}
+    assert e == {"status": "in_progress", "error_message": None}, f"resume run {queued.run_id} still queued"
+
+    again = job.execute_in_process(instance=instance, tags=dict(req.tags), raise_on_error=False, resources=_resources())
+    assert again.success
+    assert rows(db, "SELECT status FROM workflow_executions WHERE id = %(e)s", e=member) == [{"status": "completed"}]
