@@ -390,10 +390,10 @@ def test_batch_runs_under_run_worker_kills_lost_connections_and_cancels(shared_w
     members a killed run held ``rolled_back`` whatever their plan; each batch run not killed must
     succeed (a member failing, retrying or cancelled never fails its batch's op).
 
-    FAILS TODAY on an open defect of batch runs (not fixed here; pinned down deterministically by
-    test_findings.py::test_DEFECT_OPEN_a_batch_member_waiting_for_its_resume_run_is_failed_as_lost):
-    a member that left its batch to retry is rolled back as lost ("no heartbeat from Dagster run
-    <its batch run>") when its resume run waits in the run queue past the heartbeat timeout."""
+    It found a defect, fixed since (test_findings.py::
+    test_a_batch_member_waiting_for_its_resume_run_is_not_failed_as_lost): a member that left its
+    batch to retry was rolled back as lost when its resume run waited in the run queue past the
+    heartbeat timeout."""
     world, rng, t0 = shared_world, random.Random(7), time.monotonic()
     figures = Figures("batch_runs", chaos_scale)
     targets: list[BatchTarget] = []
