@@ -53,4 +53,6 @@ ALTER TABLE public.workflow_executions
 ALTER TABLE public.workflow_executions DROP CONSTRAINT workflow_executions_dagster_run_id_key;
 CREATE UNIQUE INDEX workflow_executions_dagster_run_id_key ON public.workflow_executions (dagster_run_id)
     WHERE batch_id IS NULL;
+-- every lookup by run (the heartbeat, the failure sensor, stage_start's fencing) whatever the batch
+CREATE INDEX workflow_executions_dagster_run_idx ON public.workflow_executions (dagster_run_id);
 CREATE INDEX workflow_executions_batch_idx ON public.workflow_executions (batch_id) WHERE batch_id IS NOT NULL;

@@ -317,11 +317,17 @@ CREATE OR REPLACE FUNCTION lifecycle.run_heartbeat(p_run_id text, p_now timestam
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
   WITH hit AS (
-    -- a forward run beats for its in_progress execution, a compensation run for the execution it
-    -- compensates (the reconciler takes over a compensation whose run stopped beating)
-    UPDATE public.workflow_executions SET heartbeat_at = p_now
-    WHERE (status = 'in_progress' AND dagster_run_id = p_run_id)
-       OR (status = 'compensating' AND compensation_run_id = p_run_id)
+    -- a forward run beats for its in_progress execution (a batch run for each of its members), a
+    -- compensation run for the execution it compensates (the reconciler takes over a compensation
+    -- whose run stopped beating). Rows a transition holds are skipped, never waited for: a batch
+    -- statement locks its members in id order and a heartbeat locking them in another would
+    -- deadlock with it; the transition moves updated_at anyway, which the stale check reads too
+    UPDATE public.workflow_executions e SET heartbeat_at = p_now
+    WHERE e.id IN (SELECT x.id FROM public.workflow_executions x
+                    WHERE (x.status = 'in_progress' AND x.dagster_run_id = p_run_id)
+                       OR (x.status = 'compensating' AND x.compensation_run_id = p_run_id)
+                    ORDER BY x.id
+                    FOR UPDATE SKIP LOCKED)
     RETURNING 1
   )
   SELECT EXISTS (SELECT 1 FROM hit)
