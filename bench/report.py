@@ -101,8 +101,8 @@ def _batch_md(pe: dict[str, Any]) -> list[str]:
             f"| lifecycle-dagster batch, in process, batches of {t['batch_size']}{best} | "
             f"**{_f(t['rate_per_s'], 1)}** | "
             f"{_f(lat['median'], 1)} / {_f(lat['p99'], 1)} s | {len(t['batches'])} run(s) of "
-            f"{_f(sum(t['run_s']) / len(t['run_s']), 1)} s; CPU: this process {_f(t['client_cpu_s'], 1)} s, Postgres "
-            f"{_f(t['postgres_cpu_s'], 1)} s |"
+            f"{_f(sum(t['run_s']) / len(t['run_s']), 1)} s, {t.get('step_retries', 0)} step retries; CPU: this "
+            f"process {_f(t['client_cpu_s'], 1)} s, Postgres {_f(t['postgres_cpu_s'], 1)} s |"
         )
     for d in b["daemon"]:
         out.append(

@@ -142,11 +142,16 @@ class InProcess:
                 out.append(b)
         return out
 
-    def run_batch(self, batch_id: str) -> None:
+    def run_batch(self, batch_id: str) -> int:
+        """Run one batch; return how many of its steps were retried (a stage op whose statement
+        failed with an OperationalError, e.g. a deadlock, runs its stage again)."""
+        import dagster as dg
+
         res = self.job.execute_in_process(
             instance=self.instance, run_config=QUIET, resources=self.resources, tags={self.tag: batch_id}
         )
         assert res.success, f"batch run {res.run_id} failed"
+        return sum(1 for e in res.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY)
 
     def trial(self, n: int, size: int) -> dict[str, Any]:
         """Insert ``n`` pending rows, form batches of at most ``size``, run them one after the other."""
@@ -155,33 +160,42 @@ class InProcess:
         batches = self.form(size)
         t_form = time.time() - t_formed
         runs_s = []
+        retries = 0
         for b in batches:
             t = time.perf_counter()
-            self.run_batch(b.id)
+            retries += self.run_batch(b.id)
             runs_s.append(time.perf_counter() - t)
         end = time.time()
         fig = completion_figures(self.dsn, ids, end)
-        return {"batch_size": size, "batches": [b.size for b in batches], "form_s": t_form, "run_s": runs_s, **fig}
+        return {
+            "batch_size": size,
+            "batches": [b.size for b in batches],
+            "form_s": t_form,
+            "run_s": runs_s,
+            "step_retries": retries,
+            **fig,
+        }
 
 
-def _cpu(pids: list[int]) -> float:
-    import psutil
-
-    total = 0.0
-    for pid in pids:
-        try:
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            continue
-    return total
-
-
-def _pg_pids(pg_data: str) -> list[int]:
+def _pg_cpu(pg_data: str) -> dict[int, float]:
+    """User + system CPU seconds of each process of the cluster (the postmaster and its children)."""
     import psutil
 
     root = psutil.Process(int((Path(pg_data) / "postmaster.pid").read_text().split()[0]))
-    return [root.pid, *(p.pid for p in root.children(recursive=True))]
+    out: dict[int, float] = {}
+    for p in (root, *root.children(recursive=True)):
+        try:
+            t = p.cpu_times()
+            out[p.pid] = t.user + t.system
+        except psutil.Error:
+            continue
+    return out
+
+
+def _pg_cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds the cluster spent between two :func:`_pg_cpu` readings: processes alive at both
+    count their difference, new ones all of theirs; ones that ended meanwhile are lost (a lower bound)."""
+    return sum(v - before.get(pid, 0.0) for pid, v in after.items())
 
 
 def in_process(
@@ -196,12 +210,11 @@ def in_process(
     job.trial(warmup, warmup)  # imports, Dagster's caches, the run's connections
     trials = []
     for size in sizes:
-        pg = _pg_pids(pg_data)
-        c0 = (me.cpu_times(), _cpu(pg))
+        c0 = (me.cpu_times(), _pg_cpu(pg_data))
         t = job.trial(executions, size)
-        c1 = (me.cpu_times(), _cpu(pg))
+        c1 = (me.cpu_times(), _pg_cpu(pg_data))
         t["client_cpu_s"] = (c1[0].user + c1[0].system) - (c0[0].user + c0[0].system)
-        t["postgres_cpu_s"] = c1[1] - c0[1]  # backends of this trial's new connections: a lower bound
+        t["postgres_cpu_s"] = _pg_cpu_delta(c0[1], c1[1])
         trials.append(t)
     job.instance.dispose()
     return {"trials": trials}
