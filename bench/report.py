@@ -509,7 +509,7 @@ def plots(r: dict[str, Any], out_dir: Path) -> list[str]:
     if "peers" in s:
         pe = s["peers"]["systems"]
         names = list(pe)
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(8.5 if "batch" in s["peers"] else 6, 4))
         xs = list(range(len(names)))
         ax.bar([x - 0.2 for x in xs], [pe[n]["sequential"]["rate_per_s"] for n in names], 0.4, label="1 client")
         ax.bar([x + 0.2 for x in xs], [pe[n]["concurrent_4"]["rate_per_s"] for n in names], 0.4, label="4 clients")
@@ -517,8 +517,8 @@ def plots(r: dict[str, Any], out_dir: Path) -> list[str]:
         b = s["peers"].get("batch")
         if b:
             best = _best_trial(b)
-            extra = [("batch,\nin process", best["rate_per_s"] if best else None)]
-            extra += [(f"batch, daemon\n{d['batch_setting']}", d["rate_per_s"]) for d in b["daemon"]]
+            extra = [("batch\nin process", best["rate_per_s"] if best else None)]
+            extra += [(f"batch\ndaemon {d['batch_setting']}", d["rate_per_s"]) for d in b["daemon"]]
             for i, (label, rate) in enumerate(extra):
                 ax.bar([len(names) + i], [rate or 0], 0.4, color="tab:green", label="batch mode" if i == 0 else None)
                 labels.append(label)
