@@ -3,6 +3,13 @@ Transact and Prefect 3, each against the benchmark's Postgres (DBOS's system dat
 server database), in executions per second with 1 client and with 4 concurrent client processes;
 and the variant where stage 4 fails and stages 1-3 must be undone: how each expresses it and
 whether the undo happened (checked in each system's own records).
+
+Then lifecycle-dagster in batch mode (issue 18, ``bench/peers/dagster_batch.py``): 1,000
+executions (200 with ``--quick``) inserted as pending rows and run many per Dagster run, in process
+(``execute_in_process`` of each batch, one trial per batch size) and under ``dagster-daemon`` with
+``LIFECYCLE_DAGSTER_BATCH`` on; executions/s and insert → completed latency, beside DBOS's figures
+of the same run; and a profile of one in-process trial at the best size (pyinstrument,
+pg_stat_statements, pg_stat_user_functions).
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from typing import Any
 
 import httpx
 
-from bench.common import run_clients
+from bench.common import connect, prepare_app_db, run_clients
+from bench.peers import dagster_batch
 from bench.pg import free_port
 
 EXPRESSED = {
@@ -107,6 +115,8 @@ def run(ctx: Any) -> dict[str, Any]:
         dagster_home=str(ctx.dagster_home),
     )
     print("   lifecycle-dagster done", flush=True)
+    out["batch"] = batch(ctx)
+    print("   lifecycle-dagster batch mode done", flush=True)
     dbos_url = ctx.cluster.create_db("bench_dbos")
     out["systems"]["dbos"] = _system(
         "bench.peers.dbos_client:client",
@@ -137,3 +147,55 @@ def run(ctx: Any) -> dict[str, Any]:
             os.killpg(proc.pid, 9)
     print("   prefect done", flush=True)
     return out
+
+
+#: batch mode: executions per trial, the in-process batch sizes tried, the daemon's setting
+BATCH_FULL: dict[str, Any] = {"executions": 1000, "sizes": [250, 500, 1000], "daemon": ["500/2", "1000/2"]}
+BATCH_QUICK: dict[str, Any] = {"executions": 200, "sizes": [100, 200], "daemon": ["100/2"]}
+#: the daemon's sensors (LIFECYCLE_DAGSTER_SENSOR_INTERVAL_S, as the tuned sensors phase and the
+#: daemon tests set it) and run queue (dequeue_interval_seconds)
+BATCH_SENSOR_INTERVAL_S = 4
+BATCH_DEQUEUE_S = 1
+
+
+def batch(ctx: Any) -> dict[str, Any]:
+    """Batch mode (see the module docstring): in process, the profile, then with the daemon."""
+    plan = BATCH_QUICK if ctx.quick else BATCH_FULL
+    n = int(plan["executions"])
+    db = "bench_batch"
+    dsn = ctx.cluster.create_db(db)
+    prepare_app_db(dsn)
+    load = {"before_in_process": os.getloadavg()}
+    inproc = dagster_batch.run_in_child(
+        "in_process", app_dsn=dsn, dagster_home=str(ctx.dagster_home), pg_data=str(ctx.cluster.data),
+        executions=n, sizes=list(plan["sizes"]),
+    )  # fmt: skip
+    trials = inproc["trials"]
+    best = max(trials, key=lambda t: t["rate_per_s"] if t["rate_per_s"] == t["rate_per_s"] else -1.0)
+    rates = ", ".join(f"size {t['batch_size']}: {t['rate_per_s']:.1f}/s" for t in trials)
+    print(f"   batch in process: {rates}", flush=True)
+    load["before_profile"] = os.getloadavg()
+    with connect(ctx.admin_dsn) as conn:  # new sessions of the database count function calls
+        conn.execute(f"ALTER DATABASE {db} SET track_functions = 'all'")
+    profile = dagster_batch.run_in_child(
+        "profile_in_process", app_dsn=dsn, dagster_home=str(ctx.dagster_home), admin_dsn=ctx.admin_dsn, db=db,
+        executions=n, size=best["batch_size"], out_file=str(ctx.out_dir / "profile_batch.txt"),
+    )  # fmt: skip
+    with connect(ctx.admin_dsn) as conn:
+        conn.execute(f"ALTER DATABASE {db} RESET track_functions")
+    daemon = []
+    for setting in plan["daemon"]:
+        load[f"before_daemon_{setting}"] = os.getloadavg()
+        d = dagster_batch.with_daemon(ctx, n, setting, BATCH_SENSOR_INTERVAL_S, BATCH_DEQUEUE_S)
+        daemon.append(d)
+        figures = f"{d['rate_per_s']:.1f}/s, p99 {d['latency_s']['p99']:.1f} s"
+        print(f"   batch with the daemon ({setting}): {figures}", flush=True)
+    load["after_daemon"] = os.getloadavg()
+    return {
+        "executions": n,
+        "in_process": {"trials": trials, "best_batch_size": best["batch_size"]},
+        "daemon": daemon,
+        "profile": profile,
+        "load_average": load,
+        "target_daemon_p99_s": 30.0,
+    }

@@ -1,7 +1,8 @@
 """A throwaway PostgreSQL 15 cluster for the benchmarks.
 
 The shared server at 127.0.0.1:5432 is never touched: the harness runs ``initdb`` into a temporary
-folder, starts the server on a free port with ``pg_stat_statements`` preloaded, creates its
+folder, starts the server on a free port with ``pg_stat_statements`` preloaded (and
+``track_commit_timestamp`` on), creates its
 databases there (all named ``bench_*``) and removes the whole cluster at the end. Run as root, the
 server runs as the system user ``nobody`` (``initdb`` refuses root).
 """
@@ -34,6 +35,8 @@ SERVER_SETTINGS = {
     "shared_preload_libraries": "'pg_stat_statements'",
     "pg_stat_statements.track": "all",
     "pg_stat_statements.max": "10000",
+    # commit times of rows (pg_xact_commit_timestamp): when a batch's completions became visible
+    "track_commit_timestamp": "on",
     "log_min_messages": "warning",
 }
 

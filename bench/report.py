@@ -57,7 +57,129 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
             rows.append((f"run failure → compensation run created, max (s), {p['phase']} (reconciler "
                          f"{p['reconciler_interval_s']} s)", _f(worst, 1), f"≤ {p['failure_target_s']}",
                          worst <= p["failure_target_s"]))  # fmt: skip
+    if "peers" in s and "batch" in s["peers"]:
+        b = s["peers"]["batch"]
+        dbos = s["peers"]["systems"].get("dbos", {}).get("sequential", {}).get("rate_per_s")
+        best = _best_trial(b)
+        if best is not None and dbos is not None:
+            rows.append((f"batch mode in process (batches of {best['batch_size']}) / DBOS 1 client, executions/s",
+                         f"{_f(best['rate_per_s'], 1)} / {_f(dbos, 1)}", "≥ 1",
+                         best["rate_per_s"] >= dbos))  # fmt: skip
+        for d in b.get("daemon") or []:
+            p99 = d["latency_s"]["p99"]
+            rows.append((f"batch mode with the daemon ({d['batch_setting']}), {d['executions']:,} rows inserted at "
+                         "once: p99 insert → completed (s)", _f(p99, 1), f"≤ {_f(b['target_daemon_p99_s'], 0)}",
+                         d["finished"] and p99 <= b["target_daemon_p99_s"]))  # fmt: skip
     return rows
+
+
+def _best_trial(b: dict[str, Any]) -> dict[str, Any] | None:
+    """The in-process batch trial of the best batch size."""
+    size = b["in_process"]["best_batch_size"]
+    return next((t for t in b["in_process"]["trials"] if t["batch_size"] == size), None)
+
+
+def _batch_md(pe: dict[str, Any]) -> list[str]:
+    """Batch mode beside DBOS and one run per execution (section 5)."""
+    b = pe["batch"]
+    la = b["load_average"]
+    out = [
+        "",
+        f"### Batch mode (issue 18): {b['executions']:,} executions, many per Dagster run",
+        "",
+        "Latency: from each row's insert (`created_at`) to the commit of its `workflow_completed` event "
+        "(`pg_xact_commit_timestamp`); executions/s: executions / (first insert → last completion). The other "
+        "systems' latency is one execution's call time (their clients run one after the other).",
+        "",
+        "| system | executions/s | latency p50 / p99 | |",
+        "|---|---|---|---|",
+    ]
+    for t in b["in_process"]["trials"]:
+        lat = t["latency_s"]
+        best = " (best)" if t["batch_size"] == b["in_process"]["best_batch_size"] else ""
+        out.append(
+            f"| lifecycle-dagster batch, in process, batches of {t['batch_size']}{best} | "
+            f"**{_f(t['rate_per_s'], 1)}** | "
+            f"{_f(lat['median'], 1)} / {_f(lat['p99'], 1)} s | {len(t['batches'])} run(s) of "
+            f"{_f(sum(t['run_s']) / len(t['run_s']), 1)} s, {t.get('step_retries', 0)} step retries; CPU: this "
+            f"process {_f(t['client_cpu_s'], 1)} s, Postgres {_f(t['postgres_cpu_s'], 1)} s |"
+        )
+    for d in b["daemon"]:
+        out.append(
+            f"| lifecycle-dagster batch, `dagster-daemon` (`LIFECYCLE_DAGSTER_BATCH={d['batch_setting']}`, sensors "
+            f"{d['sensor_interval_s']} s, dequeue {d['dequeue_interval_s']} s) | **{_f(d['rate_per_s'], 1)}** | "
+            f"{_f(d['latency_s']['median'], 1)} / {_f(d['latency_s']['p99'], 1)} s | {d['completed']:,} of "
+            f"{d['executions']:,} completed; runs (size: created after insert, created → started, run time, "
+            "step retries): "
+            + "; ".join(
+                f"{r['size']}: {_f(r['created_after_insert_s'], 1)} s, {_f(r['created_to_started_s'], 1)} s, "
+                f"{_f(r['started_to_ended_s'], 1)} s, {r['step_retries']} ({r['status']})"
+                for r in d.get("runs") or []
+            )
+            + " |"
+        )
+    for name, label in (("dbos", "DBOS"), ("lifecycle-dagster", "lifecycle-dagster, one run per execution")):
+        sysr = pe["systems"].get(name)
+        if not sysr:
+            continue
+        for key, clients in (("sequential", "1 client"), ("concurrent_4", "4 clients")):
+            r_ = sysr[key]
+            out.append(
+                f"| {label}, {clients} | {_f(r_['rate_per_s'], 1)} | {_f(r_['latency_ms']['median'], 0)} / "
+                f"{_f(r_['latency_ms']['p99'], 0)} ms (per execution) | {r_['executions']} executions |"
+            )
+    out += [
+        "",
+        "Load average (1, 5, 15 min): "
+        + "; ".join(f"{k.replace('_', ' ')} {', '.join(f'{x:.2f}' for x in v)}" for k, v in la.items())
+        + ".",
+    ]
+    for d in b["daemon"]:
+        act = d.get("database_activity") or {}
+        if act.get("top"):
+            out += [
+                "",
+                f"What the daemon run's database did (`LIFECYCLE_DAGSTER_BATCH={d['batch_setting']}`; pg_stat_activity "
+                f"sampled every 0.1 s, {act['samples']} samples; active backends by statement and wait):",
+                "",
+                "| samples | wait | statement |",
+                "|---|---|---|",
+            ]
+            out += [f"| {t['samples']} | {t['wait']} | `{t['statement']}` |" for t in act["top"][:8]]
+    p = b.get("profile")
+    if p:
+        tr = p["trial"]
+        sp = p["profile_s"]
+        out += [
+            "",
+            f"Where the time of an in-process batch run goes: one more trial ({p['executions']:,} executions, "
+            f"batches of {p['batch_size']}: {_f(tr['rate_per_s'], 1)}/s under the profilers), pyinstrument "
+            "(`profile_batch.txt`): "
+            f"{_f(sp['total_s'], 1)} s in all, lifecycle_dagster {_f(sp['ours_s'], 1)} s of which waiting for "
+            f"psycopg (SQL) {_f(sp['ours_psycopg_s'], 1)} s, Dagster and the rest {_f(sp['dagster_s'], 1)} s. "
+            "Per statement (pg_stat_statements, nested included; ms per execution):",
+            "",
+            "| ms / execution | calls / execution | top level | statement |",
+            "|---|---|---|---|",
+        ]
+        n = max(1, p["executions"])
+        out += [
+            f"| {_f(t['ms'] / n, 2)} | {_f(t['calls'] / n, 3)} | {'yes' if t['toplevel'] else ''} | "
+            f"`{t['query'][:90]}` |"
+            for t in p["top_statements"][:12]
+        ]
+        out += [
+            "",
+            "Per function (pg_stat_user_functions, `track_functions = 'all'`; ms per execution):",
+            "",
+            "| function | calls / execution | self ms / execution | total ms / execution |",
+            "|---|---|---|---|",
+        ]
+        out += [
+            f"| `{f['function']}` | {_f(f['calls'] / n, 1)} | {_f(f['self_ms'] / n, 2)} | {_f(f['total_ms'] / n, 2)} |"
+            for f in p["functions_by_self_time"][:12]
+        ]
+    return out
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -259,6 +381,8 @@ def markdown(r: dict[str, Any]) -> str:
             )
         out += ["", "How each expresses the undo:", ""]
         out += [f"- **{k}**: {v}." for k, v in pe["expressed"].items()]
+        if "batch" in pe:
+            out += _batch_md(pe)
     if "retention" in s:
         from bench.retention_bench import phase_rows
 
@@ -385,11 +509,21 @@ def plots(r: dict[str, Any], out_dir: Path) -> list[str]:
     if "peers" in s:
         pe = s["peers"]["systems"]
         names = list(pe)
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(8.5 if "batch" in s["peers"] else 6, 4))
         xs = list(range(len(names)))
         ax.bar([x - 0.2 for x in xs], [pe[n]["sequential"]["rate_per_s"] for n in names], 0.4, label="1 client")
         ax.bar([x + 0.2 for x in xs], [pe[n]["concurrent_4"]["rate_per_s"] for n in names], 0.4, label="4 clients")
-        ax.set_xticks(xs, names)
+        labels = list(names)
+        b = s["peers"].get("batch")
+        if b:
+            best = _best_trial(b)
+            extra = [("batch\nin process", best["rate_per_s"] if best else None)]
+            extra += [(f"batch\ndaemon {d['batch_setting']}", d["rate_per_s"]) for d in b["daemon"]]
+            for i, (label, rate) in enumerate(extra):
+                ax.bar([len(names) + i], [rate or 0], 0.4, color="tab:green", label="batch mode" if i == 0 else None)
+                labels.append(label)
+            xs = list(range(len(labels)))
+        ax.set_xticks(xs, labels)
         ax.set_yscale("log")
         ax.set_ylabel("executions per second (5 stages)")
         ax.legend(fontsize=8)
