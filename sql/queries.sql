@@ -896,7 +896,7 @@ FROM lifecycle.batch_form(%(definition_id)s, %(max_executions)s, %(max_wait_s)s)
 
 -- name: batch_ensure
 SELECT execution_id::text AS execution_id, status, message
-FROM lifecycle.batch_ensure(%(batch_id)s, %(definition_id)s, %(run_id)s);
+FROM lifecycle.batch_ensure(%(batch_id)s, %(definition_id)s, %(run_id)s, %(after)s, %(limit)s);
 
 -- name: batch_stage_start
 SELECT execution_id::text AS execution_id, state, log_id::text AS log_id, task_id::text AS task_id,

@@ -116,7 +116,16 @@ def ensure_batch(conn: Connection, spec: StageSpec, *, batch_id: str, run_id: st
     key = (f"{conn.info.host}:{conn.info.port}/{conn.info.dbname}", run_id, batch_id)
     if key in _ENSURED:
         return []
-    members = batch_ensure(conn, batch_id=batch_id, definition_id=spec.definition_id, run_id=run_id)
+    members: list[BatchMember] = []
+    after: str | None = None
+    while True:  # in chunks, as the stages (CHUNK)
+        chunk = batch_ensure(
+            conn, batch_id=batch_id, definition_id=spec.definition_id, run_id=run_id, after=after, limit=CHUNK
+        )
+        members += chunk
+        if len(chunk) < CHUNK:
+            break
+        after = chunk[-1].execution_id
     if len(_ENSURED) >= _ENSURED_MAX:
         del _ENSURED[next(iter(_ENSURED))]
     _ENSURED[key] = None
@@ -137,13 +146,13 @@ def run_batch_stage(
     registry: AgentRegistry,
     concurrency: int = DEFAULT_CONCURRENCY,
     draw: Callable[[], float] = random.random,
-    chunk: int = CHUNK,
+    chunk: int | None = None,
 ) -> BatchStageOutcome:
     """Run stage ``spec`` for every live member of batch ``batch_id`` (see the module docstring).
 
     ``conn``: autocommit, shared by the call threads (psycopg serialises its use). ``concurrency``:
     at most this many calls of one agent at a time (>= 1). ``draw``: the backoff jitter's uniform
-    [0, 1) value. ``chunk``: members started and recorded per transaction (>= 1).
+    [0, 1) value. ``chunk``: members started and recorded per transaction (>= 1; None: :data:`CHUNK`).
 
     Raises:
         psycopg.OperationalError: the database could not be reached (the op runs the stage again:
@@ -151,6 +160,7 @@ def run_batch_stage(
         UnknownStatusError: a transition returned a code the seam does not know.
     """
     t0 = time.perf_counter()
+    chunk = chunk or CHUNK
     states: Counter[str] = Counter()
     left: dict[str, str] = {}
     calls = 0

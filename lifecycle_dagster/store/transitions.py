@@ -1059,11 +1059,19 @@ class BatchMember:
     message: str | None
 
 
-def batch_ensure(conn: Connection, *, batch_id: str, definition_id: str, run_id: str) -> list[BatchMember]:
-    """``lifecycle.batch_ensure``: bind every live member of the batch (and the batch) to the run."""
-    rows = conn.execute(
-        query("batch_ensure"), {"batch_id": batch_id, "definition_id": definition_id, "run_id": run_id}
-    ).fetchall()
+def batch_ensure(
+    conn: Connection,
+    *,
+    batch_id: str,
+    definition_id: str,
+    run_id: str,
+    after: str | None = None,
+    limit: int | None = None,
+) -> list[BatchMember]:
+    """``lifecycle.batch_ensure``: bind the batch's live members (the next ``limit`` after execution
+    id ``after``; None: all) and the batch to the run, in execution id order."""
+    params = {"batch_id": batch_id, "definition_id": definition_id, "run_id": run_id, "after": after, "limit": limit}
+    rows = conn.execute(query("batch_ensure"), params).fetchall()
     return [
         BatchMember(
             execution_id=str(r["execution_id"]),

@@ -91,8 +91,9 @@ GRANT ALL ON FUNCTION lifecycle.batch_form(p_definition_id uuid, p_max_execution
 -- unique_violation, one of another definition invalid_parameter_value, an unknown one
 -- no_data_found. A member that may not start (cancelled meanwhile, bound elsewhere) leaves the
 -- batch. Returns each member's execution id and code: 'bound', 'stopped' or 'not_runnable' (the
--- last two with the reason).
-CREATE OR REPLACE FUNCTION lifecycle.batch_ensure(p_batch_id uuid, p_definition_id uuid, p_run_id text, p_now timestamp with time zone DEFAULT now()) RETURNS TABLE(execution_id uuid, status text, message text)
+-- last two with the reason). p_after, p_limit: only the next p_limit live members after execution
+-- id p_after (NULL: all), in short transactions as lifecycle.batch_stage_start.
+CREATE OR REPLACE FUNCTION lifecycle.batch_ensure(p_batch_id uuid, p_definition_id uuid, p_run_id text, p_after uuid DEFAULT NULL::uuid, p_limit integer DEFAULT NULL::integer, p_now timestamp with time zone DEFAULT now()) RETURNS TABLE(execution_id uuid, status text, message text)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -121,7 +122,8 @@ BEGIN
   -- LOCK + TRANSITION: each member, in execution id order (lifecycle.execution_ensure locks it)
   FOR v_member IN
     SELECT m.execution_id FROM lifecycle.batch_members m
-     WHERE m.batch_id = p_batch_id AND m.left_at IS NULL ORDER BY m.execution_id
+     WHERE m.batch_id = p_batch_id AND m.left_at IS NULL AND (p_after IS NULL OR m.execution_id > p_after)
+     ORDER BY m.execution_id LIMIT p_limit
   LOOP
     execution_id := v_member; message := NULL;
     BEGIN
@@ -148,8 +150,8 @@ BEGIN
 END
 $$;
 
-REVOKE ALL ON FUNCTION lifecycle.batch_ensure(p_batch_id uuid, p_definition_id uuid, p_run_id text, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
-GRANT ALL ON FUNCTION lifecycle.batch_ensure(p_batch_id uuid, p_definition_id uuid, p_run_id text, p_now timestamp with time zone) TO service_role;
+REVOKE ALL ON FUNCTION lifecycle.batch_ensure(p_batch_id uuid, p_definition_id uuid, p_run_id text, p_after uuid, p_limit integer, p_now timestamp with time zone) FROM PUBLIC, anon, authenticated, service_role;
+GRANT ALL ON FUNCTION lifecycle.batch_ensure(p_batch_id uuid, p_definition_id uuid, p_run_id text, p_after uuid, p_limit integer, p_now timestamp with time zone) TO service_role;
 
 
 -- lifecycle.batch_stage_start: start stage p_stage_id for every live member of batch p_batch_id

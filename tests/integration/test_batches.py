@@ -222,7 +222,12 @@ def _truth(db: str) -> dict[int, dict[str, Any]]:
     return out
 
 
-def test_a_batch_run_carries_every_execution_to_its_end(db: str, instance: Any) -> None:
+@pytest.mark.parametrize("chunk", [50, 4])
+def test_a_batch_run_carries_every_execution_to_its_end(
+    db: str, instance: Any, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """25 executions in one run, bound and run in one chunk, or in chunks of 4 (7 statements a stage)."""
+    monkeypatch.setattr("lifecycle_dagster.engine.batch.CHUNK", chunk)
     install(db, "wf", DAG, AGENTS)
     contexts = [{"n": i} for i in range(25)]
     res, batch_id, _ids = _run_batched(db, instance, contexts)
