@@ -51,6 +51,7 @@ CREATE OR REPLACE FUNCTION lifecycle.executions_prune(p_before timestamp with ti
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
+  v_batches uuid[];
   v_exec record;
   v_ids  uuid[] := '{}';
   v_n    bigint;
@@ -125,7 +126,21 @@ BEGIN
   GET DIAGNOSTICS v_n = ROW_COUNT; tasks := v_n;
   DELETE FROM public.workflow_execution_logs l WHERE l.execution_id = ANY (v_ids);
   GET DIAGNOSTICS v_n = ROW_COUNT; stage_logs := v_n;
+  SELECT coalesce(array_agg(DISTINCT e.batch_id), '{}') INTO v_batches
+    FROM public.workflow_executions e WHERE e.id = ANY (v_ids) AND e.batch_id IS NOT NULL;
   DELETE FROM public.workflow_executions e WHERE e.id = ANY (v_ids);
+  -- the batches whose last members these were (their lifecycle.batch_members rows went with them),
+  -- and their runs: a batch run is every member's, its Dagster run goes only with the last of them
+  -- (a member a resume took over points at its own run by then)
+  WITH gone AS (
+    DELETE FROM lifecycle.batches b
+     WHERE b.id = ANY (v_batches)
+       AND NOT EXISTS (SELECT 1 FROM lifecycle.batch_members m WHERE m.batch_id = b.id)
+    RETURNING b.run_id
+  )
+  SELECT run_ids || coalesce(array_agg(g.run_id) FILTER (WHERE g.run_id IS NOT NULL), '{}') INTO run_ids FROM gone g;
+  run_ids := ARRAY(SELECT DISTINCT r FROM unnest(run_ids) r
+                    WHERE NOT EXISTS (SELECT 1 FROM public.workflow_executions e WHERE e.dagster_run_id = r));
 
   INSERT INTO public.workflow_events (execution_id, event_type, metadata, "timestamp")
   VALUES (NULL, 'executions_pruned', jsonb_build_object(

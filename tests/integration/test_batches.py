@@ -412,3 +412,29 @@ def test_a_member_left_to_retry_is_not_failed_while_its_resume_run_waits_in_the_
         "failed",
         "compensating",
     )
+
+
+def test_prune_removes_a_batch_with_its_last_member_and_its_run_with_it(db: str, instance: Any) -> None:
+    """Retention (docs/retention.md) removes finished members; the batch row and the batch's
+    Dagster run go only when no execution of the batch is left."""
+    from datetime import timedelta
+
+    from lifecycle_dagster.engine.retention import prune
+
+    install(db, "wf", DAG, AGENTS)
+    # the third member leaves to retry: not finished when the first two are pruned
+    res, batch_id, _ids = _run_batched(db, instance, [{"n": 0}, {"n": 1}, {"n": 2, "script": {"d": "flaky"}}])
+    assert res.success
+    day = timedelta(days=1)
+    [now] = rows(db, "SELECT now() AS t")
+    first = prune(db, now["t"] + day, instance=instance, now=now["t"] + 3 * day)  # breaker windows long past
+    assert first.executions == 2
+    assert rows(db, "SELECT count(*) AS n FROM lifecycle.batches")[0]["n"] == 1
+    assert instance.get_run_by_id(res.run_id) is not None  # the third member still points at it
+    row = rows(db, "SELECT id::text AS id, name, version, description, dag_schema FROM workflow_definitions")[0]
+    assert _run_resumes(db, instance, build_job(row)) == 1  # it completes in a run of its own
+    [now] = rows(db, "SELECT now() AS t")
+    second = prune(db, now["t"] + day, instance=instance, now=now["t"] + 3 * day)
+    assert second.executions == 1
+    assert rows(db, "SELECT count(*) AS n FROM lifecycle.batches WHERE id = %(b)s", b=batch_id)[0]["n"] == 0
+    assert instance.get_run_by_id(res.run_id) is None
