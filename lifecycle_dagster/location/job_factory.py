@@ -771,9 +771,11 @@ def build_jobs(
             usable: no job could run, so the load fails (never every row skipped).
         lifecycle_dagster.location.executors.ExecutorSettingError: ``LIFECYCLE_DAGSTER_EXECUTOR`` is
             not usable (the same).
+        ValueError: ``LIFECYCLE_DAGSTER_BATCH`` is not usable (the same; the message names it).
     """
     resources = default_resources()
     executor_def()  # a bad LIFECYCLE_DAGSTER_EXECUTOR fails the load, as a bad registry does
+    _ = Settings.from_env().batch  # so does a bad LIFECYCLE_DAGSTER_BATCH (else every row would be skipped)
     jobs: list[dg.JobDefinition] = []
     skipped: list[SkippedDefinition] = []
     taken: dict[str, str] = {}

@@ -95,3 +95,14 @@ def test_the_batch_setting() -> None:
         with pytest.raises(ValueError, match="LIFECYCLE_DAGSTER_BATCH") as caught:
             setting(bad)
         assert repr(bad) in str(caught.value)
+
+
+@pytest.mark.parametrize("value", ["0", "20000", "10/x", "abc"])
+def test_a_bad_batch_setting_fails_the_code_location_load(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not every definition skipped with the sensors gone while the load says it succeeded: the
+    load fails, naming the variable (as a bad LIFECYCLE_DAGSTER_EXECUTOR does)."""
+    from lifecycle_dagster.location.job_factory import build_jobs
+
+    monkeypatch.setenv("LIFECYCLE_DAGSTER_BATCH", value)
+    with pytest.raises(ValueError, match="LIFECYCLE_DAGSTER_BATCH"):
+        build_jobs([])
