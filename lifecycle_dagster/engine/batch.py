@@ -37,6 +37,7 @@ import psycopg
 from lifecycle_dagster.agents import AgentRegistry
 from lifecycle_dagster.agents.errors import AttemptError
 from lifecycle_dagster.core.payload import safe_text
+from lifecycle_dagster.engine.compensation import compensate_if_due
 from lifecycle_dagster.engine.stage import (
     AgentOutput,
     Attempt,
@@ -60,7 +61,6 @@ from lifecycle_dagster.store.transitions import (
     batch_stage_edges,
     batch_stage_record,
     batch_stage_start,
-    compensation_start,
     execution_fail,
 )
 
@@ -350,9 +350,7 @@ def settle(conn: Connection, left: Mapping[str, str], *, run_id: str, stage_id: 
         reason = f"Dagster run {run_id} failed: stage '{stage_id}' {why}"
         try:
             execution_fail(conn, execution_id=execution_id, reason=reason, run_id=run_id)
-            due = conn.execute(query("compensation_due_for"), {"execution_id": execution_id}).fetchone()
-            if due is not None:
-                compensation_start(conn, execution_id=execution_id, reason=due["reason"])
+            compensate_if_due(conn, execution_id)
         except psycopg.OperationalError:
             raise
         except psycopg.Error:  # the reconciler does it on its next tick: never stop the others for one

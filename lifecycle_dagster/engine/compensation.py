@@ -366,3 +366,12 @@ def perform_compensation(conn: Connection, execution_id: str, reason: str) -> No
     """Start compensating (``lifecycle.compensation_start``, which the runbook's
     ``perform_workflow_compensation`` wraps): idempotent."""
     compensation_start(conn, execution_id=execution_id, reason=reason)
+
+
+def compensate_if_due(conn: Connection, execution_id: str) -> bool:
+    """Start compensation when it is due for this execution (see lifecycle.compensation_due)."""
+    due = conn.execute(query("compensation_due_for"), {"execution_id": execution_id}).fetchone()
+    if due is None:
+        return False
+    compensation_start(conn, execution_id=execution_id, reason=due["reason"])
+    return True

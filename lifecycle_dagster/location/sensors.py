@@ -46,7 +46,7 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from lifecycle_dagster.engine.compensation import TAKEOVER_TAG, compensation_job_name
+from lifecycle_dagster.engine.compensation import TAKEOVER_TAG, compensate_if_due, compensation_job_name
 from lifecycle_dagster.location.job_factory import (
     BATCH_SIZE_TAG,
     BATCH_TAG,
@@ -133,15 +133,6 @@ _FAILED = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 def heartbeat_timeout_s() -> float:
     """``LIFECYCLE_DAGSTER_HEARTBEAT_TIMEOUT_S`` (default 120 s)."""
     return Settings.from_env().heartbeat_timeout_s
-
-
-def compensate_if_due(conn: Connection, execution_id: str) -> bool:
-    """Start compensation when it is due for this execution (see lifecycle.compensation_due)."""
-    due = conn.execute(query("compensation_due_for"), {"execution_id": execution_id}).fetchone()
-    if due is None:
-        return False
-    compensation_start(conn, execution_id=execution_id, reason=due["reason"])
-    return True
 
 
 def mirror_run_failure(conn: Connection, run_id: str, execution_id: str | None, reason: str) -> str | None:
